@@ -1,0 +1,164 @@
+"""From members' maps to one mask and a review decision: agreement, binarisation, fusion, flags.
+
+Maps are normalised CAMs in [0, 1]. Fusion produces a *margin* map whose positive part is the mask
+(``map - threshold`` for one member; min over members for the intersection; k-th largest for k-of-n votes;
+mean map minus threshold for ``mean``), so the mask can be resized smoothly to any size and thresholded at 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from pixelvote.explain.analyze import Analysis
+
+Policy = Literal["unanimous", "majority", "k-of-n"]
+Fusion = Literal["intersection", "mean", "vote"]
+ThresholdMethod = Literal["fixed", "otsu", "percentile"]
+
+REASONS = ("disagreement", "high_mutual_information", "high_variance", "low_confidence", "empty_mask",
+           "no_agreeing_member")
+
+
+class ConsensusConfig(BaseModel):
+    """How members' maps become a mask, and when an image goes to a human."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Policy = "unanimous"
+    k: int = Field(2, ge=1, description="members that must agree (policy k-of-n) / vote for a pixel (fusion vote)")
+    fusion: Fusion = "intersection"
+    threshold_method: ThresholdMethod = "fixed"
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of each map's maximum (fixed)")
+    percentile: float = Field(90.0, gt=0.0, lt=100.0, description="pixels above this percentile (percentile)")
+    threshold_source: str = "default (0.5 of the max)"
+    mi_threshold: float = Field(math.inf, ge=0.0, description="flag when mean mutual information is above")
+    variance_threshold: float = Field(math.inf, ge=0.0, description="flag when mean MC variance is above")
+    min_confidence: float = Field(0.6, ge=0.0, le=1.0, description="flag when the ensemble probability is below")
+
+
+@dataclass
+class ConsensusResult:
+    margin: torch.Tensor  # (B, S, S) mask = margin > 0
+    heat: torch.Tensor  # (B, S, S) mean normalised map of agreeing members, for display
+    uncertainty: torch.Tensor  # (B, S, S) mean MC-CAM std of agreeing members
+    agree: torch.Tensor  # (M, B) bool, member agrees with the diagnosis
+    agreement: torch.Tensor  # (B,) share of members that agree
+    foreground: torch.Tensor  # (B,) bool, diagnosis is not the background class
+    reasons: list[list[str]]
+    thresholds: torch.Tensor  # (M, B) threshold applied to each member's map
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.margin > 0
+
+
+def otsu_threshold(maps: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """Otsu's threshold of each map ``(..., H, W)`` in [0, 1] -> ``(...)``."""
+    lead = maps.shape[:-2]
+    flat = maps.reshape(-1, maps.shape[-2] * maps.shape[-1]).clamp(0, 1)
+    idx = (flat * (bins - 1)).round().long()
+    hist = torch.zeros(flat.shape[0], bins, device=maps.device).scatter_add_(1, idx, torch.ones_like(flat))
+    p = hist / hist.sum(1, keepdim=True)
+    centers = torch.linspace(0, 1, bins, device=maps.device)
+    w0 = p.cumsum(1)
+    mu = (p * centers).cumsum(1)
+    mu_t = mu[:, -1:]
+    between = (mu_t * w0 - mu) ** 2 / (w0 * (1 - w0)).clamp_min(1e-12)
+    t = centers[between.argmax(1)]
+    return t.reshape(lead)
+
+
+def member_thresholds(maps: torch.Tensor, cfg: ConsensusConfig) -> torch.Tensor:
+    """Per member and image thresholds ``(M, B)`` for maps ``(M, B, H, W)``."""
+    if cfg.threshold_method == "fixed":
+        return torch.full(maps.shape[:2], cfg.threshold, device=maps.device)
+    if cfg.threshold_method == "otsu":
+        return otsu_threshold(maps)
+    flat = maps.reshape(*maps.shape[:2], -1)
+    if flat.shape[-1] > 65536:  # torch.quantile's size limit; a strided sample is plenty
+        flat = flat[..., :: math.ceil(flat.shape[-1] / 65536)]
+    return torch.quantile(flat, cfg.percentile / 100.0, dim=-1)
+
+
+def agreeing_members(member_labels: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    return member_labels == label.unsqueeze(0)
+
+
+def policy_met(agree: torch.Tensor, cfg: ConsensusConfig) -> torch.Tensor:
+    n_agree = agree.sum(0)
+    M = agree.shape[0]
+    if cfg.policy == "unanimous":
+        return n_agree == M
+    if cfg.policy == "majority":
+        return n_agree * 2 > M
+    return n_agree >= min(cfg.k, M)
+
+
+def fuse_margins(margins: torch.Tensor, agree: torch.Tensor, fusion: Fusion, k: int,
+                 maps: torch.Tensor | None = None, thresholds: torch.Tensor | None = None) -> torch.Tensor:
+    """Fuse per-member margins ``(M, B, H, W)`` over the agreeing members ``(M, B)`` -> ``(B, H, W)``."""
+    a = agree.view(*agree.shape, 1, 1)
+    big = torch.finfo(margins.dtype).max
+    if fusion == "intersection":
+        fused = torch.where(a, margins, torch.full_like(margins, big)).amin(0)
+    elif fusion == "vote":
+        ranked = torch.where(a, margins, torch.full_like(margins, -big)).sort(0, descending=True).values
+        n = agree.sum(0)  # (B,)
+        kk = torch.minimum(torch.full_like(n, k), n).clamp_min(1) - 1
+        fused = ranked.gather(0, kk.view(1, -1, 1, 1).expand(1, *ranked.shape[1:])).squeeze(0)
+    else:  # mean of maps minus mean threshold
+        assert maps is not None and thresholds is not None
+        w = a.float()
+        cnt = w.sum(0).clamp_min(1.0)
+        fused = (maps * w).sum(0) / cnt - (thresholds * agree.float()).sum(0).view(-1, 1, 1) / cnt
+    none = agree.sum(0) == 0
+    return torch.where(none.view(-1, 1, 1), torch.full_like(fused, -1.0), fused)
+
+
+def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: int) -> ConsensusResult:
+    maps = analysis.maps
+    member_labels = torch.stack([s["label"] for s in analysis.stats])
+    label = analysis.label
+    agree = agreeing_members(member_labels, label)
+    thresholds = member_thresholds(maps, cfg)
+    margins = maps - thresholds.view(*thresholds.shape, 1, 1)
+    # members with no positive evidence at all (raw CAM max 0) have nothing to contribute
+    margins = torch.where((analysis.raw_max > 0).view(*agree.shape, 1, 1), margins, torch.full_like(margins, -1.0))
+    k = cfg.k if cfg.fusion == "vote" else 1
+    if cfg.fusion == "vote" and cfg.policy != "k-of-n":
+        k = max(1, math.ceil((maps.shape[0] + 1) / 2))
+    fused = fuse_margins(margins, agree, cfg.fusion, k, maps, thresholds)
+    foreground = label != background_index
+    fused = torch.where(foreground.view(-1, 1, 1), fused, torch.full_like(fused, -1.0))
+    w = agree.float().view(*agree.shape, 1, 1)
+    cnt = w.sum(0).clamp_min(1.0)
+    heat = (maps * w).sum(0) / cnt
+    unc = (analysis.uncertainty * w).sum(0) / cnt
+
+    mi = torch.stack([s["mutual_information"] for s in analysis.stats]).mean(0)
+    var = torch.stack([s["variance"] for s in analysis.stats]).mean(0)
+    conf = analysis.ensemble_probs.gather(1, label.view(-1, 1)).squeeze(1)
+    ok = policy_met(agree, cfg)
+    empty = foreground & ((fused > 0).flatten(1).sum(1) == 0)
+    reasons: list[list[str]] = []
+    for b in range(label.shape[0]):
+        r = []
+        if agree[:, b].sum() == 0:
+            r.append("no_agreeing_member")
+        elif not bool(ok[b]):
+            r.append("disagreement")
+        if float(mi[b]) > cfg.mi_threshold:
+            r.append("high_mutual_information")
+        if float(var[b]) > cfg.variance_threshold:
+            r.append("high_variance")
+        if float(conf[b]) < cfg.min_confidence:
+            r.append("low_confidence")
+        if bool(empty[b]):
+            r.append("empty_mask")
+        reasons.append(r)
+    return ConsensusResult(fused, heat, unc, agree, agree.float().mean(0), foreground, reasons, thresholds)

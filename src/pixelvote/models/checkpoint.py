@@ -1,0 +1,166 @@
+"""A run folder: weights as safetensors plus a JSON description. Loading never unpickles anything.
+
+```
+RUN/run.json                     RunConfig (format_version, classes, members, consensus, ...)
+RUN/members/<i>_<name>.safetensors   best weights of each member
+RUN/history.json                 per-epoch training log
+RUN/checkpoint/                  last state for --resume (weights, optimiser, progress)
+```
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pixelvote.consensus import ConsensusConfig
+from pixelvote.data.imageio import write_bytes_atomic, write_json_atomic
+from pixelvote.errors import CheckpointError
+from pixelvote.models.ensemble import IMAGENET_MEAN, IMAGENET_STD, Ensemble
+from pixelvote.models.member import Member, build_member
+
+FORMAT_VERSION = 1
+
+
+class MemberConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    dropout: float = 0.3
+    cam_layer: str | None = None
+    file: str = ""
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: int = FORMAT_VERSION
+    classes: list[str]
+    background: str
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    members: list[MemberConfig]
+    consensus: ConsensusConfig = Field(default_factory=ConsensusConfig)
+    mc_samples: int = 30
+    seed: int = 0
+    train: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    created: str = ""
+
+
+def versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    from pixelvote import __version__
+
+    return {"pixelvote": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "python": platform.python_version()}
+
+
+def member_file(i: int, name: str) -> str:
+    return f"members/{i}_{name}.safetensors"
+
+
+def save_weights(path: Path, module: torch.nn.Module | dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save
+
+    state = module if isinstance(module, dict) else module.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    write_bytes_atomic(path, save(state, metadata=metadata or {}))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    if not path.exists():
+        raise CheckpointError("weights file is missing", path=path,
+                              fix="the run folder is incomplete: re-run `pixelvote train` or `--resume`")
+    try:
+        return load(path.read_bytes())
+    except Exception as exc:
+        raise CheckpointError(f"weights file is corrupt or truncated ({exc})", path=path,
+                              fix="restore it from a backup or re-train the run") from None
+
+
+def save_run_config(run_dir: Path, cfg: RunConfig) -> None:
+    if not cfg.created:
+        cfg.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if not cfg.versions:
+        cfg.versions = versions()
+    write_json_atomic(run_dir / "run.json", cfg.model_dump(mode="json"))
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    run_dir = Path(run_dir)
+    path = run_dir / "run.json"
+    if not path.exists():
+        raise CheckpointError("not a pixelvote run (no run.json)", path=run_dir,
+                              fix="pass the --out folder of `pixelvote train`")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"run.json is not valid JSON ({exc})", path=path,
+                              fix="restore it, or re-train the run") from None
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if not isinstance(version, int):
+        raise CheckpointError("run.json has no format_version", path=path, fix="re-train the run")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"run format {version} was written by a newer pixelvote (this one reads "
+                              f"{FORMAT_VERSION})", path=path, fix="upgrade pixelvote: pip install -U pixelvote")
+    if version < FORMAT_VERSION:
+        raise CheckpointError(f"run format {version} is older than this pixelvote's ({FORMAT_VERSION})",
+                              path=path, fix="re-train the run with this version")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise CheckpointError(f"run.json is not a valid run description: {exc.errors()[0]['msg']} at "
+                              f"{'.'.join(str(p) for p in exc.errors()[0]['loc'])}", path=path,
+                              fix="restore it, or re-train the run") from None
+
+
+def build_members(cfg: RunConfig, *, pretrained: bool = False, weights_dir: str | Path | None = None) -> list[Member]:
+    return [build_member(m.name, len(cfg.classes), dropout=m.dropout, pretrained=pretrained,
+                         weights_dir=weights_dir, cam_layer=m.cam_layer) for m in cfg.members]
+
+
+def load_member_state(member: Member, path: Path) -> None:
+    state = load_weights(path)
+    try:
+        member.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"weights do not fit {member.name} with this run's classes ({first})", path=path,
+                              fix="the file belongs to another run or model: re-train") from None
+
+
+def load_run(run_dir: str | Path, *, device: torch.device | str | None = None,
+             cam_layer: str | None = None) -> tuple[Ensemble, RunConfig]:
+    """Load a trained ensemble (eval mode) and its configuration."""
+    from pixelvote.models.ensemble import default_device
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    members = []
+    for i, mc in enumerate(cfg.members):
+        member = build_member(mc.name, len(cfg.classes), dropout=mc.dropout, pretrained=False,
+                              cam_layer=mc.cam_layer)
+        load_member_state(member, run_dir / (mc.file or member_file(i, mc.name)))
+        if cam_layer:
+            member = _with_cam_layer(member, cam_layer)
+        members.append(member)
+    ens = Ensemble(members, cfg.classes, cfg.background, cfg.image_size, tuple(cfg.mean), tuple(cfg.std))
+    return ens.to(device or default_device()).eval(), cfg
+
+
+def _with_cam_layer(member: Member, layer: str) -> Member:
+    out = Member(member.name, member.backbone, member.fc.in_features, member.fc.out_features, member.p, layer)
+    out.fc = member.fc
+    return out

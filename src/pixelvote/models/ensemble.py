@@ -1,0 +1,55 @@
+"""The trained ensemble: members plus what is needed to feed them (classes, size, normalisation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pixelvote.models.member import Member
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Ensemble:
+    members: list[Member]
+    classes: list[str]
+    background: str
+    image_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def background_index(self) -> int:
+        return self.classes.index(self.background)
+
+    def to(self, device: torch.device | str) -> Ensemble:
+        self.device = torch.device(device)
+        for m in self.members:
+            m.to(self.device)
+        return self
+
+    def eval(self) -> Ensemble:
+        for m in self.members:
+            m.eval()
+        return self
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``uint8 (B,3,H,W)`` or float in [0,1] -> normalised float on the ensemble's device."""
+        x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def modules(self) -> list[nn.Module]:
+        return list(self.members)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

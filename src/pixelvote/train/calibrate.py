@@ -1,0 +1,70 @@
+"""Let the validation split set the consensus threshold and the flag thresholds."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pixelvote.consensus import ConsensusConfig, apply_consensus
+from pixelvote.data.imageio import write_json_atomic
+from pixelvote.explain.analyze import analyze
+from pixelvote.models.checkpoint import load_run
+from pixelvote.train.cache import CachedSet
+from pixelvote.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+THRESHOLD_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10 .. 0.90
+
+
+def batch_iou(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-image IoU of boolean masks ``(B, H, W)``; two empty masks count as 1."""
+    inter = (pred & truth).flatten(1).sum(1).float()
+    union = (pred | truth).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> ConsensusConfig:
+    ens, run_cfg = load_run(run_dir, device=cfg.device)
+    bg = ens.background_index
+    base = run_cfg.consensus
+    sums = torch.zeros(len(THRESHOLD_GRID))
+    n_masked = 0
+    mis, variances, correct = [], [], 0
+    bs = max(1, cfg.batch_size)
+    for i in tqdm(range(0, len(val), bs), desc="calibrating on validation images", unit="batch", leave=False):
+        images = val.images[i:i + bs]
+        labels = val.labels[i:i + bs]
+        a = analyze(ens, images, mc_samples=cfg.mc_samples)
+        mis.append(torch.stack([s["mutual_information"] for s in a.stats]).mean(0).cpu())
+        variances.append(torch.stack([s["variance"] for s in a.stats]).mean(0).cpu())
+        correct += int((a.label.cpu() == labels).sum())
+        use = (val.has_mask[i:i + bs] & (labels != bg))
+        if use.any():
+            truth = val.masks[i:i + bs][use].to(ens.device)
+            for j, t in enumerate(THRESHOLD_GRID):
+                res = apply_consensus(a, base.model_copy(update={"threshold": t, "threshold_method": "fixed"}), bg)
+                sums[j] += float(batch_iou(res.mask[use.to(ens.device)], truth).sum())
+            n_masked += int(use.sum())
+    update: dict = {}
+    summary: dict = {"val_images": len(val), "val_accuracy": correct / max(len(val), 1),
+                     "images_with_masks": n_masked}
+    if n_masked:
+        means = sums / n_masked
+        best = int(means.argmax())
+        update.update(threshold=THRESHOLD_GRID[best], threshold_method="fixed",
+                      threshold_source=f"validation: best mean IoU {float(means[best]):.3f} on {n_masked} images")
+        summary["threshold_sweep"] = {str(t): round(float(m), 4) for t, m in zip(THRESHOLD_GRID, means)}
+        summary["val_mean_iou"] = float(means[best])
+    if mis:
+        q = cfg.flag_quantile
+        update["mi_threshold"] = float(torch.quantile(torch.cat(mis), q))
+        update["variance_threshold"] = float(torch.quantile(torch.cat(variances), q))
+    consensus = base.model_copy(update=update)
+    summary["consensus"] = consensus.model_dump(mode="json")
+    write_json_atomic(run_dir / "calibration.json", summary)
+    log.info("calibration: %s", {k: v for k, v in summary.items() if k != "threshold_sweep"})
+    return consensus

@@ -1,0 +1,54 @@
+"""Training settings, validated in one place (CLI flags and the Python API build the same object)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pixelvote.errors import ConfigError
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path
+    out: Path
+    preset: str = "offline"
+    models: list[str] | None = None
+    epochs: int = Field(8, ge=1)
+    image_size: int = Field(224, ge=32, le=2048)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    head_lr_multiplier: float = Field(10.0, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    cam_layer: str | None = None
+    patience: int = Field(3, ge=1, description="epochs without a better validation loss before stopping")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    group_pattern: str | None = None
+    background: str | None = None
+    seed: int = 0
+    mc_variance_weight: float = Field(0.0, ge=0.0, description="the paper's lambda: loss += lambda * MC variance")
+    mc_train_samples: int = Field(4, ge=2)
+    mc_samples: int = Field(30, ge=1, description="T for calibration and annotation")
+    flag_quantile: float = Field(0.9, gt=0.0, lt=1.0, description="MI/variance flag thresholds: this quantile on val")
+    pretrained: bool = True
+    weights_dir: Path | None = None
+    device: str | None = None
+    num_threads: int | None = None
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ConfigError("--models is empty", fix="name at least one model, e.g. --models efficientnet_lite0")
+        return v
+
+    def model_names(self) -> list[str]:
+        from pixelvote.models.registry import get_spec, preset_models
+
+        names = list(self.models) if self.models else list(preset_models(self.preset))
+        for n in names:
+            get_spec(n)
+        return names

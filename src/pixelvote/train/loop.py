@@ -1,0 +1,259 @@
+"""Fine-tune each member on image-level labels; save a self-describing, resumable run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pixelvote.data.dataset import Dataset, load_dataset, resolve_background, split
+from pixelvote.data.imageio import write_json_atomic
+from pixelvote.errors import CheckpointError, DataError
+from pixelvote.models.checkpoint import (
+    MemberConfig,
+    RunConfig,
+    load_weights,
+    member_file,
+    save_run_config,
+    save_weights,
+)
+from pixelvote.models.ensemble import default_device
+from pixelvote.models.member import Member, build_member
+from pixelvote.train.cache import CachedSet, cache_samples
+from pixelvote.train.config import TrainConfig
+from pixelvote.train.optim_state import load_optimizer, save_optimizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    dataset: Dataset
+    background: str
+    train: CachedSet
+    val: CachedSet
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
+    ds = load_dataset(cfg.data, group_pattern=cfg.group_pattern)
+    background = resolve_background(ds.classes, cfg.background)
+    if ds.val:
+        train_s, val_s = ds.samples, ds.val
+    else:
+        train_s, val_s = split(ds.samples, cfg.val_fraction, cfg.seed)
+    write_json_atomic(run_dir / "split.json", {
+        "train": [str(s.path) for s in train_s], "val": [str(s.path) for s in val_s],
+        "test": [str(s.path) for s in ds.test]})
+    train = cache_samples(train_s, ds.classes, cfg.image_size, desc="reading training images", with_masks=False)
+    val = cache_samples(val_s, ds.classes, cfg.image_size, desc="reading validation images")
+    problems = [{"image": p, "reason": r} for p, r in ds.problems + train.skipped + val.skipped]
+    if problems:
+        with open(run_dir / "skipped.jsonl", "w", encoding="utf-8") as fh:
+            for p in problems:
+                fh.write(json.dumps(p) + "\n")
+        log.warning("%d input(s) skipped; see %s", len(problems), run_dir / "skipped.jsonl")
+    counts = torch.bincount(train.labels, minlength=len(ds.classes)).tolist()
+    empty = [c for c, n in zip(ds.classes, counts) if n == 0]
+    if empty:
+        raise DataError(f"no usable training images for class(es) {empty}", path=cfg.data,
+                        fix="add images to those class folders (or remove the folders)")
+    if len(val) == 0:
+        raise DataError("the validation split holds no usable images", path=cfg.data,
+                        fix="add images, lower --val-fraction's granularity, or provide a val/ folder")
+    return Prepared(ds, background, train, val)
+
+
+class _Augmented(torch.utils.data.Dataset):
+    def __init__(self, data: CachedSet, size: int) -> None:
+        from pixelvote.data.transforms import train_augment
+
+        self.data = data
+        self.aug = train_augment(size)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.aug(self.data.images[i]), self.data.labels[i]
+
+
+def _loss(member: Member, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    pooled = member.pool(member.backbone(x))
+    logits = member.fc(member.dropout(pooled))
+    loss = F.cross_entropy(logits, y, weight=weight)
+    if cfg.mc_variance_weight > 0 and member.p > 0:
+        extra = [logits] + [member.fc(member.dropout(pooled)) for _ in range(cfg.mc_train_samples - 1)]
+        probs = torch.stack([torch.softmax(z, -1) for z in extra])
+        loss = loss + cfg.mc_variance_weight * probs.var(0, unbiased=False).sum(-1).mean()
+    return loss
+
+
+@torch.no_grad()
+def evaluate_member(member: Member, val: CachedSet, normalize, batch_size: int,
+                    weight: torch.Tensor) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    member.eval()
+    total, correct, n = 0.0, 0, 0
+    dev = weight.device
+    for i in range(0, len(val), batch_size):
+        x = normalize(val.images[i:i + batch_size])
+        y = val.labels[i:i + batch_size].to(dev)
+        logits = member(x)
+        total += float(F.cross_entropy(logits, y, weight=weight, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+        n += len(y)
+    return total / max(n, 1), correct / max(n, 1)
+
+
+def _class_weights(labels: torch.Tensor, k: int) -> torch.Tensor:
+    counts = torch.bincount(labels, minlength=k).float().clamp_min(1.0)
+    return counts.sum() / (k * counts)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
+    """Train the ensemble described by ``cfg`` into ``cfg.out``; returns the run folder."""
+    run_dir = Path(cfg.out)
+    state_path = run_dir / "checkpoint" / "state.json"
+    if resume:
+        saved = run_dir / "train_config.json"
+        if not saved.exists():
+            raise CheckpointError("nothing to resume: no train_config.json", path=run_dir,
+                                  fix="start a new run without --resume")
+        cfg = TrainConfig.model_validate_json(saved.read_text(encoding="utf-8"))
+    elif state_path.exists() or (run_dir / "run.json").exists():
+        raise CheckpointError("a run already exists here", path=run_dir,
+                              fix="pass --resume to continue it, or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "train_config.json", cfg.model_dump(mode="json"))
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    names = cfg.model_names()
+    seed_everything(cfg.seed)
+    data = prepare_data(cfg, run_dir)
+    classes = data.dataset.classes
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"members": {}}
+    history_path = run_dir / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.exists() else []
+
+    from pixelvote.models.ensemble import Ensemble
+
+    norm = Ensemble([], classes, data.background, cfg.image_size, device=device).normalize
+    weight = _class_weights(data.train.labels, len(classes)).to(device)
+    run_cfg = RunConfig(classes=classes, background=data.background, image_size=cfg.image_size,
+                        members=[], seed=cfg.seed, mc_samples=cfg.mc_samples,
+                        train=cfg.model_dump(mode="json", exclude={"data", "out"}),
+                        data={"root": str(cfg.data), "train_images": len(data.train),
+                              "val_images": len(data.val), "class_counts": data.dataset.counts()})
+    done_members: list[MemberConfig] = []
+    for i, name in enumerate(names):
+        key = f"{i}_{name}"
+        mstate = state["members"].setdefault(key, {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0,
+                                                    "done": False})
+        mcfg = MemberConfig(name=name, dropout=cfg.dropout, cam_layer=cfg.cam_layer, file=member_file(i, name))
+        if not mstate["done"]:
+            _train_member(i, name, mcfg, mstate, cfg, data, run_dir, device, norm, weight, state, history,
+                          lambda: _write_partial(run_cfg, done_members, mcfg, run_dir))
+        done_members.append(mcfg)
+        run_cfg.members = list(done_members)
+        save_run_config(run_dir, run_cfg)
+
+    from pixelvote.train.calibrate import calibrate
+
+    run_cfg.consensus = calibrate(run_dir, data.val, cfg)
+    save_run_config(run_dir, run_cfg)
+    return run_dir
+
+
+def _write_partial(run_cfg: RunConfig, done: list[MemberConfig], current: MemberConfig, run_dir: Path) -> None:
+    """Keep run.json loadable while training: it lists the members that have weights so far."""
+    run_cfg.members = [*done, current]
+    save_run_config(run_dir, run_cfg)
+
+
+def _train_member(i: int, name: str, mcfg: MemberConfig, mstate: dict, cfg: TrainConfig, data: Prepared,
+                  run_dir: Path, device: torch.device, norm, weight: torch.Tensor, state: dict,
+                  history: list, on_first_save) -> None:  # type: ignore[no-untyped-def]
+    key = f"{i}_{name}"
+    ckpt_dir = run_dir / "checkpoint"
+    seed_everything(cfg.seed * 1000 + i)
+    member = build_member(name, len(data.dataset.classes), dropout=cfg.dropout, pretrained=cfg.pretrained,
+                          weights_dir=cfg.weights_dir, cam_layer=cfg.cam_layer).to(device)
+    head = list(member.fc.parameters())
+    head_ids = {id(p) for p in head}
+    body = [p for p in member.parameters() if id(p) not in head_ids]
+    opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr},
+                             {"params": head, "lr": cfg.lr * cfg.head_lr_multiplier}],
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    start = int(mstate["epoch"])
+    if start > 0:
+        member.load_state_dict(load_weights(ckpt_dir / f"{key}.safetensors"))
+        load_optimizer(opt, ckpt_dir / f"{key}.optim.safetensors")
+        for _ in range(start):
+            sched.step()
+        log.info("%s: resuming after epoch %d", name, start)
+    ds = _Augmented(data.train, cfg.image_size)
+    bar = tqdm(range(start, cfg.epochs), desc=f"training {name}", unit="epoch", initial=start, total=cfg.epochs)
+    for epoch in bar:
+        t0 = time.time()
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + i * 1009 + epoch)
+        torch.manual_seed(cfg.seed * 7919 + i * 104_729 + epoch)  # augmentation + dropout draws
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=g,
+                                             drop_last=len(ds) > cfg.batch_size)
+        member.train()
+        total, n = 0.0, 0
+        for x, y in tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False):
+            x, y = norm(x), y.to(device)
+            loss = _loss(member, x, y, weight, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(y)
+            n += len(y)
+        sched.step()
+        val_loss, val_acc = evaluate_member(member, data.val, norm, cfg.batch_size * 2, weight)
+        improved = val_loss < mstate["best_val_loss"] - 1e-6
+        if improved:
+            mstate["best_val_loss"], mstate["bad_epochs"] = val_loss, 0
+            save_weights(run_dir / mcfg.file, member)
+            if epoch == start or not (run_dir / "run.json").exists():
+                on_first_save()
+        else:
+            mstate["bad_epochs"] += 1
+        mstate["epoch"] = epoch + 1
+        stop = mstate["bad_epochs"] >= cfg.patience
+        mstate["done"] = stop or epoch + 1 >= cfg.epochs
+        record = {"member": name, "epoch": epoch + 1, "train_loss": total / max(n, 1), "val_loss": val_loss,
+                  "val_accuracy": val_acc, "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2),
+                  "best": improved}
+        history.append(record)
+        log.info("%s epoch %d: train loss %.4f, val loss %.4f, val acc %.3f", name, epoch + 1,
+                 record["train_loss"], val_loss, val_acc)
+        bar.set_postfix(train_loss=f"{record['train_loss']:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
+        # the last state, written atomically, so Ctrl-C or a kill loses at most the running epoch
+        save_weights(ckpt_dir / f"{key}.safetensors", member)
+        save_optimizer(opt, ckpt_dir / f"{key}.optim.safetensors")
+        write_json_atomic(run_dir / "history.json", history)
+        write_json_atomic(ckpt_dir / "state.json", state)
+        if stop:
+            log.info("%s: early stop after epoch %d (no better validation loss for %d epochs)", name, epoch + 1,
+                     cfg.patience)
+            break
+    bar.close()
