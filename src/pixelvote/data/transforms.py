@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """``(H, W, 3) uint8`` -> ``(3, H, W) uint8`` tensor."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
 def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:

@@ -81,7 +81,9 @@ def _as_tensor(x: Any, name: str, *, allow_sequence: bool = False) -> torch.Tens
             return torch.as_tensor(np.asarray(x))
         except (TypeError, ValueError) as err:
             raise TypeError(f"expected `{name}` to be a sequence of numbers but got {x!r:.80}") from err
-    kinds = "a torch.Tensor, numpy.ndarray or sequence" if allow_sequence else "a torch.Tensor or numpy.ndarray"
+    kinds = (
+        "a torch.Tensor, numpy.ndarray or sequence" if allow_sequence else "a torch.Tensor or numpy.ndarray"
+    )
     raise TypeError(f"expected `{name}` to be {kinds} but got {type(x).__name__}")
 
 
@@ -105,18 +107,23 @@ def _check_mask_pair(pred: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor
     if p.ndim not in (2, 3):
         raise ValueError(f"expected `pred` of shape (H, W) or (N, H, W) but got shape {tuple(p.shape)}")
     if p.shape != t.shape:
-        raise ValueError(f"expected `target` of the same shape as `pred` {tuple(p.shape)} but got {tuple(t.shape)}")
+        raise ValueError(
+            f"expected `target` of the same shape as `pred` {tuple(p.shape)} but got {tuple(t.shape)}"
+        )
     return p, t.to(p.device)
 
 
 def _check_soft(x: Any, name: str) -> torch.Tensor:
     t = _as_tensor(x, name)
     if not t.is_floating_point():
-        raise ValueError(f"expected `{name}` to be a floating map with values in [0, 1] but got dtype {t.dtype}")
+        raise ValueError(
+            f"expected `{name}` to be a floating map with values in [0, 1] but got dtype {t.dtype}"
+        )
     t = t.to(torch.float64)
     if t.numel() and not (torch.isfinite(t).all() and t.min() >= 0 and t.max() <= 1):
         raise ValueError(
-            f"expected `{name}` to hold values in [0, 1] but got values from {t.min().item()} to {t.max().item()}"
+            f"expected `{name}` to hold values in [0, 1] but got values from {t.min().item()}"
+            f" to {t.max().item()}"
             " (normalise the map first)"
         )
     return t
@@ -140,7 +147,9 @@ def _check_boxes(boxes: Any, name: str = "boxes") -> torch.Tensor:
     if t.ndim == 1:
         t = t.unsqueeze(0)
     if t.ndim != 2 or t.shape[1] != 4:
-        raise ValueError(f"expected `{name}` of shape (4,) or (N, 4) as (x0, y0, x1, y1) but got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"expected `{name}` of shape (4,) or (N, 4) as (x0, y0, x1, y1) but got shape {tuple(t.shape)}"
+        )
     if not torch.isfinite(t).all():
         raise ValueError(f"expected finite coordinates in `{name}` but got {t.tolist()}")
     if (t[:, 2] < t[:, 0]).any() or (t[:, 3] < t[:, 1]).any():
@@ -167,12 +176,16 @@ def _check_probs(probs: Any, n: int, name: str = "probs") -> torch.Tensor:
     """(N,) positive-class probabilities become (N, 2); (N, C) is kept."""
     p = _as_tensor(probs, name, allow_sequence=True)
     if not p.is_floating_point():
-        raise ValueError(f"expected `{name}` to hold probabilities (floats in [0, 1]) but got dtype {p.dtype}")
+        raise ValueError(
+            f"expected `{name}` to hold probabilities (floats in [0, 1]) but got dtype {p.dtype}"
+        )
     p = p.to(torch.float64).cpu()
     if p.ndim == 1:
         p = torch.stack([1 - p, p], dim=1)
     if p.ndim != 2 or p.shape[0] != n or p.shape[1] < 2:
-        raise ValueError(f"expected `{name}` of shape ({n},) or ({n}, C) with C >= 2 but got shape {tuple(p.shape)}")
+        raise ValueError(
+            f"expected `{name}` of shape ({n},) or ({n}, C) with C >= 2 but got shape {tuple(p.shape)}"
+        )
     if p.numel() and not (torch.isfinite(p).all() and p.min() >= 0 and p.max() <= 1):
         raise ValueError(f"expected `{name}` to hold probabilities in [0, 1] but got values outside it")
     return p
@@ -291,7 +304,8 @@ class PixelStats:
             raise TypeError(f"expected a PixelStats but got {type(other).__name__}")
         if not _same_float(self.empty_score, other.empty_score):
             raise ValueError(
-                f"expected PixelStats with the same empty_score but got {self.empty_score} and {other.empty_score}"
+                "expected PixelStats with the same empty_score"
+                f" but got {self.empty_score} and {other.empty_score}"
             )
         names = [f for f in self.__dataclass_fields__ if f != "empty_score"]
         return PixelStats(self.empty_score, **{f: getattr(self, f) + getattr(other, f) for f in names})
@@ -314,7 +328,9 @@ class PixelStats:
             "mean_iou": _mean_units(self.iou_units, self.scored),
             "mean_dice": _mean_units(self.dice_units, self.scored),
             "pooled_iou": _ratio(self.intersection, self.union, e if self.images else math.nan),
-            "pooled_dice": _ratio(2 * self.intersection, self.pred_area + self.target_area, e if self.images else math.nan),
+            "pooled_dice": _ratio(
+                2 * self.intersection, self.pred_area + self.target_area, e if self.images else math.nan
+            ),
         }
 
 
@@ -391,10 +407,15 @@ def pointing_game(
     if not isinstance(tolerance, int | np.integer) or isinstance(tolerance, bool) or tolerance < 0:
         raise ValueError(f"expected `tolerance` to be an int >= 0 but got {tolerance!r}")
     if (mask is None) == (boxes is None):
-        raise ValueError("expected exactly one of `mask` and `boxes` but got " + ("both" if mask is not None else "neither"))
+        raise ValueError(
+            "expected exactly one of `mask` and `boxes` but got "
+            + ("both" if mask is not None else "neither")
+        )
     region = boxes_to_mask(boxes, tuple(s.shape)) if mask is None else _as_mask(mask, "mask")
     if region.shape != s.shape:
-        raise ValueError(f"expected `mask` of the saliency's shape {tuple(s.shape)} but got {tuple(region.shape)}")
+        raise ValueError(
+            f"expected `mask` of the saliency's shape {tuple(s.shape)} but got {tuple(region.shape)}"
+        )
     if s.numel() == 0 or not region.any():
         return None
     if torch.isnan(s).any():
@@ -434,12 +455,16 @@ def _check_thresholds(thresholds: Any) -> torch.Tensor:
         return _default_thresholds()
     t = _as_tensor(thresholds, "thresholds", allow_sequence=True).to(torch.float64).reshape(-1).cpu()
     if t.numel() == 0 or not torch.isfinite(t).all():
-        raise ValueError(f"expected `thresholds` to be a non-empty 1-D set of finite numbers but got {t.tolist()}")
+        raise ValueError(
+            f"expected `thresholds` to be a non-empty 1-D set of finite numbers but got {t.tolist()}"
+        )
     return t
 
 
-def _sweep_counts(soft: torch.Tensor, target: torch.Tensor, th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Intersections and unions ``(N, T)`` of ``soft >= t`` with ``target`` for every threshold, by sorting."""
+def _sweep_counts(
+    soft: torch.Tensor, target: torch.Tensor, th: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intersections and unions ``(N, T)`` of ``soft >= t`` with ``target``, all thresholds, by sorting."""
     n = soft.shape[0]
     s = soft.reshape(n, -1)
     tg = target.reshape(n, -1)
@@ -458,7 +483,9 @@ def _prepare_sweep(soft: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor, 
     if s.ndim not in (2, 3):
         raise ValueError(f"expected `soft` of shape (H, W) or (N, H, W) but got shape {tuple(s.shape)}")
     if s.shape != t.shape:
-        raise ValueError(f"expected `target` of the same shape as `soft` {tuple(s.shape)} but got {tuple(t.shape)}")
+        raise ValueError(
+            f"expected `target` of the same shape as `soft` {tuple(s.shape)} but got {tuple(t.shape)}"
+        )
     single = s.ndim == 2
     if single:
         s, t = s.unsqueeze(0), t.unsqueeze(0)
@@ -481,7 +508,9 @@ def iou_sweep(
     th = _check_thresholds(thresholds)
     s, t, single = _prepare_sweep(soft, target)
     inter, union = _sweep_counts(s, t, th)
-    iou = torch.where(union > 0, inter.double() / union.clamp(min=1).double(), torch.tensor(float(empty_score)).double())
+    iou = torch.where(
+        union > 0, inter.double() / union.clamp(min=1).double(), torch.tensor(float(empty_score)).double()
+    )
     return iou[0] if single else iou
 
 
@@ -516,7 +545,9 @@ class SweepStats:
         s, t, _ = _prepare_sweep(soft, target)
         th = torch.tensor(self.thresholds, dtype=torch.float64)
         inter, union = _sweep_counts(s, t, th)
-        iou = torch.where(union > 0, inter.double() / union.clamp(min=1).double(), torch.tensor(self.empty_score).double())
+        iou = torch.where(
+            union > 0, inter.double() / union.clamp(min=1).double(), torch.tensor(self.empty_score).double()
+        )
         self.images += s.shape[0]
         add = lambda acc, new: [a + int(b) for a, b in zip(acc, new, strict=True)]  # noqa: E731
         self.scored = add(self.scored, (~torch.isnan(iou)).sum(0).tolist())
@@ -547,7 +578,7 @@ class SweepStats:
         return self.merge(other)
 
     def compute(self) -> dict[str, Any]:
-        """``{"thresholds", "mean_iou", "pooled_iou", "best_threshold", "best_mean_iou", "images"}`` (lists)."""
+        """``{"images", "thresholds", "mean_iou", "pooled_iou", "best_threshold", "best_mean_iou"}``."""
         empty = self.empty_score if self.images else math.nan
         mean = [_mean_units(u, c) for u, c in zip(self.iou_units, self.scored, strict=True)]
         pooled = [_ratio(i, u, empty) for i, u in zip(self.intersection, self.union, strict=True)]
@@ -570,7 +601,9 @@ def _check_pair_labels(target: Any, preds: Any) -> tuple[np.ndarray, np.ndarray]
     y = _check_labels(target, "target")
     p = _check_labels(preds, "preds")
     if y.shape != p.shape:
-        raise ValueError(f"expected `preds` of the same shape as `target` {tuple(y.shape)} but got {tuple(p.shape)}")
+        raise ValueError(
+            f"expected `preds` of the same shape as `target` {tuple(y.shape)} but got {tuple(p.shape)}"
+        )
     if y.numel() == 0:
         raise ValueError("expected at least one sample but got none")
     return y.numpy(), p.numpy()
@@ -617,13 +650,18 @@ def _num_classes(num_classes: int | None, *arrays: np.ndarray) -> int:
     if num_classes is None:
         return max(seen, 2)
     if not isinstance(num_classes, int) or num_classes < 2 or num_classes < seen:
-        raise ValueError(f"expected `num_classes` to be an int >= 2 covering every index (>= {seen}) but got {num_classes!r}")
+        raise ValueError(
+            f"expected `num_classes` to be an int >= 2 covering every index (>= {seen})"
+            f" but got {num_classes!r}"
+        )
     return num_classes
 
 
 def _check_label_range(y: torch.Tensor, c: int) -> None:
     if y.numel() and y.max() >= c:
-        raise ValueError(f"expected `target` class indices below {c} (the columns of `probs`) but got {y.max().item()}")
+        raise ValueError(
+            f"expected `target` class indices below {c} (the columns of `probs`) but got {y.max().item()}"
+        )
 
 
 def _auroc_per_class(y: np.ndarray, probs: np.ndarray) -> list[float | None]:
@@ -647,10 +685,13 @@ def auroc(target: Any, probs: Any) -> float | None:
     if p.shape[1] == 2:
         return _auroc_per_class(y.numpy(), p.numpy())[1]
     per_class = _auroc_per_class(y.numpy(), p.numpy())
-    return None if any(v is None for v in per_class) else float(np.mean(per_class))
+    defined = [v for v in per_class if v is not None]
+    return float(np.mean(defined)) if len(defined) == len(per_class) else None
 
 
-def classification_metrics(target: Any, probs: Any, *, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+def classification_metrics(
+    target: Any, probs: Any, *, class_names: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Every classification figure for one model, JSON-ready.
 
     Args:
@@ -694,7 +735,9 @@ def _confidence_accuracy(probs: Any, target: Any) -> tuple[torch.Tensor, torch.T
     p = _check_probs(raw, len(y))
     if raw.ndim == 1:  # torchmetrics' binary definition: confidence = P(positive), "accuracy" = target
         if y.numel() and y.max() > 1:
-            raise ValueError(f"expected a binary `target` (0/1) with 1-D `probs` but got class {y.max().item()}")
+            raise ValueError(
+                f"expected a binary `target` (0/1) with 1-D `probs` but got class {y.max().item()}"
+            )
         return p[:, 1], y.double()
     _check_label_range(y, p.shape[1])
     conf, pred = p.max(1)  # top-label definition, as torchmetrics' multiclass calibration error
@@ -781,7 +824,11 @@ class RiskCoverage:
     def to_dict(self, max_points: int = 200) -> dict[str, Any]:
         """JSON-ready: the curve (thinned to at most ``max_points``), AURC and risk at 80/90 % coverage."""
         n = len(self.risk)
-        keep = torch.linspace(0, n - 1, min(n, max_points)).round().long().unique() if n else torch.zeros(0).long()
+        keep = (
+            torch.linspace(0, n - 1, min(n, max_points)).round().long().unique()
+            if n
+            else torch.zeros(0).long()
+        )
         return {
             "n": n,
             "coverage": self.coverage[keep].tolist(),
@@ -817,7 +864,9 @@ def risk_coverage(risk: Any, uncertainty: Any) -> RiskCoverage:
     if len(r) == 0:
         raise ValueError("expected at least one sample but got none")
     if not (torch.isfinite(r).all() and torch.isfinite(u).all()):
-        raise ValueError("expected finite `risk` and `uncertainty` but got NaN or inf (leave unscored samples out)")
+        raise ValueError(
+            "expected finite `risk` and `uncertainty` but got NaN or inf (leave unscored samples out)"
+        )
     order = torch.argsort(u, stable=True)
     us = u[order]
     rs = _tie_mean(r[order], us)

@@ -38,23 +38,34 @@ class MemberOutput:
         return self.probs.mean(0)
 
 
-def sample_dropout_masks(member: Member, shape: tuple[int, int], T: int, device: torch.device) -> torch.Tensor:
-    """T scaled dropout masks ``(T, B, C)``, drawn by the member's own ``nn.Dropout`` (in MC mode) exactly as
-    T full forward passes would draw them, one ``(B, C)`` draw per pass."""
-    ones = torch.ones(shape, device=device)
-    with mc_dropout(member):
-        return torch.stack([member.dropout(ones) for _ in range(T)])
+def sample_dropout_masks(member: Member, shape: tuple[int, int], T: int, device: torch.device,
+                         seeds: list[int] | None = None) -> torch.Tensor:
+    """T scaled dropout masks ``(T, B, C)``.
+
+    Without ``seeds`` they are drawn by the member's own ``nn.Dropout`` (in MC mode) exactly as T full forward
+    passes would draw them, one ``(B, C)`` draw per pass. With one seed per image, each image's masks come
+    from its own generator, so results do not depend on which images share a batch (resumed runs match)."""
+    if seeds is None:
+        ones = torch.ones(shape, device=device)
+        with mc_dropout(member):
+            return torch.stack([member.dropout(ones) for _ in range(T)])
+    keep = 1.0 - member.p
+    out = torch.empty(T, shape[0], shape[1])
+    for b, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        out[:, b] = torch.bernoulli(torch.full((T, shape[1]), keep), generator=g) / keep
+    return out.to(device)
 
 
-def run_member(member: Member, x: torch.Tensor, T: int) -> MemberOutput:
+def run_member(member: Member, x: torch.Tensor, T: int, seeds: list[int] | None = None) -> MemberOutput:
     """Forward ``x`` (normalised, (B,3,H,W)) once; sample the head T times."""
     with torch.no_grad(), ActivationCapture(member.backbone, member.cam_layer) as cap:
-        feats = member.backbone(x)
+        feats = member.features(x)
         pooled = member.pool(feats)
         logits = member.fc(pooled)
     assert cap.activation is not None
     pooled_d = pooled.detach()
-    masks = sample_dropout_masks(member, tuple(pooled_d.shape), T, x.device)
+    masks = sample_dropout_masks(member, tuple(pooled_d.shape), T, x.device, seeds)
     with torch.no_grad():
         sample_logits = torch.einsum("tbc,kc->tbk", pooled_d.unsqueeze(0) * masks, member.fc.weight)
         probs = torch.softmax(sample_logits + member.fc.bias, dim=-1)
@@ -79,8 +90,9 @@ def member_cams(member: Member, out: MemberOutput, target: torch.Tensor, *,
     """XGrad-CAM of ``target`` (B,) without dropout, ``(B, h, w)``, and the std over the T MC samples' CAMs,
     ``(B, h, w)``; both raw (not normalised)."""
     A = out.activation
-    score = out.logits.gather(1, target.view(-1, 1)).squeeze(1)
-    cam = xgradcam(A, score, retain_graph=not member.final_cam_layer)
+    with torch.enable_grad():  # callers may run under no_grad; the graph from A to the logits exists
+        score = out.logits.gather(1, target.view(-1, 1)).squeeze(1)
+        cam = xgradcam(A, score, retain_graph=not member.final_cam_layer)
     Ad = A.detach()
     w_target = member.fc.weight.detach()[target]  # (B, C)
     v = out.masks * w_target.unsqueeze(0)  # (T, B, C): d y_t / d pooled
@@ -95,8 +107,9 @@ def member_cams(member: Member, out: MemberOutput, target: torch.Tensor, *,
         for i in range(0, T, chunk):
             vi = v[i:i + chunk]
             last = i + chunk >= T
-            (g,) = torch.autograd.grad(out.pooled_graph, A, grad_outputs=vi, is_grads_batched=True,
-                                       retain_graph=not last)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(out.pooled_graph, A, grad_outputs=vi, is_grads_batched=True,
+                                           retain_graph=not last)
             parts.append(weighted_map(Ad, xgradcam_weights(Ad, g)))
         sample_maps = torch.cat(parts)
     return cam, sample_maps.std(0, unbiased=False)
@@ -126,7 +139,7 @@ class Analysis:
 
 
 def analyze(ensemble: Ensemble, images: torch.Tensor, *, mc_samples: int = 30,
-            target: torch.Tensor | None = None) -> Analysis:
+            target: torch.Tensor | None = None, seeds: list[int] | None = None) -> Analysis:
     """Analyse a batch of images ``(B, 3, S, S)`` (uint8 or [0,1] float) with every member.
 
     The CAM target is ``target`` when given, else the ensemble's diagnosis, or - for a background diagnosis -
@@ -134,8 +147,9 @@ def analyze(ensemble: Ensemble, images: torch.Tensor, *, mc_samples: int = 30,
     x = ensemble.normalize(images)
     size = (x.shape[-2], x.shape[-1])
     outs = []
-    for m in ensemble.members:
-        outs.append(run_member(m, x, mc_samples))
+    for i, m in enumerate(ensemble.members):
+        member_seeds = None if seeds is None else [s * 31 + i for s in seeds]
+        outs.append(run_member(m, x, mc_samples, member_seeds))
     probs = torch.stack([o.mean_probs for o in outs])
     stats = [mc_statistics(o.probs) for o in outs]
     ens = probs.mean(0)

@@ -1,0 +1,111 @@
+"""Export an annotation output folder to annotation tools, and import corrected annotations back.
+
+``export_annotations(out_dir, fmt, to)`` writes one of :data:`FORMATS`;
+``import_annotations(fmt, src, to)`` reads one of :data:`IMPORT_FORMATS` into a new output folder.
+See ``docs/exports.md``. Tool libraries (pycocotools, nibabel) are imported only when used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pixelvote.errors import ConfigError, did_you_mean
+
+FORMATS: dict[str, str] = {
+    "coco": "COCO instances JSON, masks as compressed RLE (pycocotools), pixelvote flags in 'attributes'",
+    "coco-results": "COCO results list (image_id, category_id, segmentation, score) for COCOeval",
+    "labelstudio": "Label Studio tasks JSON with brush predictions, plus <stem>_config.xml",
+    "cvat": "CVAT for images 1.1 XML (.xml, or .zip holding annotations.xml), plus <stem>_labels.json",
+    "monailabel": "MONAI Label datastore folder: images, labels/original/, datastore_v2.json",
+    "png": "folder of class-index PNG masks (masks/<key>.png) and classes.json",
+    "nifti": "folder of 2D NIfTI class-index volumes (<key>.nii.gz); needs nibabel",
+}
+IMPORT_FORMATS: dict[str, str] = {
+    "coco": "COCO instances JSON (polygons, RLE or compressed RLE)",
+    "labelstudio": "Label Studio JSON export (tasks with submitted annotations)",
+}
+
+
+def _exporter(fmt: str) -> Callable[..., Path]:
+    if fmt == "coco":
+        from pixelvote.export.coco import export_coco
+
+        return export_coco
+    if fmt == "coco-results":
+        from pixelvote.export.coco import export_coco_results
+
+        return export_coco_results
+    if fmt == "labelstudio":
+        from pixelvote.export.labelstudio import export_labelstudio
+
+        return export_labelstudio
+    if fmt == "cvat":
+        from pixelvote.export.cvat import export_cvat
+
+        return export_cvat
+    if fmt == "monailabel":
+        from pixelvote.export.monailabel import export_monailabel
+
+        return export_monailabel
+    if fmt == "png":
+        from pixelvote.export.png import export_png
+
+        return export_png
+    from pixelvote.export.nifti import export_nifti
+
+    return export_nifti
+
+
+def _check_options(fmt: str, func: Callable[..., Path], options: dict[str, Any]) -> None:
+    import inspect
+
+    allowed = [p.name for p in inspect.signature(func).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    for name in options:
+        if name not in allowed:
+            raise ConfigError(
+                f"format {fmt!r} has no option {name!r}; "
+                + (did_you_mean(name, allowed) if allowed else "it takes no options."),
+            )
+
+
+def export_annotations(out_dir: str | Path, fmt: str, to: str | Path, **options: Any) -> Path:
+    """Export the annotation output folder ``out_dir`` as ``fmt`` to ``to``; returns the main path written.
+
+    ``to`` is a file for ``coco``, ``coco-results``, ``labelstudio`` and ``cvat`` and a folder for
+    ``monailabel``, ``png`` and ``nifti``. Options: ``coco_gt`` (``coco-results``: number images and
+    categories as this COCO file does), ``image_url_prefix`` and ``model_version`` (``labelstudio``).
+    Raises :class:`~pixelvote.errors.ConfigError` for an unknown format or option and
+    :class:`~pixelvote.errors.DataError` for a missing or corrupt output folder.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(
+            f"unknown export format: {did_you_mean(fmt, list(FORMATS))}",
+            fix="pick one of the listed formats.",
+        )
+    from pixelvote.export.outputs import open_output
+
+    exporter = _exporter(fmt)
+    _check_options(fmt, exporter, options)
+    return exporter(open_output(out_dir), Path(to), **options)
+
+
+def import_annotations(fmt: str, src: str | Path, to: str | Path, **options: Any) -> Path:
+    """Import corrected annotations ``src`` (a ``fmt`` file) into a new output folder ``to``; return ``to``.
+
+    Records are marked ``"reviewed": true`` and ``"source": fmt``. Option: ``background`` (the
+    background class name when the file does not say; default "background").
+    """
+    if fmt not in IMPORT_FORMATS:
+        raise ConfigError(
+            f"unknown import format: {did_you_mean(fmt, list(IMPORT_FORMATS))}",
+            fix="pick one of the listed formats.",
+        )
+    from pixelvote.export.importers import IMPORTERS
+
+    _check_options(fmt, IMPORTERS[fmt], options)
+    return IMPORTERS[fmt](src, to, **options)
+
+
+__all__ = ["FORMATS", "IMPORT_FORMATS", "export_annotations", "import_annotations"]

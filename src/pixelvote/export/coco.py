@@ -63,7 +63,8 @@ def build_coco(folder: OutputFolder) -> dict[str, Any]:
     classes = folder.classes
     names = image_names(folder)
     records = sorted(folder.records, key=lambda r: r["key"])
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for image_id, rec in enumerate(records, start=1):
         images.append(
             {
@@ -115,7 +116,8 @@ def build_coco(folder: OutputFolder) -> dict[str, Any]:
         "licenses": [],
         "images": images,
         "categories": [
-            {"id": classes.category_id(n), "name": n, "supercategory": "pixelvote"} for n in classes.foreground
+            {"id": classes.category_id(n), "name": n, "supercategory": "pixelvote"}
+            for n in classes.foreground
         ],
         "annotations": annotations,
     }

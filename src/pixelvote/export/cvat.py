@@ -26,7 +26,13 @@ from pixelvote.errors import DataError
 from pixelvote.export.outputs import OutputFolder, atomic_path, image_names, write_json
 
 _ATTRIBUTES = (
-    {"name": "flagged", "mutable": False, "input_type": "checkbox", "default_value": "false", "values": ["false"]},
+    {
+        "name": "flagged",
+        "mutable": False,
+        "input_type": "checkbox",
+        "default_value": "false",
+        "values": ["false"],
+    },
     {"name": "confidence", "mutable": False, "input_type": "text", "default_value": "", "values": [""]},
     {"name": "reasons", "mutable": False, "input_type": "text", "default_value": "", "values": [""]},
 )
@@ -47,9 +53,18 @@ def encode_mask(mask: np.ndarray) -> tuple[list[int], int, int, int, int] | None
     return runs, left, top, width, height
 
 
-def decode_mask(runs: list[int], left: int, top: int, width: int, height: int, image_w: int, image_h: int) -> np.ndarray:
+def decode_mask(
+    runs: list[int], left: int, top: int, width: int, height: int, image_w: int, image_h: int
+) -> np.ndarray:
     """Bool (image_h, image_w) mask of a CVAT mask's run lengths and box."""
-    if not (0 <= left and 0 <= top and width > 0 and height > 0 and left + width <= image_w and top + height <= image_h):
+    if not (
+        0 <= left
+        and 0 <= top
+        and width > 0
+        and height > 0
+        and left + width <= image_w
+        and top + height <= image_h
+    ):
         raise ValueError(f"mask box {left},{top} {width}x{height} does not fit a {image_w}x{image_h} image")
     values = (np.arange(len(runs)) % 2).astype(bool)
     crop = np.repeat(values, runs)
@@ -68,7 +83,7 @@ def _label_spec(names: tuple[str, ...]) -> list[dict[str, Any]]:
     return [{"name": n, "type": "any", "attributes": [dict(a) for a in _ATTRIBUTES]} for n in names]
 
 
-def build_xml(folder: OutputFolder) -> ET.ElementTree:
+def build_xml(folder: OutputFolder) -> ET.Element:
     """The CVAT for images 1.1 document, images in lexical name order (CVAT's default frame order)."""
     now = datetime.now(timezone.utc).isoformat(sep=" ", timespec="seconds")
     names = image_names(folder)
@@ -105,7 +120,12 @@ def build_xml(folder: OutputFolder) -> ET.ElementTree:
         image = ET.SubElement(
             root,
             "image",
-            {"id": str(frame), "name": names[rec["key"]], "width": str(rec["width"]), "height": str(rec["height"])},
+            {
+                "id": str(frame),
+                "name": names[rec["key"]],
+                "width": str(rec["width"]),
+                "height": str(rec["height"]),
+            },
         )
         enc = encode_mask(folder.load_mask(rec))
         if enc is not None:
@@ -125,35 +145,37 @@ def build_xml(folder: OutputFolder) -> ET.ElementTree:
                     "z_order": "0",
                 },
             )
-        tag = ET.SubElement(image, "tag", {"label": rec["label"], "source": "auto"})
+        tag_el = ET.SubElement(image, "tag", {"label": rec["label"], "source": "auto"})
         p = rec.get("probability")
         for name, value in (
             ("flagged", "true" if rec.get("flagged") else "false"),
             ("confidence", "" if p is None else f"{float(p):.4f}"),
             ("reasons", ",".join(rec.get("reasons", []))),
         ):
-            ET.SubElement(tag, "attribute", {"name": name}).text = value
+            ET.SubElement(tag_el, "attribute", {"name": name}).text = value
     ET.indent(root)
-    return ET.ElementTree(root)
+    return root
 
 
 def export_cvat(folder: OutputFolder, to: Path) -> Path:
     """Write ``to`` (``.xml``, or ``.zip`` holding ``annotations.xml``) and the label list beside it."""
-    tree = build_xml(folder)
+    root = build_xml(folder)
     with atomic_path(to) as tmp:
         if to.suffix.lower() == ".zip":
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                zf.writestr("annotations.xml", ET.tostring(tree.getroot(), encoding="utf-8", xml_declaration=True))
+                zf.writestr("annotations.xml", ET.tostring(root, encoding="utf-8", xml_declaration=True))
         else:
-            tree.write(tmp, encoding="utf-8", xml_declaration=True)
+            ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
     write_json(labels_path(to), _label_spec(folder.classes.names))
     return to
 
 
 def read_cvat(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Read a CVAT for images 1.1 file (XML or zip): ``{name: {"width", "height", "mask", "labels", "tags"}}``.
+    """Read a CVAT for images 1.1 file (XML or zip) into ``{image name: item}``.
 
-    ``mask`` is the union of the image's ``<mask>`` shapes; ``labels`` their labels; ``tags`` the
+    Each item has ``width``, ``height``, ``mask``, ``labels`` and ``tags``.
+
+    ``mask`` is the union of the image's ``<mask>`` shapes, ``labels`` their labels, ``tags`` the
     labels of its ``<tag>`` elements.
     """
     path = Path(path)
@@ -168,12 +190,18 @@ def read_cvat(path: str | Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for image in root.iter("image"):
         w, h = int(image.get("width", 0)), int(image.get("height", 0))
-        item: dict[str, Any] = {"width": w, "height": h, "mask": np.zeros((h, w), bool), "labels": [], "tags": []}
+        item: dict[str, Any] = {
+            "width": w,
+            "height": h,
+            "mask": np.zeros((h, w), bool),
+            "labels": [],
+            "tags": [],
+        }
         for m in image.iter("mask"):
             runs = [int(v) for v in m.get("rle", "").split(",") if v.strip()]
-            box = (int(m.get(k, 0)) for k in ("left", "top", "width", "height"))
+            left, top, width, height = (int(m.get(k, 0)) for k in ("left", "top", "width", "height"))
             try:
-                item["mask"] |= decode_mask(runs, *box, w, h)
+                item["mask"] |= decode_mask(runs, left, top, width, height, w, h)
             except ValueError as exc:
                 raise DataError(f"image {image.get('name')!r}: {exc}", path=path) from exc
             item["labels"].append(m.get("label"))

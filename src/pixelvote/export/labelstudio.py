@@ -102,7 +102,11 @@ def build_tasks(
                     "original_width": w,
                     "original_height": h,
                     "image_rotation": 0,
-                    "value": {"format": "rle", "rle": mask2rle(mask), "brushlabels": [folder.mask_class(rec)]},
+                    "value": {
+                        "format": "rle",
+                        "rle": mask2rle(mask),
+                        "brushlabels": [folder.mask_class(rec)],
+                    },
                 }
             )
         result.append(
@@ -133,7 +137,11 @@ def build_tasks(
                     "uncertainty": rec.get("uncertainty_mean"),
                 },
                 "predictions": [
-                    {"model_version": version, "score": float(score) if score is not None else 0.0, "result": result}
+                    {
+                        "model_version": version,
+                        "score": float(score) if score is not None else 0.0,
+                        "result": result,
+                    }
                 ],
             }
         )

@@ -142,7 +142,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot be read as JSON ({exc})", path=path, fix="re-run `pixelvote annotate`.") from exc
+        raise DataError(
+            f"cannot be read as JSON ({exc})", path=path, fix="re-run `pixelvote annotate`."
+        ) from exc
     if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list) or not meta["classes"]:
         raise DataError(
             "expected a JSON object with a non-empty 'classes' list",
@@ -213,8 +215,8 @@ def _check_record(rec: Any, path: Path, line: int) -> None:
 
 def check_key(key: Any, path: str | Path | None = None) -> str:
     """Check that an image key is a safe relative '/'-separated path (no '..', no absolute path)."""
-    parts = PurePosixPath(key).parts if isinstance(key, str) else ()
-    if not parts or key.startswith("/") or "\\" in key or any(p in ("..", ".", "") for p in parts):
+    parts = key.split("/") if isinstance(key, str) else []
+    if not isinstance(key, str) or not key or "\\" in key or any(p in ("..", ".", "") for p in parts):
         raise DataError(
             f"expected an image key that is a relative path without '..' but got {key!r}",
             path=path,
@@ -236,7 +238,9 @@ def read_mask(path: str | Path, width: int, height: int) -> np.ndarray:
             size = im.size
             arr = np.asarray(im.convert("L"))
     except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"mask cannot be read ({exc})", path=path, fix="re-run `pixelvote annotate`.") from exc
+        raise DataError(
+            f"mask cannot be read ({exc})", path=path, fix="re-run `pixelvote annotate`."
+        ) from exc
     if size != (width, height):
         raise DataError(
             f"expected a mask of {width}x{height} (the original image size) but got {size[0]}x{size[1]}",

@@ -15,8 +15,7 @@ import numpy as np
 from pixelvote.export.outputs import OutputFolder, write_index_png, write_json
 
 MAPPING_NOTE = (
-    "0 = background; i = 1 + index of the class among the non-background classes "
-    "(annotate.json order)"
+    "0 = background; i = 1 + index of the class among the non-background classes (annotate.json order)"
 )
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pixelvote.consensus import ConsensusConfig
 from pixelvote.data.imageio import write_bytes_atomic, write_json_atomic
 from pixelvote.errors import CheckpointError
-from pixelvote.models.ensemble import IMAGENET_MEAN, IMAGENET_STD, Ensemble
+from pixelvote.models.ensemble import Ensemble
 from pixelvote.models.member import Member, build_member
 
 FORMAT_VERSION = 1
@@ -42,8 +42,6 @@ class RunConfig(BaseModel):
     classes: list[str]
     background: str
     image_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
     members: list[MemberConfig]
     consensus: ConsensusConfig = Field(default_factory=ConsensusConfig)
     mc_samples: int = 30
@@ -156,7 +154,7 @@ def load_run(run_dir: str | Path, *, device: torch.device | str | None = None,
         if cam_layer:
             member = _with_cam_layer(member, cam_layer)
         members.append(member)
-    ens = Ensemble(members, cfg.classes, cfg.background, cfg.image_size, tuple(cfg.mean), tuple(cfg.std))
+    ens = Ensemble(members, cfg.classes, cfg.background, cfg.image_size)
     return ens.to(device or default_device()).eval(), cfg
 
 

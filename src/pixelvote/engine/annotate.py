@@ -1,0 +1,243 @@
+"""Local annotation engine: stream images through the ensemble, write masks and a manifest, resumably.
+
+Decoding runs in DataLoader workers and writing in a background thread, so the model is never idle waiting
+for files. Each image's files are written atomically before its manifest line is appended (and fsynced), so
+a killed run loses at most the images in flight, and a re-run skips every image already in the manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pixelvote.consensus import ConsensusConfig, apply_consensus
+from pixelvote.data.imageio import (
+    append_jsonl,
+    read_image,
+    read_jsonl,
+    repair_jsonl_tail,
+    write_json_atomic,
+    write_png_atomic,
+)
+from pixelvote.data.transforms import resize_image, to_tensor
+from pixelvote.engine.inputs import Item, list_inputs
+from pixelvote.engine.render import overlay, uncertainty_png
+from pixelvote.errors import DataError
+from pixelvote.explain.analyze import analyze
+from pixelvote.models.checkpoint import load_run
+from pixelvote.models.ensemble import Ensemble
+
+log = logging.getLogger(__name__)
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class AnnotateSummary:
+    out: Path
+    total: int = 0
+    annotated: int = 0
+    already_done: int = 0
+    skipped: int = 0
+    flagged: int = 0
+    labels: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out), "total": self.total, "annotated": self.annotated,
+                "already_done": self.already_done, "skipped": self.skipped, "flagged": self.flagged,
+                "labels": self.labels}
+
+
+class _Decode(torch.utils.data.Dataset):
+    def __init__(self, items: list[Item], size: int) -> None:
+        self.items, self.size = items, size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        try:
+            img = read_image(item.path)
+        except DataError as exc:
+            return {"item": item, "error": str(exc)}
+        t = to_tensor(img)
+        return {"item": item, "image": img, "input": resize_image(t, self.size)}
+
+
+def _collate(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return batch
+
+
+class _Writer(threading.Thread):
+    """Writes each image's PNGs, then its manifest line; errors are kept and re-raised in the main thread."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__(daemon=True)
+        self.out = out
+        self.q: queue.Queue = queue.Queue(maxsize=32)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            job = self.q.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self._write(*job)
+            except BaseException as exc:  # surfaced by close()
+                self.error = exc
+
+    def _write(self, record: dict[str, Any], image: np.ndarray, mask: np.ndarray, heat: np.ndarray,
+               unc: np.ndarray) -> None:
+        write_png_atomic(self.out / record["mask"], (mask * 255).astype(np.uint8))
+        write_png_atomic(self.out / record["overlay"], overlay(image, heat, mask))
+        write_png_atomic(self.out / record["uncertainty"], uncertainty_png(unc))
+        append_jsonl(self.out / "annotations.jsonl", record)
+
+    def put(self, job: tuple) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(job)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _resize_map(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(m[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0]
+
+
+def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig) -> set[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / "annotate.json"
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            meta = {}
+        if meta.get("classes") not in (None, ens.classes):
+            raise DataError(f"this folder holds annotations of classes {meta.get('classes')}, but the run has "
+                            f"{ens.classes}", path=out, fix="use another --out folder for this run")
+    write_json_atomic(meta_path, {
+        "format_version": MANIFEST_VERSION, "classes": ens.classes, "background": ens.background,
+        "run": str(Path(run).resolve()), "consensus": consensus.model_dump(mode="json"),
+        "image_size": ens.image_size, "members": [m.name for m in ens.members],
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    manifest = out / "annotations.jsonl"
+    repair_jsonl_tail(manifest)
+    return {rec["image"] for rec in read_jsonl(manifest)}
+
+
+def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size: int = 8,
+             mc_samples: int | None = None, num_workers: int | None = None, device: str | None = None,
+             consensus: dict[str, Any] | None = None, progress: bool = True) -> AnnotateSummary:
+    """Annotate every image under ``images`` with the run's ensemble into ``out`` (resumable)."""
+    out = Path(out)
+    ens, cfg = load_run(run, device=device)
+    ccfg = cfg.consensus.model_copy(update=consensus or {})
+    ConsensusConfig.model_validate(ccfg.model_dump())
+    T = mc_samples or cfg.mc_samples
+    items = list_inputs(images)
+    done = _prepare_out(out, Path(run), ens, ccfg)
+    skipped_path = out / "skipped.jsonl"
+    repair_jsonl_tail(skipped_path)
+    already_skipped = {r.get("image") for r in read_jsonl(skipped_path)}
+    pending = [it for it in items if str(it.path.resolve()) not in done]
+    summary = AnnotateSummary(out, total=len(items), already_done=len(items) - len(pending))
+    if not pending:
+        return _finish(summary, out)
+    workers = num_workers if num_workers is not None else min(2, max(0, (torch.get_num_threads() or 1) - 1))
+    loader = torch.utils.data.DataLoader(_Decode(pending, ens.image_size), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=_collate,
+                                         prefetch_factor=2 if workers else None)
+    writer = _Writer(out)
+    writer.start()
+    bar = tqdm(total=len(pending), desc="annotating", unit="img", disable=not progress)
+    try:
+        for batch in loader:
+            good = [b for b in batch if "error" not in b]
+            for b in batch:
+                if "error" in b:
+                    log.warning("skipped: %s", b["error"])
+                    summary.skipped += 1
+                    if str(b["item"].path) not in already_skipped:
+                        append_jsonl(skipped_path, {"image": str(b["item"].path), "reason": b["error"]})
+            if good:
+                _annotate_batch(ens, ccfg, T, good, writer, summary)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        writer.close()
+    return _finish(summary, out)
+
+
+def _finish(summary: AnnotateSummary, out: Path) -> AnnotateSummary:
+    labels: dict[str, int] = {}
+    flagged = 0
+    for rec in read_jsonl(out / "annotations.jsonl"):
+        labels[rec["label"]] = labels.get(rec["label"], 0) + 1
+        flagged += bool(rec.get("flagged"))
+    summary.labels, summary.flagged = labels, flagged
+    return summary
+
+
+@torch.no_grad()
+def _annotate_batch(ens: Ensemble, ccfg: ConsensusConfig, T: int, batch: list[dict[str, Any]],
+                    writer: _Writer, summary: AnnotateSummary) -> None:
+    x = torch.stack([b["input"] for b in batch])
+    a = analyze(ens, x, mc_samples=T, seeds=[b["item"].seed for b in batch])
+    res = apply_consensus(a, ccfg, ens.background_index)
+    classes = ens.classes
+    for j, b in enumerate(batch):
+        item: Item = b["item"]
+        image: np.ndarray = b["image"]
+        hw = image.shape[:2]
+        margin = _resize_map(res.margin[j], hw)
+        mask = (margin > 0).cpu().numpy()
+        heat = _resize_map(res.heat[j], hw).clamp_(0, 1).cpu().numpy()
+        unc = _resize_map(res.uncertainty[j], hw).clamp_min_(0).cpu().numpy()
+        label = int(a.label[j])
+        area = int(mask.sum())
+        members = {}
+        for mi, name in enumerate(a.member_names):
+            st = a.stats[mi]
+            ml = int(st["label"][j])
+            key = name if name not in members else f"{name}#{mi}"
+            members[key] = {
+                "label": classes[ml], "probability": round(float(st["mean"][j, ml]), 6),
+                "entropy": round(float(st["entropy"][j]), 6),
+                "mutual_information": round(float(st["mutual_information"][j]), 6),
+                "variance": round(float(st["variance"][j]), 6), "agrees": bool(res.agree[mi, j])}
+        reasons = res.reasons[j]
+        record = {
+            "image": str(item.path.resolve()), "key": item.key,
+            "mask": f"masks/{item.key}.png", "overlay": f"overlays/{item.key}.png",
+            "uncertainty": f"uncertainty/{item.key}.png", "width": int(hw[1]), "height": int(hw[0]),
+            "label": classes[label], "label_index": label,
+            "probability": round(float(a.ensemble_probs[j, label]), 6),
+            "probabilities": {c: round(float(a.ensemble_probs[j, k]), 6) for k, c in enumerate(classes)},
+            "target_class": classes[int(a.target[j])], "members": members,
+            "agreement": round(float(res.agreement[j]), 6), "flagged": bool(reasons), "reasons": reasons,
+            "mask_area": area, "mask_fraction": round(area / float(hw[0] * hw[1]), 6),
+            "threshold": round(float(res.thresholds[res.agree[:, j], j].mean()) if res.agree[:, j].any()
+                               else float(res.thresholds[:, j].mean()), 6),
+            "uncertainty_mean": round(float(unc[mask].mean()) if area else float(unc.mean()), 6),
+        }
+        writer.put((record, image, mask, heat, unc))
+        summary.annotated += 1

@@ -1,0 +1,56 @@
+"""Tiny seeded models and generated data: no network, no real weights, seconds per test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelvote.models.ensemble import Ensemble
+from pixelvote.models.member import build_member
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def tiny_member():
+    def make(name: str = "tiny_cnn_a", k: int = 2, dropout: float = 0.3, cam_layer: str | None = None):
+        torch.manual_seed(1)
+        return build_member(name, k, dropout=dropout, pretrained=False, cam_layer=cam_layer).eval()
+
+    return make
+
+
+@pytest.fixture
+def tiny_ensemble(tiny_member) -> Ensemble:
+    return Ensemble([tiny_member("tiny_cnn_a"), tiny_member("tiny_cnn_b")], ["lesion", "normal"], "normal", 64)
+
+
+def write_blob_dataset(root: Path, per_class: int = 10, size: tuple[int, int] = (48, 64)) -> Path:
+    """images/{lesion,normal}/*.png with masks for the lesions (bright squares on noise)."""
+    rng = np.random.default_rng(0)
+    for c in ("lesion", "normal"):
+        (root / "images" / c).mkdir(parents=True, exist_ok=True)
+        (root / "masks" / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = (rng.random(size) * 80).astype(np.uint8)
+            if c == "lesion":
+                m = np.zeros(size, np.uint8)
+                y, x = rng.integers(4, size[0] - 16), rng.integers(4, size[1] - 16)
+                img[y:y + 12, x:x + 12] += 150
+                m[y:y + 12, x:x + 12] = 255
+                Image.fromarray(m).save(root / "masks" / c / f"{c} {i}.png")
+            Image.fromarray(img).save(root / "images" / c / f"{c} {i}.png")
+    return root
+
+
+@pytest.fixture
+def blob_dataset(tmp_path: Path) -> Path:
+    return write_blob_dataset(tmp_path / "data")
