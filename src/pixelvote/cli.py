@@ -123,6 +123,34 @@ def demo(
     typer.echo(f"run: {r['run']}\nannotations: {r['annotations']} (masks/, overlays/, uncertainty/, annotations.jsonl)")
 
 
+@app.command()
+def export(
+    source: Path = typer.Option(..., "--from", help="an annotation output folder (pixelvote annotate --out)"),
+    fmt: str = typer.Option(..., "--format", help="coco | coco-results | labelstudio | cvat | monailabel | png | nifti"),
+    to: Path = typer.Option(..., "--to", help="file or folder to write (see docs/exports.md)"),
+) -> None:
+    """Export masks and flags to an annotation tool's format."""
+    from pixelvote.export import export_annotations
+
+    path = export_annotations(source, fmt, to)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("import")
+def import_(
+    fmt: str = typer.Option(..., "--format", help="coco | labelstudio"),
+    source: Path = typer.Option(..., "--from", help="the tool's export file"),
+    to: Path = typer.Option(..., "--to", help="new annotation output folder (records marked reviewed)"),
+    background: Optional[str] = typer.Option(None, help="background class name, if the file does not say"),
+) -> None:
+    """Import corrected annotations back into pixelvote's layout (marked as reviewed)."""
+    from pixelvote.export import import_annotations
+
+    opts = {"background": background} if background else {}
+    path = import_annotations(fmt, source, to, **opts)
+    typer.echo(f"imported into {path}")
+
+
 @app.command("models")
 def list_models_cmd() -> None:
     """List the registered backbones and presets."""

@@ -16,7 +16,7 @@ from pixelvote.errors import DataError
 
 log = logging.getLogger(__name__)
 
-BACKGROUND_NAMES = ("normal", "healthy", "no_fire", "negative", "background")
+BACKGROUND_NAMES = ("normal", "healthy", "no_fire", "negative", "background", "not_tb")
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,11 @@ def load_dataset(data: str | Path, *, group_pattern: str | None = None) -> Datas
         classes = sorted({s.label for s in samples})
         return _finish(Dataset(root, samples, classes, problems=problems))
 
+    from pixelvote.data import tbx11k
+
+    if tbx11k.is_tbx11k_root(root):
+        return _finish(_load_tbx11k(root, problems))
+
     split_dirs = {n: root / n for n in ("train", "val", "test") if (root / n).is_dir()}
     main = split_dirs.get("train", root)
     images_dir, masks_dir = _find_images_dir(main)
@@ -185,6 +190,16 @@ def load_dataset(data: str | Path, *, group_pattern: str | None = None) -> Datas
                                 path=split_dirs[name], fix="use the same class folder names in every split")
             setattr(ds, name, extra)
     return _finish(ds)
+
+
+def _load_tbx11k(root: Path, problems: list[tuple[str, str]]) -> Dataset:
+    """A TBX11K root (imgs/<class>/, annotations/xml): binary TB vs not TB; boxes are for evaluation."""
+    from pixelvote.data import tbx11k
+
+    samples = [Sample(s.path, "tb" if s.tb else "not_tb", None, s.path.stem, str(s.path.relative_to(root)))
+               for s in tbx11k.list_samples(root)]
+    classes = sorted({s.label for s in samples})
+    return Dataset(root, samples, classes, problems=problems)
 
 
 def _finish(ds: Dataset) -> Dataset:

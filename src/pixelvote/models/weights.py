@@ -40,7 +40,7 @@ def map_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor
                  origin: str) -> dict[str, torch.Tensor]:
     """Rename ``source`` tensors onto ``target``'s names by position (lukemelas -> timm EfficientNet-Lite),
     checking every shape."""
-    if list(source) == list(target):
+    if set(source) == set(target):  # already named like the model (key order may differ)
         return source
     if len(source) != len(target):
         raise CheckpointError(f"weights hold {len(source)} tensors but the model expects {len(target)}",

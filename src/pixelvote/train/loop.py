@@ -225,7 +225,7 @@ def _train_member(i: int, name: str, mcfg: MemberConfig, mstate: dict, cfg: Trai
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(y)
+            total += float(loss.detach()) * len(y)
             n += len(y)
         sched.step()
         val_loss, val_acc = evaluate_member(member, data.val, norm, cfg.batch_size * 2, weight)

@@ -1,0 +1,99 @@
+"""train -> annotate -> export through the real CLI on generated data (tiny models, seconds)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pixelvote.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from tests.conftest import write_blob_dataset
+
+    root = tmp_path_factory.mktemp("e2e")
+    data = write_blob_dataset(root / "data", per_class=12)
+    run = root / "run"
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--epochs", "2",
+                            "--image-size", "64", "--no-pretrained", "--mc-samples", "4", "--quiet"])
+    assert r.exit_code == 0, r.output
+    return root, data, run
+
+
+def test_train_writes_a_self_describing_run(trained):
+    _, _, run = trained
+    cfg = json.loads((run / "run.json").read_text())
+    assert cfg["classes"] == ["lesion", "normal"] and cfg["background"] == "normal"
+    assert [m["name"] for m in cfg["members"]] == ["tiny_cnn_a", "tiny_cnn_b"]
+    assert all((run / m["file"]).exists() and m["file"].endswith(".safetensors") for m in cfg["members"])
+    assert 0.1 <= cfg["consensus"]["threshold"] <= 0.9
+    assert cfg["consensus"]["threshold_source"].startswith("validation")
+    history = json.loads((run / "history.json").read_text())
+    assert {h["member"] for h in history} == {"tiny_cnn_a", "tiny_cnn_b"}
+    split = json.loads((run / "split.json").read_text())
+    assert set(split["train"]).isdisjoint(split["val"]) and len(split["train"]) + len(split["val"]) == 24
+
+
+def test_existing_run_is_not_overwritten(trained):
+    _, data, run = trained
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--no-pretrained"])
+    assert r.exit_code != 0 and "--resume" in str(r.exception)
+
+
+def test_annotate_resume_and_bad_files(trained, tmp_path):
+    _, data, run = trained
+    imgs = tmp_path / "in"
+    (imgs / "a").mkdir(parents=True)
+    (imgs / "b").mkdir()
+    src = sorted((data / "images" / "lesion").glob("*.png"))
+    Image.open(src[0]).save(imgs / "a" / "same.png")
+    Image.open(src[1]).save(imgs / "b" / "same.png")  # stem collision -> sub-folders kept
+    Image.open(src[2]).convert("RGB").save(imgs / "odd name é.jpg")
+    (imgs / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(imgs), "--out", str(out),
+                            "--workers", "0", "--mc-samples", "4"])
+    assert r.exit_code == 3, r.output  # 3 = finished, but something was skipped
+    recs = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
+    assert sorted(r_["key"] for r_ in recs) == ["a/same", "b/same", "odd name é"]
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert len(skipped) == 1 and skipped[0]["image"].endswith("broken.png")
+    for rec in recs:
+        mask = np.asarray(Image.open(out / rec["mask"]))
+        assert mask.shape == (rec["height"], rec["width"]) and set(np.unique(mask)) <= {0, 255}
+        assert rec["mask_area"] == int((mask > 0).sum())
+        assert Image.open(out / rec["overlay"]).mode == "RGB"
+        assert np.asarray(Image.open(out / rec["uncertainty"])).shape == mask.shape
+        assert set(rec["members"]) == {"tiny_cnn_a", "tiny_cnn_b"}
+        assert rec["flagged"] == bool(rec["reasons"])
+        assert abs(sum(rec["probabilities"].values()) - 1) < 1e-4
+    before = (out / "annotations.jsonl").read_text()
+    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(imgs), "--out", str(out),
+                            "--workers", "0"])
+    assert "0 annotated, 3 already done" in r.output
+    assert (out / "annotations.jsonl").read_text() == before
+    assert len((out / "skipped.jsonl").read_text().splitlines()) == 1
+
+    r = runner.invoke(app, ["export", "--from", str(out), "--format", "coco", "--to", str(tmp_path / "c.json")])
+    assert r.exit_code == 0, r.output
+    coco = json.loads((tmp_path / "c.json").read_text())
+    assert len(coco["images"]) == 3
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "pixelvote.cli", "train", "--data", str(tmp_path / "missing"),
+                        "--out", str(tmp_path / "r"), "--no-pretrained"], capture_output=True, text=True)
+    assert p.returncode == 2
+    assert "error:" in p.stderr and "dataset not found" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "pixelvote.cli", "annotate", "--run", str(tmp_path),
+                        "--images", str(tmp_path), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert p.returncode == 2 and "not a pixelvote run" in p.stderr and "Traceback" not in p.stderr
