@@ -18,7 +18,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from tests.conftest import write_blob_dataset
+    from conftest import write_blob_dataset
 
     root = tmp_path_factory.mktemp("e2e")
     data = write_blob_dataset(root / "data", per_class=12)

@@ -240,7 +240,12 @@ def split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[S
     labels = np.array([s.label for s in samples])
     groups = np.array([s.group or s.rel or str(s.path) for s in samples])
     n_groups = len(set(groups.tolist()))
-    n_splits = max(2, min(round(1.0 / val_fraction), n_groups))
+    counts = Counter(labels.tolist())
+    rare = [c for c, n in counts.items() if n < 2]
+    if rare:
+        raise DataError(f"class(es) {rare} have a single image, too few to split into training and validation",
+                        fix="add images to those classes, or provide a val/ folder")
+    n_splits = max(2, min(round(1.0 / val_fraction), n_groups, min(counts.values())))
     if n_groups < 2:
         raise DataError("all images belong to one group, so no validation split is possible",
                         fix="check --group-pattern, or provide a val/ folder")

@@ -206,8 +206,7 @@ def _train_member(i: int, name: str, mcfg: MemberConfig, mstate: dict, cfg: Trai
     if start > 0:
         member.load_state_dict(load_weights(ckpt_dir / f"{key}.safetensors"))
         load_optimizer(opt, ckpt_dir / f"{key}.optim.safetensors")
-        for _ in range(start):
-            sched.step()
+        sched.load_state_dict(mstate["scheduler"])
         log.info("%s: resuming after epoch %d", name, start)
     ds = _Augmented(data.train, cfg.image_size)
     bar = tqdm(range(start, cfg.epochs), desc=f"training {name}", unit="epoch", initial=start, total=cfg.epochs)
@@ -238,6 +237,7 @@ def _train_member(i: int, name: str, mcfg: MemberConfig, mstate: dict, cfg: Trai
         else:
             mstate["bad_epochs"] += 1
         mstate["epoch"] = epoch + 1
+        mstate["scheduler"] = sched.state_dict()
         stop = mstate["bad_epochs"] >= cfg.patience
         mstate["done"] = stop or epoch + 1 >= cfg.epochs
         record = {"member": name, "epoch": epoch + 1, "train_loss": total / max(n, 1), "val_loss": val_loss,

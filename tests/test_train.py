@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import pixelvote.train.loop as loop
+from pixelvote.errors import DataError
+from pixelvote.models.checkpoint import load_run
+from pixelvote.train.config import TrainConfig
+
+
+def _cfg(data, out, **kw):
+    base = dict(data=data, out=out, preset="tiny", epochs=3, image_size=32, pretrained=False, mc_samples=3,
+                batch_size=8, patience=10)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_interrupted_run_is_usable_and_resume_matches_an_uninterrupted_run(blob_dataset, tmp_path, monkeypatch):
+    full = loop.train(_cfg(blob_dataset, tmp_path / "full"))
+    real = loop.evaluate_member
+    calls = {"n": 0}
+
+    def interrupt(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # during the first member's second epoch
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "evaluate_member", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(_cfg(blob_dataset, tmp_path / "cut"))
+    ens, _ = load_run(tmp_path / "cut")  # the last checkpoint is a usable run
+    assert [m.name for m in ens.members] == ["tiny_cnn_a"]
+    monkeypatch.setattr(loop, "evaluate_member", real)
+    loop.train(_cfg(blob_dataset, tmp_path / "cut", epochs=99), resume=True)  # settings come from the run
+    hist = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert [(h["member"], h["epoch"]) for h in hist] == [(n, e) for n in ("tiny_cnn_a", "tiny_cnn_b")
+                                                         for e in (1, 2, 3)]
+    a, _ = load_run(full)
+    b, _ = load_run(tmp_path / "cut")
+    for ma, mb in zip(a.members, b.members):
+        for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
+            assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
+
+
+def test_mc_variance_term_changes_training(blob_dataset, tmp_path):
+    a = loop.train(_cfg(blob_dataset, tmp_path / "a", epochs=1, models=["tiny_cnn_a"]))
+    b = loop.train(_cfg(blob_dataset, tmp_path / "b", epochs=1, models=["tiny_cnn_a"], mc_variance_weight=5.0))
+    wa = load_run(a)[0].members[0].fc.weight
+    wb = load_run(b)[0].members[0].fc.weight
+    assert not torch.allclose(wa, wb)
+
+
+def test_empty_class_after_skipping_bad_files(tmp_path):
+    from conftest import write_blob_dataset
+
+    data = write_blob_dataset(tmp_path / "d", per_class=4)
+    for p in (data / "images" / "normal").glob("*.png"):
+        p.write_bytes(b"broken")
+    with pytest.raises(DataError, match=r"no usable training images for class\(es\) \['normal'\]"):
+        loop.train(_cfg(data, tmp_path / "r"))
+    skipped = (tmp_path / "r" / "skipped.jsonl").read_text().splitlines()
+    assert len(skipped) == 4
