@@ -23,7 +23,6 @@ __all__ = ["GalleryKeeper", "thumbnail_case"]
 #: Groups ranked by localisation (images with a pixel truth) and, failing those, by classification.
 _PIXEL = ("best", "worst")
 _CLASS = ("best_cls", "worst_cls")
-_TITLES = {"best_cls": "best", "worst_cls": "worst"}
 
 
 class GalleryKeeper:
@@ -53,19 +52,36 @@ class GalleryKeeper:
             heapq.heapreplace(heap, entry)
 
     def items(self) -> list[dict[str, Any]]:
-        """Cases for ``write_report``, best first within each group; an image is shown once."""
-        use_pixel = any(self._heaps[g] for g in _PIXEL)
-        groups = (*(_PIXEL if use_pixel else _CLASS), "flagged")
+        """Cases for ``write_report``, best first within each group; an image is shown once. With fewer
+        ranked images than places, the ranked images are split between ``best`` and ``worst``."""
+        if any(self._heaps[g] for g in _PIXEL):
+            best, worst = self._split("best", "worst")
+        else:
+            best, worst = (self._sorted(g) for g in _CLASS)
         out: list[dict[str, Any]] = []
         seen: set[str] = set()
-        for g in groups:
-            for _, _, item in sorted(self._heaps[g], key=lambda e: (e[0], e[1]), reverse=True):
+        for group, cases in (("best", best), ("worst", worst), ("flagged", self._sorted("flagged"))):
+            for item in cases:
                 ident = str(item.get("title"))
-                if ident in seen:
-                    continue
-                seen.add(ident)
-                out.append({**item, "group": _TITLES.get(g, g)})
+                if ident not in seen:
+                    seen.add(ident)
+                    out.append({**item, "group": group})
         return out
+
+    def _sorted(self, group: str) -> list[dict[str, Any]]:
+        return [e[2] for e in sorted(self._heaps[group], key=lambda e: (e[0], e[1]), reverse=True)]
+
+    def _split(self, hi: str, lo: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Top of ``hi`` and bottom of ``lo`` (whose keys are negated), without showing an image twice."""
+        ranked: dict[str, tuple[float, int, dict[str, Any]]] = {}
+        for key, tick, item in self._heaps[hi]:
+            ranked[str(item.get("title"))] = (key, tick, item)
+        for key, tick, item in self._heaps[lo]:
+            ranked.setdefault(str(item.get("title")), (-key, tick, item))
+        order = [e[2] for e in sorted(ranked.values(), key=lambda e: (e[0], e[1]), reverse=True)]
+        n_hi, n_lo = self.capacity[hi], self.capacity[lo]
+        top = n_hi if len(order) >= n_hi + n_lo else min(n_hi, (len(order) + 1) // 2)
+        return order[:top], order[top:][::-1][:n_lo]
 
 
 def _thumb_size(h: int, w: int, max_side: int) -> tuple[int, int]:

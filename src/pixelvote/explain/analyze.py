@@ -10,14 +10,17 @@ the map that is pooled (then ``dy/dA = v_t / (h w)`` everywhere and XGrad-CAM = 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
 from pixelvote.explain.hooks import ActivationCapture
 from pixelvote.explain.xgradcam import weighted_map, xgradcam, xgradcam_weights
 from pixelvote.models.ensemble import Ensemble
 from pixelvote.models.member import Member, mc_dropout
+from pixelvote.models.registry import get_spec
 
 _EPS = 1e-8
 
@@ -32,6 +35,7 @@ class MemberOutput:
     logits: torch.Tensor  # (B, K) dropout-off logits, with graph to ``activation``
     masks: torch.Tensor  # (T, B, C) scaled dropout masks
     pooled_graph: torch.Tensor  # (B, C) pooled features with graph to ``activation``
+    fine: torch.Tensor | None = None  # (B, C'', 2h, 2w) earlier activation, when asked for
 
     @property
     def mean_probs(self) -> torch.Tensor:
@@ -57,9 +61,12 @@ def sample_dropout_masks(member: Member, shape: tuple[int, int], T: int, device:
     return out.to(device)
 
 
-def run_member(member: Member, x: torch.Tensor, T: int, seeds: list[int] | None = None) -> MemberOutput:
-    """Forward ``x`` (normalised, (B,3,H,W)) once; sample the head T times."""
-    with torch.no_grad(), ActivationCapture(member.backbone, member.cam_layer) as cap:
+def run_member(member: Member, x: torch.Tensor, T: int, seeds: list[int] | None = None,
+               fine_layer: str | None = None) -> MemberOutput:
+    """Forward ``x`` ((B,3,H,W) in [0,1]) once; sample the head T times. ``fine_layer`` also records an
+    earlier, higher-resolution activation (the graph is then cut there instead)."""
+    layers = [member.cam_layer] + ([fine_layer] if fine_layer else [])
+    with torch.no_grad(), ActivationCapture(member.backbone, layers) as cap:
         feats = member.features(x)
         pooled = member.pool(feats)
         logits = member.fc(pooled)
@@ -69,7 +76,8 @@ def run_member(member: Member, x: torch.Tensor, T: int, seeds: list[int] | None 
     with torch.no_grad():
         sample_logits = torch.einsum("tbc,kc->tbk", pooled_d.unsqueeze(0) * masks, member.fc.weight)
         probs = torch.softmax(sample_logits + member.fc.bias, dim=-1)
-    return MemberOutput(probs, pooled_d, cap.activation, logits, masks, pooled)
+    fine = cap.activations.get(fine_layer) if fine_layer else None
+    return MemberOutput(probs, pooled_d, cap.activation, logits, masks, pooled, fine)
 
 
 def mc_statistics(probs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -90,9 +98,10 @@ def member_cams(member: Member, out: MemberOutput, target: torch.Tensor, *,
     """XGrad-CAM of ``target`` (B,) without dropout, ``(B, h, w)``, and the std over the T MC samples' CAMs,
     ``(B, h, w)``; both raw (not normalised)."""
     A = out.activation
+    keep = not member.final_cam_layer or out.fine is not None
     with torch.enable_grad():  # callers may run under no_grad; the graph from A to the logits exists
         score = out.logits.gather(1, target.view(-1, 1)).squeeze(1)
-        cam = xgradcam(A, score, retain_graph=not member.final_cam_layer)
+        cam = xgradcam(A, score, retain_graph=keep)
     Ad = A.detach()
     w_target = member.fc.weight.detach()[target]  # (B, C)
     v = out.masks * w_target.unsqueeze(0)  # (T, B, C): d y_t / d pooled
@@ -123,6 +132,33 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return up.reshape(*lead, *size)
 
 
+def fine_cam(out: MemberOutput, target: torch.Tensor) -> torch.Tensor:
+    """XGrad-CAM of ``target`` at the earlier layer recorded by ``run_member(..., fine_layer=...)``."""
+    assert out.fine is not None
+    with torch.enable_grad():
+        score = out.logits.gather(1, target.view(-1, 1)).squeeze(1)
+        return xgradcam(out.fine, score, retain_graph=False)
+
+
+class MapConfig(BaseModel):
+    """How each member's saliency map is made, beyond the paper's single XGrad-CAM."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tta_flip: bool = Field(False, description="average with the map of the horizontally flipped image")
+    tta_scales: tuple[float, ...] = Field((1.0,), description="input scales whose maps are averaged")
+    layer_fusion: Literal["none", "mean", "geometric"] = Field(
+        "none", description="fuse XGrad-CAM of an earlier (2x finer) layer with the last layer's")
+    refine: Literal["none", "guided"] = Field("none", description="edge-aware refinement of each map")
+    guided_radius: float = Field(0.04, gt=0, description="guided filter radius, as a fraction of the size")
+    guided_eps: float = Field(0.01, gt=0)
+
+    @property
+    def is_plain(self) -> bool:
+        return (not self.tta_flip and tuple(self.tta_scales) == (1.0,) and self.layer_fusion == "none"
+                and self.refine == "none")
+
+
 @dataclass
 class Analysis:
     """Everything the consensus needs for a batch: per member (M) and per image (B), maps at ``size``."""
@@ -139,17 +175,61 @@ class Analysis:
 
 
 def analyze(ensemble: Ensemble, images: torch.Tensor, *, mc_samples: int = 30,
-            target: torch.Tensor | None = None, seeds: list[int] | None = None) -> Analysis:
+            target: torch.Tensor | None = None, seeds: list[int] | None = None,
+            maps: MapConfig | None = None) -> Analysis:
     """Analyse a batch of images ``(B, 3, S, S)`` (uint8 or [0,1] float) with every member.
 
     The CAM target is ``target`` when given, else the ensemble's diagnosis, or - for a background diagnosis -
-    the most probable non-background class (so a reviewer still sees where the models looked)."""
+    the most probable non-background class (so a reviewer still sees where the models looked).
+    ``maps`` adds test-time augmentation, layer fusion and refinement of the maps; the diagnosis and the
+    MC statistics always come from the plain view."""
+    cfg = maps or MapConfig()
     x = ensemble.normalize(images)
+    base = _analyze_view(ensemble, x, mc_samples, target, seeds, cfg)
+    if cfg.tta_flip or tuple(cfg.tta_scales) != (1.0,):
+        size = tuple(x.shape[-2:])
+        total_m, total_u, n = base.maps.clone(), base.uncertainty.clone(), 1
+        for scale in cfg.tta_scales:
+            for flip in (False, True) if cfg.tta_flip else (False,):
+                if scale == 1.0 and not flip:
+                    continue
+                xs = x if scale == 1.0 else F.interpolate(
+                    x, size=(_round32(size[0] * scale), _round32(size[1] * scale)), mode="bilinear",
+                    antialias=True, align_corners=False)
+                xs = xs.flip(-1) if flip else xs
+                v = _analyze_view(ensemble, xs, mc_samples, base.target, seeds, cfg, maps_only=True)
+                vm, vu = (v.maps.flip(-1), v.uncertainty.flip(-1)) if flip else (v.maps, v.uncertainty)
+                total_m += upsample(vm, size)
+                total_u += upsample(vu, size)
+                n += 1
+        base.maps = _renormalise(total_m / n)
+        base.uncertainty = total_u / n
+    if cfg.refine == "guided":
+        from pixelvote.refine.guided import guided_filter, grey
+
+        r = max(1, round(cfg.guided_radius * max(x.shape[-2:])))
+        base.maps = _renormalise(guided_filter(base.maps, grey(x), r, cfg.guided_eps).clamp_min(0.0))
+    return base
+
+
+def _round32(v: float) -> int:
+    return max(32, int(round(v / 32.0)) * 32)
+
+
+def _renormalise(maps: torch.Tensor) -> torch.Tensor:
+    mx = maps.amax(dim=(-2, -1), keepdim=True).clamp_min(_EPS)
+    return (maps / mx).clamp_(0.0, 1.0)
+
+
+def _analyze_view(ensemble: Ensemble, x: torch.Tensor, mc_samples: int, target: torch.Tensor | None,
+                  seeds: list[int] | None, cfg: MapConfig, maps_only: bool = False) -> Analysis:
     size = (x.shape[-2], x.shape[-1])
     outs = []
+    T = 1 if maps_only else mc_samples
     for i, m in enumerate(ensemble.members):
         member_seeds = None if seeds is None else [s * 31 + i for s in seeds]
-        outs.append(run_member(m, x, mc_samples, member_seeds))
+        fine = get_spec(m.name).fine_layer if cfg.layer_fusion != "none" else None
+        outs.append(run_member(m, x, T, member_seeds, fine_layer=fine))
     probs = torch.stack([o.mean_probs for o in outs])
     stats = [mc_statistics(o.probs) for o in outs]
     ens = probs.mean(0)
@@ -164,7 +244,12 @@ def analyze(ensemble: Ensemble, images: torch.Tensor, *, mc_samples: int = 30,
         cam, std = member_cams(m, o, target)
         mx = cam.amax(dim=(-2, -1))
         scale = mx.clamp_min(_EPS).view(-1, 1, 1)
-        maps.append(upsample(cam / scale, size).clamp_(0.0, 1.0))
+        late = upsample(cam / scale, size).clamp_(0.0, 1.0)
+        if o.fine is not None:
+            fc = fine_cam(o, target)
+            early = upsample(fc / fc.amax(dim=(-2, -1), keepdim=True).clamp_min(_EPS), size).clamp_(0.0, 1.0)
+            late = _renormalise(0.5 * (late + early) if cfg.layer_fusion == "mean" else (late * early).sqrt())
+        maps.append(late)
         unc.append(upsample(std / scale, size).clamp_min_(0.0))
         raw_max.append(mx)
     return Analysis([m.name for m in ensemble.members], probs, stats, ens, label, target,

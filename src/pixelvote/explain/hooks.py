@@ -1,4 +1,4 @@
-"""Capturing a layer's activation so gradients can be taken to it, and to nothing before it."""
+"""Capturing layer activations so gradients can be taken to them, and to nothing before them."""
 
 from __future__ import annotations
 
@@ -9,39 +9,51 @@ from torch import nn
 
 
 class ActivationCapture:
-    """Context manager that records the output of ``model``'s sub-module ``layer``.
+    """Context manager that records the outputs of ``model``'s sub-modules ``layers`` (one name or several).
 
-    With ``cut=True`` the activation is detached and re-attached as a leaf that requires grad, and grad
-    mode is switched on from that point of the forward pass: run the forward under ``torch.no_grad()`` and
-    only the part *after* the target layer records a graph, so ``torch.autograd.grad(y, capture.activation)``
-    touches nothing upstream and no parameter gets a ``.grad``. Hooks are always removed and the grad mode
+    With ``cut=True`` the first captured activation (in forward order) is detached and re-attached as a
+    leaf that requires grad, and grad mode is switched on from that point of the forward pass: run the
+    forward under ``torch.no_grad()`` and only the part *after* that layer records a graph, so
+    ``torch.autograd.grad(y, capture.activation)`` touches nothing upstream and no parameter gets a
+    ``.grad``. Later layers are recorded inside that graph. Hooks are always removed and the grad mode
     restored on exit; exceptions propagate.
     """
 
-    def __init__(self, model: nn.Module, layer: str, *, cut: bool = True) -> None:
+    def __init__(self, model: nn.Module, layers: str | list[str], *, cut: bool = True) -> None:
+        names = [layers] if isinstance(layers, str) else list(layers)
         modules = dict(model.named_modules())
-        if layer not in modules:
-            raise ValueError(f"expected a sub-module name of {type(model).__name__} but got {layer!r}")
-        self.module = modules[layer]
+        for layer in names:
+            if layer not in modules:
+                raise ValueError(f"expected a sub-module name of {type(model).__name__} but got {layer!r}")
+        self.names = names
+        self.modules = [modules[n] for n in names]
         self.cut = cut
-        self.activation: torch.Tensor | None = None
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self.activations: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._grad_mode = torch.is_grad_enabled()
 
-    def _hook(self, _m: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-        if self.cut:
-            torch.set_grad_enabled(True)
-            out = out.detach().requires_grad_(True)
-        self.activation = out
-        return out
+    @property
+    def activation(self) -> torch.Tensor | None:
+        """The activation of the first named layer."""
+        return self.activations.get(self.names[0])
+
+    def _hook(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(_m: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+            if self.cut and not self.activations:
+                torch.set_grad_enabled(True)
+                out = out.detach().requires_grad_(True)
+            self.activations[name] = out
+            return out
+
+        return hook
 
     def __enter__(self) -> ActivationCapture:
         self._grad_mode = torch.is_grad_enabled()
-        self._handle = self.module.register_forward_hook(self._hook)
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in zip(self.names, self.modules)]
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self._handle is not None:
-            self._handle.remove()
+        for h in self._handles:
+            h.remove()
         torch.set_grad_enabled(self._grad_mode)

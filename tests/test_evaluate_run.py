@@ -1,0 +1,271 @@
+"""evaluate_run end to end on a tiny trained run: masks, TBX11K boxes, classification only, bad inputs.
+
+Figures are cross-checked against an independent recomputation with numpy from the masks that
+`pixelvote annotate` writes for the same images (same per-image seeds, so the same masks).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pixelvote.data.tbx11k import TBMapping
+from pixelvote.evaluate.gallery import GalleryKeeper
+from pixelvote.evaluate.run import evaluate_run
+from pixelvote.evaluate.shortcut import shortcut_check
+from tests.conftest import write_blob_dataset
+
+KEYS = {"format_version", "dataset", "classes", "n_images", "run", "created", "config", "data", "classification",
+        "calibration", "risk_coverage", "flags", "uncertainty_scores", "shortcut_check", "warnings", "notes",
+        "skipped", "mask_problems", "per_image"}
+PIXEL_KEYS = {"pixel", "fusion", "threshold_sweep"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from pixelvote.train.config import TrainConfig
+    from pixelvote.train.loop import train
+
+    root = tmp_path_factory.mktemp("evaluate")
+    data = write_blob_dataset(root / "data", per_class=12)
+    run = train(TrainConfig(data=data, out=root / "run", preset="tiny", epochs=2, image_size=64,
+                            pretrained=False, mc_samples=4))
+    return root, data, run
+
+
+def _evaluate(run, data, out, **kw):
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("progress", False)
+    kw.setdefault("max_gallery", 3)
+    return evaluate_run(run, data, out, **kw)
+
+
+def _iou(p: np.ndarray, t: np.ndarray) -> float:
+    return float((p & t).sum() / (p | t).sum())
+
+
+def _prior(h: int, w: int) -> np.ndarray:
+    ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5
+    return ((ys >= h / 4) & (ys < 3 * h / 4))[:, None] & ((xs >= w / 4) & (xs < 3 * w / 4))[None, :]
+
+
+def test_val_split_figures_match_annotate_masks(trained, tmp_path):
+    from pixelvote.engine.annotate import annotate
+
+    _, data, run = trained
+    m = _evaluate(run, data, tmp_path / "report")
+    assert KEYS | PIXEL_KEYS <= set(m)
+    val = json.loads((run / "split.json").read_text())["val"]
+    assert m["config"]["split"] == "val" and m["n_images"] == len(val) == m["data"]["images_selected"]
+    assert {data / r["image"] for r in m["per_image"]} == {Path(p) for p in val}
+    assert (tmp_path / "report" / "report.html").stat().st_size > 10_000
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text()) == m
+
+    # the same images through `pixelvote annotate`: identical masks and diagnoses
+    manifest = tmp_path / "val.csv"
+    with open(manifest, "w", newline="") as fh:
+        csv.writer(fh).writerows([["path"], *([p] for p in val)])
+    annotate(run, manifest, tmp_path / "ann", mc_samples=m["config"]["mc_samples"], num_workers=0, progress=False)
+    recs = {r["key"]: r for r in map(json.loads, (tmp_path / "ann" / "annotations.jsonl").read_text().splitlines())}
+    rows = {r["key"]: r for r in m["per_image"]}
+    assert set(recs) == set(rows)
+    classes = m["classes"]
+    ious, inter, union, prior_ious = [], 0, 0, []
+    for key, r in rows.items():
+        assert recs[key]["label"] == r["label"] and recs[key]["flagged"] == r["flagged"]
+        assert recs[key]["probability"] == pytest.approx(r["probability"], abs=1e-5)
+        truth_path = data / "masks" / r["truth"] / f"{key}.png"
+        if r["truth"] == "normal":
+            assert r["iou"] is None and not truth_path.exists()
+            continue
+        pred = np.asarray(Image.open(tmp_path / "ann" / recs[key]["mask"])) > 0
+        truth = np.asarray(Image.open(truth_path)) > 0
+        assert pred.shape == truth.shape == (r["height"], r["width"])  # scored at the original size
+        ious.append(_iou(pred, truth))
+        assert r["iou"] == pytest.approx(ious[-1], abs=1e-9)
+        inter, union = inter + (pred & truth).sum(), union + (pred | truth).sum()
+        prior_ious.append(_iou(_prior(*truth.shape), truth))
+    px = m["pixel"]
+    assert px["protocol"] == "mask" and px["images"] == "positives" and px["consensus"]["images"] == len(ious)
+    assert px["consensus"]["mean_iou"] == pytest.approx(np.mean(ious), abs=1e-9)
+    assert px["consensus"]["pooled_iou"] == pytest.approx(inter / union, abs=1e-9)
+    assert px["prior"]["mean_iou"] == pytest.approx(np.mean(prior_ious), abs=1e-9)
+    assert set(px["members"]) == {"tiny_cnn_a", "tiny_cnn_b"} == set(m["classification"]["members"])
+    assert set(px["pointing_game"]) == {"consensus", "tiny_cnn_a", "tiny_cnn_b", "prior"}
+    fusion = {row[0]: row[1:] for row in m["fusion"]["rows"]}
+    assert fusion["centred-box prior"][0] == pytest.approx(px["prior"]["mean_iou"])
+    assert next(v for k, v in fusion.items() if k.startswith("configured"))[0] == px["consensus"]["mean_iou"]
+    assert {"intersection (AND)", "union (OR, 1-of-n)", "mean map", "tiny_cnn_a alone"} <= set(fusion)
+    sweep = m["threshold_sweep"]
+    assert len(sweep["mean_iou"]) == len(sweep["thresholds"]) == 101 and set(sweep["members"]) == set(px["members"])
+
+    # classification from the per-image diagnoses
+    y = [classes.index(r["truth"]) for r in rows.values()]
+    pred_y = [classes.index(r["label"]) for r in rows.values()]
+    ens = m["classification"]["ensemble"]
+    assert ens["accuracy"] == pytest.approx(np.mean(np.array(y) == np.array(pred_y)))
+    cm = np.zeros((2, 2), int)
+    np.add.at(cm, (y, pred_y), 1)
+    assert ens["confusion_matrix"] == cm.tolist()
+    flags = m["flags"]
+    assert flags["flagged"] == sum(r["flagged"] for r in rows.values()) and flags["n"] == len(rows)
+    assert m["risk_coverage"]["classification"]["n"] == len(rows)
+    assert m["risk_coverage"]["localisation"]["n"] == len(ious)
+    assert m["calibration"]["n_bins"] == 15 and sum(m["calibration"]["count"]) == len(rows)
+
+    # fingerprint: sha256 over sorted relative paths and sizes of the images and masks read
+    files = [data / r["image"] for r in rows.values()]
+    files += [data / "masks" / r["truth"] / f"{k}.png" for k, r in rows.items() if r["truth"] == "lesion"]
+    text = "".join(f"{p.relative_to(data).as_posix()}\t{p.stat().st_size}\n" for p in sorted(files))
+    assert m["data"]["fingerprint"]["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    assert any("tuned on the run's validation images" in n for n in m["notes"])
+
+
+def test_bad_image_and_mismatched_mask_are_reported_not_fatal(trained, tmp_path):
+    _, data, run = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    (copy / "images" / "lesion" / "broken.png").write_bytes(b"not a png at all")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(copy / "masks" / "lesion" / "lesion 3.png")
+    m = _evaluate(run, copy, tmp_path / "r1")
+    assert m["config"]["split"] == "all" and m["n_images"] == 24  # another root: every image
+    assert [Path(s["image"]).name for s in m["skipped"]] == ["broken.png"]
+    assert len(m["mask_problems"]) == 1 and "10x10" in m["mask_problems"][0]["reason"]
+    row = next(r for r in m["per_image"] if r["key"] == "lesion 3")
+    assert row["iou"] is None and row["truth"] == "lesion"  # classification only
+    assert m["pixel"]["consensus"]["images"] == 11
+    assert m["classification"]["ensemble"]["n"] == 24
+    page = (tmp_path / "r1" / "report.html").read_text()
+    assert "broken.png" in page and "Warnings and notes" in page
+    # the run's validation list, found in a moved copy by relative path
+    v = _evaluate(run, copy, tmp_path / "r2", split="val")
+    assert v["n_images"] == len(json.loads((run / "split.json").read_text())["val"])
+
+
+def _tbx_root(root: Path, health: int = 2, broken_xml: bool = False) -> tuple[Path, dict[str, np.ndarray]]:
+    """imgs/tb (64x64 PNGs, XML boxes in a 640x640 'scan') and imgs/health; returns the truth masks."""
+    rng = np.random.default_rng(1)
+    truths = {}
+    (root / "annotations" / "xml").mkdir(parents=True)
+    for i in range(4):
+        img = (rng.random((64, 64)) * 60).astype(np.uint8)
+        x0, y0 = 8 + 8 * i, 6 + 4 * i
+        img[y0:y0 + 16, x0:x0 + 20] += 150
+        (root / "imgs" / "tb").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / "imgs" / "tb" / f"tb{i:04d}.png")
+        # VOC 1-based inclusive in scan pixels: [x0*10 + 1, (x0+20)*10] -> image edges [x0, x0 + 20)
+        obj = (f"<object><name>ActiveTuberculosis</name><bndbox><xmin>{x0 * 10 + 1}</xmin><ymin>{y0 * 10 + 1}"
+               f"</ymin><xmax>{(x0 + 20) * 10}</xmax><ymax>{(y0 + 16) * 10}</ymax></bndbox></object>")
+        text = f"<annotation><size><width>640</width><height>640</height></size>{obj}</annotation>"
+        (root / "annotations" / "xml" / f"tb{i:04d}.xml").write_text(text if not (broken_xml and i == 3) else "<a")
+        t = np.zeros((64, 64), bool)
+        t[y0:y0 + 16, x0:x0 + 20] = True
+        truths[f"tb{i:04d}"] = t
+    for i in range(health):
+        (root / "imgs" / "health").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((64, 64)) * 60).astype(np.uint8)).save(root / "imgs" / "health" / f"h{i}.png")
+    return root, truths
+
+
+def test_tbx11k_layout_box_protocol(trained, tmp_path):
+    _, _, run = trained
+    root, truths = _tbx_root(tmp_path / "TBX11K")
+    m = _evaluate(run, root, tmp_path / "r", dataset="tbx11k")
+    assert m["dataset"] == "tbx11k" and m["data"]["protocol"] == "box" and m["n_images"] == 6
+    assert m["data"]["class_counts"] == {"lesion": 4, "normal": 2}  # TB -> the run's non-background class
+    assert any("TB images are scored as the run's class 'lesion'" in n for n in m["notes"])
+    assert any("filled union" in n for n in m["notes"])
+    px = m["pixel"]
+    assert px["protocol"] == "box" and px["consensus"]["images"] == 4
+    prior = [_iou(_prior(64, 64), t) for t in truths.values()]
+    assert px["prior"]["mean_iou"] == pytest.approx(np.mean(prior), abs=1e-9)
+    rows = {r["key"]: r for r in m["per_image"]}
+    assert px["consensus"]["mean_iou"] == pytest.approx(np.mean([rows[k]["iou"] for k in truths]), abs=1e-9)
+    assert all(rows[f"h{i}"]["iou"] is None for i in range(2))
+    # box IoU of the centred box (16,16)-(48,48) with each truth box, computed by hand
+    def box_iou(a, b):
+        iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+        ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = iw * ih
+        return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+    boxes = [(8 + 8 * i, 6 + 4 * i, 28 + 8 * i, 22 + 4 * i) for i in range(4)]
+    expected = np.mean([box_iou((16, 16, 48, 48), b) for b in boxes])
+    assert px["box_iou"]["prior"] == pytest.approx(expected)
+    assert 0 <= px["box_iou"]["consensus"] <= 1 and px["pointing_game"]["prior"] is not None
+    assert "Box protocol" in (tmp_path / "r" / "report.html").read_text()
+
+    # TB images only (the shared set's shape), a broken XML skipped, mapping configurable
+    only, _ = _tbx_root(tmp_path / "TBonly", health=0, broken_xml=True)
+    (only / "imgs" / "Active-TB").mkdir()
+    (only / "imgs" / "tb" / "tb0000.png").rename(only / "imgs" / "Active-TB" / "tb0000.png")
+    mapping = TBMapping(tb_folders=frozenset({"tb", "active_tb"}))
+    o = _evaluate(run, only, tmp_path / "o", tbx11k_mapping=mapping)
+    assert o["n_images"] == 3 and [Path(s["image"]).name for s in o["skipped"]] == ["tb0003.png"]
+    assert o["data"]["class_counts"] == {"lesion": 3, "normal": 0}
+    assert any("not meaningful" in n for n in o["notes"])
+    assert o["classification"]["ensemble"]["auroc"] is None
+    assert "not meaningful" in (tmp_path / "o" / "report.html").read_text()
+
+
+def test_classification_only_set_and_shortcut_warning(trained, tmp_path):
+    _, _, run = trained
+    data = write_blob_dataset(tmp_path / "cls", per_class=8)
+    shutil.rmtree(data / "masks")
+    for p in sorted((data / "images" / "normal").glob("*.png")):  # normals: another size and file type
+        Image.open(p).resize((40, 40)).save(p.with_suffix(".jpg"))
+        p.unlink()
+    m = _evaluate(run, data, tmp_path / "r", max_gallery=4)
+    assert KEYS <= set(m) and not (PIXEL_KEYS & set(m))
+    assert m["data"]["protocol"] == "none" and m["n_images"] == 16
+    assert set(m["risk_coverage"]) == {"classification"}
+    assert m["flags"]["mean_iou_flagged"] is None
+    sc = m["shortcut_check"]
+    assert sc["checked"] and sc["warning"] and sc["accuracy"] == 1.0 and sc["majority_rate"] == 0.5
+    assert any("Shortcut" in w for w in m["warnings"])
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "Shortcut" in page and "Gallery" in page
+
+
+def test_shortcut_check_unit():
+    rng = np.random.default_rng(0)
+    labels = [0] * 20 + [1] * 20
+    w = [400] * 20 + [256] * 20
+    r = shortcut_check(w, [256] * 40, [".jpg"] * 40, labels)
+    assert r["warning"] and r["by_features"]["size"] == 1.0 and r["by_features"]["extension"] == 0.5
+    noise = rng.integers(200, 300, 40).tolist()
+    assert not shortcut_check(noise, noise, [".png"] * 40, labels)["warning"]
+    assert shortcut_check([1, 2], [1, 2], [".png"] * 2, [0, 0])["checked"] is False
+    with pytest.raises(ValueError, match="one length"):
+        shortcut_check([1], [1, 2], [".png"], [0])
+
+
+def test_gallery_keeper_is_bounded_and_splits_best_worst():
+    g = GalleryKeeper(6)  # 2 best, 2 worst, 2 flagged
+    built = []
+    for i, iou in enumerate([0.5, 0.9, 0.1, 0.7, 0.3, 0.2]):
+        def build(i=i, iou=iou):
+            built.append(i)
+            return {"title": f"im{i}", "caption": f"{iou}"}
+        g.offer("best", iou, build)
+        g.offer("worst", -iou, build)
+        if i % 2:
+            g.offer("flagged", iou, build)
+    items = g.items()
+    groups = {k: [it["title"] for it in items if it["group"] == k] for k in ("best", "worst", "flagged")}
+    assert groups == {"best": ["im1", "im3"], "worst": ["im2", "im5"], "flagged": []}  # im1/im3 already shown
+    assert len(built) < 18  # cases are built only when they enter a heap
+    few = GalleryKeeper(6)
+    for i, iou in enumerate([0.4, 0.8, 0.6]):
+        few.offer("best", iou, lambda i=i: {"title": f"im{i}"})
+        few.offer("worst", -iou, lambda i=i: {"title": f"im{i}"})
+    assert [(it["group"], it["title"]) for it in few.items()] == [("best", "im1"), ("best", "im2"),
+                                                                  ("worst", "im0")]
+    assert not math.isnan(0.0)
