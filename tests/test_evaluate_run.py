@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -23,9 +22,9 @@ from pixelvote.evaluate.run import evaluate_run
 from pixelvote.evaluate.shortcut import shortcut_check
 from tests.conftest import write_blob_dataset
 
-KEYS = {"format_version", "dataset", "classes", "n_images", "run", "created", "config", "data", "classification",
-        "calibration", "risk_coverage", "flags", "uncertainty_scores", "shortcut_check", "warnings", "notes",
-        "skipped", "mask_problems", "per_image"}
+KEYS = {"format_version", "dataset", "classes", "n_images", "run", "created", "config", "data",
+        "classification", "calibration", "risk_coverage", "flags", "uncertainty_scores", "shortcut_check",
+        "warnings", "notes", "skipped", "mask_problems", "per_image"}
 PIXEL_KEYS = {"pixel", "fusion", "threshold_sweep"}
 
 
@@ -73,8 +72,10 @@ def test_val_split_figures_match_annotate_masks(trained, tmp_path):
     manifest = tmp_path / "val.csv"
     with open(manifest, "w", newline="") as fh:
         csv.writer(fh).writerows([["path"], *([p] for p in val)])
-    annotate(run, manifest, tmp_path / "ann", mc_samples=m["config"]["mc_samples"], num_workers=0, progress=False)
-    recs = {r["key"]: r for r in map(json.loads, (tmp_path / "ann" / "annotations.jsonl").read_text().splitlines())}
+    T = m["config"]["mc_samples"]
+    annotate(run, manifest, tmp_path / "ann", mc_samples=T, num_workers=0, progress=False)
+    lines = (tmp_path / "ann" / "annotations.jsonl").read_text().splitlines()
+    recs = {r["key"]: r for r in map(json.loads, lines)}
     rows = {r["key"]: r for r in m["per_image"]}
     assert set(recs) == set(rows)
     classes = m["classes"]
@@ -105,7 +106,8 @@ def test_val_split_figures_match_annotate_masks(trained, tmp_path):
     assert next(v for k, v in fusion.items() if k.startswith("configured"))[0] == px["consensus"]["mean_iou"]
     assert {"intersection (AND)", "union (OR, 1-of-n)", "mean map", "tiny_cnn_a alone"} <= set(fusion)
     sweep = m["threshold_sweep"]
-    assert len(sweep["mean_iou"]) == len(sweep["thresholds"]) == 101 and set(sweep["members"]) == set(px["members"])
+    assert len(sweep["mean_iou"]) == len(sweep["thresholds"]) == 101
+    assert set(sweep["members"]) == set(px["members"])
 
     # classification from the per-image diagnoses
     y = [classes.index(r["truth"]) for r in rows.values()]
@@ -165,13 +167,15 @@ def _tbx_root(root: Path, health: int = 2, broken_xml: bool = False) -> tuple[Pa
         obj = (f"<object><name>ActiveTuberculosis</name><bndbox><xmin>{x0 * 10 + 1}</xmin><ymin>{y0 * 10 + 1}"
                f"</ymin><xmax>{(x0 + 20) * 10}</xmax><ymax>{(y0 + 16) * 10}</ymax></bndbox></object>")
         text = f"<annotation><size><width>640</width><height>640</height></size>{obj}</annotation>"
-        (root / "annotations" / "xml" / f"tb{i:04d}.xml").write_text(text if not (broken_xml and i == 3) else "<a")
+        broken = broken_xml and i == 3
+        (root / "annotations" / "xml" / f"tb{i:04d}.xml").write_text("<a" if broken else text)
         t = np.zeros((64, 64), bool)
         t[y0:y0 + 16, x0:x0 + 20] = True
         truths[f"tb{i:04d}"] = t
     for i in range(health):
         (root / "imgs" / "health").mkdir(parents=True, exist_ok=True)
-        Image.fromarray((rng.random((64, 64)) * 60).astype(np.uint8)).save(root / "imgs" / "health" / f"h{i}.png")
+        img = (rng.random((64, 64)) * 60).astype(np.uint8)
+        Image.fromarray(img).save(root / "imgs" / "health" / f"h{i}.png")
     return root, truths
 
 
@@ -268,4 +272,3 @@ def test_gallery_keeper_is_bounded_and_splits_best_worst():
         few.offer("worst", -iou, lambda i=i: {"title": f"im{i}"})
     assert [(it["group"], it["title"]) for it in few.items()] == [("best", "im1"), ("best", "im2"),
                                                                   ("worst", "im0")]
-    assert not math.isnan(0.0)

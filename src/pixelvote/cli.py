@@ -87,6 +87,11 @@ def annotate(
     fusion: Optional[str] = typer.Option(None, help="intersection | mean | vote"),
     threshold_method: Optional[str] = typer.Option(None, help="fixed | otsu | percentile"),
     threshold: Optional[float] = typer.Option(None, help="fixed threshold as a fraction of each map's max"),
+    method: str = typer.Option("run", help="run: the run's calibrated recipe; paper: plain XGrad-CAM, "
+                               "unanimous intersection at 0.5"),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="flip + 0.75/1/1.25 scale test-time augmentation"),
+    layer_fusion: Optional[str] = typer.Option(None, help="none | mean | geometric (earlier-layer XGrad-CAM)"),
+    refine: Optional[str] = typer.Option(None, help="none | guided (edge-aware refinement)"),
     device: Optional[str] = typer.Option(None),
     verbose: bool = typer.Option(False, "--verbose/--quiet"),
 ) -> None:
@@ -96,8 +101,11 @@ def annotate(
 
     overrides = {k_: v for k_, v in dict(policy=policy, k=k, fusion=fusion, threshold_method=threshold_method,
                                          threshold=threshold).items() if v is not None}
+    maps: dict = {k_: v for k_, v in dict(layer_fusion=layer_fusion, refine=refine).items() if v is not None}
+    if tta is not None:
+        maps.update(tta_flip=tta, tta_scales=(0.75, 1.0, 1.25) if tta else (1.0,))
     s = run_annotate(run, images, out, batch_size=batch_size, mc_samples=mc_samples, num_workers=workers,
-                     device=device, consensus=overrides)
+                     device=device, consensus=overrides, maps=maps, method=method)
     typer.echo(f"{s.annotated} annotated, {s.already_done} already done, {s.skipped} skipped, "
                f"{s.flagged} flagged for review; labels {s.labels}")
     typer.echo(f"outputs in {s.out} (annotations.jsonl, masks/, overlays/, uncertainty/)")
@@ -164,10 +172,17 @@ def list_models_cmd() -> None:
 
 
 def main() -> None:
+    from pydantic import ValidationError
+
     try:
         app()
     except PixelvoteError as exc:
         typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+                             for e in exc.errors())
+        typer.echo(f"error: invalid option value ({problems})", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

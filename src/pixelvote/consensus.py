@@ -36,8 +36,8 @@ class ConsensusConfig(BaseModel):
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of each map's maximum (fixed)")
     percentile: float = Field(90.0, gt=0.0, lt=100.0, description="pixels above this percentile (percentile)")
     threshold_source: str = "default (0.5 of the max)"
-    mi_threshold: float = Field(math.inf, ge=0.0, description="flag when mean mutual information is above")
-    variance_threshold: float = Field(math.inf, ge=0.0, description="flag when mean MC variance is above")
+    mi_threshold: float | None = Field(None, ge=0.0, description="flag when mean mutual information is above")
+    variance_threshold: float | None = Field(None, ge=0.0, description="flag when mean MC variance is above")
     min_confidence: float = Field(0.6, ge=0.0, le=1.0, description="flag when the ensemble probability is below")
 
 
@@ -152,9 +152,9 @@ def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: 
             r.append("no_agreeing_member")
         elif not bool(ok[b]):
             r.append("disagreement")
-        if float(mi[b]) > cfg.mi_threshold:
+        if cfg.mi_threshold is not None and float(mi[b]) > cfg.mi_threshold:
             r.append("high_mutual_information")
-        if float(var[b]) > cfg.variance_threshold:
+        if cfg.variance_threshold is not None and float(var[b]) > cfg.variance_threshold:
             r.append("high_variance")
         if float(conf[b]) < cfg.min_confidence:
             r.append("low_confidence")

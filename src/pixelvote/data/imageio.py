@@ -31,7 +31,8 @@ def is_image_file(path: Path) -> bool:
 def _open(path: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns above 89 Mpx; MAX_PIXELS below is the limit (PIL still refuses > 179 Mpx itself)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(path)
             w, h = img.size
             if w * h > MAX_PIXELS:
@@ -100,13 +101,16 @@ def image_size(path: str | Path) -> tuple[int, int]:
     """``(width, height)`` as displayed (EXIF orientation applied), read from the header."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             w, h = img.size
             try:
                 orientation = img.getexif().get(0x0112, 1)
             except Exception:
                 orientation = 1
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"not a readable image ({exc})", path=path, fix="re-export or remove it") from exc
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 

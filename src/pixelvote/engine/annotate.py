@@ -34,7 +34,7 @@ from pixelvote.data.transforms import resize_image, to_tensor
 from pixelvote.engine.inputs import Item, list_inputs
 from pixelvote.engine.render import overlay, uncertainty_png
 from pixelvote.errors import DataError
-from pixelvote.explain.analyze import analyze
+from pixelvote.explain.analyze import MapConfig, analyze
 from pixelvote.models.checkpoint import load_run
 from pixelvote.models.ensemble import Ensemble
 
@@ -123,7 +123,7 @@ def _resize_map(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(m[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0]
 
 
-def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig) -> set[str]:
+def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig, maps: MapConfig) -> set[str]:
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "annotate.json"
     if meta_path.exists():
@@ -137,6 +137,7 @@ def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig
     write_json_atomic(meta_path, {
         "format_version": MANIFEST_VERSION, "classes": ens.classes, "background": ens.background,
         "run": str(Path(run).resolve()), "consensus": consensus.model_dump(mode="json"),
+        "maps": maps.model_dump(mode="json"),
         "image_size": ens.image_size, "members": [m.name for m in ens.members],
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     manifest = out / "annotations.jsonl"
@@ -144,17 +145,34 @@ def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig
     return {rec["image"] for rec in read_jsonl(manifest)}
 
 
+PAPER_METHOD = {"consensus": {"policy": "unanimous", "fusion": "intersection", "threshold_method": "fixed",
+                               "threshold": 0.5}, "maps": {}}
+
+
 def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size: int = 8,
              mc_samples: int | None = None, num_workers: int | None = None, device: str | None = None,
-             consensus: dict[str, Any] | None = None, progress: bool = True) -> AnnotateSummary:
-    """Annotate every image under ``images`` with the run's ensemble into ``out`` (resumable)."""
+             consensus: dict[str, Any] | None = None, maps: dict[str, Any] | None = None,
+             method: str = "run", progress: bool = True) -> AnnotateSummary:
+    """Annotate every image under ``images`` with the run's ensemble into ``out`` (resumable).
+
+    ``method="run"`` uses the run's calibrated recipe; ``method="paper"`` the paper's fixed rule (plain
+    XGrad-CAM, unanimous intersection at 0.5 of each map's max). ``consensus``/``maps`` override fields."""
+    from pixelvote.errors import ConfigError
+
     out = Path(out)
     ens, cfg = load_run(run, device=device)
-    ccfg = cfg.consensus.model_copy(update=consensus or {})
-    ConsensusConfig.model_validate(ccfg.model_dump())
+    if method not in ("run", "paper"):
+        raise ConfigError(f"unknown method {method!r}: expected 'run' or 'paper'")
+    if method == "paper":
+        ccfg = cfg.consensus.model_copy(update=PAPER_METHOD["consensus"])
+        mcfg = MapConfig()
+    else:
+        ccfg, mcfg = cfg.consensus, cfg.maps
+    ccfg = ConsensusConfig.model_validate({**ccfg.model_dump(), **(consensus or {})})
+    mcfg = MapConfig.model_validate({**mcfg.model_dump(), **(maps or {})})
     T = mc_samples or cfg.mc_samples
     items = list_inputs(images)
-    done = _prepare_out(out, Path(run), ens, ccfg)
+    done = _prepare_out(out, Path(run), ens, ccfg, mcfg)
     skipped_path = out / "skipped.jsonl"
     repair_jsonl_tail(skipped_path)
     already_skipped = {r.get("image") for r in read_jsonl(skipped_path)}
@@ -179,7 +197,7 @@ def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size
                     if str(b["item"].path) not in already_skipped:
                         append_jsonl(skipped_path, {"image": str(b["item"].path), "reason": b["error"]})
             if good:
-                _annotate_batch(ens, ccfg, T, good, writer, summary)
+                _annotate_batch(ens, ccfg, mcfg, T, good, writer, summary)
             bar.update(len(batch))
     finally:
         bar.close()
@@ -198,10 +216,10 @@ def _finish(summary: AnnotateSummary, out: Path) -> AnnotateSummary:
 
 
 @torch.no_grad()
-def _annotate_batch(ens: Ensemble, ccfg: ConsensusConfig, T: int, batch: list[dict[str, Any]],
+def _annotate_batch(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int, batch: list[dict[str, Any]],
                     writer: _Writer, summary: AnnotateSummary) -> None:
     x = torch.stack([b["input"] for b in batch])
-    a = analyze(ens, x, mc_samples=T, seeds=[b["item"].seed for b in batch])
+    a = analyze(ens, x, mc_samples=T, seeds=[b["item"].seed for b in batch], maps=mcfg)
     res = apply_consensus(a, ccfg, ens.background_index)
     classes = ens.classes
     for j, b in enumerate(batch):

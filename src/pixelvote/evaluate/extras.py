@@ -57,7 +57,8 @@ def extras_html(m: Mapping[str, Any]) -> str:
     box = (m.get("pixel") or {}).get("box_iou")
     if box:
         rows = [[_e(k), _f(v, pct=True)] for k, v in box.items() if k != "definition"]
-        parts.append("<h2>Box protocol: box IoU of the CAM-derived box</h2>" + _table(["masks", "box IoU %"], rows)
+        parts.append("<h2>Box protocol: box IoU of the CAM-derived box</h2>"
+                     + _table(["masks", "box IoU %"], rows)
                      + f"<p class='note'>{_e(box.get('definition', ''))}</p>")
     scores = m.get("uncertainty_scores") or {}
     if scores:
@@ -73,7 +74,8 @@ def extras_html(m: Mapping[str, Any]) -> str:
         rows.append(["majority class", _f(sc.get("majority_rate"), pct=True)])
         parts.append("<h2>Shortcut check</h2>" + _table(["label predicted from", "CV accuracy %"], rows)
                      + f"<p class='note'>{_e(sc.get('method', ''))}; over {_e(sc.get('n'))} images.</p>")
-    listed = _listed("Skipped inputs", m.get("skipped") or []) + _listed("Masks not used", m.get("mask_problems") or [])
+    listed = _listed("Skipped inputs", m.get("skipped") or [])
+    listed += _listed("Masks not used", m.get("mask_problems") or [])
     if listed:
         parts.append("<h2>Inputs not used</h2>" + listed)
     return f"{_MARK}{''.join(parts)}</section>" if parts else ""

@@ -99,7 +99,9 @@ def thumbnail_case(image: np.ndarray, truth: torch.Tensor | None, margin: torch.
     for the metrics), ``members`` ``{name: (S, S) CAM}``."""
     h, w = image.shape[:2]
     th, tw = _thumb_size(h, w, max_side)
-    img = image if (th, tw) == (h, w) else np.asarray(Image.fromarray(image).resize((tw, th), Image.BILINEAR))
+    img = image
+    if (th, tw) != (h, w):
+        img = np.asarray(Image.fromarray(image).resize((tw, th), Image.Resampling.BILINEAR))
     t = None
     if truth is not None:
         t = F.interpolate(truth[None, None].float().cpu(), size=(th, tw), mode="nearest")[0, 0] > 0.5

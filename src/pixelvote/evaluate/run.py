@@ -23,17 +23,16 @@ import torch
 from tqdm.auto import tqdm
 
 from pixelvote.consensus import ConsensusConfig, ConsensusResult, apply_consensus
-from pixelvote.data.imageio import image_size, read_image, read_mask
+from pixelvote.data.imageio import image_size
 from pixelvote.data.tbx11k import TBMapping
-from pixelvote.data.transforms import resize_image, to_tensor
-from pixelvote.errors import DataError
+from pixelvote.errors import ConfigError, DataError
 from pixelvote.evaluate import metrics as M
 from pixelvote.evaluate.extras import append_extras
 from pixelvote.evaluate.gallery import GalleryKeeper, thumbnail_case
 from pixelvote.evaluate.report import write_report
 from pixelvote.evaluate.shortcut import shortcut_check
-from pixelvote.evaluate.sources import EvalItem, fingerprint, list_items, select_split
-from pixelvote.explain.analyze import Analysis, analyze, upsample
+from pixelvote.evaluate.sources import DecodeSet, EvalItem, fingerprint, list_items, select_split
+from pixelvote.explain.analyze import Analysis, MapConfig, analyze, upsample
 from pixelvote.models.checkpoint import load_run
 from pixelvote.models.ensemble import Ensemble
 
@@ -46,34 +45,6 @@ SCORES = ("entropy", "mutual_information", "variance", "one_minus_confidence", "
           "member_mask_disagreement", "cam_uncertainty")
 PRIMARY_SCORE = "entropy"
 _EPS = 1e-12
-
-
-class _Decode(torch.utils.data.Dataset):
-    """Decode an image and its truth; errors are returned, never raised (bad files are skipped)."""
-
-    def __init__(self, items: list[EvalItem], size: int) -> None:
-        self.items, self.size = items, size
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        it = self.items[i]
-        try:
-            img = read_image(it.path)
-        except DataError as exc:
-            return {"item": it, "error": str(exc)}
-        h, w = img.shape[:2]
-        truth, problem = None, None
-        if it.truth == "mask" and it.mask is not None:
-            try:
-                truth = read_mask(it.mask, (w, h))
-            except DataError as exc:
-                problem = str(exc)
-        elif it.truth == "boxes":
-            truth = M.boxes_to_mask(list(it.boxes), (h, w)).numpy()
-        return {"item": it, "image": img, "input": resize_image(to_tensor(img), self.size), "truth": truth,
-                "problem": problem}
 
 
 def _rules(cfg: ConsensusConfig, n: int) -> dict[str, ConsensusConfig]:
@@ -115,8 +86,9 @@ def _best_box_iou(box: Any, truth_boxes: tuple) -> float:
 class _State:
     """Everything accumulated over the images: summable pixel state, per-image scalars, the gallery."""
 
-    def __init__(self, ens: Ensemble, cfg: ConsensusConfig, T: int, protocol: str, max_gallery: int) -> None:
-        self.ens, self.cfg, self.T, self.protocol = ens, cfg, T, protocol
+    def __init__(self, ens: Ensemble, cfg: ConsensusConfig, maps: MapConfig, T: int, protocol: str,
+                 max_gallery: int) -> None:
+        self.ens, self.cfg, self.maps, self.T, self.protocol = ens, cfg, maps, T, protocol
         self.bg = ens.background_index
         self.names = _unique([m.name for m in ens.members])
         self.rules = _rules(cfg, len(self.names))
@@ -133,7 +105,7 @@ class _State:
     @torch.no_grad()
     def add(self, batch: list[dict[str, Any]]) -> None:
         x = torch.stack([b["input"] for b in batch])
-        a = analyze(self.ens, x, mc_samples=self.T, seeds=[b["item"].seed for b in batch])
+        a = analyze(self.ens, x, mc_samples=self.T, seeds=[b["item"].seed for b in batch], maps=self.maps)
         res = apply_consensus(a, self.cfg, self.bg)
         rules = {k: apply_consensus(a, c, self.bg).margin for k, c in self.rules.items()}
         alone = torch.stack([_member_alone(a, m, self.cfg, self.bg).margin for m in range(len(self.names))])
@@ -152,7 +124,8 @@ class _State:
         for j, b in enumerate(batch):
             s = {k: float(v[j]) for k, v in scores.items()}
             mj = res.margin[j] > 0
-            s["cam_uncertainty"] = float(res.uncertainty[j][mj].mean() if mj.any() else res.uncertainty[j].mean())
+            unc = res.uncertainty[j]
+            s["cam_uncertainty"] = float(unc[mj].mean() if mj.any() else unc.mean())
             margins = torch.stack([res.margin[j], *(r[j] for r in rules.values()), *alone[:, j]])
             self._image(b, a, res, j, s, margins)
 
@@ -203,7 +176,8 @@ class _State:
             self.box["prior"][1] += 1
         return float(M.mask_iou(cons, t)), float(M.mask_dice(cons, t))
 
-    def _offer(self, b: dict[str, Any], a: Analysis, res: ConsensusResult, j: int, row: dict[str, Any]) -> None:
+    def _offer(self, b: dict[str, Any], a: Analysis, res: ConsensusResult, j: int,
+               row: dict[str, Any]) -> None:
         iou = row["iou"]
         caption = (f"truth {row['truth']}, predicted {row['label']} (p={row['probability']:.2f})"
                    + (f", IoU {iou:.3f}" if iou is not None else "")
@@ -211,8 +185,9 @@ class _State:
         truth = None if b["truth"] is None else torch.from_numpy(b["truth"])
 
         def build() -> dict[str, Any]:
-            return thumbnail_case(b["image"], truth, res.margin[j], dict(zip(self.names, a.maps[:, j], strict=True)),
-                                  res.uncertainty[j], title=row["image"], caption=caption)
+            cams = dict(zip(self.names, a.maps[:, j], strict=True))
+            return thumbnail_case(b["image"], truth, res.margin[j], cams, res.uncertainty[j],
+                                  title=row["image"], caption=caption)
 
         if iou is not None:
             self.gallery.offer("best", iou, build)
@@ -237,7 +212,8 @@ class _State:
         out: dict[str, Any] = {"classification": {
             "ensemble": M.classification_metrics(y, P, class_names=classes),
             "members": {n: {**M.classification_metrics(y, MP[m], class_names=classes),
-                            "ece": M.expected_calibration_error(MP[m], y)} for m, n in enumerate(self.names)}}}
+                            "ece": M.expected_calibration_error(MP[m], y)}
+                        for m, n in enumerate(self.names)}}}
         out["calibration"] = M.reliability_bins(P, y)
         pos = ~torch.isnan(iou)
         risks = {"classification": (~correct).double(), "localisation": 1 - iou[pos]}
@@ -270,19 +246,21 @@ class _State:
             "prior": self.px["prior"].compute(),
             "pointing_game": {k: share(v) for k, v in self.pointing.items()},
             "pointing_game_tolerance": 15,
-            "members_note": "each member alone: its own diagnosis gates the mask; its map is binarised with the "
-                            "consensus threshold",
+            "members_note": "each member alone: its own diagnosis gates the mask; its map is binarised with "
+                            "the consensus threshold",
         }
         if self.protocol == "box":
-            pixel["box_iou"] = {"definition": "IoU of the tight box around the predicted mask with the best-"
-                                              "matching truth box (0 when the mask is empty), mean over images",
-                                **{k: share(v) for k, v in self.box.items()}}
+            pixel["box_iou"] = {
+                "definition": "IoU of the tight box around the predicted mask with the best-matching truth "
+                              "box (0 when the mask is empty), mean over images",
+                **{k: share(v) for k, v in self.box.items()}}
         cfg = self.cfg
-        rows = [[f"configured: {cfg.fusion} ({cfg.policy}, threshold {cfg.threshold_method} {cfg.threshold:g})",
-                 self.px["consensus"].compute()]]
-        rows += [[k, v.compute()] for k, v in self.fusion.items()]
-        rows += [[f"{n} alone", self.px[n].compute()] for n in names]
-        rows += [["centred-box prior", self.px["prior"].compute()]]
+        th = cfg.threshold_method + (f" {cfg.threshold:g}" if cfg.threshold_method == "fixed" else "")
+        rows: list[tuple[str, dict[str, Any]]] = [
+            (f"configured: {cfg.fusion} ({cfg.policy}, threshold {th})", self.px["consensus"].compute())]
+        rows += [(k, v.compute()) for k, v in self.fusion.items()]
+        rows += [(f"{n} alone", self.px[n].compute()) for n in names]
+        rows += [("centred-box prior", self.px["prior"].compute())]
         keys = ("mean_iou", "pooled_iou", "mean_dice", "pooled_dice")
         fusion = {"columns": ["rule", "mean IoU", "pooled IoU", "mean Dice", "pooled Dice"],
                   "rows": [[name, *(c[k] for k in keys)] for name, c in rows]}
@@ -323,29 +301,38 @@ def _shortcut(items: list[EvalItem]) -> dict[str, Any]:
 def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: str | None = None,
                  mc_samples: int | None = None, batch_size: int = 8, device: str | None = None,
                  tbx11k_mapping: TBMapping | None = None, max_gallery: int = 12,
-                 consensus: dict[str, Any] | None = None, class_map: dict[str, str] | None = None,
-                 dataset: str | None = None, num_workers: int | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 consensus: dict[str, Any] | None = None, maps: dict[str, Any] | None = None,
+                 method: str = "run", class_map: dict[str, str] | None = None, dataset: str | None = None,
+                 num_workers: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Evaluate the run at ``run`` on the labelled images in ``data``; write ``out/metrics.json`` and
     ``out/report.html``; return the metrics as written (JSON-ready; NaN as None).
 
     ``data``: class folders (``images/<class>/``, optional ``masks/<class>/<stem>.png``), a CSV manifest
     ``path,label[,mask]``, or a TBX11K root (boxes; ``tbx11k_mapping`` says which folders are TB).
     ``split``: ``"val"`` / ``"test"`` (the run's split.json lists), ``"all"``, or None: ``"val"`` when
-    ``data`` is the run's training data, else ``"all"``. ``consensus`` overrides the run's consensus
-    settings; ``class_map`` renames data classes to run classes; ``dataset`` names the data in the report
-    (``"tbx11k"``, ``"fire"``, ``"busi"`` pick the paper's row)."""
+    ``data`` is the run's training data, else ``"all"``. ``method``: ``"run"`` (the run's calibrated
+    recipe) or ``"paper"`` (plain XGrad-CAM, unanimous intersection at 0.5), as for `pixelvote annotate`;
+    ``consensus`` / ``maps`` override fields of it. ``class_map`` renames data classes to run classes;
+    ``dataset`` names the data in the report (``"tbx11k"``, ``"fire"``, ``"busi"`` pick the paper's row)."""
+    from pixelvote.engine.annotate import PAPER_METHOD
+
     t0 = time.time()
     run, data, out = Path(run), Path(data), Path(out)
+    if method not in ("run", "paper"):
+        raise ConfigError(f"unknown method {method!r}: expected 'run' or 'paper'")
     ens, run_cfg = load_run(run, device=device)
-    cfg = ConsensusConfig.model_validate({**run_cfg.consensus.model_dump(), **(consensus or {})})
+    base_c, base_m = run_cfg.consensus, run_cfg.maps
+    if method == "paper":
+        base_c, base_m = base_c.model_copy(update=PAPER_METHOD["consensus"]), MapConfig()
+    cfg = ConsensusConfig.model_validate({**base_c.model_dump(), **(consensus or {})})
+    mcfg = MapConfig.model_validate({**base_m.model_dump(), **(maps or {})})
     T = int(mc_samples or run_cfg.mc_samples)
     es = list_items(data, ens.classes, ens.background, mapping=tbx11k_mapping, class_map=class_map)
     chosen, used_split, notes = select_split(es.items, split, run, run_cfg.data.get("root"), data)
-    state = _State(ens, cfg, T, es.protocol, max_gallery)
+    state = _State(ens, cfg, mcfg, T, es.protocol, max_gallery)
     skipped, mask_problems = list(es.skipped), []
     workers = num_workers if num_workers is not None else min(2, max(0, (torch.get_num_threads() or 1) - 1))
-    loader = torch.utils.data.DataLoader(_Decode(chosen, ens.image_size), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(DecodeSet(chosen, ens.image_size), batch_size=batch_size,
                                          num_workers=workers, collate_fn=list,
                                          prefetch_factor=2 if workers else None)
     with tqdm(total=len(chosen), desc="evaluating", unit="img", disable=not progress) as bar:
@@ -354,8 +341,9 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: s
                 if "error" in b:
                     skipped.append({"image": str(b["item"].path), "reason": b["error"]})
                 elif b["problem"]:
+                    reason = b["problem"] + " (image evaluated for classification only)"
                     mask_problems.append({"image": str(b["item"].path), "mask": str(b["item"].mask),
-                                          "reason": b["problem"] + " (image evaluated for classification only)"})
+                                          "reason": reason})
             good = [b for b in batch if "error" not in b]
             if good:
                 state.add(good)
@@ -364,7 +352,8 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: s
         raise DataError(f"none of the {len(chosen)} selected images could be read", path=data,
                         fix="see the skipped list in the log; re-export the images")
     metrics = _assemble(state, run, run_cfg, cfg, es, chosen, used_split, notes, data,
-                        dict(T=T, batch_size=batch_size, device=str(ens.device), dataset=dataset))
+                        {"T": T, "batch_size": batch_size, "device": str(ens.device), "dataset": dataset,
+                         "method": method})
     metrics["skipped"], metrics["mask_problems"] = skipped, mask_problems
     if skipped:
         metrics["notes"].append(f"{len(skipped)} input(s) could not be read and were skipped (listed below).")
@@ -386,11 +375,13 @@ def _assemble(state: _State, run: Path, run_cfg: Any, cfg: ConsensusConfig, es: 
     notes = list(es.notes) + notes
     warnings: list[str] = []
     if len(counts) < 2:
-        notes.append(f"Only one class ({next(iter(counts))!r}) among the evaluated images: classification on a "
-                     "one-class set is not meaningful (accuracy is that class's recall; AUROC is undefined).")
+        notes.append(f"Only one class ({next(iter(counts))!r}) among the evaluated images: classification on "
+                     "a one-class set is not meaningful (accuracy is that class's recall; AUROC is "
+                     "undefined).")
     if es.protocol == "box":
-        notes.append("Box protocol: truth = the filled union of each image's TB boxes, rescaled from the scan "
-                     "size in the XML to the image file; the paper's most plausible protocol (it states none).")
+        notes.append("Box protocol: truth = the filled union of each image's TB boxes, rescaled from the "
+                     "scan size in the XML to the image file; the paper's most plausible protocol (it states "
+                     "none).")
     if split == "val" and cfg.threshold_source.startswith("validation"):
         notes.append("The consensus threshold was tuned on the run's validation images, which are also the "
                      "images scored here: the IoU is optimistic.")
@@ -405,7 +396,8 @@ def _assemble(state: _State, run: Path, run_cfg: Any, cfg: ConsensusConfig, es: 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": {"split": split, "mc_samples": opts["T"], "batch_size": opts["batch_size"],
                    "device": opts["device"], "image_size": state.ens.image_size, "members": state.names,
-                   "background": state.ens.background, "consensus": cfg.model_dump(mode="json"),
+                   "background": state.ens.background, "method": opts["method"],
+                   "consensus": cfg.model_dump(mode="json"), "maps": state.maps.model_dump(mode="json"),
                    "uncertainty_score": PRIMARY_SCORE},
         "data": {"path": str(data.resolve()), "protocol": es.protocol, "images_listed": len(es.items),
                  "images_selected": len(chosen), "class_counts": {c: counts.get(c, 0) for c in classes},

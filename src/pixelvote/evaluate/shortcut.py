@@ -55,9 +55,9 @@ def shortcut_check(widths: Sequence[int], heights: Sequence[int], extensions: Se
     warn = acc > threshold and acc >= majority + margin
     best = max(by, key=lambda k: (by[k], -len(_FEATURES[k])))
     message = (f"Shortcut: the label can be predicted from the image file alone ({best}) with "
-               f"{100 * acc:.1f}% cross-validated accuracy (majority rate {100 * majority:.1f}%). The classifier "
-               "may have learnt the source of the images rather than the finding; check with images of both "
-               "classes from one source." if warn else "")
+               f"{100 * acc:.1f}% cross-validated accuracy (majority rate {100 * majority:.1f}%). The "
+               "classifier may have learnt the source of the images rather than the finding; check with "
+               "images of both classes from one source." if warn else "")
     return {"checked": True, "n": n, "accuracy": acc, "majority_rate": majority, "by_features": by,
             "folds": folds, "extensions": exts, "threshold": threshold, "warning": warn, "message": message,
             "method": "depth-2 decision tree on (width, height, aspect, extension), stratified k-fold CV"}

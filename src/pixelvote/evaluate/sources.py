@@ -1,5 +1,6 @@
 """What an evaluation reads: labelled images with their truth (masks, TBX11K boxes, or none), the
-run's split, and a fingerprint of the files, so a metrics.json says exactly which data it describes.
+run's split, a fingerprint of the files (so a metrics.json says exactly which data it describes), and
+the decoding of each image with its truth at the original size.
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import torch
 
 from pixelvote.data import dataset as _ds
 from pixelvote.data import tbx11k
+from pixelvote.data.imageio import read_image, read_mask
+from pixelvote.data.transforms import resize_image, to_tensor
 from pixelvote.errors import ConfigError, DataError, did_you_mean
+from pixelvote.evaluate.metrics import boxes_to_mask
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +84,8 @@ def _class_index(label: str, classes: list[str], background: str, class_map: dic
         return lower[label.lower()]
     if len(classes) == 2 and label.lower() in _ds.BACKGROUND_NAMES:
         return classes.index(background)
-    raise DataError(f"the data has class {label!r}, which the run does not know: {did_you_mean(label, classes)}",
+    raise DataError(f"the data has class {label!r}, which the run does not know: "
+                    f"{did_you_mean(label, classes)}",
                     fix="rename the class folder, or pass class_map={'<data class>': '<run class>'}")
 
 
@@ -125,7 +132,8 @@ def _folder_set(root: Path, classes: list[str], background: str, class_map: dict
                    skipped=[{"image": p, "reason": r} for p, r in problems])
 
 
-def _tbx_samples(root: Path, mapping: tbx11k.TBMapping) -> tuple[list[tbx11k.TBX11KSample], list[dict[str, str]]]:
+def _tbx_samples(root: Path,
+                 mapping: tbx11k.TBMapping) -> tuple[list[tbx11k.TBX11KSample], list[dict[str, str]]]:
     try:
         return tbx11k.list_samples(root, mapping=mapping), []
     except DataError:
@@ -166,8 +174,9 @@ def _tbx_set(root: Path, classes: list[str], background: str, mapping: tbx11k.TB
             except DataError:
                 raise ConfigError(f"TBX11K folder {s.folder!r} matches none of the run's classes {classes}",
                                   fix="use a binary run, or pass class_map={folder: class}") from None
+        boxes: tuple[Box, ...] = ()
         if s.tb and s.annotation is None:
-            truth, boxes = "none", ()  # a TB image without boxes: classification only
+            truth = "none"  # a TB image without boxes: classification only
         else:
             truth, boxes = "boxes", tuple(mapping.foreground_boxes(s)) if s.tb else ()
         items.append(EvalItem(s.path, _rel(s.path, root), label, truth, None, boxes, s.annotation))  # type: ignore[arg-type]
@@ -180,7 +189,8 @@ def list_items(data: str | Path, classes: list[str], background: str, *,
     root), labelled with the run's class indices."""
     root = Path(data)
     if not root.exists():
-        raise DataError("data not found", path=root, fix="pass a dataset folder, a CSV manifest or a TBX11K root")
+        raise DataError("data not found", path=root,
+                        fix="pass a dataset folder, a CSV manifest or a TBX11K root")
     tbx_root = None
     if root.is_dir() and not (root / "images").is_dir():
         tbx_root = tbx11k.find_tbx11k_root(root)
@@ -229,7 +239,8 @@ def select_split(items: list[EvalItem], split: str | None, run_dir: Path, run_da
     notes = [f"Images: the run's {split!r} split ({len(chosen)} of {len(wanted)} listed images found), which "
              "the models were not trained on."]
     if len(chosen) < len(wanted):
-        notes.append(f"{len(wanted) - len(chosen)} image(s) of the run's {split!r} list are not in this data.")
+        missing = len(wanted) - len(chosen)
+        notes.append(f"{missing} image(s) of the run's {split!r} list are not in this data.")
     return chosen, split, notes
 
 
@@ -251,3 +262,31 @@ def fingerprint(root: Path, items: list[EvalItem]) -> dict[str, object]:
         h.update(f"{rel}\t{size}\n".encode())
     return {"sha256": h.hexdigest(), "files": len(entries), "bytes": sum(max(s, 0) for _, s in entries),
             "method": "sha256 over sorted 'relative path<TAB>size' lines of the images and truth files"}
+
+
+class DecodeSet(torch.utils.data.Dataset):
+    """Decode an image and its truth; errors are returned, never raised (bad files are skipped)."""
+
+    def __init__(self, items: list[EvalItem], size: int) -> None:
+        self.items, self.size = items, size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        it = self.items[i]
+        try:
+            img = read_image(it.path)
+        except DataError as exc:
+            return {"item": it, "error": str(exc)}
+        h, w = img.shape[:2]
+        truth, problem = None, None
+        if it.truth == "mask" and it.mask is not None:
+            try:
+                truth = read_mask(it.mask, (w, h))
+            except DataError as exc:
+                problem = str(exc)
+        elif it.truth == "boxes":
+            truth = boxes_to_mask(list(it.boxes), (h, w)).numpy()
+        return {"item": it, "image": img, "input": resize_image(to_tensor(img), self.size), "truth": truth,
+                "problem": problem}

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pixelvote.consensus import ConsensusConfig
 from pixelvote.data.imageio import write_bytes_atomic, write_json_atomic
+from pixelvote.explain.analyze import MapConfig
 from pixelvote.errors import CheckpointError
 from pixelvote.models.ensemble import Ensemble
 from pixelvote.models.member import Member, build_member
@@ -44,6 +45,7 @@ class RunConfig(BaseModel):
     image_size: int = 224
     members: list[MemberConfig]
     consensus: ConsensusConfig = Field(default_factory=ConsensusConfig)
+    maps: MapConfig = Field(default_factory=MapConfig)
     mc_samples: int = 30
     seed: int = 0
     train: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,121 @@
+"""Let the validation masks decide: IoU of every (map recipe, fusion, threshold) on the same images.
+
+For each image the fused score map is made once per fusion (consensus at threshold 0 gives the min /
+mean / k-th largest of the agreeing members' maps), resized to the image's original size, and compared
+with the truth at every threshold of the grid. The result is an IoU table per variant, ``(N, len(grid))``,
+from which a choice can be made - and honestly scored by cross-fitting (choose on one half, score on the
+other).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pixelvote.consensus import ConsensusConfig, apply_consensus
+from pixelvote.explain.analyze import MapConfig, analyze
+from pixelvote.models.ensemble import Ensemble
+
+GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, S, S) uint8 model inputs
+    labels: torch.Tensor  # (B,) true class indices
+    masks: list[torch.Tensor | None]  # truth at the original size (bool), None where there is none
+    seeds: list[int]
+
+
+def iou_over_grid(score: torch.Tensor, truth: torch.Tensor, grid: Sequence[float]) -> torch.Tensor:
+    """IoU of ``score > t`` with ``truth`` for each t; ``(len(grid),)``. Empty vs empty counts as 1."""
+    t = torch.tensor(grid, device=score.device).view(-1, 1)
+    s = score.flatten().unsqueeze(0)
+    g = truth.flatten().to(score.device).unsqueeze(0)
+    pred = s > t
+    inter = (pred & g).sum(1).float()
+    union = (pred | g).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union)).cpu()
+
+
+@dataclass
+class VariantTable:
+    maps: MapConfig
+    fusion: str
+    ious: torch.Tensor  # (N, len(grid)) for images with a non-background truth mask
+    seconds_per_image: float
+
+
+def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfig], *,
+            fusions: Sequence[str] = ("intersection", "mean", "vote"), base: ConsensusConfig | None = None,
+            mc_samples: int = 1, grid: Sequence[float] = GRID) -> dict[tuple[str, str], VariantTable]:
+    """IoU tables for every recipe x fusion on the images of ``batches`` that have a foreground mask."""
+    import time
+
+    base = base or ConsensusConfig()
+    bg = ens.background_index
+    rows: dict[tuple[str, str], list[torch.Tensor]] = {(r, f): [] for r in recipes for f in fusions}
+    seconds = dict.fromkeys(recipes, 0.0)
+    n_images = 0
+    for batch in batches:
+        use = [i for i, m in enumerate(batch.masks) if m is not None and int(batch.labels[i]) != bg]
+        if not use:
+            continue
+        n_images += len(use)
+        imgs = batch.images[use]
+        seeds = [batch.seeds[i] for i in use]
+        for rname, rcfg in recipes.items():
+            t0 = time.perf_counter()
+            a = analyze(ens, imgs, mc_samples=mc_samples, seeds=seeds, maps=rcfg)
+            seconds[rname] += time.perf_counter() - t0
+            for fusion in fusions:
+                cfg = base.model_copy(update={"fusion": fusion, "threshold_method": "fixed", "threshold": 1e-6})
+                res = apply_consensus(a, cfg, bg)
+                for j, i in enumerate(use):
+                    truth = batch.masks[i]
+                    assert truth is not None
+                    score = F.interpolate(res.margin[j][None, None], size=tuple(truth.shape), mode="bilinear",
+                                          align_corners=False)[0, 0]
+                    rows[(rname, fusion)].append(iou_over_grid(score, truth, grid))
+    out = {}
+    for (r, f), lst in rows.items():
+        ious = torch.stack(lst) if lst else torch.zeros(0, len(grid))
+        out[(r, f)] = VariantTable(recipes[r], f, ious, seconds[r] / max(n_images, 1))
+    return out
+
+
+def best_cell(tables: dict[tuple[str, str], VariantTable], rows: torch.Tensor | None = None,
+              keys: Iterable[tuple[str, str]] | None = None) -> tuple[tuple[str, str], int, float]:
+    """The (variant, threshold index) with the best mean IoU over ``rows`` (default: all images)."""
+    best: tuple[tuple[str, str], int, float] = (next(iter(tables)), 0, -1.0)
+    for key in keys or tables:
+        t = tables[key].ious
+        sub = t if rows is None else t[rows]
+        if len(sub) == 0:
+            continue
+        means = sub.mean(0)
+        j = int(means.argmax())
+        if float(means[j]) > best[2]:
+            best = (key, j, float(means[j]))
+    return best
+
+
+def cross_fitted(tables: dict[tuple[str, str], VariantTable], keys: Iterable[tuple[str, str]] | None = None,
+                 *, seed: int = 0) -> tuple[float, list[tuple[tuple[str, str], float]]]:
+    """Mean IoU when the variant and threshold are chosen on one half of the images and scored on the
+    other (both ways). Returns the score and the two choices."""
+    keys = list(keys or tables)
+    n = len(tables[keys[0]].ious)
+    if n < 2:
+        return float("nan"), []
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    halves = (perm[: n // 2], perm[n // 2:])
+    total, choices = 0.0, []
+    for pick, score in (halves, halves[::-1]):
+        key, j, _ = best_cell(tables, pick, keys)
+        total += float(tables[key].ious[score, j].sum())
+        choices.append((key, GRID[j]))
+    return total / n, choices
