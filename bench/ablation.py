@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from pixelvote.data.imageio import read_image, read_mask  # noqa: E402
 from pixelvote.data.transforms import resize_image, to_tensor  # noqa: E402
-from pixelvote.evaluate.selection import GRID, Batch, best_cell, collect, cross_fitted  # noqa: E402
+from pixelvote.evaluate.selection import GRID, RECIPES, Batch, best_cell, collect, cross_fitted  # noqa: E402
 from pixelvote.explain.analyze import MapConfig  # noqa: E402
 from pixelvote.models.checkpoint import load_run  # noqa: E402
 from pixelvote.models.ensemble import Ensemble  # noqa: E402
@@ -36,14 +36,6 @@ PAPER = {"busi": "(paper: no BUSI figure)", "fire": "paper: accuracy 96.4%, IoU 
 SETS = {
     "busi": dict(background="normal", group_pattern=None),
     "fire": dict(background="no_fire", group_pattern=r"^(Video\d+)"),
-}
-RECIPES = {
-    "plain": MapConfig(),
-    "tta": MapConfig(tta_flip=True, tta_scales=(0.75, 1.0, 1.25)),
-    "layers-geo": MapConfig(layer_fusion="geometric"),
-    "layers-mean": MapConfig(layer_fusion="mean"),
-    "guided": MapConfig(refine="guided"),
-    "all": MapConfig(tta_flip=True, tta_scales=(0.75, 1.0, 1.25), layer_fusion="geometric", refine="guided"),
 }
 
 
@@ -98,7 +90,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--recipes", default="plain,tta,layers-geo,layers-mean,guided,all")
     args = ap.parse_args()
     results = {}
     for name in args.sets.split(","):

@@ -21,6 +21,16 @@ from pixelvote.models.ensemble import Ensemble
 
 GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
 
+RECIPES: dict[str, MapConfig] = {
+    "plain": MapConfig(),
+    "tta": MapConfig(tta_flip=True, tta_scales=(0.75, 1.0, 1.25)),
+    "layers-geo": MapConfig(layer_fusion="geometric"),
+    "layers-mean": MapConfig(layer_fusion="mean"),
+    "guided": MapConfig(refine="guided"),
+    "layers-geo+guided": MapConfig(layer_fusion="geometric", refine="guided"),
+    "all": MapConfig(tta_flip=True, tta_scales=(0.75, 1.0, 1.25), layer_fusion="geometric", refine="guided"),
+}
+
 
 @dataclass
 class Batch:

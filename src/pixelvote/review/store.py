@@ -242,6 +242,13 @@ class ReviewStore:
         ).fetchall()
         return [_row(r) for r in rows]
 
+    def since(self, after: int = 0, limit: int = 1000) -> list[Decision]:
+        """Decisions with ``id > after``, oldest first, at most ``limit``."""
+        rows = self._conn().execute(
+            f"SELECT {_COLUMNS} FROM decisions WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        ).fetchall()
+        return [_row(r) for r in rows]
+
     def mask_png(self, decision_id: int) -> bytes:
         r = self._conn().execute("SELECT mask_png FROM decisions WHERE id = ?", (decision_id,)).fetchone()
         if r is None:

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from pixelvote.consensus import ConsensusConfig, apply_consensus
 from pixelvote.data.imageio import write_json_atomic
-from pixelvote.explain.analyze import analyze
+from pixelvote.explain.analyze import MapConfig, analyze
 from pixelvote.models.checkpoint import load_run
 from pixelvote.train.cache import CachedSet
 from pixelvote.train.config import TrainConfig
@@ -27,7 +27,35 @@ def batch_iou(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
-def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> ConsensusConfig:
+def _val_batches(val: CachedSet, bs: int):  # type: ignore[no-untyped-def]
+    from pixelvote.evaluate.selection import Batch
+
+    for i in range(0, len(val), bs):
+        has = val.has_mask[i:i + bs]
+        masks = [val.masks[i + j] if bool(has[j]) else None for j in range(len(has))]
+        yield Batch(val.images[i:i + bs], val.labels[i:i + bs], masks, list(range(i, i + len(has))))
+
+
+def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> tuple[MapConfig, dict, dict]:
+    """Pick the map recipe, fusion and threshold with the best mean IoU on validation masks."""
+    from pixelvote.evaluate.selection import GRID, RECIPES, best_cell, collect
+
+    ens, run_cfg = load_run(run_dir, device=cfg.device)
+    recipes = {k: RECIPES[k] for k in cfg.map_candidates}
+    tables = collect(ens, _val_batches(val, max(1, cfg.batch_size)), recipes)
+    (recipe, fusion), j, score = best_cell(tables)
+    summary = {f"{r}+{f}": {"mean_iou_by_threshold": {str(t): round(float(v), 4) for t, v in
+                                                      zip(GRID, tab.ious.mean(0))} if len(tab.ious) else {},
+                            "seconds_per_image": round(tab.seconds_per_image, 4)}
+               for (r, f), tab in tables.items()}
+    n = len(next(iter(tables.values())).ious)
+    update = {"fusion": fusion, "threshold": GRID[j], "threshold_method": "fixed",
+              "threshold_source": f"validation: {recipe} + {fusion}, best mean IoU {score:.3f} on {n} images"}
+    return recipes[recipe], update, {"recipe": recipe, "fusion": fusion, "threshold": GRID[j],
+                                     "val_mean_iou": score, "images_with_masks": n, "candidates": summary}
+
+
+def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> tuple[ConsensusConfig, MapConfig]:
     ens, run_cfg = load_run(run_dir, device=cfg.device)
     bg = ens.background_index
     base = run_cfg.consensus
@@ -52,7 +80,12 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> ConsensusConfi
     update: dict = {}
     summary: dict = {"val_images": len(val), "val_accuracy": correct / max(len(val), 1),
                      "images_with_masks": n_masked}
-    if n_masked:
+    maps = run_cfg.maps
+    if n_masked >= cfg.min_masks_to_choose and cfg.map_candidates:
+        maps, chosen, summary["selection"] = choose_recipe(run_dir, val, cfg)
+        update.update(chosen)
+        summary["val_mean_iou"] = summary["selection"]["val_mean_iou"]
+    elif n_masked:
         means = sums / n_masked
         best = int(means.argmax())
         update.update(threshold=THRESHOLD_GRID[best], threshold_method="fixed",
@@ -65,6 +98,7 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> ConsensusConfi
         update["variance_threshold"] = float(torch.quantile(torch.cat(variances), q))
     consensus = base.model_copy(update=update)
     summary["consensus"] = consensus.model_dump(mode="json")
+    summary["maps"] = maps.model_dump(mode="json")
     write_json_atomic(run_dir / "calibration.json", summary)
-    log.info("calibration: %s", {k: v for k, v in summary.items() if k != "threshold_sweep"})
-    return consensus
+    log.info("calibration: %s", {k: v for k, v in summary.items() if k not in ("threshold_sweep", "selection")})
+    return consensus, maps

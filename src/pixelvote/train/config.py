@@ -33,6 +33,10 @@ class TrainConfig(BaseModel):
     mc_train_samples: int = Field(4, ge=2)
     mc_samples: int = Field(30, ge=1, description="T for calibration and annotation")
     flag_quantile: float = Field(0.9, gt=0.0, lt=1.0, description="MI/variance flag thresholds: this quantile on val")
+    map_candidates: list[str] = Field(
+        default_factory=lambda: ["plain", "layers-geo", "guided", "layers-geo+guided"],
+        description="map recipes tried on validation masks (see pixelvote.evaluate.selection.RECIPES)")
+    min_masks_to_choose: int = Field(4, ge=1, description="validation masks needed before choosing a recipe")
     pretrained: bool = True
     weights_dir: Path | None = None
     device: str | None = None
@@ -43,6 +47,17 @@ class TrainConfig(BaseModel):
     def _models(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and not v:
             raise ConfigError("--models is empty", fix="name at least one model, e.g. --models efficientnet_lite0")
+        return v
+
+    @field_validator("map_candidates")
+    @classmethod
+    def _recipes(cls, v: list[str]) -> list[str]:
+        from pixelvote.errors import did_you_mean
+        from pixelvote.evaluate.selection import RECIPES
+
+        for name in v:
+            if name not in RECIPES:
+                raise ConfigError(f"unknown map recipe: {did_you_mean(name, list(RECIPES))}")
         return v
 
     def model_names(self) -> list[str]:

@@ -176,7 +176,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     from pixelvote.train.calibrate import calibrate
 
-    run_cfg.consensus = calibrate(run_dir, data.val, cfg)
+    run_cfg.consensus, run_cfg.maps = calibrate(run_dir, data.val, cfg)
     save_run_config(run_dir, run_cfg)
     return run_dir
 

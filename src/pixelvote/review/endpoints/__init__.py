@@ -1,0 +1,1 @@
+"""One router per resource: images (queue, details, files), decisions, summary (meta, counts), page."""
