@@ -44,7 +44,8 @@ SETS: dict[str, dict[str, Any]] = {
 
 def write_manifest(name: str, folder: Path, quick: int, seed: int) -> Path:
     """A CSV ``path,label,mask,group`` (absolute paths) for the set, classes merged; with ``quick`` at most
-    that many images per class, drawn round-robin over groups so a group split is still possible."""
+    that many images per class, drawn round-robin over groups (those with masks first) so a group split
+    is still possible and some validation images have masks."""
     from pixelvote.data.dataset import load_dataset
 
     spec = SETS[name]
@@ -61,6 +62,7 @@ def write_manifest(name: str, folder: Path, quick: int, seed: int) -> Path:
                 groups[s.group].append(s)
             queues = [rng.sample(g, len(g)) for _, g in sorted(groups.items())]
             rng.shuffle(queues)
+            queues.sort(key=lambda q: not any(s.mask for s in q))  # groups with masks first: IoU needs them
             picked: list[Any] = []
             while len(picked) < quick and any(queues):
                 for q in queues:

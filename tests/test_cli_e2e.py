@@ -97,3 +97,29 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "pixelvote.cli", "annotate", "--run", str(tmp_path),
                         "--images", str(tmp_path), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert p.returncode == 2 and "not a pixelvote run" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_segmenter_stage_two_through_the_cli(trained, tmp_path):
+    _, data, run = trained
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(data / "images"), "--out", str(out),
+                            "--workers", "0", "--mc-samples", "2"])
+    assert r.exit_code == 0, r.output
+    seg = tmp_path / "seg"
+    r = runner.invoke(app, ["segment", "train", "--annotations", str(out), "--out", str(seg), "--all",
+                            "--epochs", "1", "--image-size", "64", "--no-pretrained", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    out2 = tmp_path / "out2"
+    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(data / "images" / "lesion"),
+                            "--out", str(out2), "--workers", "0", "--segmenter", str(seg), "--mc-samples", "2"])
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(line) for line in (out2 / "annotations.jsonl").read_text().splitlines()]
+    assert len(recs) == 12
+    for rec in recs:
+        mask = np.asarray(Image.open(out2 / rec["mask"]))
+        assert rec["mask_area"] == int((mask > 0).sum())
+        if rec["label"] == "normal":
+            assert rec["mask_area"] == 0
+        assert set(rec["reasons"]) <= {"disagreement", "high_mutual_information", "high_variance",
+                                       "low_confidence", "empty_mask", "no_agreeing_member",
+                                       "segmenter_disagrees"}

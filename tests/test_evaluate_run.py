@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from pixelvote.data.tbx11k import TBMapping
+from pixelvote.errors import ConfigError, DataError
 from pixelvote.evaluate.gallery import GalleryKeeper
 from pixelvote.evaluate.run import evaluate_run
 from pixelvote.evaluate.shortcut import shortcut_check
@@ -147,9 +148,17 @@ def test_bad_image_and_mismatched_mask_are_reported_not_fatal(trained, tmp_path)
     assert m["classification"]["ensemble"]["n"] == 24
     page = (tmp_path / "r1" / "report.html").read_text()
     assert "broken.png" in page and "Warnings and notes" in page
-    # the run's validation list, found in a moved copy by relative path
-    v = _evaluate(run, copy, tmp_path / "r2", split="val")
+    # the run's validation list, found in a moved copy by relative path; the paper's fixed rule
+    v = _evaluate(run, copy, tmp_path / "r2", split="val", method="paper", max_gallery=0)
     assert v["n_images"] == len(json.loads((run / "split.json").read_text())["val"])
+    assert v["config"]["method"] == "paper" and v["config"]["consensus"]["threshold"] == 0.5
+    assert v["config"]["consensus"]["fusion"] == "intersection"
+    with pytest.raises(ConfigError, match="split"):
+        _evaluate(run, copy, tmp_path / "r3", split="train")
+    with pytest.raises(ConfigError, match="method"):
+        _evaluate(run, copy, tmp_path / "r3", method="best")
+    with pytest.raises(DataError, match="test"):  # the run has no test split
+        _evaluate(run, copy, tmp_path / "r3", split="test")
 
 
 def _tbx_root(root: Path, health: int = 2, broken_xml: bool = False) -> tuple[Path, dict[str, np.ndarray]]:

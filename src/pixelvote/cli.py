@@ -92,6 +92,7 @@ def annotate(
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="flip + 0.75/1/1.25 scale test-time augmentation"),
     layer_fusion: Optional[str] = typer.Option(None, help="none | mean | geometric (earlier-layer XGrad-CAM)"),
     refine: Optional[str] = typer.Option(None, help="none | guided (edge-aware refinement)"),
+    segmenter: Optional[Path] = typer.Option(None, help="masks from a `pixelvote segment train` folder"),
     device: Optional[str] = typer.Option(None),
     verbose: bool = typer.Option(False, "--verbose/--quiet"),
 ) -> None:
@@ -105,7 +106,7 @@ def annotate(
     if tta is not None:
         maps.update(tta_flip=tta, tta_scales=(0.75, 1.0, 1.25) if tta else (1.0,))
     s = run_annotate(run, images, out, batch_size=batch_size, mc_samples=mc_samples, num_workers=workers,
-                     device=device, consensus=overrides, maps=maps, method=method)
+                     device=device, consensus=overrides, maps=maps, method=method, segmenter=segmenter)
     typer.echo(f"{s.annotated} annotated, {s.already_done} already done, {s.skipped} skipped, "
                f"{s.flagged} flagged for review; labels {s.labels}")
     typer.echo(f"outputs in {s.out} (annotations.jsonl, masks/, overlays/, uncertainty/)")
@@ -157,6 +158,36 @@ def import_(
     opts = {"background": background} if background else {}
     path = import_annotations(fmt, source, to, **opts)
     typer.echo(f"imported into {path}")
+
+
+segment_app = typer.Typer(help="Stage two: a segmentation network learned from the consensus masks.")
+app.add_typer(segment_app, name="segment")
+
+
+@segment_app.command("train")
+def segment_train(
+    annotations: Path = typer.Option(..., "--annotations", help="an annotation output folder (annotate --out)"),
+    out: Path = typer.Option(..., "--out", help="segmenter folder to write"),
+    run: Optional[Path] = typer.Option(None, "--run", help="the ensemble run (for classes, if OUT lacks them)"),
+    reviewed_only: bool = typer.Option(False, "--reviewed-only", help="train on reviewed masks only"),
+    all_images: bool = typer.Option(False, "--all", help="also use flagged, unreviewed images"),
+    encoder: str = typer.Option("efficientnet_lite0"),
+    epochs: int = typer.Option(10, min=1),
+    image_size: int = typer.Option(224, min=32),
+    batch_size: int = typer.Option(8, min=1),
+    seed: int = typer.Option(0),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Train a segmenter on unflagged consensus masks (+ reviewed masks, weighted higher)."""
+    _setup_logging(True)
+    from pixelvote.segment.train import SegConfig, train_segmenter
+
+    mode = "reviewed" if reviewed_only else ("all" if all_images else "confident")
+    cfg = SegConfig(encoder=encoder, epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
+                    mode=mode)
+    path = train_segmenter(annotations, out, run=run, cfg=cfg, pretrained=pretrained, device=device)
+    typer.echo(f"segmenter saved to {path}; use it with `pixelvote annotate --segmenter {path}`")
 
 
 @app.command("models")

@@ -46,9 +46,13 @@ class Dataset:
 
 
 def _walk_images(folder: Path) -> list[Path]:
-    """Image files below ``folder``, sorted, following no symlink loops."""
+    """Image files below ``folder``, sorted, following no symlink loops.
+
+    A folder link to ``folder`` or one of its parents is a loop and is not followed (it would pull in
+    sibling class folders). A file link that leads nowhere is listed, so that reading it reports it."""
     out: list[Path] = []
     seen: set[tuple[int, int]] = set()
+    top = folder.resolve()
     stack = [folder]
     while stack:
         d = stack.pop()
@@ -59,6 +63,9 @@ def _walk_images(folder: Path) -> list[Path]:
         if (st.st_dev, st.st_ino) in seen:
             continue
         seen.add((st.st_dev, st.st_ino))
+        if d.is_symlink() and top.is_relative_to(d.resolve()):
+            log.warning("%s: link to a parent folder (a loop); not followed", d)
+            continue
         try:
             entries = sorted(d.iterdir())
         except OSError as exc:
@@ -70,7 +77,7 @@ def _walk_images(folder: Path) -> list[Path]:
             try:
                 if p.is_dir():
                     stack.append(p)
-                elif p.is_file() and is_image_file(p):
+                elif is_image_file(p) and (p.is_file() or (p.is_symlink() and not p.exists())):
                     out.append(p)
             except OSError:
                 continue

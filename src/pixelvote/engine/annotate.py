@@ -7,11 +7,13 @@ a killed run loses at most the images in flight, and a re-run skips every image 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,7 +125,32 @@ def _resize_map(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(m[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0]
 
 
-def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig, maps: MapConfig) -> set[str]:
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold a lock on ``out`` so that two annotate runs cannot append the same images to one manifest.
+
+    The operating system drops the lock when the process ends, even by SIGKILL; where file locks are not
+    available (Windows, some network file systems) the run goes ahead unlocked."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(out / ".annotate.lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError("another `pixelvote annotate` is writing to this folder", path=out,
+                            fix="wait for it to finish, or pass another --out") from None
+        except OSError as exc:
+            log.warning("%s: cannot lock the output folder (%s); make sure no other run writes to it", out, exc)
+        yield
+
+
+def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig,
+                 maps: MapConfig) -> dict[str, str]:
+    """Write annotate.json; the keys already in the manifest, each with its image."""
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "annotate.json"
     if meta_path.exists():
@@ -142,7 +169,7 @@ def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     manifest = out / "annotations.jsonl"
     repair_jsonl_tail(manifest)
-    return {rec["image"] for rec in read_jsonl(manifest)}
+    return {str(rec.get("key")): str(rec.get("image")) for rec in read_jsonl(manifest)}
 
 
 PAPER_METHOD = {"consensus": {"policy": "unanimous", "fusion": "intersection", "threshold_method": "fixed",
@@ -152,11 +179,15 @@ PAPER_METHOD = {"consensus": {"policy": "unanimous", "fusion": "intersection", "
 def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size: int = 8,
              mc_samples: int | None = None, num_workers: int | None = None, device: str | None = None,
              consensus: dict[str, Any] | None = None, maps: dict[str, Any] | None = None,
-             method: str = "run", progress: bool = True) -> AnnotateSummary:
+             method: str = "run", segmenter: str | Path | None = None,
+             segmenter_min_iou: float = 0.2, progress: bool = True) -> AnnotateSummary:
     """Annotate every image under ``images`` with the run's ensemble into ``out`` (resumable).
 
     ``method="run"`` uses the run's calibrated recipe; ``method="paper"`` the paper's fixed rule (plain
-    XGrad-CAM, unanimous intersection at 0.5 of each map's max). ``consensus``/``maps`` override fields."""
+    XGrad-CAM, unanimous intersection at 0.5 of each map's max). ``consensus``/``maps`` override fields.
+    With ``segmenter`` (a `pixelvote segment train` folder) masks come from the segmenter; the ensemble still
+    gives the diagnosis, the uncertainty and the flags, plus ``segmenter_disagrees`` when the segmenter's
+    mask and the consensus mask overlap less than ``segmenter_min_iou`` (IoU)."""
     from pixelvote.errors import ConfigError
 
     out = Path(out)
@@ -171,13 +202,36 @@ def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size
     ccfg = ConsensusConfig.model_validate({**ccfg.model_dump(), **(consensus or {})})
     mcfg = MapConfig.model_validate({**mcfg.model_dump(), **(maps or {})})
     T = mc_samples or cfg.mc_samples
+    seg = None
+    if segmenter is not None:
+        from pixelvote.segment.train import load_segmenter
+
+        seg = (*load_segmenter(segmenter, device=ens.device), segmenter_min_iou)
     items = list_inputs(images)
-    done = _prepare_out(out, Path(run), ens, ccfg, mcfg)
+    with _exclusive(out):
+        return _annotate_locked(ens, run, items, out, ccfg, mcfg, T, batch_size, num_workers, progress, seg)
+
+
+def _annotate_locked(ens: Ensemble, run: str | Path, items: list[Item], out: Path, ccfg: ConsensusConfig,
+                     mcfg: MapConfig, T: int, batch_size: int, num_workers: int | None,
+                     progress: bool, seg: tuple | None = None) -> AnnotateSummary:
+    """The body of :func:`annotate`, run while holding the output folder's lock."""
+    done_keys = _prepare_out(out, Path(run), ens, ccfg, mcfg)
+    done = set(done_keys.values())
     skipped_path = out / "skipped.jsonl"
     repair_jsonl_tail(skipped_path)
     already_skipped = {r.get("image") for r in read_jsonl(skipped_path)}
     pending = [it for it in items if str(it.path.resolve()) not in done]
     summary = AnnotateSummary(out, total=len(items), already_done=len(items) - len(pending))
+    clash = [it for it in pending if it.key in done_keys]  # another image, annotated earlier under this key
+    for it in clash:
+        reason = (f"{it.path}: its output key {it.key!r} is taken by {done_keys[it.key]}, annotated earlier into "
+                  "this folder; writing it would overwrite that image's mask. Fix: annotate it into another --out")
+        log.warning("skipped: %s", reason)
+        summary.skipped += 1
+        if str(it.path) not in already_skipped:
+            append_jsonl(skipped_path, {"image": str(it.path), "reason": reason})
+    pending = [it for it in pending if it.key not in done_keys]
     if not pending:
         return _finish(summary, out)
     workers = num_workers if num_workers is not None else min(2, max(0, (torch.get_num_threads() or 1) - 1))
@@ -197,12 +251,36 @@ def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size
                     if str(b["item"].path) not in already_skipped:
                         append_jsonl(skipped_path, {"image": str(b["item"].path), "reason": b["error"]})
             if good:
-                _annotate_batch(ens, ccfg, mcfg, T, good, writer, summary)
+                _annotate_batch(ens, ccfg, mcfg, T, good, writer, summary, seg)
             bar.update(len(batch))
     finally:
         bar.close()
         writer.close()
     return _finish(summary, out)
+
+
+def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: float) -> None:
+    """Replace the consensus margin by the segmenter's (probability - threshold) for foreground diagnoses."""
+    from pixelvote.segment.train import predict
+
+    prob = predict(model, x)
+    if prob.shape[-2:] != res.margin.shape[-2:]:
+        prob = F.interpolate(prob[:, None], size=res.margin.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    seg_margin = prob - scfg.threshold
+    cons = res.margin > 0
+    segm = seg_margin > 0
+    inter = (cons & segm).flatten(1).sum(1).float()
+    union = (cons | segm).flatten(1).sum(1).float()
+    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    fg = res.foreground
+    res.margin = torch.where(fg.view(-1, 1, 1), seg_margin, torch.full_like(seg_margin, -1.0))
+    for b in range(len(res.reasons)):
+        if bool(fg[b]) and float(iou[b]) < min_iou:
+            res.reasons[b].append("segmenter_disagrees")
+        if bool(fg[b]) and "empty_mask" in res.reasons[b] and bool(segm[b].any()):
+            res.reasons[b].remove("empty_mask")
+        elif bool(fg[b]) and not bool(segm[b].any()) and "empty_mask" not in res.reasons[b]:
+            res.reasons[b].append("empty_mask")
 
 
 def _finish(summary: AnnotateSummary, out: Path) -> AnnotateSummary:
@@ -217,10 +295,12 @@ def _finish(summary: AnnotateSummary, out: Path) -> AnnotateSummary:
 
 @torch.no_grad()
 def _annotate_batch(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int, batch: list[dict[str, Any]],
-                    writer: _Writer, summary: AnnotateSummary) -> None:
+                    writer: _Writer, summary: AnnotateSummary, seg: tuple | None = None) -> None:
     x = torch.stack([b["input"] for b in batch])
     a = analyze(ens, x, mc_samples=T, seeds=[b["item"].seed for b in batch], maps=mcfg)
     res = apply_consensus(a, ccfg, ens.background_index)
+    if seg is not None:
+        _use_segmenter(res, x, *seg)
     classes = ens.classes
     for j, b in enumerate(batch):
         item: Item = b["item"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ def list_inputs(images: str | Path) -> list[Item]:
             for row in reader:
                 row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
                 p = Path(row["path"])
-                paths.append(p if p.is_absolute() else root.parent / p)
-        base = root.parent
+                # normalised, so that '../x.png' cannot make a key (an output path) with '..' in it
+                paths.append(Path(os.path.abspath(p if p.is_absolute() else root.parent / p)))
+            paths = list(dict.fromkeys(paths))  # an image listed twice is annotated once
+        base = Path(os.path.abspath(root.parent))
     else:
         paths = _walk_images(root)
         base = root
@@ -62,4 +65,21 @@ def list_inputs(images: str | Path) -> list[Item]:
             if no_ext[key] > 1:  # same stem in the same folder with another extension
                 key = rel(p).as_posix()
         items.append(Item(p, key))
-    return items
+    return _unique_keys(items)
+
+
+def _unique_keys(items: list[Item]) -> list[Item]:
+    """Two inputs never share a key (their outputs would overwrite each other): in the rare cases the rules
+    above leave a clash (``a/x.png`` beside ``a/x.jpg`` and ``a/x.png.png``), later ones get ``~2``, ``~3``."""
+    counts = Counter(it.key for it in items)
+    if all(n == 1 for n in counts.values()):
+        return items
+    n_seen: Counter[str] = Counter()
+    out = []
+    for it in items:
+        if counts[it.key] > 1:
+            n_seen[it.key] += 1
+            if n_seen[it.key] > 1:
+                it = Item(it.path, f"{it.key}~{n_seen[it.key]}")
+        out.append(it)
+    return out

@@ -42,10 +42,6 @@ SECURITY_HEADERS = {
 }
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class Guard:
     """ASGI middleware: token check, request body limit, security headers."""
 
@@ -98,19 +94,28 @@ class Guard:
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             await self._reply(send, 413, f"request body over the limit of {self.max_body} bytes")
             return
-        received, started = 0, False
+        received, started, refused = 0, False, False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            # a body without Content-Length (chunked) is counted as it arrives; over the limit, answer
+            # 413 now and tell the app the client left, so it stops reading
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
-                    raise _TooLarge
+                    refused = True
+                    if not started:
+                        await self._reply(send, 413, f"request body over the limit of {self.max_body} bytes")
+                    return {"type": "http.disconnect"}
             return message
 
         async def send_with_headers(message: Message) -> None:
             nonlocal started
+            if refused:
+                return  # the 413 is already sent
             if message["type"] == "http.response.start":
                 started = True
                 headers = MutableHeaders(scope=message)
@@ -121,9 +126,9 @@ class Guard:
 
         try:
             await self.app(scope, limited_receive, send_with_headers)
-        except _TooLarge:
-            if not started:
-                await self._reply(send, 413, f"request body over the limit of {self.max_body} bytes")
+        except Exception:
+            if not refused:
+                raise
 
 
 def create_app(settings: ReviewSettings) -> FastAPI:

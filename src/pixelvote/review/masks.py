@@ -64,8 +64,10 @@ def decode_mask(data: bytes, width: int, height: int, *, max_bytes: int = 16 << 
             img.load()
     except MaskError:
         raise
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError,
-            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise MaskError(f"mask_png: expected a mask of {width}x{height} (the image's size) but got a far "
+                        f"larger image ({exc})") from exc
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError) as exc:
         raise MaskError(f"mask_png: the PNG cannot be decoded ({exc})") from exc
     return _foreground(img)
 

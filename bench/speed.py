@@ -1,0 +1,490 @@
+"""Speed and memory of annotation, measured against one forward pass and against the usual way.
+
+    python bench/speed.py [--quick] [--no-naive] [--no-e2e] [--no-memory] [--profile]
+
+For each preset and input size, on the same batch of real images (from ../shared/data) and in one run, it
+times per image (median over repeats, after a warm-up; random weights, which cost the same as trained ones):
+
+1. floor      a plain ``torch.inference_mode`` forward of every member (backbone + head), summed over members;
+2. pixelvote  the annotation core: ``analyze`` (all members, XGrad-CAM of the predicted class, T MC samples,
+              per-pixel uncertainty maps) + ``apply_consensus`` (mask, flags);
+3. naive      the usual way: pytorch-grad-cam's ``XGradCAM`` per member (full backward) + T full forward passes
+              per member with dropout on (no per-pixel uncertainty at all: the naive way is favoured);
+4. end to end ``pixelvote.engine.annotate.annotate`` on a folder of real images with a run folder of random
+              weights: decode, compute and write every output. The run's models are loaded once beforehand
+              (the load is printed separately), so the figure is the per-image cost of a long run.
+
+It also runs ``python -m pixelvote.cli annotate`` in a subprocess on a small and a large folder of generated
+PNGs and compares the peak RSS of the two (streaming: nothing should be kept per image).
+
+It prints a table and, as its last line, one JSON object with ``ratios["<preset>@<size>"]`` holding
+``core_over_floor``, ``naive_over_core`` (null with --no-naive) and ``end_to_end_over_floor``.
+Targets (printed, not asserted): core_over_floor <= 2 at 224 px; naive_over_core >= 5.
+
+``--quick``: offline preset, 128 px, T=8, 2 repeats, few images (the smoke test runs it with --no-naive).
+``--profile``: profile one analyze call (torch.profiler) and print the top operators, then exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from pixelvote.consensus import ConsensusConfig, apply_consensus  # noqa: E402
+from pixelvote.data.imageio import read_image  # noqa: E402
+from pixelvote.data.transforms import resize_image, to_tensor  # noqa: E402
+from pixelvote.explain.analyze import MapConfig, analyze  # noqa: E402
+from pixelvote.models.checkpoint import (  # noqa: E402
+    MemberConfig,
+    RunConfig,
+    load_run,
+    member_file,
+    save_run_config,
+    save_weights,
+)
+from pixelvote.models.ensemble import Ensemble  # noqa: E402
+from pixelvote.models.member import Member, build_member, mc_dropout  # noqa: E402
+from pixelvote.models.registry import preset_models  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+CLASSES, BACKGROUND = ["lesion", "normal"], "normal"
+TARGET_CORE_OVER_FLOOR, TARGET_NAIVE_OVER_CORE, TARGET_MEMORY_GROWTH = 2.0, 5.0, 0.10
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def elapsed(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def build_ensemble(preset: str, size: int, device: torch.device, dropout: float = 0.3, seed: int = 0) -> Ensemble:
+    torch.manual_seed(seed)
+    members = [build_member(n, len(CLASSES), dropout=dropout, pretrained=False).eval()
+               for n in preset_models(preset)]
+    return Ensemble(members, CLASSES, BACKGROUND, size).to(device).eval()
+
+
+def write_run(ens: Ensemble, folder: Path, T: int) -> Path:
+    """A run folder holding the ensemble's (random) weights, loadable by ``load_run``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfgs = []
+    for i, m in enumerate(ens.members):
+        save_weights(folder / member_file(i, m.name), m)
+        cfgs.append(MemberConfig(name=m.name, dropout=m.p, file=member_file(i, m.name)))
+    save_run_config(folder, RunConfig(classes=ens.classes, background=ens.background, image_size=ens.image_size,
+                                      members=cfgs, mc_samples=T))
+    return folder
+
+
+def real_images(n: int) -> list[Path]:
+    """``n`` real images, half BUSI (all classes) and half fire (frames, photos, fire-free), evenly spread."""
+    pools = [sorted(p for p in (DATA / "busi" / "images").glob("*/*") if p.is_file()),
+             sorted(p for p in (DATA / "fire" / "images").glob("*/*") if p.is_file())]
+    pools = [p for p in pools if p]
+    if not pools:
+        raise SystemExit(f"no images under {DATA}/busi/images or {DATA}/fire/images")
+    out: list[Path] = []
+    for k, pool in enumerate(pools):
+        want = n // len(pools) + (1 if k < n % len(pools) else 0)
+        step = max(1, len(pool) // max(want, 1))
+        out += pool[::step][:want]
+    return out
+
+
+def copy_images(paths: list[Path], dest: Path) -> Path:
+    for p in paths:
+        d = dest / p.parents[2].name / p.parent.name  # <set>/<class>/<original name>
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, d / p.name)
+    return dest
+
+
+def synthetic_pngs(n: int, dest: Path, hw: tuple[int, int]) -> Path:
+    """``n`` distinct small PNGs (noise plus a bright blob), for the memory check."""
+    import numpy as np
+    from PIL import Image
+
+    dest.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(n)
+    for i in range(n):
+        img = (rng.random((*hw, 3)) * 90).astype(np.uint8)
+        y, x = rng.integers(0, hw[0] // 2), rng.integers(0, hw[1] // 2)
+        img[y:y + hw[0] // 4, x:x + hw[1] // 4] += 140
+        Image.fromarray(img).save(dest / f"img_{i:04d}.png")
+    return dest
+
+
+def batch_from(paths: list[Path], size: int) -> torch.Tensor:
+    """Decoded and resized exactly as ``annotate`` does: ``(B, 3, size, size) uint8``."""
+    return torch.stack([resize_image(to_tensor(read_image(p)), size) for p in paths])
+
+
+# ---------------------------------------------------------------------------------------------- the three ways
+
+def floor_fn(ens: Ensemble, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        with torch.inference_mode():
+            xf = ens.normalize(x)
+            for m in ens.members:
+                m(xf)
+
+    return run
+
+
+def core_fn(ens: Ensemble, x: torch.Tensor, T: int, seeds: list[int]) -> Callable[[], None]:
+    ccfg = ConsensusConfig()
+
+    def run() -> None:
+        with torch.no_grad():  # as engine/annotate.py runs it
+            a = analyze(ens, x, mc_samples=T, seeds=seeds, maps=MapConfig())
+            res = apply_consensus(a, ccfg, ens.background_index)
+            res.mask  # noqa: B018
+
+    return run
+
+
+class _Logits(torch.nn.Module):
+    """A member as pytorch-grad-cam expects a model: ``forward(x in [0, 1]) -> logits``."""
+
+    def __init__(self, member: Member) -> None:
+        super().__init__()
+        self.member = member
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.member(x)
+
+
+def naive_fn(ens: Ensemble, x: torch.Tensor, T: int) -> Callable[[], None]:
+    from pytorch_grad_cam import XGradCAM
+
+    def run() -> None:
+        xf = ens.normalize(x)
+        masks = []
+        for m in ens.members:
+            layer = dict(m.backbone.named_modules())[m.cam_layer]
+            cam = XGradCAM(model=_Logits(m), target_layers=[layer])  # calls model.eval(): dropout off
+            try:
+                grey = cam(input_tensor=xf, targets=None)  # (B, S, S) numpy, min-max normalised per image
+            finally:
+                cam.activations_and_grads.release()
+            m.zero_grad(set_to_none=True)
+            with torch.inference_mode(), mc_dropout(m):  # dropout on (only dropout) for the T passes
+                probs = torch.stack([torch.softmax(m(xf), -1) for _ in range(T)])
+            probs.mean(0), probs.var(0)  # noqa: B018
+            masks.append(grey > 0.5)
+        import numpy as np
+
+        np.logical_and.reduce(masks)  # the paper's intersection
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+
+def time_core(ens: Ensemble, x: torch.Tensor, T: int, repeats: int, naive: bool,
+              device: torch.device) -> dict[str, float]:
+    """Seconds per image (median over repeats) of floor, core and naive, interleaved so drift hits all."""
+    seeds = list(range(x.shape[0]))
+    fns = {"floor": floor_fn(ens, x), "core": core_fn(ens, x, T, seeds)}
+    if naive:
+        fns["naive"] = naive_fn(ens, x, T)
+    for fn in fns.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(elapsed(fn, device))
+    return {k: statistics.median(v) / x.shape[0] for k, v in times.items()}
+
+
+def time_end_to_end(ens: Ensemble, run: Path, images: Path, warm: Path, work: Path, T: int, batch: int,
+                    repeats: int, device: torch.device) -> tuple[float, float]:
+    """(seconds per image, seconds to load the run once) of ``annotate`` on ``images``."""
+    import pixelvote.engine.annotate as engine
+
+    t0 = time.perf_counter()
+    loaded = load_run(run, device=device)
+    load_s = time.perf_counter() - t0
+    n = sum(1 for p in images.rglob("*") if p.is_file())
+    per: list[float] = []
+    with mock.patch.object(engine, "load_run", lambda *a, **k: loaded):
+        for r in range(repeats + 1):  # the first is a warm-up on a few images
+            out = work / f"out{r}"
+            t0 = time.perf_counter()
+            engine.annotate(run, warm if r == 0 else images, out, batch_size=batch, mc_samples=T,
+                            device=str(device), progress=False)
+            sync(device)
+            if r:
+                per.append((time.perf_counter() - t0) / n)
+            shutil.rmtree(out, ignore_errors=True)
+    return statistics.median(per), load_s
+
+
+def peak_rss(run: Path, images: Path, out: Path, T: int, batch: int, device: torch.device) -> tuple[float, float]:
+    """(peak RSS in MiB, wall seconds) of ``pixelvote annotate`` run in its own process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "pixelvote.cli", "annotate", "--run", str(run), "--images", str(images),
+           "--out", str(out), "--mc-samples", str(T), "--batch-size", str(batch), "--device", str(device),
+           "--quiet"]
+    log = out.parent / (out.name + ".log")
+    t0 = time.perf_counter()
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's (and its reaped workers') rusage only
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"annotate failed ({proc.returncode}):\n{log.read_text(errors='replace')[-3000:]}")
+    return usage.ru_maxrss / 1024.0, wall  # ru_maxrss is in KiB on Linux
+
+
+def profile_analyze(preset: str, size: int, batch: int, T: int, device: torch.device, top: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    ens = build_ensemble(preset, size, device)
+    x = batch_from(real_images(batch), size)
+    run = core_fn(ens, x, T, list(range(batch)))
+    run()  # warm-up
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    stages: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    with profile(activities=acts, record_shapes=False) as prof, _stage_timers(stages, device):
+        run()
+    sync(device)
+    total = time.perf_counter() - t0
+    print(f"profile: {preset} @ {size} px, B={batch}, T={T}, device {device}, "
+          f"{torch.get_num_threads()} threads: {total:.3f} s for the call (noisy)")
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top))
+    print(f"{'stage (wall, nested stages are inside their callers)':58s} {'calls':>5s} {'ms':>9s} {'share':>6s}")
+    for name, v in stages.items():
+        print(f"{name:58s} {len(v):5d} {sum(v) * 1e3:9.1f} {sum(v) / total:6.1%}")
+    floor = floor_fn(ens, x)
+    floor()
+    print(f"floor (inference_mode forward of all members) for the same batch: {elapsed(floor, device):.3f} s "
+          "(noisy)")
+
+
+_STAGES = [  # (module, function): the steps of one analyze + apply_consensus call
+    ("pixelvote.explain.analyze", "run_member"),
+    ("pixelvote.explain.analyze", "sample_dropout_masks"),
+    ("pixelvote.explain.analyze", "mc_statistics"),
+    ("pixelvote.explain.analyze", "member_cams"),
+    ("pixelvote.explain.analyze", "xgradcam"),
+    ("pixelvote.explain.analyze", "weighted_map"),
+    ("pixelvote.explain.analyze", "upsample"),
+    ("pixelvote.consensus", "member_thresholds"),
+    ("pixelvote.consensus", "fuse_margins"),
+]
+
+
+class _stage_timers:
+    """Wrap the steps of the core (module-level names) with wall-clock timers and profiler labels."""
+
+    def __init__(self, out: dict[str, list[float]], device: torch.device) -> None:
+        import importlib
+
+        self.out, self.device, self.patches = out, device, []
+        for mod_name, fn_name in _STAGES:
+            mod = importlib.import_module(mod_name)
+            if hasattr(mod, fn_name):
+                self.patches.append(mock.patch.object(mod, fn_name, self._wrap(fn_name, getattr(mod, fn_name))))
+        self.patches.append(mock.patch.object(sys.modules[__name__], "apply_consensus",
+                                              self._wrap("apply_consensus", apply_consensus)))
+
+    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*a: Any, **k: Any) -> Any:
+            with torch.profiler.record_function(f"stage::{name}"):
+                sync(self.device)
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    sync(self.device)
+                    self.out.setdefault(name, []).append(time.perf_counter() - t0)
+
+        return timed
+
+    def __enter__(self) -> _stage_timers:
+        for p in self.patches:
+            p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in reversed(self.patches):
+            p.stop()
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def _fmt_ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="offline @ 128 px, T=8, 2 repeats, few images (< 2 min)")
+    ap.add_argument("--no-naive", action="store_true", help="skip the pytorch-grad-cam baseline (no grad-cam needed)")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end annotate timing")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS check")
+    ap.add_argument("--presets", help="comma-separated (default paper,offline; quick: offline)")
+    ap.add_argument("--sizes", help="comma-separated input sizes (default 224,512; quick: 128)")
+    ap.add_argument("--mc-samples", "-T", type=int, help="T (default 30; quick: 8)")
+    ap.add_argument("--repeats", type=int, help="timed repeats after the warm-up (default 5; quick: 2)")
+    ap.add_argument("--batch-size", type=int, help="images per batch, as annotate --batch-size (default 8; quick: 4)")
+    ap.add_argument("--images", type=int, help="real images for the end-to-end run (default 40; quick: 12)")
+    ap.add_argument("--memory-images", help="small,large image counts for the RSS check (default 50,500; "
+                    "quick: 20,60)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--profile", action="store_true", help="profile one analyze call and exit "
+                    "(offline @ 224 px, B=8, T=30 unless --presets/--sizes/--batch-size/-T say otherwise)")
+    ap.add_argument("--top", type=int, default=20, help="rows of the profile table")
+    args = ap.parse_args(argv)
+
+    q = args.quick
+    presets = (args.presets or ("offline" if q else "paper,offline")).split(",")
+    sizes = [int(s) for s in (args.sizes or ("128" if q else "224,512")).split(",")]
+    T = args.mc_samples or (8 if q else 30)
+    repeats = args.repeats or (2 if q else 5)
+    B = args.batch_size or (4 if q else 8)
+    n_e2e = args.images or (12 if q else 40)
+    mem_n = [int(v) for v in (args.memory_images or ("20,60" if q else "50,500")).split(",")]
+    device = torch.device(args.device)
+    naive = not args.no_naive
+
+    if args.profile:
+        profile_analyze(args.presets or "offline", int(args.sizes or 224), args.batch_size or 8,
+                        args.mc_samples or 30, device, args.top)
+        return {}
+    if naive:
+        try:
+            import pytorch_grad_cam  # noqa: F401
+        except ImportError:
+            raise SystemExit("the naive baseline needs pytorch-grad-cam: pip install grad-cam "
+                             "(or pass --no-naive)") from None
+
+    print(f"# pixelvote speed ({'quick' if q else 'full'}): device {device}, {torch.get_num_threads()} torch "
+          f"threads, T={T}, batch {B}, {repeats} repeats (medians; timings on a shared machine are noisy)")
+    ratios: dict[str, dict[str, float | None]] = {}
+    ms: dict[str, dict[str, float | None]] = {}
+    memory: dict[str, Any] | None = None
+    with tempfile.TemporaryDirectory(prefix="pixelvote-speed-") as tmp_s:
+        tmp = Path(tmp_s)
+        paths = real_images(max(n_e2e, B))
+        x_paths = paths[:B]
+        e2e_dir = copy_images(paths[:n_e2e], tmp / "images")
+        warm_dir = copy_images(paths[:B], tmp / "warm")
+        rows = []
+        for preset in presets:
+            for size in sizes:
+                key = f"{preset}@{size}"
+                ens = build_ensemble(preset, size, device)
+                x = batch_from(x_paths, size)
+                t = time_core(ens, x, T, repeats, naive, device)
+                e2e = load_s = None
+                if not args.no_e2e:
+                    run = write_run(ens, tmp / "runs" / key, T)
+                    e2e, load_s = time_end_to_end(ens, run, e2e_dir, warm_dir, tmp / "work" / key, T, B,
+                                                  repeats, device)
+                fl, co, na = t["floor"], t["core"], t.get("naive")
+                ratios[key] = {"core_over_floor": co / fl, "naive_over_core": None if na is None else na / co,
+                               "end_to_end_over_floor": None if e2e is None else e2e / fl}
+                ms[key] = {"floor": fl * 1e3, "core": co * 1e3, "naive": None if na is None else na * 1e3,
+                           "end_to_end": None if e2e is None else e2e * 1e3,
+                           "run_load": None if load_s is None else load_s * 1e3}
+                rows.append(key)
+                del ens
+        print(f"\n{'preset@size':16s} {'floor':>8s} {'core':>8s} {'naive':>9s} {'e2e':>8s}   "
+              f"{'core/floor':>10s} {'naive/core':>10s} {'e2e/floor':>9s}   (ms per image)")
+        for key in rows:
+            m, r = ms[key], ratios[key]
+            print(f"{key:16s} {m['floor']:8.1f} {m['core']:8.1f} "
+                  f"{'-' if m['naive'] is None else format(m['naive'], '9.1f'):>9s} "
+                  f"{'-' if m['end_to_end'] is None else format(m['end_to_end'], '8.1f'):>8s}   "
+                  f"{_fmt_ratio(r['core_over_floor']):>10s} {_fmt_ratio(r['naive_over_core']):>10s} "
+                  f"{_fmt_ratio(r['end_to_end_over_floor']):>9s}")
+        print(f"targets: core/floor <= {TARGET_CORE_OVER_FLOOR:g} at 224 px; naive/core >= "
+              f"{TARGET_NAIVE_OVER_CORE:g}; e2e/floor reported (decode + write on top of the core)")
+        for key in rows:
+            r, size = ratios[key], int(key.split("@")[1])
+            notes = []
+            if size == 224:
+                ok = r["core_over_floor"] <= TARGET_CORE_OVER_FLOOR  # type: ignore[operator]
+                notes.append(f"core/floor {'meets' if ok else 'MISSES'} <= {TARGET_CORE_OVER_FLOOR:g}")
+            if r["naive_over_core"] is not None:
+                ok = r["naive_over_core"] >= TARGET_NAIVE_OVER_CORE
+                notes.append(f"naive/core {'meets' if ok else 'MISSES'} >= {TARGET_NAIVE_OVER_CORE:g}")
+            if ms[key]["run_load"] is not None:
+                notes.append(f"run load {ms[key]['run_load']:.0f} ms once, not in e2e")
+            print(f"  {key}: " + "; ".join(notes or ["(targets apply at 224 px)"]))
+
+        if not args.no_memory:
+            size = min(sizes)
+            mem_preset = "offline" if "offline" in presets else presets[0]
+            ens = build_ensemble(mem_preset, size, torch.device("cpu"))
+            run = write_run(ens, tmp / "runs" / "memory", T)
+            del ens
+            hw = (160, 200) if q else (400, 500)
+            rss: dict[int, tuple[float, float]] = {}
+            for n in mem_n:
+                imgs = synthetic_pngs(n, tmp / f"mem{n}", hw)
+                rss[n] = peak_rss(run, imgs, tmp / f"memout{n}", T, B, device)
+                shutil.rmtree(imgs, ignore_errors=True)
+            lo, hi = rss[mem_n[0]][0], rss[mem_n[-1]][0]
+            growth = (hi - lo) / lo
+            memory = {"preset": mem_preset, "size": size,
+                      "images": mem_n, "peak_rss_mib": [round(rss[n][0], 1) for n in mem_n],
+                      "wall_s": [round(rss[n][1], 2) for n in mem_n], "growth": growth,
+                      "target_growth": TARGET_MEMORY_GROWTH}
+            print(f"\npeak RSS of `pixelvote annotate` ({memory['preset']} @ {size} px, {hw[1]}x{hw[0]} PNGs): "
+                  + ", ".join(f"{n} images {rss[n][0]:.0f} MiB ({rss[n][1]:.1f} s)" for n in mem_n)
+                  + f"; growth {growth * 100:+.1f}% ({'meets' if abs(growth) < TARGET_MEMORY_GROWTH else 'MISSES'}"
+                  f" < {TARGET_MEMORY_GROWTH * 100:.0f}%)")
+
+    result = {"ratios": ratios, "ms_per_image": ms, "memory": memory,
+              "config": {"quick": q, "device": str(device), "threads": torch.get_num_threads(), "T": T,
+                         "batch_size": B, "repeats": repeats, "e2e_images": n_e2e, "naive": naive}}
+    result = _finite(result)
+    print(json.dumps(result, allow_nan=False))
+    return result
+
+
+def _finite(v: Any) -> Any:
+    """NaN or infinity -> None, so the last line is strict JSON."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+if __name__ == "__main__":
+    main()

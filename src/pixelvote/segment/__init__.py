@@ -1,0 +1,1 @@
+"""Stage two: a segmentation network learned from consensus masks and reviewers' corrections."""

@@ -1,0 +1,107 @@
+"""Training targets for the segmenter, read from an annotation output folder.
+
+- unflagged (or reviewed) images diagnosed with a finding: their consensus mask;
+- background-class images: all-background negatives;
+- reviewed images weigh more (``reviewed_weight``);
+- pixels that are uncertain are ignored in the loss rather than counted as background: a band around the
+  mask's edge, and pixels whose MC uncertainty map is high.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pixelvote.data.imageio import read_image, read_jsonl, read_mask
+from pixelvote.data.transforms import resize_image, to_tensor
+from pixelvote.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SegExample:
+    image: Path
+    mask: Path | None  # None = background negative
+    uncertainty: Path | None
+    weight: float
+    reviewed: bool
+
+
+def select_examples(out: str | Path, *, background: str, mode: str = "confident",
+                    reviewed_weight: float = 3.0) -> list[SegExample]:
+    """Pick training examples from ``out/annotations.jsonl``. ``mode``: ``confident`` (unflagged + reviewed),
+    ``reviewed`` (reviewed only), ``all`` (every record)."""
+    out = Path(out)
+    if not (out / "annotations.jsonl").exists():
+        raise DataError("no annotations.jsonl here", path=out, fix="pass the --out folder of `pixelvote annotate`")
+    examples = []
+    for rec in read_jsonl(out / "annotations.jsonl"):
+        reviewed = bool(rec.get("reviewed"))
+        if mode == "reviewed" and not reviewed:
+            continue
+        if mode == "confident" and rec.get("flagged") and not reviewed:
+            continue
+        bg = rec["label"] == background
+        unc = out / rec["uncertainty"] if rec.get("uncertainty") and not reviewed else None
+        examples.append(SegExample(Path(rec["image"]), None if bg else out / rec["mask"],
+                                   unc if unc is not None and unc.exists() else None,
+                                   reviewed_weight if reviewed else 1.0, reviewed))
+    if not examples:
+        raise DataError(f"no usable records for mode {mode!r}", path=out / "annotations.jsonl",
+                        fix="annotate more images, review some, or use --all")
+    return examples
+
+
+def read_grey(path: Path) -> np.ndarray:
+    return read_image(path)[..., 0]
+
+
+def _band(mask: torch.Tensor, r: int) -> torch.Tensor:
+    m = mask.float()[None, None]
+    dil = F.max_pool2d(m, 2 * r + 1, stride=1, padding=r)
+    ero = -F.max_pool2d(-m, 2 * r + 1, stride=1, padding=r)
+    return (dil - ero)[0, 0] > 0
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """Images, targets and loss weights at ``size x size``; targets: 1 fg, 0 bg; ``weight`` 0 = ignored."""
+
+    def __init__(self, examples: list[SegExample], size: int, *, edge_band: float = 0.03,
+                 uncertainty_ignore: float = 0.35) -> None:
+        self.examples, self.size = examples, size
+        self.edge_band, self.uncertainty_ignore = edge_band, uncertainty_ignore
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if i not in self.cache:
+            self.cache[i] = self._load(self.examples[i])
+        return self.cache[i]
+
+    def _load(self, ex: SegExample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self.size
+        img = read_image(ex.image)
+        x = resize_image(to_tensor(img), s)
+        if ex.mask is None:
+            target = torch.zeros(s, s)
+            weight = torch.full((s, s), ex.weight)
+            return x, target, weight
+        m = read_mask(ex.mask, (img.shape[1], img.shape[0]))
+        target = F.interpolate(torch.from_numpy(m.astype(np.float32))[None, None], size=(s, s),
+                               mode="area")[0, 0].gt(0.5).float()
+        weight = torch.full((s, s), ex.weight)
+        if not ex.reviewed:
+            weight[_band(target > 0, max(1, round(self.edge_band * s)))] = 0.0
+            if ex.uncertainty is not None:
+                unc = torch.from_numpy(read_grey(ex.uncertainty).astype(np.float32) / 255.0)
+                unc = F.interpolate(unc[None, None], size=(s, s), mode="area")[0, 0]
+                weight[(unc > self.uncertainty_ignore) & (target == 0)] = 0.0
+        return x, target, weight

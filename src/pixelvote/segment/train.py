@@ -1,0 +1,135 @@
+"""`pixelvote segment train`: fit the segmenter on pseudo-masks (+ reviewed masks), save SEGRUN."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from pixelvote.data.imageio import read_jsonl, write_json_atomic
+from pixelvote.errors import CheckpointError
+from pixelvote.models.checkpoint import load_weights, save_weights
+from pixelvote.models.ensemble import default_device
+from pixelvote.segment.data import SegDataset, select_examples
+from pixelvote.segment.model import Segmenter
+
+log = logging.getLogger(__name__)
+SEG_FORMAT = 1
+
+
+class SegConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: int = SEG_FORMAT
+    encoder: str = "efficientnet_lite0"
+    image_size: int = Field(224, ge=32)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    mode: str = "confident"
+    reviewed_weight: float = 3.0
+    seed: int = 0
+    threshold: float = 0.5
+    background: str = ""
+    classes: list[str] = Field(default_factory=list)
+    examples: int = 0
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
+    bce = bce / weight.sum().clamp_min(1.0)
+    p = torch.sigmoid(logits) * (weight > 0)
+    t = target * (weight > 0)
+    inter = (p * t).flatten(1).sum(1)
+    dice = 1 - (2 * inter + 1) / (p.flatten(1).sum(1) + t.flatten(1).sum(1) + 1)
+    has_fg = t.flatten(1).sum(1) > 0
+    return bce + (dice[has_fg].mean() if has_fg.any() else 0.0 * bce)
+
+
+def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path | None = None,
+                    cfg: SegConfig | None = None, pretrained: bool = True, device: str | None = None) -> Path:
+    cfg = (cfg or SegConfig()).model_copy()
+    annotations, out = Path(annotations), Path(out)
+    meta_path = annotations / "annotate.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    cfg.background = meta.get("background") or cfg.background
+    cfg.classes = meta.get("classes") or cfg.classes
+    if run is not None and not cfg.background:
+        from pixelvote.models.checkpoint import read_run_config
+
+        rc = read_run_config(run)
+        cfg.background, cfg.classes = rc.background, rc.classes
+    examples = select_examples(annotations, background=cfg.background, mode=cfg.mode,
+                               reviewed_weight=cfg.reviewed_weight)
+    cfg.examples = len(examples)
+    dev = torch.device(device) if device else default_device()
+    torch.manual_seed(cfg.seed)
+    model = Segmenter(cfg.encoder, pretrained=pretrained).to(dev)
+    ds = SegDataset(examples, cfg.image_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    out.mkdir(parents=True, exist_ok=True)
+    history = []
+    g = torch.Generator().manual_seed(cfg.seed)
+    for epoch in tqdm(range(cfg.epochs), desc="training segmenter", unit="epoch"):
+        t0 = time.time()
+        model.train()
+        total, n = 0.0, 0
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=g)
+        for x, target, weight in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch"):
+            x = x.to(dev).float().div_(255.0)
+            target, weight = target.to(dev), weight.to(dev)
+            if torch.rand(()) < 0.5:  # horizontal flip of the whole batch
+                x, target, weight = x.flip(-1), target.flip(-1), weight.flip(-1)
+            loss = _loss(model(x), target, weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(x)
+            n += len(x)
+        sched.step()
+        history.append({"epoch": epoch + 1, "loss": total / max(n, 1), "seconds": round(time.time() - t0, 2)})
+        log.info("segmenter epoch %d: loss %.4f", epoch + 1, total / max(n, 1))
+    save_weights(out / "segmenter.safetensors", model)
+    write_json_atomic(out / "history.json", history)
+    write_json_atomic(out / "segmenter.json", cfg.model_dump(mode="json"))
+    return out
+
+
+def load_segmenter(segrun: str | Path, device: str | torch.device | None = None) -> tuple[Segmenter, SegConfig]:
+    segrun = Path(segrun)
+    path = segrun / "segmenter.json"
+    if not path.exists():
+        raise CheckpointError("not a segmenter run (no segmenter.json)", path=segrun,
+                              fix="pass the --out folder of `pixelvote segment train`")
+    try:
+        cfg = SegConfig.model_validate_json(path.read_text())
+    except Exception as exc:
+        raise CheckpointError(f"segmenter.json is invalid ({exc})", path=path, fix="re-train the segmenter") from None
+    if cfg.format_version > SEG_FORMAT:
+        raise CheckpointError("segmenter written by a newer pixelvote", path=path, fix="upgrade pixelvote")
+    model = Segmenter(cfg.encoder, pretrained=False)
+    try:
+        model.load_state_dict(load_weights(segrun / "segmenter.safetensors"))
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights do not fit the segmenter ({str(exc).splitlines()[0]})",
+                              path=segrun / "segmenter.safetensors", fix="re-train the segmenter") from None
+    dev = torch.device(device) if device else default_device()
+    return model.to(dev).eval(), cfg
+
+
+@torch.no_grad()
+def predict(model: Segmenter, images: torch.Tensor) -> torch.Tensor:
+    """Foreground probability ``(B, S, S)`` for uint8 images ``(B, 3, S, S)`` (flip-averaged)."""
+    dev = next(model.parameters()).device
+    x = images.to(dev).float().div_(255.0)
+    return 0.5 * (torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1))).flip(-1))
+
+
+def reviewed_count(annotations: str | Path) -> int:
+    return sum(1 for r in read_jsonl(Path(annotations) / "annotations.jsonl") if r.get("reviewed"))

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelvote.errors import CheckpointError, DataError
+from pixelvote.segment.data import SegDataset, select_examples
+from pixelvote.segment.train import SegConfig, load_segmenter, predict, train_segmenter
+
+
+def _out(tmp_path, n=6):
+    out = tmp_path / "out"
+    for d in ("masks", "uncertainty", "img"):
+        (out / d).mkdir(parents=True)
+    (out / "annotate.json").write_text(json.dumps({"classes": ["lesion", "normal"], "background": "normal"}))
+    recs = []
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = (rng.random((40, 50)) * 60).astype(np.uint8)
+        m = np.zeros((40, 50), np.uint8)
+        label = "lesion" if i % 3 else "normal"
+        if label == "lesion":
+            img[10:25, 10:30] += 150
+            m[10:25, 10:30] = 255
+        Image.fromarray(img).save(out / "img" / f"{i}.png")
+        Image.fromarray(m).save(out / "masks" / f"{i}.png")
+        unc = np.zeros((40, 50), np.uint8)
+        unc[0:5, :] = 200  # very uncertain top rows
+        Image.fromarray(unc).save(out / "uncertainty" / f"{i}.png")
+        recs.append({"image": str(out / "img" / f"{i}.png"), "key": str(i), "mask": f"masks/{i}.png",
+                     "uncertainty": f"uncertainty/{i}.png", "label": label, "flagged": i == 5,
+                     **({"reviewed": True} if i == 4 else {})})
+    (out / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return out
+
+
+def test_example_selection_modes(tmp_path):
+    out = _out(tmp_path)
+    conf = select_examples(out, background="normal")
+    assert len(conf) == 5  # the flagged, unreviewed image is left out
+    assert sum(e.mask is None for e in conf) == 2  # background images are negatives
+    assert [e.weight for e in conf if e.reviewed] == [3.0]
+    assert len(select_examples(out, background="normal", mode="reviewed")) == 1
+    assert len(select_examples(out, background="normal", mode="all")) == 6
+    with pytest.raises(DataError, match="no annotations.jsonl"):
+        select_examples(tmp_path, background="normal")
+
+
+def test_uncertain_pixels_are_ignored_not_background(tmp_path):
+    out = _out(tmp_path)
+    ex = [e for e in select_examples(out, background="normal") if e.mask is not None and not e.reviewed][0]
+    x, target, weight = SegDataset([ex], 50)[0]
+    assert x.shape == (3, 50, 50) and target.shape == (50, 50)
+    assert float(weight[:5].max()) == 0.0  # uncertain band at the top
+    assert float(weight[30:, 40:].min()) == 1.0  # certain background counts
+    edge = (target > 0) & (weight == 0)
+    assert edge.any()  # the mask's edge band is ignored
+    reviewed = [e for e in select_examples(out, background="normal") if e.reviewed][0]
+    _, _, w = SegDataset([reviewed], 50)[0]
+    assert float(w.min()) == 3.0  # reviewed masks are trusted everywhere
+
+
+def test_train_save_load_predict(tmp_path):
+    out = _out(tmp_path)
+    seg = train_segmenter(out, tmp_path / "seg", cfg=SegConfig(epochs=2, image_size=64, batch_size=4),
+                          pretrained=False, device="cpu")
+    cfg = json.loads((seg / "segmenter.json").read_text())
+    assert cfg["background"] == "normal" and cfg["examples"] == 5
+    model, scfg = load_segmenter(seg, device="cpu")
+    p = predict(model, torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
+    assert p.shape == (2, 64, 64) and 0 <= float(p.min()) and float(p.max()) <= 1
+    (seg / "segmenter.safetensors").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_segmenter(seg)
