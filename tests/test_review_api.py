@@ -64,6 +64,13 @@ def predicted(out: Path, key: str) -> np.ndarray:
     return np.asarray(Image.open(out / "masks" / f"{key}.png")) > 127
 
 
+def image_of(out: Path, key: str) -> str:
+    for line in (out / "annotations.jsonl").read_text().splitlines():
+        if line.endswith("}") and json.loads(line)["key"] == key:
+            return str(json.loads(line)["image"])
+    raise KeyError(key)
+
+
 def post(client: TestClient, **body):
     return client.post("/api/decisions", json=body)
 
@@ -133,8 +140,7 @@ def test_image_detail_and_files(client: TestClient, out: Path) -> None:
         assert read_png(r.content).shape[:2] == (H, W)
     # the original image is re-encoded, pixel for pixel
     img = read_png(client.get(d["files"]["image"]).content)
-    src = np.asarray(Image.open(d["image_name"] and json.loads(
-        (out / "annotations.jsonl").read_text().splitlines()[5])["image"]).convert("RGB"))
+    src = np.asarray(Image.open(image_of(out, "a/scan 01")).convert("RGB"))
     np.testing.assert_array_equal(img, src)
     assert client.get("/api/images/nope").status_code == 404
     assert client.get("/api/files/mask/nope").status_code == 404

@@ -110,7 +110,10 @@ def image_size(path: str | Path) -> tuple[int, int]:
                 orientation = img.getexif().get(0x0112, 1)
             except Exception:
                 orientation = 1
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image is too large to decode safely ({exc})", path=path,
+                        fix="downscale it before annotating") from exc
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise DataError(f"not a readable image ({exc})", path=path, fix="re-export or remove it") from exc
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 

@@ -61,14 +61,20 @@ class VariantTable:
 
 def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfig], *,
             fusions: Sequence[str] = ("intersection", "mean", "vote"), base: ConsensusConfig | None = None,
-            mc_samples: int = 1, grid: Sequence[float] = GRID) -> dict[tuple[str, str], VariantTable]:
-    """IoU tables for every recipe x fusion on the images of ``batches`` that have a foreground mask."""
+            mc_samples: int = 1, grid: Sequence[float] = GRID,
+            segmenter: torch.nn.Module | None = None) -> dict[tuple[str, str], VariantTable]:
+    """IoU tables for every recipe x fusion on the images of ``batches`` that have a foreground mask.
+    With ``segmenter`` a ("segmenter", "-") row is added: its probability map, gated like every other row
+    by the ensemble's diagnosis (a background diagnosis gives an empty mask)."""
     import time
 
     base = base or ConsensusConfig()
     bg = ens.background_index
     rows: dict[tuple[str, str], list[torch.Tensor]] = {(r, f): [] for r in recipes for f in fusions}
     seconds = dict.fromkeys(recipes, 0.0)
+    if segmenter is not None:
+        rows[("segmenter", "-")] = []
+        seconds["segmenter"] = 0.0
     n_images = 0
     for batch in batches:
         use = [i for i, m in enumerate(batch.masks) if m is not None and int(batch.labels[i]) != bg]
@@ -77,10 +83,12 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
         n_images += len(use)
         imgs = batch.images[use]
         seeds = [batch.seeds[i] for i in use]
+        fg = None
         for rname, rcfg in recipes.items():
             t0 = time.perf_counter()
             a = analyze(ens, imgs, mc_samples=mc_samples, seeds=seeds, maps=rcfg)
             seconds[rname] += time.perf_counter() - t0
+            fg = a.label != bg
             for fusion in fusions:
                 cfg = base.model_copy(update={"fusion": fusion, "threshold_method": "fixed", "threshold": 1e-6})
                 res = apply_consensus(a, cfg, bg)
@@ -90,10 +98,26 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
                     score = F.interpolate(res.margin[j][None, None], size=tuple(truth.shape), mode="bilinear",
                                           align_corners=False)[0, 0]
                     rows[(rname, fusion)].append(iou_over_grid(score, truth, grid))
+        if segmenter is not None:
+            from pixelvote.segment.train import predict
+
+            t0 = time.perf_counter()
+            prob = predict(segmenter, imgs)
+            seconds["segmenter"] += time.perf_counter() - t0
+            if fg is None:
+                fg = analyze(ens, imgs, mc_samples=1, seeds=seeds).label != bg
+            for j, i in enumerate(use):
+                truth = batch.masks[i]
+                assert truth is not None
+                score = F.interpolate(prob[j][None, None], size=tuple(truth.shape), mode="bilinear",
+                                      align_corners=False)[0, 0]
+                if not bool(fg[j]):
+                    score = torch.zeros_like(score)
+                rows[("segmenter", "-")].append(iou_over_grid(score, truth, grid))
     out = {}
     for (r, f), lst in rows.items():
         ious = torch.stack(lst) if lst else torch.zeros(0, len(grid))
-        out[(r, f)] = VariantTable(recipes[r], f, ious, seconds[r] / max(n_images, 1))
+        out[(r, f)] = VariantTable(recipes.get(r, MapConfig()), f, ious, seconds[r] / max(n_images, 1))
     return out
 
 

@@ -133,8 +133,8 @@ class ReviewStore:
         self._lock = threading.Lock()
         if not create and not self.path.is_file():
             raise DataError("no review database", path=self.path, fix="run `pixelvote review` first.")
-        conn = self._conn()
         try:
+            conn = self._conn()
             conn.execute("PRAGMA journal_mode=WAL")
             with self._write(conn):  # executescript() would commit on its own
                 for stmt in filter(str.strip, _SCHEMA.split(";")):
@@ -151,7 +151,8 @@ class ReviewStore:
         except sqlite3.DatabaseError as exc:
             self.close()
             raise DataError(f"not a usable SQLite database ({exc})", path=self.path,
-                            fix="move the file away; decisions in it cannot be read.") from exc
+                            fix="the folder must be writable; move a damaged file away (its decisions "
+                                "cannot be read).") from exc
 
     # -- connections ---------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -159,11 +160,11 @@ class ReviewStore:
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
                                    check_same_thread=False)
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-            self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
+            conn.execute("PRAGMA synchronous=FULL")  # WAL + FULL: a commit survives a power cut
+            conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+            self._local.conn = conn
         return conn
 
     @contextlib.contextmanager

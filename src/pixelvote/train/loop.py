@@ -206,7 +206,12 @@ def _train_member(i: int, name: str, mcfg: MemberConfig, mstate: dict, cfg: Trai
     if start > 0:
         member.load_state_dict(load_weights(ckpt_dir / f"{key}.safetensors"))
         load_optimizer(opt, ckpt_dir / f"{key}.optim.safetensors")
-        sched.load_state_dict(mstate["scheduler"])
+        if "scheduler" in mstate:
+            sched.load_state_dict(mstate["scheduler"])
+        else:  # a checkpoint from before the schedule was saved: put the cosine schedule at `start`
+            sched.last_epoch = start
+            for g, base in zip(opt.param_groups, sched.base_lrs):
+                g["lr"] = base * 0.5 * (1 + math.cos(math.pi * start / cfg.epochs))
         log.info("%s: resuming after epoch %d", name, start)
     ds = _Augmented(data.train, cfg.image_size)
     bar = tqdm(range(start, cfg.epochs), desc=f"training {name}", unit="epoch", initial=start, total=cfg.epochs)
