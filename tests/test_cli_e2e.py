@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -123,3 +124,25 @@ def test_segmenter_stage_two_through_the_cli(trained, tmp_path):
         assert set(rec["reasons"]) <= {"disagreement", "high_mutual_information", "high_variance",
                                        "low_confidence", "empty_mask", "no_agreeing_member",
                                        "segmenter_disagrees"}
+
+
+def test_improve_loop_with_simulated_review(trained, tmp_path):
+    _, data, run = trained
+    work = tmp_path / "work"
+    r = runner.invoke(app, ["improve", "--run", str(run), "--images", str(data / "images"), "--out", str(work),
+                            "--truth", str(data), "--review-fraction", "0.5", "--seg-epochs", "1",
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    log = json.loads((work / "improve_log.json").read_text())
+    assert [e["round"] for e in log] == [0, 1]
+    assert log[0]["masks_from"] == "consensus" and log[1]["masks_from"] == "segmenter"
+    assert log[0]["simulated_reviews"] == 6 and log[0]["reviewed"] == 6
+    # the reviewed images are excluded from the score, so both rounds score the same 6 images
+    assert log[0]["validation"]["images"] == log[1]["validation"]["images"] == 6
+    recs = [json.loads(x) for x in (work / "round1" / "annotations" / "annotations.jsonl").read_text().splitlines()]
+    reviewed = [x for x in recs if x.get("reviewed")]
+    assert len(reviewed) == 6
+    for x in reviewed:  # reviewed masks carried over: identical to the truth
+        truth = np.asarray(Image.open(data / "masks" / "lesion" / (Path(x["image"]).stem + ".png"))) > 0
+        pred = np.asarray(Image.open(work / "round1" / "annotations" / x["mask"])) > 0
+        assert (truth == pred).all()

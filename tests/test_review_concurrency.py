@@ -64,7 +64,7 @@ def server_process(out: Path) -> Iterator[tuple[subprocess.Popen, str]]:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-        assert m, f"the server did not announce its address: {line!r} {proc.stdout.read() if proc.poll() else ''}"
+        assert m, f"the server did not announce its address: {line!r}"
         url = f"http://127.0.0.1:{m.group(1)}"
         deadline = time.monotonic() + 30
         while True:
@@ -90,7 +90,8 @@ def _rows(out: Path) -> list[tuple]:
     conn = sqlite3.connect(out / "review.sqlite")
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        return conn.execute("SELECT id, request_id, image_key, reviewer, action FROM decisions ORDER BY id").fetchall()
+        sql = "SELECT id, request_id, image_key, reviewer, action FROM decisions ORDER BY id"
+        return conn.execute(sql).fetchall()
     finally:
         conn.close()
 

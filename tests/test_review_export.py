@@ -104,6 +104,16 @@ def test_reviewed_records_for_the_exporters_reader(out: Path, tmp_path: Path) ->
     assert [r.get("mask") for r in again] == [r.get("mask") for r in folder.records]
 
 
+def test_applying_twice_changes_nothing(out: Path, tmp_path: Path) -> None:
+    reviewed_set(out)
+    folder = open_output(out)
+    once = reviewed_records(out, folder.records, folder.classes.names)
+    twice = reviewed_records(out, once, folder.classes.names)
+    assert once == twice
+    assert {r["key"]: r["review"]["predicted_label"] for r in twice if r.get("reviewed")} == {
+        "case 01": "malignant", "a/scan 01": "benign", "case 05": "malignant"}
+
+
 def test_no_database_changes_nothing(out: Path) -> None:
     folder = open_output(out)
     assert reviewed_records(out, folder.records, folder.classes.names) == folder.records
@@ -112,8 +122,9 @@ def test_no_database_changes_nothing(out: Path) -> None:
 
 def test_stale_decisions_are_ignored(out: Path, caplog: pytest.LogCaptureFixture) -> None:
     with ReviewStore(out / "review.sqlite") as st:
-        st.add(NewDecision(key="case 04", action="edit", label="benign", mask_png=encode_mask(np.ones((3, 3))),
-                           mask_area=9, width=3, height=3, reviewer="ann"))
+        st.add(NewDecision(key="case 04", action="edit", label="benign",
+                           mask_png=encode_mask(np.ones((3, 3))), mask_area=9, width=3, height=3,
+                           reviewer="ann"))
     folder = open_output(out)
     recs = reviewed_records(out, folder.records, folder.classes.names)
     assert recs == folder.records

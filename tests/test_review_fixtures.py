@@ -79,7 +79,8 @@ def make_review_out(tmp_path: Path, size: tuple[int, int] = (96, 128), specs: di
         area = int(mask.sum())
         lines.append(json.dumps({
             "image": str(img_path.resolve()), "key": key,
-            "mask": f"masks/{key}.png", "overlay": f"overlays/{key}.png", "uncertainty": f"uncertainty/{key}.png",
+            "mask": f"masks/{key}.png", "overlay": f"overlays/{key}.png",
+            "uncertainty": f"uncertainty/{key}.png",
             "width": w, "height": h, "label": label, "label_index": CLASSES.index(label), "probability": prob,
             "probabilities": {label: prob, others[0]: round((1 - prob) * 0.7, 4),
                               others[1]: round((1 - prob) * 0.3, 4)},

@@ -190,6 +190,26 @@ def segment_train(
     typer.echo(f"segmenter saved to {path}; use it with `pixelvote annotate --segmenter {path}`")
 
 
+@app.command()
+def improve(
+    run: Path = typer.Option(..., "--run"),
+    images: Path = typer.Option(..., "--images", help="the images to annotate (folder or CSV)"),
+    work: Path = typer.Option(..., "--out", help="working folder: round0/, round1/, ..., improve_log.json"),
+    rounds: int = typer.Option(1, min=1),
+    truth: Optional[Path] = typer.Option(None, help="DATA root with masks/: simulate reviews and log IoU"),
+    review_fraction: float = typer.Option(0.2, help="share of the most uncertain images reviewed (simulated)"),
+    seg_epochs: int = typer.Option(10, min=1),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """The loop a team runs: annotate -> review -> retrain the segmenter -> re-annotate (log IoU per round)."""
+    _setup_logging(True)
+    from pixelvote.segment.improve import improve as run_improve
+
+    for entry in run_improve(run, images, work, rounds=rounds, truth=truth, review_fraction=review_fraction,
+                             seg_epochs=seg_epochs, device=device):
+        typer.echo(json.dumps(entry))
+
+
 @app.command("models")
 def list_models_cmd() -> None:
     """List the registered backbones and presets."""

@@ -87,8 +87,8 @@ class Guard:
                 await send({"type": "http.response.body", "body": b""})
                 return
             await self._reply(send, 401, "this review desk needs its token: open the address that "
-                              "`pixelvote review` printed (…/?token=…), or send 'Authorization: Bearer TOKEN'",
-                              {"www-authenticate": "Bearer"})
+                              "`pixelvote review` printed (…/?token=…), or send "
+                              "'Authorization: Bearer TOKEN'", {"www-authenticate": "Bearer"})
             return
         length = Headers(scope=scope).get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):

@@ -35,7 +35,12 @@ REVIEW_MASKS = "review/masks"
 
 
 def reviewed_record(rec: dict[str, Any], d: Decision, classes: Sequence[str], mask: str) -> dict[str, Any]:
-    """``rec`` with decision ``d`` applied; ``mask`` is the reviewed mask's path (relative to OUT)."""
+    """``rec`` with decision ``d`` applied; ``mask`` is the reviewed mask's path (relative to OUT).
+
+    Idempotent: a record that already carries ``d`` only gets the new mask path.
+    """
+    if isinstance(rec.get("review"), dict) and rec["review"].get("decision_id") == d.id:
+        return dict(rec, mask=mask)
     w, h = int(rec["width"]), int(rec["height"])
     out = dict(rec)
     out.update(
@@ -94,7 +99,8 @@ def reviewed_records(out_dir: str | Path, records: Iterable[dict[str, Any]],
                 except OSError as exc:
                     if fallback is None:
                         fallback = Path(tempfile.mkdtemp(prefix="pixelvote-review-"))
-                        logger.warning("%s is not writable (%s); reviewed masks go to %s", root, exc, fallback)
+                        logger.warning("%s is not writable (%s); reviewed masks go to %s",
+                                       root, exc, fallback)
                     target = fallback / rel
                     write_bytes_atomic(target, store.mask_png(d.id))
                     rel = str(target)  # absolute: OutputFolder.mask_path joins it as is

@@ -72,5 +72,6 @@ def serve(settings: ReviewSettings, *, announce: Callable[[str], object] | None 
 def run_review(out_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8765, reviewer: str | None = None,
                token: str | None = None, announce: Callable[[str], object] | None = None) -> None:
     """What ``pixelvote review OUT`` runs: validate the options, then :func:`serve`."""
-    settings = ReviewSettings.build(out_dir=Path(out_dir), host=host, port=port, reviewer=reviewer, token=token)
+    settings = ReviewSettings.build(out_dir=Path(out_dir), host=host, port=port, reviewer=reviewer,
+                                    token=token)
     serve(settings, announce=announce)

@@ -8,7 +8,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pixelvote.errors import ConfigError
 from pixelvote.review.store import DB_FILE
@@ -96,6 +104,9 @@ class ReviewSettings(BaseModel):
             msgs = []
             for e in exc.errors():
                 where = ".".join(str(p) for p in e["loc"])
-                msgs.append(f"{where}: {e['msg']}" if where else e["msg"])
-            raise ConfigError("invalid review settings: " + "; ".join(msgs),
-                              fix="see `pixelvote review --help`.") from None
+                msg = str(e["msg"]).removeprefix("Value error, ")
+                msgs.append(f"{where}: {msg}" if where else msg)
+            text = "; ".join(msgs)
+            fix = ("keep --host 127.0.0.1, or pass --token (e.g. `--token $(openssl rand -hex 16)`, or set "
+                   "PIXELVOTE_REVIEW_TOKEN)" if "token" in text else "see `pixelvote review --help`.")
+            raise ConfigError(f"invalid review settings: {text}", fix=fix) from None

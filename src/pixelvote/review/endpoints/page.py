@@ -15,7 +15,7 @@ _FILES = {
 
 
 def _read(name: str) -> bytes:
-    return resources.files("pixelvote.review").joinpath("static", name).read_bytes()
+    return resources.files("pixelvote.review").joinpath("static").joinpath(name).read_bytes()
 
 
 @router.get("/")
