@@ -13,6 +13,8 @@ install: $(BIN)/python
 
 install-test: $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
+	@# Debian's chromium for the review desk's browser test (Playwright never downloads a browser here)
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) || echo "chromium not installed: the browser test will say why it skips"
 
 demo: install
 	$(BIN)/pixelvote demo

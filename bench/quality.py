@@ -110,7 +110,8 @@ def summarise(name: str, m: dict[str, Any], seconds: float, reused: bool) -> dic
     ens = (m.get("classification") or {}).get("ensemble") or {}
     px = m.get("pixel") or {}
     members = px.get("members") or {}
-    best = max(members.items(), key=lambda kv: kv[1].get("mean_iou") or -1.0, default=(None, {}))
+    best: tuple[str | None, dict[str, Any]] = max(
+        members.items(), key=lambda kv: kv[1].get("mean_iou") or -1.0, default=(None, {}))
     return {"set": name, "images": m["n_images"], "accuracy": ens.get("accuracy"),
             "balanced_accuracy": ens.get("balanced_accuracy"), "auroc": ens.get("auroc"),
             "iou_images": (px.get("consensus") or {}).get("images"),

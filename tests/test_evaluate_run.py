@@ -138,7 +138,7 @@ def test_bad_image_and_mismatched_mask_are_reported_not_fatal(trained, tmp_path)
     shutil.copytree(data, copy)
     (copy / "images" / "lesion" / "broken.png").write_bytes(b"not a png at all")
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(copy / "masks" / "lesion" / "lesion 3.png")
-    m = _evaluate(run, copy, tmp_path / "r1")
+    m = _evaluate(run, copy, tmp_path / "r1", max_gallery=0)
     assert m["config"]["split"] == "all" and m["n_images"] == 24  # another root: every image
     assert [Path(s["image"]).name for s in m["skipped"]] == ["broken.png"]
     assert len(m["mask_problems"]) == 1 and "10x10" in m["mask_problems"][0]["reason"]
@@ -220,7 +220,7 @@ def test_tbx11k_layout_box_protocol(trained, tmp_path):
     (only / "imgs" / "Active-TB").mkdir()
     (only / "imgs" / "tb" / "tb0000.png").rename(only / "imgs" / "Active-TB" / "tb0000.png")
     mapping = TBMapping(tb_folders=frozenset({"tb", "active_tb"}))
-    o = _evaluate(run, only, tmp_path / "o", tbx11k_mapping=mapping)
+    o = _evaluate(run, only, tmp_path / "o", tbx11k_mapping=mapping, max_gallery=0)
     assert o["n_images"] == 3 and [Path(s["image"]).name for s in o["skipped"]] == ["tb0003.png"]
     assert o["data"]["class_counts"] == {"lesion": 3, "normal": 0}
     assert any("not meaningful" in n for n in o["notes"])

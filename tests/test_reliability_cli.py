@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,17 +51,27 @@ def skipped_warnings(caplog, path: str) -> int:
     return sum(1 for r in caplog.records if r.levelno == logging.WARNING and path in r.getMessage())
 
 
+_SHARED: dict[str, tuple[Path, Path, Path]] = {}
+
+
+def tiny_run(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(root, data, run): one tiny trained run shared by the reliability modules (trained once a session)."""
+    if "run" not in _SHARED:
+        from conftest import write_blob_dataset
+
+        root = tmp_path_factory.mktemp("rel_run")
+        data = write_blob_dataset(root / "data", per_class=6)
+        run = root / "run"
+        r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--epochs",
+                                "1", "--image-size", "32", "--no-pretrained", "--mc-samples", "2", "--quiet"])
+        assert r.exit_code == 0, r.output
+        _SHARED["run"] = (root, data, run)
+    return _SHARED["run"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from conftest import write_blob_dataset
-
-    root = tmp_path_factory.mktemp("rel_cli")
-    data = write_blob_dataset(root / "data", per_class=8)
-    run = root / "run"
-    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--epochs", "1",
-                            "--image-size", "32", "--no-pretrained", "--mc-samples", "2", "--quiet"])
-    assert r.exit_code == 0, r.output
-    return root, data, run
+    return tiny_run(tmp_path_factory)
 
 
 # --------------------------------------------------------------------------- train
@@ -319,16 +330,26 @@ def test_a_second_folder_with_the_same_stems_cannot_overwrite_masks(trained, tmp
 
 
 def test_two_annotate_runs_cannot_write_one_folder_at_once(trained, tmp_path, monkeypatch, capsys):
-    fcntl = pytest.importorskip("fcntl")
+    pytest.importorskip("fcntl")
     _, data, run = trained
     out = tmp_path / "out"
     out.mkdir()
-    with open(out / ".annotate.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running annotate holds it
+    holder = subprocess.Popen(  # another process holding the folder's lock, as a running annotate does
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB); print('locked', flush=True); time.sleep(60)",
+         str(out / ".annotate.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         code, text = main(monkeypatch, capsys, "annotate", "--run", str(run), "--images",
                           str(data / "images"), "--out", str(out), "--workers", "0")
+    finally:
+        holder.kill()
+        holder.wait()
     assert code == 2 and "another `pixelvote annotate` is writing" in text and str(out) in text
     assert not (out / "annotations.jsonl").exists()
+    code, text = main(monkeypatch, capsys, "annotate", "--run", str(run), "--images",  # the lock died with it
+                      str(data / "images" / "lesion"), "--out", str(out), "--workers", "0")
+    assert code == 0, text
 
 
 def test_annotate_into_a_folder_of_other_classes_is_refused(trained, tmp_path, monkeypatch, capsys):

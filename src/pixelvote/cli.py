@@ -69,9 +69,14 @@ def train(
         raise typer.Exit(130) from None
     cal = json.loads((run / "calibration.json").read_text())
     typer.echo(f"run saved to {run}")
+    skipped = run / "skipped.jsonl"
     typer.echo(f"validation: accuracy {cal['val_accuracy']:.3f}"
                + (f", mean IoU {cal['val_mean_iou']:.3f} at threshold {cal['consensus']['threshold']}"
                   if cal.get("val_mean_iou") is not None else " (no masks: threshold 0.5 of the max)"))
+    if skipped.exists() and skipped.stat().st_size:
+        n = len(skipped.read_text(encoding="utf-8").splitlines())
+        typer.echo(f"{n} input(s) were skipped; they are listed in {skipped}", err=True)
+        raise typer.Exit(3)
 
 
 @app.command()
@@ -130,6 +135,36 @@ def demo(
     typer.echo(f"\nannotated {r['images']} new images: accuracy {r['accuracy']:.3f}, "
                f"mean IoU {r['mean_iou']:.3f} on {r['iou_images']} lesion images, {r['flagged']} flagged for review")
     typer.echo(f"run: {r['run']}\nannotations: {r['annotations']} (masks/, overlays/, uncertainty/, annotations.jsonl)")
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Option(..., "--run", help="a run folder from `pixelvote train`"),
+    data: Path = typer.Option(..., "--data", help="labelled images (+ masks or TBX11K boxes)"),
+    out: Path = typer.Option(..., "--out", help="report folder: metrics.json and report.html"),
+    split: Optional[str] = typer.Option(None, help="val | test | all (default: val on the run's own data)"),
+    mc_samples: Optional[int] = typer.Option(None),
+    batch_size: int = typer.Option(8, min=1),
+    method: str = typer.Option("run", help="run (the calibrated recipe) or paper (the paper's fixed rule)"),
+    max_gallery: int = typer.Option(12),
+    dataset: Optional[str] = typer.Option(None, help="name shown in the report (busi, fire, tbx11k, ...)"),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Evaluate a run: classification, pixel IoU/Dice (vs the centred-box prior), uncertainty; HTML report."""
+    _setup_logging(False)
+    from pixelvote.evaluate.run import evaluate_run
+
+    m = evaluate_run(run, data, out, split=split, mc_samples=mc_samples, batch_size=batch_size, device=device,
+                     method=method, max_gallery=max_gallery, dataset=dataset)
+    ens = (m.get("classification") or {}).get("ensemble") or {}
+    pix = (m.get("pixel") or {}).get("consensus") or {}
+    line = f"{m.get('n_images')} images"
+    if ens.get("accuracy") is not None:
+        line += f", ensemble accuracy {ens['accuracy']:.3f}"
+    if pix.get("mean_iou") is not None:
+        line += f", consensus mean IoU {pix['mean_iou']:.3f}"
+    typer.echo(line)
+    typer.echo(f"report: {out / 'report.html'}; numbers: {out / 'metrics.json'}")
 
 
 @app.command()
@@ -208,6 +243,32 @@ def improve(
     for entry in run_improve(run, images, work, rounds=rounds, truth=truth, review_fraction=review_fraction,
                              seg_epochs=seg_epochs, device=device):
         typer.echo(json.dumps(entry))
+
+
+@app.command()
+def review(
+    out: Path = typer.Argument(..., help="an annotation output folder (pixelvote annotate --out)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on; any but loopback needs --token"),
+    port: int = typer.Option(8765, min=0, max=65535, help="port to listen on (0: any free port)"),
+    reviewer: Optional[str] = typer.Option(None, help="name stored with each decision (default: your login)"),
+    token: Optional[str] = typer.Option(None, envvar="PIXELVOTE_REVIEW_TOKEN",
+                                        help="secret every request must present; required off loopback"),
+    apply_to: Optional[Path] = typer.Option(None, "--apply-to",
+                                            help="write OUT with the decisions applied to this new folder, and exit"),
+    only_reviewed: bool = typer.Option(False, "--only-reviewed", help="with --apply-to: reviewed images only"),
+    verbose: bool = typer.Option(False, "--verbose/--quiet"),
+) -> None:
+    """Review flagged images in a local web app; every decision goes to OUT/review.sqlite."""
+    _setup_logging(verbose)
+    if apply_to is not None:
+        from pixelvote.review.apply import apply_reviews
+
+        path = apply_reviews(out, apply_to, only_reviewed=only_reviewed)
+        typer.echo(f"wrote the reviewed set to {path} (export it with `pixelvote export --from {path}`)")
+        return
+    from pixelvote.review.server import run_review
+
+    run_review(out, host=host, port=port, reviewer=reviewer, token=token, announce=typer.echo)
 
 
 @app.command("models")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import logging
 import queue
@@ -127,10 +128,11 @@ def _resize_map(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
-    """Hold a lock on ``out`` so that two annotate runs cannot append the same images to one manifest.
+    """Hold a lock on ``out`` so that two annotate processes cannot append the same images to one manifest.
 
-    The operating system drops the lock when the process ends, even by SIGKILL; where file locks are not
-    available (Windows, some network file systems) the run goes ahead unlocked."""
+    A POSIX record lock: the operating system drops it when this process ends, even by SIGKILL, and decoding
+    workers do not inherit it. Where locks are not available (Windows, some network file systems) the run goes
+    ahead unlocked."""
     out.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -139,11 +141,11 @@ def _exclusive(out: Path) -> Iterator[None]:
         return
     with open(out / ".annotate.lock", "a") as fh:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError("another `pixelvote annotate` is writing to this folder", path=out,
-                            fix="wait for it to finish, or pass another --out") from None
+            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                raise DataError("another `pixelvote annotate` is writing to this folder", path=out,
+                                fix="wait for it to finish, or pass another --out") from None
             log.warning("%s: cannot lock the output folder (%s); make sure no other run writes to it", out, exc)
         yield
 

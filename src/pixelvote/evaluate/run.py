@@ -179,7 +179,8 @@ class _State:
     def _offer(self, b: dict[str, Any], a: Analysis, res: ConsensusResult, j: int,
                row: dict[str, Any]) -> None:
         iou = row["iou"]
-        caption = (f"{row['image']}: truth {row['truth']}, predicted {row['label']} (p={row['probability']:.2f})"
+        caption = (f"{row['image']}: truth {row['truth']}, predicted {row['label']} "
+                   f"(p={row['probability']:.2f})"
                    + (f", IoU {iou:.3f}" if iou is not None else "")
                    + f"; flags: {', '.join(row['reasons']) or 'none'}")
         truth = None if b["truth"] is None else torch.from_numpy(b["truth"])

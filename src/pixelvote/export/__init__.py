@@ -88,7 +88,11 @@ def export_annotations(out_dir: str | Path, fmt: str, to: str | Path, **options:
 
     exporter = _exporter(fmt)
     _check_options(fmt, exporter, options)
-    return exporter(open_output(out_dir), Path(to), **options)
+    from pixelvote.review.apply import reviewed_records  # standard library only; no-op without OUT/review.sqlite
+
+    folder = open_output(out_dir)
+    folder.records = reviewed_records(folder.root, folder.records, folder.classes.names)
+    return exporter(folder, Path(to), **options)
 
 
 def import_annotations(fmt: str, src: str | Path, to: str | Path, **options: Any) -> Path:

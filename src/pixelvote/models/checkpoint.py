@@ -131,14 +131,30 @@ def build_members(cfg: RunConfig, *, pretrained: bool = False, weights_dir: str 
                          weights_dir=weights_dir, cam_layer=m.cam_layer) for m in cfg.members]
 
 
+def _state_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str | None:
+    """What keeps ``got`` from loading into a module whose state is ``expected`` ("expected … but got …")."""
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        return (f"expected tensors {missing[:3]} but the file has {extra[:3]}" if missing and extra else
+                f"tensors {missing[:3]} are missing" if missing else f"unexpected tensors {extra[:3]}")
+    for k, v in expected.items():
+        if tuple(got[k].shape) != tuple(v.shape):
+            return f"expected {k} of shape {tuple(v.shape)} but got {tuple(got[k].shape)}"
+    return None
+
+
 def load_member_state(member: Member, path: Path) -> None:
     state = load_weights(path)
-    try:
-        member.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"weights do not fit {member.name} with this run's classes ({first})", path=path,
-                              fix="the file belongs to another run or model: re-train") from None
+    problem = _state_mismatch(member.state_dict(), state)
+    if problem is not None:
+        raise CheckpointError(f"weights do not fit {member.name} with this run's {member.fc.out_features} "
+                              f"classes: {problem}", path=path, fix="the file belongs to another run or model: re-train")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"weights of {member.name} hold NaN or infinite values ({bad[0]})", path=path,
+                              fix="the file is damaged, or training diverged: restore it or re-train")
+    member.load_state_dict(state, strict=True)
 
 
 def load_run(run_dir: str | Path, *, device: torch.device | str | None = None,

@@ -71,17 +71,19 @@ def _usable(rec: dict[str, Any], d: Decision, classes: Sequence[str]) -> bool:
 
 
 def reviewed_records(out_dir: str | Path, records: Iterable[dict[str, Any]],
-                     classes: Sequence[str]) -> list[dict[str, Any]]:
+                     classes: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """``records`` with the latest decision of ``OUT/review.sqlite`` applied to each reviewed image.
 
     Without a review database the records come back unchanged (and no database is created). Each
     reviewed mask is written once to ``OUT/review/masks/<key>.d<id>.png`` (to a temporary folder when
-    OUT is read-only).
+    OUT is read-only). ``classes`` defaults to those of ``OUT/annotate.json``.
     """
     root = Path(out_dir)
     records = list(records)
     if not (root / DB_FILE).is_file():
         return records
+    if classes is None:
+        classes = open_output(root).classes.names
     with ReviewStore(root / DB_FILE, create=False) as store:
         latest = store.latest()
         out = []

@@ -41,7 +41,9 @@ def select_examples(out: str | Path, *, background: str, mode: str = "confident"
     if not (out / "annotations.jsonl").exists():
         raise DataError("no annotations.jsonl here", path=out, fix="pass the --out folder of `pixelvote annotate`")
     examples = []
-    for rec in read_jsonl(out / "annotations.jsonl"):
+    from pixelvote.review.apply import reviewed_records  # review-desk decisions, when OUT has them
+
+    for rec in reviewed_records(out, list(read_jsonl(out / "annotations.jsonl"))):
         reviewed = bool(rec.get("reviewed"))
         if mode == "reviewed" and not reviewed:
             continue

@@ -22,20 +22,23 @@ Store = Annotated[ReviewStore, Depends(deps.store)]
 Settings = Annotated[ReviewSettings, Depends(deps.settings)]
 
 
-def _base(idx: ReviewIndex, store: ReviewStore, rec: dict[str, Any],
-          based_on: int | None) -> tuple[int, str, bytes, int]:
-    """The state the reviewer saw: ``(decision id or 0, label, mask PNG, mask area)``."""
+def _base(idx: ReviewIndex, store: ReviewStore, rec: dict[str, Any], based_on: int | None,
+          need_mask: bool) -> tuple[int, str, bytes, int]:
+    """The state the reviewer saw: ``(decision id or 0, label, mask PNG, mask area)`` (the mask only
+    when ``need_mask``: accept and relabel keep it)."""
     key = rec["key"]
     if based_on is None:
         latest = store.latest_for(key)
         based_on = latest.id if latest is not None else 0
     if based_on == 0:
+        if not need_mask:
+            return 0, str(rec["label"]), b"", 0
         mask = read_mask(idx.file_path(key, "mask"), int(rec["width"]), int(rec["height"]))
         return 0, str(rec["label"]), encode_mask(mask), int(mask.sum())
     d = store.get(based_on)
     if d is None or d.key != key:
         raise HTTPException(422, f"based_on: decision {based_on} is not a decision on image {key!r}")
-    return d.id, d.label, store.mask_png(d.id), d.mask_area
+    return d.id, d.label, store.mask_png(d.id) if need_mask else b"", d.mask_area
 
 
 @router.post("/api/decisions", response_model=DecisionResult, status_code=201)
@@ -45,7 +48,8 @@ def add_decision(body: DecisionIn, idx: Index, store: Store, settings: Settings,
     rec = deps.record_or_404(idx, body.key)
     w, h = int(rec["width"]), int(rec["height"])
     bg = idx.background
-    base_id, label, mask_png, area = _base(idx, store, rec, body.based_on)
+    base_id, label, mask_png, area = _base(idx, store, rec, body.based_on,
+                                           need_mask=body.action in ("accept", "relabel"))
     warning = None
     if body.action == "reject":
         if bg is None:
