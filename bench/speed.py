@@ -249,8 +249,8 @@ def time_end_to_end(ens: Ensemble, run: Path, images: Path, warm: Path, work: Pa
 def peak_rss(run: Path, images: Path, out: Path, T: int, batch: int, device: torch.device) -> dict[str, float]:
     """Run ``pixelvote annotate`` in its own process: its peak RSS (``ru_maxrss`` of that child and its reaped
     decoding workers: the largest single process), the main process's highest sampled RSS once the first
-    image is in the manifest (``steady``: the processing phase only, so a per-image leak shows there even
-    when a start-up peak hides it in ``peak``), and the wall time. Memory in MiB."""
+    image is in the manifest and before the last (``steady``: the processing phase only, so a per-image leak
+    shows there even when a start-up or tear-down peak hides it in ``peak``), and the wall time. MiB."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "pixelvote.cli", "annotate", "--run", str(run), "--images", str(images),
            "--out", str(out), "--mc-samples", str(T), "--batch-size", str(batch), "--device", str(device),
@@ -258,6 +258,7 @@ def peak_rss(run: Path, images: Path, out: Path, T: int, batch: int, device: tor
     log = out.parent / (out.name + ".log")
     steady_kib = 0
     manifest = out / "annotations.jsonl"
+    n_images = sum(1 for p in images.rglob("*") if p.is_file())
     t0 = time.perf_counter()
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -266,7 +267,8 @@ def peak_rss(run: Path, images: Path, out: Path, T: int, batch: int, device: tor
             if pid:
                 break
             rss = _vm_rss_kib(proc.pid)
-            if manifest.exists() and manifest.stat().st_size > 0:
+            done = manifest.read_bytes().count(b"\n") if manifest.exists() else 0
+            if 0 < done < n_images:  # between the first and the last image: no start-up, no tear-down
                 steady_kib = max(steady_kib, rss)
             time.sleep(0.05)
         proc.returncode = os.waitstatus_to_exitcode(status)
