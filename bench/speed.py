@@ -8,8 +8,8 @@ times per image (median over repeats, after a warm-up; random weights, which cos
 1. floor      a plain ``torch.inference_mode`` forward of every member (backbone + head), summed over members;
 2. pixelvote  the annotation core: ``analyze`` (all members, XGrad-CAM of the predicted class, T MC samples,
               per-pixel uncertainty maps) + ``apply_consensus`` (mask, flags);
-3. naive      the usual way: pytorch-grad-cam's ``XGradCAM`` per member (full backward) + T full forward passes
-              per member with dropout on (no per-pixel uncertainty at all: the naive way is favoured);
+3. naive      the usual way: pytorch-grad-cam's ``XGradCAM`` per member (full backward) + T full forward
+              passes per member with dropout on (no per-pixel uncertainty at all: the naive way is favoured);
 4. end to end ``pixelvote.engine.annotate.annotate`` on a folder of real images with a run folder of random
               weights: decode, compute and write every output. The run's models are loaded once beforehand
               (the load is printed separately), so the figure is the per-image cost of a long run.
@@ -83,7 +83,8 @@ def elapsed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def build_ensemble(preset: str, size: int, device: torch.device, dropout: float = 0.3, seed: int = 0) -> Ensemble:
+def build_ensemble(preset: str, size: int, device: torch.device, dropout: float = 0.3,
+                   seed: int = 0) -> Ensemble:
     torch.manual_seed(seed)
     members = [build_member(n, len(CLASSES), dropout=dropout, pretrained=False).eval()
                for n in preset_models(preset)]
@@ -97,8 +98,8 @@ def write_run(ens: Ensemble, folder: Path, T: int) -> Path:
     for i, m in enumerate(ens.members):
         save_weights(folder / member_file(i, m.name), m)
         cfgs.append(MemberConfig(name=m.name, dropout=m.p, file=member_file(i, m.name)))
-    save_run_config(folder, RunConfig(classes=ens.classes, background=ens.background, image_size=ens.image_size,
-                                      members=cfgs, mc_samples=T))
+    save_run_config(folder, RunConfig(classes=ens.classes, background=ens.background,
+                                      image_size=ens.image_size, members=cfgs, mc_samples=T))
     return folder
 
 
@@ -145,7 +146,7 @@ def batch_from(paths: list[Path], size: int) -> torch.Tensor:
     return torch.stack([resize_image(to_tensor(read_image(p)), size) for p in paths])
 
 
-# ---------------------------------------------------------------------------------------------- the three ways
+# ------------------------------------------------------------------------------------------ the three ways
 
 def floor_fn(ens: Ensemble, x: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
@@ -246,7 +247,8 @@ def time_end_to_end(ens: Ensemble, run: Path, images: Path, warm: Path, work: Pa
     return statistics.median(per), load_s
 
 
-def peak_rss(run: Path, images: Path, out: Path, T: int, batch: int, device: torch.device) -> dict[str, float]:
+def peak_rss(run: Path, images: Path, out: Path, T: int, batch: int,
+             device: torch.device) -> dict[str, float]:
     """Run ``pixelvote annotate`` in its own process: its peak RSS (``ru_maxrss`` of that child and its reaped
     decoding workers: the largest single process), the main process's highest sampled RSS once the first
     image is in the manifest and before the last (``steady``: the processing phase only, so a per-image leak
@@ -307,7 +309,8 @@ def profile_analyze(preset: str, size: int, batch: int, T: int, device: torch.de
           f"{torch.get_num_threads()} threads: {total:.3f} s for the call (noisy)")
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=top))
-    print(f"{'stage (wall, nested stages are inside their callers)':58s} {'calls':>5s} {'ms':>9s} {'share':>6s}")
+    print(f"{'stage (wall; nested stages are inside their callers)':58s} {'calls':>5s} {'ms':>9s} "
+          f"{'share':>6s}")
     for name, v in stages.items():
         print(f"{name:58s} {len(v):5d} {sum(v) * 1e3:9.1f} {sum(v) / total:6.1%}")
     floor = floor_fn(ens, x)
@@ -339,7 +342,8 @@ class _stage_timers:
         for mod_name, fn_name in _STAGES:
             mod = importlib.import_module(mod_name)
             if hasattr(mod, fn_name):
-                self.patches.append(mock.patch.object(mod, fn_name, self._wrap(fn_name, getattr(mod, fn_name))))
+                wrapped = self._wrap(fn_name, getattr(mod, fn_name))
+                self.patches.append(mock.patch.object(mod, fn_name, wrapped))
         self.patches.append(mock.patch.object(sys.modules[__name__], "apply_consensus",
                                               self._wrap("apply_consensus", apply_consensus)))
 
@@ -368,148 +372,162 @@ class _stage_timers:
 
 # ---------------------------------------------------------------------------------------------- main
 
-def _fmt_ratio(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = ap.add_argument
+    add("--quick", action="store_true", help="offline @ 128 px, T=8, 2 repeats, few images (< 2 min)")
+    add("--no-naive", action="store_true", help="skip the pytorch-grad-cam baseline (grad-cam not needed)")
+    add("--no-e2e", action="store_true", help="skip the end-to-end annotate timing")
+    add("--no-memory", action="store_true", help="skip the peak-RSS check")
+    add("--presets", help="comma-separated (default paper,offline; quick: offline)")
+    add("--sizes", help="comma-separated input sizes (default 224,512; quick: 128)")
+    add("--mc-samples", "-T", type=int, help="T (default 30; quick: 8)")
+    add("--repeats", type=int, help="timed repeats after the warm-up (default 5; quick: 2)")
+    add("--batch-size", type=int, help="images per batch, as annotate's (default 8; quick: 2)")
+    add("--images", type=int, help="real images for the end-to-end run (default 40; quick: 6)")
+    add("--memory-images", help="small,large image counts for the RSS check (default 50,500; quick: 20,60)")
+    add("--memory-size", type=int, help="input size of the RSS check's run (default: the smallest of "
+        "--sizes; quick: 64)")
+    add("--threads", type=int, help="torch intra-op threads here and in the annotate subprocesses (default: "
+        "torch's own; quick: 1, since on a small shared machine OpenMP threads that spin-wait for each "
+        "other make timings swing several-fold)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--profile", action="store_true", help="profile one analyze + apply_consensus call and exit "
+        "(offline @ 224 px, B=8, T=30 unless --presets/--sizes/--batch-size/-T say otherwise)")
+    add("--top", type=int, default=20, help="rows of the profile table")
+    args = ap.parse_args(argv)
+    q = args.quick
+    if args.profile:
+        args.presets, args.sizes = args.presets or "offline", args.sizes or "224"
+        args.mc_samples, args.batch_size = args.mc_samples or 30, args.batch_size or 8
+    args.presets = (args.presets or ("offline" if q else "paper,offline")).split(",")
+    args.sizes = [int(v) for v in (args.sizes or ("128" if q else "224,512")).split(",")]
+    args.mc_samples = args.mc_samples or (8 if q else 30)
+    args.repeats = args.repeats or (2 if q else 5)
+    args.batch_size = args.batch_size or (2 if q else 8)
+    args.images = args.images or (6 if q else 40)
+    args.memory_images = [int(v) for v in (args.memory_images or ("20,60" if q else "50,500")).split(",")]
+    args.memory_size = args.memory_size or (64 if q else min(args.sizes))
+    args.threads = args.threads or (1 if q else None)
+    args.device = torch.device(args.device)
+    args.naive = not args.no_naive
+    return args
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per preset and size: (ratios, milliseconds per image)."""
+    T, B, device = args.mc_samples, args.batch_size, args.device
+    paths = real_images(max(args.images, B))
+    e2e_dir = copy_images(paths[:args.images], tmp / "images")
+    warm_dir = copy_images(paths[:B], tmp / "warm")
+    ratios: dict[str, Any] = {}
+    ms: dict[str, Any] = {}
+    for preset in args.presets:
+        for size in args.sizes:
+            key = f"{preset}@{size}"
+            ens = build_ensemble(preset, size, device)
+            t = time_core(ens, batch_from(paths[:B], size), T, args.repeats, args.naive, device)
+            e2e = load_s = None
+            if not args.no_e2e:
+                run = write_run(ens, tmp / "runs" / key, T)
+                e2e, load_s = time_end_to_end(ens, run, e2e_dir, warm_dir, tmp / "work" / key, T, B,
+                                              args.repeats, device)
+            fl, co, na = t["floor"], t["core"], t.get("naive")
+            ratios[key] = {"core_over_floor": co / fl, "naive_over_core": None if na is None else na / co,
+                           "end_to_end_over_floor": None if e2e is None else e2e / fl}
+            ms[key] = {"floor": fl * 1e3, "core": co * 1e3, "naive": None if na is None else na * 1e3,
+                       "end_to_end": None if e2e is None else e2e * 1e3,
+                       "run_load": None if load_s is None else load_s * 1e3}
+            del ens
+    return ratios, ms
+
+
+def _cell(v: float | None, width: int, fmt: str = ".1f") -> str:
+    return f"{'-' if v is None else format(v, fmt):>{width}s}"
+
+
+def print_table(ratios: dict[str, Any], ms: dict[str, Any]) -> None:
+    print(f"\n{'preset@size':16s} {'floor':>8s} {'core':>8s} {'naive':>9s} {'e2e':>8s}   "
+          f"{'core/floor':>10s} {'naive/core':>10s} {'e2e/floor':>9s}   (ms per image; noisy)")
+    for key, r in ratios.items():
+        m = ms[key]
+        print(f"{key:16s} {_cell(m['floor'], 8)} {_cell(m['core'], 8)} {_cell(m['naive'], 9)} "
+              f"{_cell(m['end_to_end'], 8)}   {_cell(r['core_over_floor'], 10, '.2f')} "
+              f"{_cell(r['naive_over_core'], 10, '.2f')} {_cell(r['end_to_end_over_floor'], 9, '.2f')}")
+    print(f"targets: core/floor <= {TARGET_CORE_OVER_FLOOR:g} at 224 px; naive/core >= "
+          f"{TARGET_NAIVE_OVER_CORE:g}; e2e/floor reported (decode + write on top of the core)")
+    for key, r in ratios.items():
+        notes = []
+        if key.endswith("@224"):
+            ok = r["core_over_floor"] <= TARGET_CORE_OVER_FLOOR
+            notes.append(f"core/floor {'meets' if ok else 'MISSES'} <= {TARGET_CORE_OVER_FLOOR:g}")
+        if r["naive_over_core"] is not None:
+            ok = r["naive_over_core"] >= TARGET_NAIVE_OVER_CORE
+            notes.append(f"naive/core {'meets' if ok else 'MISSES'} >= {TARGET_NAIVE_OVER_CORE:g}")
+        if ms[key]["run_load"] is not None:
+            notes.append(f"run load {ms[key]['run_load']:.0f} ms once, not in e2e")
+        print(f"  {key}: " + "; ".join(notes))
+
+
+def measure_memory(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Peak RSS of ``pixelvote annotate`` on a small and a large folder, one process each."""
+    preset = "offline" if "offline" in args.presets else args.presets[0]
+    size, ns, hw = args.memory_size, args.memory_images, ((80, 96) if args.quick else (400, 500))
+    ens = build_ensemble(preset, size, torch.device("cpu"))
+    run = write_run(ens, tmp / "runs" / "memory", args.mc_samples)
+    rss: dict[int, dict[str, float]] = {}
+    for n in ns:
+        imgs = synthetic_pngs(n, tmp / f"mem{n}", hw)
+        rss[n] = peak_rss(run, imgs, tmp / f"memout{n}", args.mc_samples, args.batch_size, args.device)
+        shutil.rmtree(imgs, ignore_errors=True)
+    lo, hi = rss[ns[0]], rss[ns[-1]]
+    growth = (hi["peak"] - lo["peak"]) / lo["peak"]
+    steady = (hi["steady"] - lo["steady"]) / lo["steady"] if lo["steady"] else float("nan")
+    ok = abs(growth) < TARGET_MEMORY_GROWTH
+    print(f"\npeak RSS of `pixelvote annotate` ({preset} @ {size} px, {hw[1]}x{hw[0]} PNGs, "
+          "a process each):")
+    for n in ns:
+        print(f"  {n:5d} images: peak {rss[n]['peak']:7.0f} MiB, steady {rss[n]['steady']:7.0f} MiB, "
+              f"{rss[n]['wall']:.1f} s")
+    print(f"  peak growth {growth * 100:+.1f}% ({'meets' if ok else 'MISSES'} < "
+          f"{TARGET_MEMORY_GROWTH * 100:.0f}%); steady (between first and last image) growth "
+          f"{steady * 100:+.1f}%")
+    return {"preset": preset, "size": size, "images": ns,
+            "peak_rss_mib": [round(rss[n]["peak"], 1) for n in ns],
+            "steady_rss_mib": [round(rss[n]["steady"], 1) for n in ns],
+            "wall_s": [round(rss[n]["wall"], 2) for n in ns], "growth": growth, "growth_steady": steady,
+            "target_growth": TARGET_MEMORY_GROWTH}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="offline @ 128 px, T=8, 2 repeats, few images (< 2 min)")
-    ap.add_argument("--no-naive", action="store_true", help="skip the pytorch-grad-cam baseline (no grad-cam needed)")
-    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end annotate timing")
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS check")
-    ap.add_argument("--presets", help="comma-separated (default paper,offline; quick: offline)")
-    ap.add_argument("--sizes", help="comma-separated input sizes (default 224,512; quick: 128)")
-    ap.add_argument("--mc-samples", "-T", type=int, help="T (default 30; quick: 8)")
-    ap.add_argument("--repeats", type=int, help="timed repeats after the warm-up (default 5; quick: 2)")
-    ap.add_argument("--batch-size", type=int, help="images per batch, as annotate --batch-size (default 8; quick: 2)")
-    ap.add_argument("--images", type=int, help="real images for the end-to-end run (default 40; quick: 6)")
-    ap.add_argument("--memory-images", help="small,large image counts for the RSS check (default 50,500; "
-                    "quick: 20,60)")
-    ap.add_argument("--memory-size", type=int, help="input size of the RSS check's run (default: the smallest "
-                    "of --sizes; quick: 64)")
-    ap.add_argument("--threads", type=int, help="torch intra-op threads here and in the annotate subprocesses "
-                    "(default: torch's own; quick: 1, since on a small shared machine 2 OpenMP threads that "
-                    "spin-wait for each other make timings swing several-fold)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--profile", action="store_true", help="profile one analyze call and exit "
-                    "(offline @ 224 px, B=8, T=30 unless --presets/--sizes/--batch-size/-T say otherwise)")
-    ap.add_argument("--top", type=int, default=20, help="rows of the profile table")
-    args = ap.parse_args(argv)
-
-    q = args.quick
-    presets = (args.presets or ("offline" if q else "paper,offline")).split(",")
-    sizes = [int(s) for s in (args.sizes or ("128" if q else "224,512")).split(",")]
-    T = args.mc_samples or (8 if q else 30)
-    repeats = args.repeats or (2 if q else 5)
-    B = args.batch_size or (2 if q else 8)
-    n_e2e = args.images or (6 if q else 40)
-    mem_n = [int(v) for v in (args.memory_images or ("20,60" if q else "50,500")).split(",")]
-    mem_size = args.memory_size or (64 if q else None)
-    device = torch.device(args.device)
-    naive = not args.no_naive
-    threads = args.threads or (1 if q else None)
-    if threads:
-        torch.set_num_threads(threads)
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)  # for the subprocesses
-
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # subprocesses
     if args.profile:
-        profile_analyze(args.presets or "offline", int(args.sizes or 224), args.batch_size or 8,
-                        args.mc_samples or 30, device, args.top)
+        profile_analyze(args.presets[0], args.sizes[0], args.batch_size, args.mc_samples, args.device,
+                        args.top)
         return {}
-    if naive:
+    if args.naive:
         try:
             import pytorch_grad_cam  # noqa: F401
         except ImportError:
             raise SystemExit("the naive baseline needs pytorch-grad-cam: pip install grad-cam "
                              "(or pass --no-naive)") from None
-
-    print(f"# pixelvote speed ({'quick' if q else 'full'}): device {device}, {torch.get_num_threads()} torch "
-          f"threads, T={T}, batch {B}, {repeats} repeats (medians; timings on a shared machine are noisy)")
-    ratios: dict[str, dict[str, float | None]] = {}
-    ms: dict[str, dict[str, float | None]] = {}
-    memory: dict[str, Any] | None = None
+    print(f"# pixelvote speed ({'quick' if args.quick else 'full'}): device {args.device}, "
+          f"{torch.get_num_threads()} torch threads, T={args.mc_samples}, batch {args.batch_size}, "
+          f"{args.repeats} repeats after a warm-up (medians; timings on a shared machine are noisy)")
+    memory = None
     with tempfile.TemporaryDirectory(prefix="pixelvote-speed-") as tmp_s:
         tmp = Path(tmp_s)
-        paths = real_images(max(n_e2e, B))
-        x_paths = paths[:B]
-        e2e_dir = copy_images(paths[:n_e2e], tmp / "images")
-        warm_dir = copy_images(paths[:B], tmp / "warm")
-        rows = []
-        for preset in presets:
-            for size in sizes:
-                key = f"{preset}@{size}"
-                ens = build_ensemble(preset, size, device)
-                x = batch_from(x_paths, size)
-                t = time_core(ens, x, T, repeats, naive, device)
-                e2e = load_s = None
-                if not args.no_e2e:
-                    run = write_run(ens, tmp / "runs" / key, T)
-                    e2e, load_s = time_end_to_end(ens, run, e2e_dir, warm_dir, tmp / "work" / key, T, B,
-                                                  repeats, device)
-                fl, co, na = t["floor"], t["core"], t.get("naive")
-                ratios[key] = {"core_over_floor": co / fl, "naive_over_core": None if na is None else na / co,
-                               "end_to_end_over_floor": None if e2e is None else e2e / fl}
-                ms[key] = {"floor": fl * 1e3, "core": co * 1e3, "naive": None if na is None else na * 1e3,
-                           "end_to_end": None if e2e is None else e2e * 1e3,
-                           "run_load": None if load_s is None else load_s * 1e3}
-                rows.append(key)
-                del ens
-        print(f"\n{'preset@size':16s} {'floor':>8s} {'core':>8s} {'naive':>9s} {'e2e':>8s}   "
-              f"{'core/floor':>10s} {'naive/core':>10s} {'e2e/floor':>9s}   (ms per image)")
-        for key in rows:
-            m, r = ms[key], ratios[key]
-            print(f"{key:16s} {m['floor']:8.1f} {m['core']:8.1f} "
-                  f"{'-' if m['naive'] is None else format(m['naive'], '9.1f'):>9s} "
-                  f"{'-' if m['end_to_end'] is None else format(m['end_to_end'], '8.1f'):>8s}   "
-                  f"{_fmt_ratio(r['core_over_floor']):>10s} {_fmt_ratio(r['naive_over_core']):>10s} "
-                  f"{_fmt_ratio(r['end_to_end_over_floor']):>9s}")
-        print(f"targets: core/floor <= {TARGET_CORE_OVER_FLOOR:g} at 224 px; naive/core >= "
-              f"{TARGET_NAIVE_OVER_CORE:g}; e2e/floor reported (decode + write on top of the core)")
-        for key in rows:
-            r, size = ratios[key], int(key.split("@")[1])
-            notes = []
-            if size == 224:
-                ok = r["core_over_floor"] <= TARGET_CORE_OVER_FLOOR  # type: ignore[operator]
-                notes.append(f"core/floor {'meets' if ok else 'MISSES'} <= {TARGET_CORE_OVER_FLOOR:g}")
-            if r["naive_over_core"] is not None:
-                ok = r["naive_over_core"] >= TARGET_NAIVE_OVER_CORE
-                notes.append(f"naive/core {'meets' if ok else 'MISSES'} >= {TARGET_NAIVE_OVER_CORE:g}")
-            if ms[key]["run_load"] is not None:
-                notes.append(f"run load {ms[key]['run_load']:.0f} ms once, not in e2e")
-            print(f"  {key}: " + "; ".join(notes or ["(targets apply at 224 px)"]))
-
+        ratios, ms = measure(args, tmp)
+        print_table(ratios, ms)
         if not args.no_memory:
-            size = mem_size or min(sizes)
-            mem_preset = "offline" if "offline" in presets else presets[0]
-            ens = build_ensemble(mem_preset, size, torch.device("cpu"))
-            run = write_run(ens, tmp / "runs" / "memory", T)
-            del ens
-            hw = (80, 96) if q else (400, 500)
-            rss: dict[int, dict[str, float]] = {}
-            for n in mem_n:
-                imgs = synthetic_pngs(n, tmp / f"mem{n}", hw)
-                rss[n] = peak_rss(run, imgs, tmp / f"memout{n}", T, B, device)
-                shutil.rmtree(imgs, ignore_errors=True)
-            lo, hi = rss[mem_n[0]], rss[mem_n[-1]]
-            growth = (hi["peak"] - lo["peak"]) / lo["peak"]
-            growth_steady = (hi["steady"] - lo["steady"]) / lo["steady"] if lo["steady"] else float("nan")
-            memory = {"preset": mem_preset, "size": size, "images": mem_n,
-                      "peak_rss_mib": [round(rss[n]["peak"], 1) for n in mem_n],
-                      "steady_rss_mib": [round(rss[n]["steady"], 1) for n in mem_n],
-                      "wall_s": [round(rss[n]["wall"], 2) for n in mem_n], "growth": growth,
-                      "growth_steady": growth_steady, "target_growth": TARGET_MEMORY_GROWTH}
-            ok = abs(growth) < TARGET_MEMORY_GROWTH
-            print(f"\npeak RSS of `pixelvote annotate` ({mem_preset} @ {size} px, {hw[1]}x{hw[0]} PNGs, one "
-                  "process each): " + ", ".join(f"{n} images {rss[n]['peak']:.0f} MiB (steady "
-                                                f"{rss[n]['steady']:.0f} MiB, {rss[n]['wall']:.1f} s)" for n in mem_n)
-                  + f"; peak growth {growth * 100:+.1f}% ({'meets' if ok else 'MISSES'} < "
-                  f"{TARGET_MEMORY_GROWTH * 100:.0f}%), steady growth {growth_steady * 100:+.1f}%")
-
-    result = {"ratios": ratios, "ms_per_image": ms, "memory": memory,
-              "config": {"quick": q, "device": str(device), "threads": torch.get_num_threads(), "T": T,
-                         "batch_size": B, "repeats": repeats, "e2e_images": n_e2e, "naive": naive}}
-    result = _finite(result)
+            memory = measure_memory(args, tmp)
+    result = _finite({"ratios": ratios, "ms_per_image": ms, "memory": memory, "config": {
+        "quick": args.quick, "device": str(args.device), "threads": torch.get_num_threads(),
+        "T": args.mc_samples, "batch_size": args.batch_size, "repeats": args.repeats,
+        "e2e_images": args.images, "naive": args.naive}})
     print(json.dumps(result, allow_nan=False))
     return result
 

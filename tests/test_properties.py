@@ -34,15 +34,23 @@ def analyses(draw, max_members: int = 4, max_batch: int = 3, max_side: int = 6):
     probs = torch.from_numpy(draw(arrays(np.float32, (m, b, k), elements=st.floats(0.015625, 1.0, width=32))))
     probs = probs / probs.sum(-1, keepdim=True)
     unc = torch.from_numpy(draw(arrays(np.float32, (m, b, h, w), elements=st.floats(0.0, 2.0, width=32))))
-    stats = [{"mean": probs[i], "label": probs[i].argmax(-1),
-              "entropy": torch.from_numpy(draw(arrays(np.float32, (b,), elements=st.floats(0, 2, width=32)))),
-              "mutual_information": torch.from_numpy(draw(arrays(np.float32, (b,), elements=st.floats(0, 1, width=32)))),
-              "variance": torch.from_numpy(draw(arrays(np.float32, (b,), elements=st.floats(0, 1, width=32))))}
-             for i in range(m)]
+    stats = [
+        {
+            "mean": probs[i],
+            "label": probs[i].argmax(-1),
+            "entropy": torch.from_numpy(draw(arrays(np.float32, (b,), elements=st.floats(0, 2, width=32)))),
+            "mutual_information": torch.from_numpy(
+                draw(arrays(np.float32, (b,), elements=st.floats(0, 1, width=32)))
+            ),
+            "variance": torch.from_numpy(draw(arrays(np.float32, (b,), elements=st.floats(0, 1, width=32)))),
+        }
+        for i in range(m)
+    ]
     ens = probs.mean(0)
     raw_max = maps.flatten(2).amax(-1) * draw(st.sampled_from([0.0, 1.0, 3.5]))
-    return Analysis([f"m{i}" for i in range(m)], probs, stats, ens, ens.argmax(-1), ens.argmax(-1), maps, unc,
-                    raw_max), k
+    return Analysis(
+        [f"m{i}" for i in range(m)], probs, stats, ens, ens.argmax(-1), ens.argmax(-1), maps, unc, raw_max
+    ), k
 
 
 configs = st.builds(
@@ -74,7 +82,10 @@ def test_consensus_outputs_stay_in_range(ak, cfg, data):
     assert (r.heat >= 0).all() and (r.heat <= 1 + 1e-6).all()
     assert (r.uncertainty >= 0).all()
     assert r.agree.shape == (m, b) and r.agree.dtype == torch.bool
-    assert torch.allclose(r.agreement, r.agree.float().mean(0)) and ((0 <= r.agreement) & (r.agreement <= 1)).all()
+    assert (
+        torch.allclose(r.agreement, r.agree.float().mean(0))
+        and ((0 <= r.agreement) & (r.agreement <= 1)).all()
+    )
     assert r.thresholds.shape == (m, b) and torch.isfinite(r.thresholds).all()
     assert ((r.thresholds >= 0) & (r.thresholds <= 1)).all()
     for j in range(b):
@@ -103,8 +114,14 @@ def test_intersection_mask_lies_inside_every_agreeing_members_mask(ak, threshold
 
 
 @SETTINGS
-@given(arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 3), st.integers(1, 5), st.integers(1, 5)),
-              elements=st.floats(-1, 1, width=32)), st.data())
+@given(
+    arrays(
+        np.float32,
+        st.tuples(st.integers(1, 5), st.integers(1, 3), st.integers(1, 5), st.integers(1, 5)),
+        elements=st.floats(-1, 1, width=32),
+    ),
+    st.data(),
+)
 def test_fusion_rules_against_pixel_counts(margins_np, data):
     margins = torch.from_numpy(margins_np)
     m, b = margins.shape[:2]
@@ -139,32 +156,88 @@ def test_a_higher_fixed_threshold_never_grows_the_mask(ak, t, dt):
 @pytest.mark.parametrize("method", ["fixed", "otsu", "percentile"])
 def test_consensus_on_no_images_and_single_pixels(method):
     cfg = ConsensusConfig(threshold_method=method)
-    one = Analysis(["a"], torch.full((1, 1, 2), 0.5), [{"mean": torch.tensor([[0.7, 0.3]]),
-                   "label": torch.tensor([0]), "entropy": torch.zeros(1), "mutual_information": torch.zeros(1),
-                   "variance": torch.zeros(1)}], torch.tensor([[0.7, 0.3]]), torch.tensor([0]), torch.tensor([0]),
-                   torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), torch.ones(1, 1))
+    one = Analysis(
+        ["a"],
+        torch.full((1, 1, 2), 0.5),
+        [
+            {
+                "mean": torch.tensor([[0.7, 0.3]]),
+                "label": torch.tensor([0]),
+                "entropy": torch.zeros(1),
+                "mutual_information": torch.zeros(1),
+                "variance": torch.zeros(1),
+            }
+        ],
+        torch.tensor([[0.7, 0.3]]),
+        torch.tensor([0]),
+        torch.tensor([0]),
+        torch.ones(1, 1, 1, 1),
+        torch.zeros(1, 1, 1, 1),
+        torch.ones(1, 1),
+    )
     r = apply_consensus(one, cfg, 1)
     assert r.margin.shape == (1, 1, 1) and torch.isfinite(r.margin).all()
     maps = torch.zeros(1, 1, 3, 3)  # a flat, all-zero map: no evidence, empty mask, flagged
-    flat = Analysis(["a"], torch.full((1, 1, 2), 0.5), one.stats, torch.tensor([[0.7, 0.3]]), torch.tensor([0]),
-                    torch.tensor([0]), maps, maps.clone(), torch.zeros(1, 1))
+    flat = Analysis(
+        ["a"],
+        torch.full((1, 1, 2), 0.5),
+        one.stats,
+        torch.tensor([[0.7, 0.3]]),
+        torch.tensor([0]),
+        torch.tensor([0]),
+        maps,
+        maps.clone(),
+        torch.zeros(1, 1),
+    )
     r = apply_consensus(flat, cfg, 1)
     assert not r.mask.any() and r.reasons == [["empty_mask"]]
 
 
-@pytest.mark.parametrize("method", [
-    "fixed", "otsu",
-    pytest.param("percentile", marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-        "consensus.member_thresholds: torch reshape(M, 0, -1) fails on a batch of 0 images (see report)"))),
-])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "fixed",
+        "otsu",
+        pytest.param(
+            "percentile",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=RuntimeError,
+                reason=(
+                    "consensus.member_thresholds: torch reshape(M, 0, -1) fails on a batch of 0 images "
+                    "(see report)"
+                ),
+            ),
+        ),
+    ],
+)
 def test_consensus_on_an_empty_batch(method):
-    empty = Analysis(["a", "b"], torch.zeros(2, 0, 2), [{"mean": torch.zeros(0, 2), "label": torch.zeros(0).long(),
-                     "entropy": torch.zeros(0), "mutual_information": torch.zeros(0), "variance": torch.zeros(0)}] * 2,
-                     torch.zeros(0, 2), torch.zeros(0).long(), torch.zeros(0).long(), torch.zeros(2, 0, 4, 4),
-                     torch.zeros(2, 0, 4, 4), torch.zeros(2, 0))
+    empty = Analysis(
+        ["a", "b"],
+        torch.zeros(2, 0, 2),
+        [
+            {
+                "mean": torch.zeros(0, 2),
+                "label": torch.zeros(0).long(),
+                "entropy": torch.zeros(0),
+                "mutual_information": torch.zeros(0),
+                "variance": torch.zeros(0),
+            }
+        ]
+        * 2,
+        torch.zeros(0, 2),
+        torch.zeros(0).long(),
+        torch.zeros(0).long(),
+        torch.zeros(2, 0, 4, 4),
+        torch.zeros(2, 0, 4, 4),
+        torch.zeros(2, 0),
+    )
     r = apply_consensus(empty, ConsensusConfig(threshold_method=method), 1)
     assert r.margin.shape == (0, 4, 4) and r.reasons == []
-    assert member_thresholds(torch.zeros(2, 0, 4, 4), ConsensusConfig(threshold_method=method)).shape == (2, 0)
+    assert member_thresholds(torch.zeros(2, 0, 4, 4), ConsensusConfig(threshold_method=method)).shape == (
+        2,
+        0,
+    )
 
 
 # --------------------------------------------------------------------------- metrics
@@ -172,7 +245,8 @@ def test_consensus_on_an_empty_batch(method):
 
 def mask_batches(max_n: int = 4, max_side: int = 8):
     return st.tuples(st.integers(0, max_n), st.integers(1, max_side), st.integers(1, max_side)).flatmap(
-        lambda s: st.tuples(arrays(np.bool_, s), arrays(np.bool_, s)))
+        lambda s: st.tuples(arrays(np.bool_, s), arrays(np.bool_, s))
+    )
 
 
 @SETTINGS
@@ -183,7 +257,9 @@ def test_iou_and_dice_are_symmetric_bounded_and_consistent(pair, empty_score):
     dice = M.mask_dice(p, t, empty_score=empty_score)
     assert iou.shape == dice.shape == (p.shape[0],)
     assert torch.equal(iou.isnan(), M.mask_iou(t, p, empty_score=empty_score).isnan())
-    assert torch.equal(torch.nan_to_num(iou, 7.0), torch.nan_to_num(M.mask_iou(t, p, empty_score=empty_score), 7.0))
+    assert torch.equal(
+        torch.nan_to_num(iou, 7.0), torch.nan_to_num(M.mask_iou(t, p, empty_score=empty_score), 7.0)
+    )
     ok = ~iou.isnan()
     assert ((iou[ok] >= 0) & (iou[ok] <= 1)).all() and ((dice[ok] >= 0) & (dice[ok] <= 1)).all()
     assert (iou[ok] <= dice[ok] + 1e-12).all()
@@ -218,8 +294,11 @@ def test_intersection_never_grows_a_mask_and_stats_merge_exactly(pair, data):
 
 
 @SETTINGS
-@given(st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6)).flatmap(
-    lambda s: st.tuples(arrays(np.float64, s, elements=st.floats(0, 1)), arrays(np.bool_, s))))
+@given(
+    st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6)).flatmap(
+        lambda s: st.tuples(arrays(np.float64, s, elements=st.floats(0, 1)), arrays(np.bool_, s))
+    )
+)
 def test_iou_sweep_matches_thresholding_each_map(pair):
     soft, target = pair
     th = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -229,8 +308,11 @@ def test_iou_sweep_matches_thresholding_each_map(pair):
         assert torch.allclose(sweep[:, i], M.mask_iou(soft >= t, target))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="evaluate/metrics._sweep_counts: reshape(0, -1) fails on "
-                                                            "an empty batch (see report)")
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="evaluate/metrics._sweep_counts: reshape(0, -1) fails on an empty batch (see report)",
+)
 def test_iou_sweep_and_sweep_stats_on_an_empty_batch():
     assert M.iou_sweep(np.zeros((0, 3, 3)), np.zeros((0, 3, 3), bool)).shape[0] == 0
     s = M.SweepStats().update(np.zeros((0, 3, 3)), np.zeros((0, 3, 3), bool))
@@ -240,10 +322,16 @@ def test_iou_sweep_and_sweep_stats_on_an_empty_batch():
 # --------------------------------------------------------------------------- output keys
 
 
-names = st.lists(st.tuples(st.sampled_from(["", "a", "b", "a/c"]),
-                           st.text("xy. é", min_size=1, max_size=4).filter(lambda s: not s.startswith(".")),
-                           st.sampled_from([".png", ".jpg", ".png.png", ".PNG"])),
-                 min_size=1, max_size=8, unique_by=lambda t: (t[0], t[1] + t[2]))
+names = st.lists(
+    st.tuples(
+        st.sampled_from(["", "a", "b", "a/c"]),
+        st.text("xy. é", min_size=1, max_size=4).filter(lambda s: not s.startswith(".")),
+        st.sampled_from([".png", ".jpg", ".png.png", ".PNG"]),
+    ),
+    min_size=1,
+    max_size=8,
+    unique_by=lambda t: (t[0], t[1] + t[2]),
+)
 
 
 @settings(max_examples=40, deadline=None)

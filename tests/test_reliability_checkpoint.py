@@ -1,5 +1,6 @@
-"""Checkpoints that are truncated, tampered with, from another format version or another class list give a
-clear CheckpointError naming the file, and nothing is ever unpickled (tests/test_checkpoint.py has the basics)."""
+"""Checkpoints that are truncated, tampered with, from another format version or another class list give
+a clear CheckpointError naming the file, and nothing is ever unpickled (tests/test_checkpoint.py has the
+basics)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,15 @@ FILE = member_file(0, "tiny_cnn_a")
 @pytest.fixture
 def run(tmp_path) -> Path:
     save_weights(tmp_path / FILE, build_member("tiny_cnn_a", 2, pretrained=False))
-    save_run_config(tmp_path, RunConfig(classes=["lesion", "normal"], background="normal", image_size=32,
-                                        members=[MemberConfig(name="tiny_cnn_a", file=FILE)]))
+    save_run_config(
+        tmp_path,
+        RunConfig(
+            classes=["lesion", "normal"],
+            background="normal",
+            image_size=32,
+            members=[MemberConfig(name="tiny_cnn_a", file=FILE)],
+        ),
+    )
     return tmp_path
 
 
@@ -57,7 +65,7 @@ def test_tampered_headers_and_tensors(run):
     n = struct.unpack("<Q", good[:8])[0]
     f.write_bytes(struct.pack("<Q", 2**62) + good[8:])  # a header length that would allocate exabytes
     _error(run, "corrupt or truncated", f)
-    f.write_bytes(good[:8] + b"{" * n + good[8 + n:])  # not JSON
+    f.write_bytes(good[:8] + b"{" * n + good[8 + n :])  # not JSON
     _error(run, "corrupt or truncated", f)
     renamed = {("fc.weight_x" if k == "fc.weight" else k): v for k, v in state.items()}
     save_file(renamed, str(f))
@@ -103,7 +111,9 @@ def test_other_format_versions_name_run_json(run, version, words):
     _error(run, words, run / "run.json")
 
 
-@pytest.mark.parametrize("text", ["", "{", "[]", '{"format_version": 1}', '{"format_version": 1, "classes": 3}'])
+@pytest.mark.parametrize(
+    "text", ["", "{", "[]", '{"format_version": 1}', '{"format_version": 1, "classes": 3}']
+)
 def test_broken_run_json_names_it(run, text):
     (run / "run.json").write_text(text)
     _error(run, "run.json", run / "run.json")
@@ -128,18 +138,28 @@ def test_evaluate_data_whose_classes_the_run_does_not_know(tmp_path):
     from pixelvote.evaluate.run import evaluate_run
 
     save_weights(tmp_path / "run" / FILE, build_member("tiny_cnn_a", 2, pretrained=False))
-    save_run_config(tmp_path / "run", RunConfig(classes=["fire", "no_fire"], background="no_fire", image_size=32,
-                                                members=[MemberConfig(name="tiny_cnn_a", file=FILE)]))
+    save_run_config(
+        tmp_path / "run",
+        RunConfig(
+            classes=["fire", "no_fire"],
+            background="no_fire",
+            image_size=32,
+            members=[MemberConfig(name="tiny_cnn_a", file=FILE)],
+        ),
+    )
     data = write_blob_dataset(tmp_path / "data", per_class=2)  # classes lesion / normal
     with pytest.raises(DataError, match="class 'lesion', which the run does not know"):
         evaluate_run(tmp_path / "run", data, tmp_path / "eval", num_workers=0, progress=False)
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="train --resume loads the checkpoint with torch's load_state_dict (train/loop.py): when "
-                          "the data's classes changed since the run started it is a RuntimeError traceback, not a "
-                          "CheckpointError naming the file (see the reliability report)")
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="train --resume loads the checkpoint with torch's load_state_dict (train/loop.py): when "
+    "the data's classes changed since the run started it is a RuntimeError traceback, not a "
+    "CheckpointError naming the file (see the reliability report)",
+)
 def test_resume_with_data_whose_classes_changed(tmp_path, monkeypatch):
     from conftest import write_blob_dataset
 
@@ -147,8 +167,16 @@ def test_resume_with_data_whose_classes_changed(tmp_path, monkeypatch):
     from pixelvote.train.config import TrainConfig
 
     data = write_blob_dataset(tmp_path / "data", per_class=4)
-    cfg = TrainConfig(data=data, out=tmp_path / "run", preset="tiny", models=["tiny_cnn_a"], epochs=2,
-                      image_size=32, pretrained=False, mc_samples=2)
+    cfg = TrainConfig(
+        data=data,
+        out=tmp_path / "run",
+        preset="tiny",
+        models=["tiny_cnn_a"],
+        epochs=2,
+        image_size=32,
+        pretrained=False,
+        mc_samples=2,
+    )
     real, calls = loop.evaluate_member, {"n": 0}
 
     def interrupt(*a, **k):

@@ -45,7 +45,9 @@ def main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 
 
 def lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+    )
 
 
 def skipped_warnings(caplog, path: str) -> int:
@@ -63,8 +65,26 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path, Path]:
         root = tmp_path_factory.mktemp("rel_run")
         data = write_blob_dataset(root / "data", per_class=6)
         run = root / "run"
-        r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--epochs",
-                                "1", "--image-size", "32", "--no-pretrained", "--mc-samples", "2", "--quiet"])
+        r = runner.invoke(
+            app,
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--preset",
+                "tiny",
+                "--epochs",
+                "1",
+                "--image-size",
+                "32",
+                "--no-pretrained",
+                "--mc-samples",
+                "2",
+                "--quiet",
+            ],
+        )
         assert r.exit_code == 0, r.output
         _SHARED["run"] = (root, data, run)
     return _SHARED["run"]
@@ -106,8 +126,26 @@ def bad_training(tmp_path_factory):
     handler.emit = records.append  # type: ignore[method-assign]
     logger.addHandler(handler)
     try:
-        r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--epochs", "1",
-                                "--image-size", "32", "--no-pretrained", "--mc-samples", "2", "--quiet"])
+        r = runner.invoke(
+            app,
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--preset",
+                "tiny",
+                "--epochs",
+                "1",
+                "--image-size",
+                "32",
+                "--no-pretrained",
+                "--mc-samples",
+                "2",
+                "--quiet",
+            ],
+        )
     finally:
         logger.removeHandler(handler)
     return data, run, kinds, r, records
@@ -132,8 +170,6 @@ def test_train_skips_each_bad_input_once_and_finishes(bad_training):
     assert len(used) == len(set(used)) and not any("/loop/" in p for p in used)  # the loop added nothing
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py `train` exits 0 although RUN/skipped.jsonl lists skipped inputs; "
-                                       "the documented exit code is 3 (see the reliability report)")
 def test_train_exit_code_is_3_when_inputs_were_skipped(bad_training):
     _, run, _, r, _ = bad_training
     assert lines(run / "skipped.jsonl") and r.exit_code == 3
@@ -154,8 +190,22 @@ def annotated(trained, tmp_path_factory):
     handler.emit = records.append  # type: ignore[method-assign]
     logger.addHandler(handler)
     try:
-        r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(root / "in"), "--out", str(out),
-                                "--workers", "0", "--batch-size", "2"])
+        r = runner.invoke(
+            app,
+            [
+                "annotate",
+                "--run",
+                str(run),
+                "--images",
+                str(root / "in"),
+                "--out",
+                str(out),
+                "--workers",
+                "0",
+                "--batch-size",
+                "2",
+            ],
+        )
     finally:
         logger.removeHandler(handler)
     return root, kinds, out, r, records
@@ -198,8 +248,20 @@ def test_annotate_writes_every_good_file_once_at_its_displayed_size(annotated):
 def test_annotate_rerun_adds_nothing_and_still_exits_3(annotated, trained):
     root, _, out, _, _ = annotated
     before = {n: (out / n).read_bytes() for n in ("annotations.jsonl", "skipped.jsonl")}
-    r = runner.invoke(app, ["annotate", "--run", str(trained[2]), "--images", str(root / "in"), "--out", str(out),
-                            "--workers", "0"])
+    r = runner.invoke(
+        app,
+        [
+            "annotate",
+            "--run",
+            str(trained[2]),
+            "--images",
+            str(root / "in"),
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+        ],
+    )
     assert r.exit_code == 3 and re.search(r"(?<!\d)0 annotated", r.output), r.output
     assert {n: (out / n).read_bytes() for n in before} == before
 
@@ -207,7 +269,9 @@ def test_annotate_rerun_adds_nothing_and_still_exits_3(annotated, trained):
 def test_export_of_the_corpus_output(annotated, tmp_path):
     _, kinds, out, _, _ = annotated
     n_ok = sum(k == "ok" for k in kinds.values())
-    r = runner.invoke(app, ["export", "--from", str(out), "--format", "coco", "--to", str(tmp_path / "c.json")])
+    r = runner.invoke(
+        app, ["export", "--from", str(out), "--format", "coco", "--to", str(tmp_path / "c.json")]
+    )
     assert r.exit_code == 0, r.output
     assert len(json.loads((tmp_path / "c.json").read_text())["images"]) == n_ok
     r = runner.invoke(app, ["export", "--from", str(out), "--format", "png", "--to", str(tmp_path / "png")])
@@ -215,8 +279,11 @@ def test_export_of_the_corpus_output(annotated, tmp_path):
     assert len(list((tmp_path / "png").rglob("*.png"))) == n_ok
 
 
-@pytest.mark.xfail(strict=True, reason="export stops at the first unreadable mask (exit 2) instead of listing it in "
-                                       "skipped.jsonl and exiting 3 (src/pixelvote/export/outputs.py, cli.py)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="export stops at the first unreadable mask (exit 2) instead of listing it in "
+    "skipped.jsonl and exiting 3 (src/pixelvote/export/outputs.py, cli.py)",
+)
 def test_export_skips_a_broken_mask_and_exits_3(annotated, tmp_path, monkeypatch, capsys):
     _, _, out, _, _ = annotated
     copy = tmp_path / "out"
@@ -224,17 +291,30 @@ def test_export_skips_a_broken_mask_and_exits_3(annotated, tmp_path, monkeypatch
     recs = lines(copy / "annotations.jsonl")
     (copy / recs[0]["mask"]).write_bytes(b"")  # zero bytes
     Image.new("L", (3, 3)).save(copy / recs[1]["mask"])  # wrong size
-    code, text = main(monkeypatch, capsys, "export", "--from", str(copy), "--format", "coco",
-                      "--to", str(tmp_path / "c.json"))
+    code, text = main(
+        monkeypatch,
+        capsys,
+        "export",
+        "--from",
+        str(copy),
+        "--format",
+        "coco",
+        "--to",
+        str(tmp_path / "c.json"),
+    )
     assert code == 3, text
     assert len(json.loads((tmp_path / "c.json").read_text())["images"]) == len(recs) - 2
     skipped = [s["image"] for s in lines(tmp_path / "skipped.jsonl")] + [
-        s["image"] for s in lines(copy / "skipped.jsonl")]
+        s["image"] for s in lines(copy / "skipped.jsonl")
+    ]
     assert any(recs[0]["mask"] in s for s in skipped) and any(recs[1]["mask"] in s for s in skipped)
 
 
-@pytest.mark.xfail(strict=True, reason="export/outputs.read_mask thresholds at > 127, so a mask saved with 0/1 "
-                                       "values (hand-edited, another tool) exports as empty without a word")
+@pytest.mark.xfail(
+    strict=True,
+    reason="export/outputs.read_mask thresholds at > 127, so a mask saved with 0/1 "
+    "values (hand-edited, another tool) exports as empty without a word",
+)
 def test_export_never_silently_empties_a_mask_with_other_values(annotated, tmp_path):
     _, _, out, _, _ = annotated
     copy = tmp_path / "out"
@@ -256,19 +336,42 @@ def test_export_names_the_broken_mask(annotated, tmp_path, monkeypatch, capsys):
     shutil.copytree(out, copy)
     rec = lines(copy / "annotations.jsonl")[0]
     (copy / rec["mask"]).write_bytes(b"")
-    code, text = main(monkeypatch, capsys, "export", "--from", str(copy), "--format", "coco",
-                      "--to", str(tmp_path / "c.json"))
+    code, text = main(
+        monkeypatch,
+        capsys,
+        "export",
+        "--from",
+        str(copy),
+        "--format",
+        "coco",
+        "--to",
+        str(tmp_path / "c.json"),
+    )
     assert code in (2, 3) and str(copy / rec["mask"]) in text and "Traceback" not in text
 
 
-@pytest.mark.skipif(not os.environ.get("PIXELVOTE_BIG_TESTS"), reason="about 30 s and 6 GB of memory; "
-                    "set PIXELVOTE_BIG_TESTS=1 to run")
+@pytest.mark.skipif(
+    not os.environ.get("PIXELVOTE_BIG_TESTS"),
+    reason="about 30 s and 6 GB of memory; set PIXELVOTE_BIG_TESTS=1 to run",
+)
 def test_annotate_a_10000_pixel_square_image(trained, tmp_path):
     _, _, run = trained
     (tmp_path / "in").mkdir()
     Image.new("L", (10_000, 10_000), 90).save(tmp_path / "in" / "huge.png")
-    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(tmp_path / "in"),
-                            "--out", str(tmp_path / "out"), "--workers", "0"])
+    r = runner.invoke(
+        app,
+        [
+            "annotate",
+            "--run",
+            str(run),
+            "--images",
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "out"),
+            "--workers",
+            "0",
+        ],
+    )
     assert r.exit_code == 0, r.output
     with Image.open(tmp_path / "out" / "masks" / "huge.png") as im:
         assert im.size == (10_000, 10_000)
@@ -285,10 +388,26 @@ def test_exif_rotated_jpeg_gives_the_same_mask_as_its_upright_pixels(trained, tm
         stored = np.ascontiguousarray(STORE_FOR_ORIENTATION[o](displayed_with_lesion(seed=o)))
         Image.fromarray(stored).save(tmp_path / "rot" / f"photo{o}.jpg", quality=95, exif=exif_bytes(o))
         # the same pixels as displayed, saved without any orientation (same stem: same key, same MC seed)
-        Image.fromarray(read_image(tmp_path / "rot" / f"photo{o}.jpg")).save(tmp_path / "upright" / f"photo{o}.png")
+        Image.fromarray(read_image(tmp_path / "rot" / f"photo{o}.jpg")).save(
+            tmp_path / "upright" / f"photo{o}.png"
+        )
     for name in ("rot", "upright"):
-        r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(tmp_path / name),
-                                "--out", str(tmp_path / f"out_{name}"), "--workers", "0", "--threshold", "0.3"])
+        r = runner.invoke(
+            app,
+            [
+                "annotate",
+                "--run",
+                str(run),
+                "--images",
+                str(tmp_path / name),
+                "--out",
+                str(tmp_path / f"out_{name}"),
+                "--workers",
+                "0",
+                "--threshold",
+                "0.3",
+            ],
+        )
         assert r.exit_code == 0, r.output
     for o in (6, 3, 8):
         a = np.asarray(Image.open(tmp_path / "out_rot" / "masks" / f"photo{o}.png"))
@@ -311,11 +430,28 @@ def test_a_lesion_in_the_displayed_image_lands_in_the_mask_there(trained, tmp_pa
         g = g / g.flatten(1).amax(1).clamp_min(1e-6).view(-1, 1, 1)
         maps = torch.stack([g, g])  # two members, same map
         probs = torch.tensor([0.9, 0.1]).expand(2, B, 2).clone()  # both say "lesion"
-        stats = [{"mean": probs[m], "label": torch.zeros(B, dtype=torch.long), "entropy": torch.zeros(B),
-                  "mutual_information": torch.zeros(B), "variance": torch.zeros(B)} for m in range(2)]
+        stats = [
+            {
+                "mean": probs[m],
+                "label": torch.zeros(B, dtype=torch.long),
+                "entropy": torch.zeros(B),
+                "mutual_information": torch.zeros(B),
+                "variance": torch.zeros(B),
+            }
+            for m in range(2)
+        ]
         label = torch.zeros(B, dtype=torch.long)
-        return Analysis(["a", "b"], probs, stats, probs.mean(0), label, label, maps, torch.zeros_like(maps),
-                        torch.ones(2, B))
+        return Analysis(
+            ["a", "b"],
+            probs,
+            stats,
+            probs.mean(0),
+            label,
+            label,
+            maps,
+            torch.zeros_like(maps),
+            torch.ones(2, B),
+        )
 
     monkeypatch.setattr(eng, "analyze", brightness_analysis)
     _, _, run = trained
@@ -324,9 +460,20 @@ def test_a_lesion_in_the_displayed_image_lands_in_the_mask_there(trained, tmp_pa
     shown[12:36, 16:44] = 230  # a larger lesion, well above the 32 px model input's resolution
     stored = np.ascontiguousarray(STORE_FOR_ORIENTATION[6](shown))
     Image.fromarray(stored).save(tmp_path / "in" / "photo.jpg", quality=95, exif=exif_bytes(6))
-    eng.annotate(run, tmp_path / "in", tmp_path / "out", num_workers=0, progress=False,
-                 consensus={"threshold": 0.6, "threshold_method": "fixed", "policy": "unanimous",
-                            "fusion": "intersection"}, maps={})
+    eng.annotate(
+        run,
+        tmp_path / "in",
+        tmp_path / "out",
+        num_workers=0,
+        progress=False,
+        consensus={
+            "threshold": 0.6,
+            "threshold_method": "fixed",
+            "policy": "unanimous",
+            "fusion": "intersection",
+        },
+        maps={},
+    )
     mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "photo.png")) > 0
     assert mask.shape == (96, 160)
     lesion = np.zeros_like(mask)
@@ -346,17 +493,56 @@ def test_a_second_folder_with_the_same_stems_cannot_overwrite_masks(trained, tmp
         (tmp_path / name).mkdir()
         shutil.copy(src[i], tmp_path / name / "scan.png")
     out = tmp_path / "out"
-    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(tmp_path / "first"), "--out", str(out),
-                            "--workers", "0"])
+    r = runner.invoke(
+        app,
+        [
+            "annotate",
+            "--run",
+            str(run),
+            "--images",
+            str(tmp_path / "first"),
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+        ],
+    )
     assert r.exit_code == 0, r.output
     mask = (out / "masks" / "scan.png").read_bytes()
     rec = lines(out / "annotations.jsonl")
-    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(tmp_path / "second"), "--out", str(out),
-                            "--workers", "0"])
+    r = runner.invoke(
+        app,
+        [
+            "annotate",
+            "--run",
+            str(run),
+            "--images",
+            str(tmp_path / "second"),
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+        ],
+    )
     assert r.exit_code == 3, r.output
     assert (out / "masks" / "scan.png").read_bytes() == mask and lines(out / "annotations.jsonl") == rec
     (s,) = lines(out / "skipped.jsonl")
     assert s["image"] == str(tmp_path / "second" / "scan.png") and "first" in s["reason"]
+
+
+def test_a_fixed_file_leaves_skipped_jsonl_when_annotated(trained, tmp_path):
+    _, data, run = trained
+    (tmp_path / "in").mkdir()
+    shutil.copy(sorted((data / "images" / "lesion").glob("*.png"))[0], tmp_path / "in" / "good.png")
+    (tmp_path / "in" / "later.png").write_bytes(b"")  # still being copied, say
+    args = ["annotate", "--run", str(run), "--images", str(tmp_path / "in"), "--out", str(tmp_path / "out")]
+    assert runner.invoke(app, [*args, "--workers", "0"]).exit_code == 3
+    assert [s["image"] for s in lines(tmp_path / "out" / "skipped.jsonl")] == [str(tmp_path / "in" / "later.png")]
+    shutil.copy(tmp_path / "in" / "good.png", tmp_path / "in" / "later.png")
+    r = runner.invoke(app, [*args, "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert lines(tmp_path / "out" / "skipped.jsonl") == []
+    assert sorted(rec["key"] for rec in lines(tmp_path / "out" / "annotations.jsonl")) == ["good", "later"]
 
 
 def test_two_annotate_runs_cannot_write_one_folder_at_once(trained, tmp_path, monkeypatch, capsys):
@@ -365,20 +551,49 @@ def test_two_annotate_runs_cannot_write_one_folder_at_once(trained, tmp_path, mo
     out = tmp_path / "out"
     out.mkdir()
     holder = subprocess.Popen(  # another process holding the folder's lock, as a running annotate does
-        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-         "fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB); print('locked', flush=True); time.sleep(60)",
-         str(out / ".annotate.lock")], stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+            "fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB); print('locked', flush=True); time.sleep(60)",
+            str(out / ".annotate.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        code, text = main(monkeypatch, capsys, "annotate", "--run", str(run), "--images",
-                          str(data / "images"), "--out", str(out), "--workers", "0")
+        code, text = main(
+            monkeypatch,
+            capsys,
+            "annotate",
+            "--run",
+            str(run),
+            "--images",
+            str(data / "images"),
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+        )
     finally:
         holder.kill()
         holder.wait()
     assert code == 2 and "another `pixelvote annotate` is writing" in text and str(out) in text
     assert not (out / "annotations.jsonl").exists()
-    code, text = main(monkeypatch, capsys, "annotate", "--run", str(run), "--images",  # the lock died with it
-                      str(data / "images" / "lesion"), "--out", str(out), "--workers", "0")
+    code, text = main(
+        monkeypatch,
+        capsys,
+        "annotate",
+        "--run",
+        str(run),
+        "--images",  # the lock died with it
+        str(data / "images" / "lesion"),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+    )
     assert code == 0, text
 
 
@@ -387,6 +602,17 @@ def test_annotate_into_a_folder_of_other_classes_is_refused(trained, tmp_path, m
     out = tmp_path / "out"
     out.mkdir()
     (out / "annotate.json").write_text(json.dumps({"format_version": 1, "classes": ["cat", "dog"]}))
-    code, text = main(monkeypatch, capsys, "annotate", "--run", str(run), "--images", str(data / "images"),
-                      "--out", str(out), "--workers", "0")
+    code, text = main(
+        monkeypatch,
+        capsys,
+        "annotate",
+        "--run",
+        str(run),
+        "--images",
+        str(data / "images"),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+    )
     assert code == 2 and str(out) in text and "['cat', 'dog']" in text and "Traceback" not in text

@@ -29,8 +29,9 @@ def _cli(log: Path, *args: str) -> subprocess.Popen:
     """`python -m pixelvote.cli ARGS` in the background; its output goes to ``log`` (a pipe could fill up)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as fh:
-        return subprocess.Popen([sys.executable, "-m", "pixelvote.cli", *args], stdout=fh,
-                                stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "pixelvote.cli", *args], stdout=fh, stderr=subprocess.STDOUT, env=env
+        )
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60.0) -> bool:
@@ -64,7 +65,7 @@ def run_and_images(tmp_path_factory):
     for i in range(40):
         img = (rng.random((48, 64)) * 80).astype(np.uint8)
         y, x = rng.integers(4, 30), rng.integers(4, 46)
-        img[y:y + 12, x:x + 12] += 150
+        img[y : y + 12, x : x + 12] += 150
         Image.fromarray(img).save(images / f"img {i:02d}.png")
     return data, run, images
 
@@ -130,22 +131,26 @@ def test_train_killed_mid_training_resumes_to_the_same_epochs(run_and_images, tm
     r = runner.invoke(app, ["train", "--out", str(out), "--resume", "--data", str(data), "--quiet"])
     assert r.exit_code == 0, r.output
     hist = json.loads((out / "history.json").read_text())
-    assert [(h["member"], h["epoch"]) for h in hist] == [(m, e) for m in ("tiny_cnn_a", "tiny_cnn_b")
-                                                         for e in (1, 2)]
+    assert [(h["member"], h["epoch"]) for h in hist] == [
+        (m, e) for m in ("tiny_cnn_a", "tiny_cnn_b") for e in (1, 2)
+    ]
     full = tmp_path / "full"
     r = runner.invoke(app, ["train", *args, "--out", str(full)])
     assert r.exit_code == 0, r.output
     ens_cut, cfg_cut = load_run(out, device="cpu")
     ens_full, cfg_full = load_run(full, device="cpu")
     assert cfg_cut.classes == cfg_full.classes and len(ens_cut.members) == 2
-    for ma, mb in zip(ens_cut.members, ens_full.members):
-        for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
+    for ma, mb in zip(ens_cut.members, ens_full.members, strict=True):
+        for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values(), strict=True):
             assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
 
 
-@pytest.mark.xfail(strict=True, reason="train/loop.py writes the epoch's checkpoint weights and history.json "
-                                       "before state.json; a kill between them makes --resume repeat the epoch "
-                                       "(duplicate history rows, different weights). See the reliability report.")
+@pytest.mark.xfail(
+    strict=True,
+    reason="train/loop.py writes the epoch's checkpoint weights and history.json "
+    "before state.json; a kill between them makes --resume repeat the epoch "
+    "(duplicate history rows, different weights). See the reliability report.",
+)
 def test_train_killed_between_checkpoint_files_resumes_exactly(tmp_path, monkeypatch):
     from conftest import write_blob_dataset
 
@@ -155,8 +160,18 @@ def test_train_killed_between_checkpoint_files_resumes_exactly(tmp_path, monkeyp
     data = write_blob_dataset(tmp_path / "data", per_class=4)
 
     def cfg(out: Path) -> TrainConfig:
-        return TrainConfig(data=data, out=out, preset="tiny", models=["tiny_cnn_a"], epochs=2, image_size=32,
-                           pretrained=False, mc_samples=2, batch_size=8, patience=10)
+        return TrainConfig(
+            data=data,
+            out=out,
+            preset="tiny",
+            models=["tiny_cnn_a"],
+            epochs=2,
+            image_size=32,
+            pretrained=False,
+            mc_samples=2,
+            batch_size=8,
+            patience=10,
+        )
 
     loop.train(cfg(tmp_path / "full"))
     real = loop.write_json_atomic
@@ -178,5 +193,5 @@ def test_train_killed_between_checkpoint_files_resumes_exactly(tmp_path, monkeyp
     assert [h["epoch"] for h in hist] == [1, 2]
     a, _ = load_run(tmp_path / "full")
     b, _ = load_run(tmp_path / "cut")
-    for va, vb in zip(a.members[0].state_dict().values(), b.members[0].state_dict().values()):
+    for va, vb in zip(a.members[0].state_dict().values(), b.members[0].state_dict().values(), strict=True):
         assert torch.allclose(va.float(), vb.float(), atol=1e-5)

@@ -29,14 +29,20 @@ from pixelvote.errors import DataError
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def bomb_png(width: int, height: int) -> bytes:
     """A valid-looking 8-bit grey PNG whose header claims ``width x height`` but holds a few bytes."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def _encoded(arr: np.ndarray | Image.Image, fmt: str, **kw) -> bytes:
@@ -47,8 +53,12 @@ def _encoded(arr: np.ndarray | Image.Image, fmt: str, **kw) -> bytes:
 
 # EXIF orientation -> how to store a displayed image so that a viewer shows it upright
 STORE_FOR_ORIENTATION = {
-    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, 1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, 1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
     8: lambda a: np.rot90(a, -1),
 }
 
@@ -105,8 +115,16 @@ def make_corpus(folder: Path) -> dict[str, str]:
     put("v1.2.final.png", png, "ok")
     put("sub a/dup.png", png, "ok")
     put("sub b/dup.png", _encoded(rgb[::-1].copy(), "PNG"), "ok")
-    put("rotated.jpg", _encoded(np.ascontiguousarray(STORE_FOR_ORIENTATION[6](displayed_with_lesion())), "JPEG",
-                                quality=95, exif=exif_bytes(6)), "ok")
+    put(
+        "rotated.jpg",
+        _encoded(
+            np.ascontiguousarray(STORE_FOR_ORIENTATION[6](displayed_with_lesion())),
+            "JPEG",
+            quality=95,
+            exif=exif_bytes(6),
+        ),
+        "ok",
+    )
     try:
         (folder / "loop").mkdir()
         os.symlink("..", folder / "loop" / "up")

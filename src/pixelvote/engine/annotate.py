@@ -30,6 +30,7 @@ from pixelvote.data.imageio import (
     read_image,
     read_jsonl,
     repair_jsonl_tail,
+    write_bytes_atomic,
     write_json_atomic,
     write_png_atomic,
 )
@@ -146,7 +147,8 @@ def _exclusive(out: Path) -> Iterator[None]:
             if exc.errno in (errno.EACCES, errno.EAGAIN):
                 raise DataError("another `pixelvote annotate` is writing to this folder", path=out,
                                 fix="wait for it to finish, or pass another --out") from None
-            log.warning("%s: cannot lock the output folder (%s); make sure no other run writes to it", out, exc)
+            log.warning("%s: cannot lock the output folder (%s); make sure no other run writes to it",
+                        out, exc)
         yield
 
 
@@ -227,8 +229,9 @@ def _annotate_locked(ens: Ensemble, run: str | Path, items: list[Item], out: Pat
     summary = AnnotateSummary(out, total=len(items), already_done=len(items) - len(pending))
     clash = [it for it in pending if it.key in done_keys]  # another image, annotated earlier under this key
     for it in clash:
-        reason = (f"{it.path}: its output key {it.key!r} is taken by {done_keys[it.key]}, annotated earlier into "
-                  "this folder; writing it would overwrite that image's mask. Fix: annotate it into another --out")
+        reason = (f"{it.path}: its output key {it.key!r} is taken by {done_keys[it.key]}, annotated earlier "
+                  "into this folder; writing it would overwrite that image's mask. "
+                  "Fix: annotate it into another --out")
         log.warning("skipped: %s", reason)
         summary.skipped += 1
         if str(it.path) not in already_skipped:
@@ -258,7 +261,19 @@ def _annotate_locked(ens: Ensemble, run: str | Path, items: list[Item], out: Pat
     finally:
         bar.close()
         writer.close()
+    _drop_fixed(skipped_path, out)
     return _finish(summary, out)
+
+
+def _drop_fixed(skipped_path: Path, out: Path) -> None:
+    """Inputs that an earlier run skipped and this one annotated (the file was fixed) leave skipped.jsonl."""
+    skipped = list(read_jsonl(skipped_path))
+    if not skipped:
+        return
+    done = {rec.get("image") for rec in read_jsonl(out / "annotations.jsonl")}
+    keep = [r for r in skipped if str(Path(str(r.get("image"))).resolve()) not in done]
+    if len(keep) < len(skipped):
+        write_bytes_atomic(skipped_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep).encode())
 
 
 def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: float) -> None:

@@ -70,7 +70,8 @@ def list_inputs(images: str | Path) -> list[Item]:
 
 def _unique_keys(items: list[Item]) -> list[Item]:
     """Two inputs never share a key (their outputs would overwrite each other): in the rare cases the rules
-    above leave a clash (``a/x.png`` beside ``a/x.jpg`` and ``a/x.png.png``), later ones get ``~2``, ``~3``."""
+    above leave a clash (``a/x.png`` beside ``a/x.jpg`` and ``a/x.png.png``), later ones get ``~2``,
+    ``~3``."""
     counts = Counter(it.key for it in items)
     if all(n == 1 for n in counts.values()):
         return items

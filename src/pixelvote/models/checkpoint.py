@@ -149,7 +149,8 @@ def load_member_state(member: Member, path: Path) -> None:
     problem = _state_mismatch(member.state_dict(), state)
     if problem is not None:
         raise CheckpointError(f"weights do not fit {member.name} with this run's {member.fc.out_features} "
-                              f"classes: {problem}", path=path, fix="the file belongs to another run or model: re-train")
+                              f"classes: {problem}", path=path,
+                              fix="the file belongs to another run or model: re-train")
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"weights of {member.name} hold NaN or infinite values ({bad[0]})", path=path,

@@ -59,8 +59,8 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
     else:
         train_s, val_s = split(ds.samples, cfg.val_fraction, cfg.seed)
     write_json_atomic(run_dir / "split.json", {
-        "train": [str(s.path) for s in train_s], "val": [str(s.path) for s in val_s],
-        "test": [str(s.path) for s in ds.test]})
+        "train": [str(s.path.resolve()) for s in train_s], "val": [str(s.path.resolve()) for s in val_s],
+        "test": [str(s.path.resolve()) for s in ds.test]})
     train = cache_samples(train_s, ds.classes, cfg.image_size, desc="reading training images", with_masks=False)
     val = cache_samples(val_s, ds.classes, cfg.image_size, desc="reading validation images")
     problems = [{"image": p, "reason": r} for p, r in ds.problems + train.skipped + val.skipped]
@@ -159,7 +159,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     run_cfg = RunConfig(classes=classes, background=data.background, image_size=cfg.image_size,
                         members=[], seed=cfg.seed, mc_samples=cfg.mc_samples,
                         train=cfg.model_dump(mode="json", exclude={"data", "out"}),
-                        data={"root": str(cfg.data), "train_images": len(data.train),
+                        data={"root": str(Path(cfg.data).resolve()), "train_images": len(data.train),
                               "val_images": len(data.val), "class_counts": data.dataset.counts()})
     done_members: list[MemberConfig] = []
     for i, name in enumerate(names):
