@@ -145,20 +145,17 @@ def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: 
     conf = analysis.ensemble_probs.gather(1, label.view(-1, 1)).squeeze(1)
     ok = policy_met(agree, cfg)
     empty = foreground & ((fused > 0).flatten(1).sum(1) == 0)
-    reasons: list[list[str]] = []
-    for b in range(label.shape[0]):
-        r = []
-        if agree[:, b].sum() == 0:
-            r.append("no_agreeing_member")
-        elif not bool(ok[b]):
-            r.append("disagreement")
-        if cfg.mi_threshold is not None and float(mi[b]) > cfg.mi_threshold:
-            r.append("high_mutual_information")
-        if cfg.variance_threshold is not None and float(var[b]) > cfg.variance_threshold:
-            r.append("high_variance")
-        if float(conf[b]) < cfg.min_confidence:
-            r.append("low_confidence")
-        if bool(empty[b]):
-            r.append("empty_mask")
-        reasons.append(r)
+    none = agree.sum(0) == 0
+    nan = torch.full_like(mi, float("nan"))
+    checks = torch.stack([
+        none,
+        ~none & ~ok,
+        mi > (cfg.mi_threshold if cfg.mi_threshold is not None else nan),
+        var > (cfg.variance_threshold if cfg.variance_threshold is not None else nan),
+        conf < cfg.min_confidence,
+        empty,
+    ], 1).tolist()  # one transfer from the device for the whole batch
+    names = ("no_agreeing_member", "disagreement", "high_mutual_information", "high_variance",
+             "low_confidence", "empty_mask")
+    reasons = [[n for n, hit in zip(names, row) if hit] for row in checks]
     return ConsensusResult(fused, heat, unc, agree, agree.float().mean(0), foreground, reasons, thresholds)

@@ -273,7 +273,8 @@ def _drop_fixed(skipped_path: Path, out: Path) -> None:
     done = {rec.get("image") for rec in read_jsonl(out / "annotations.jsonl")}
     keep = [r for r in skipped if str(Path(str(r.get("image"))).resolve()) not in done]
     if len(keep) < len(skipped):
-        write_bytes_atomic(skipped_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep).encode())
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep)
+        write_bytes_atomic(skipped_path, text.encode("utf-8"))
 
 
 def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: float) -> None:
