@@ -14,8 +14,8 @@ times per image (median over repeats, after a warm-up; random weights, which cos
               weights: decode, compute and write every output. The run's models are loaded once beforehand
               (the load is printed separately), so the figure is the per-image cost of a long run.
 
-It also runs ``python -m pixelvote.cli annotate`` in a subprocess on a small and a large folder of generated
-PNGs and compares the peak RSS of the two (streaming: nothing should be kept per image).
+It also runs ``pixelvote annotate`` (the CLI) in a subprocess on a small and a large folder of generated PNGs
+and compares the peak RSS of the two (streaming: nothing should be kept per image).
 
 It prints a table and, as its last line, one JSON object with ``ratios["<preset>@<size>"]`` holding
 ``core_over_floor``, ``naive_over_core`` (null with --no-naive) and ``end_to_end_over_floor``.
@@ -247,14 +247,32 @@ def time_end_to_end(ens: Ensemble, run: Path, images: Path, warm: Path, work: Pa
     return statistics.median(per), load_s
 
 
+# Runs `pixelvote annotate` (sys.argv[1:]) and, at exit, writes the process's own peak RSS (VmHWM) to a file.
+# VmHWM belongs to the process image after exec; ``ru_maxrss`` of a child would also count the parent's pages
+# that the child held between fork and exec (this benchmark's ~1 GB), which hides what annotate itself uses.
+_CLI_WITH_HWM = """
+import atexit, os, runpy, sys
+def _hwm():
+    with open("/proc/self/status") as f:
+        kib = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    with open(os.environ["PIXELVOTE_BENCH_HWM"], "w") as f:
+        f.write(kib)
+atexit.register(_hwm)
+sys.argv = ["pixelvote"] + sys.argv[1:]
+runpy.run_module("pixelvote.cli", run_name="__main__")
+"""
+
+
 def peak_rss(run: Path, images: Path, out: Path, T: int, batch: int,
              device: torch.device) -> dict[str, float]:
-    """Run ``pixelvote annotate`` in its own process: its peak RSS (``ru_maxrss`` of that child and its reaped
-    decoding workers: the largest single process), the main process's highest sampled RSS once the first
-    image is in the manifest and before the last (``steady``: the processing phase only, so a per-image leak
-    shows there even when a start-up or tear-down peak hides it in ``peak``), and the wall time. MiB."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "pixelvote.cli", "annotate", "--run", str(run), "--images", str(images),
+    """Run ``pixelvote annotate`` in its own process; in MiB: its peak RSS (VmHWM at exit), the peak before
+    the first image was finished (start-up: imports, models), the highest RSS sampled between the first and
+    the last image (``steady``: a per-image leak shows there even when a start-up peak hides it in
+    ``peak``); and the wall time in seconds. Decoding workers, if any, are separate processes, not counted."""
+    hwm_file = out.parent / (out.name + ".hwm")
+    env = {**os.environ, "PIXELVOTE_BENCH_HWM": str(hwm_file),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-c", _CLI_WITH_HWM, "annotate", "--run", str(run), "--images", str(images),
            "--out", str(out), "--mc-samples", str(T), "--batch-size", str(batch), "--device", str(device),
            "--quiet"]
     log = out.parent / (out.name + ".log")
@@ -264,10 +282,7 @@ def peak_rss(run: Path, images: Path, out: Path, T: int, batch: int,
     t0 = time.perf_counter()
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # this child's rusage only
-            if pid:
-                break
+        while proc.poll() is None:
             rss, hwm = _vm_kib(proc.pid)
             done = manifest.read_bytes().count(b"\n") if manifest.exists() else 0
             if done == 0:
@@ -275,12 +290,12 @@ def peak_rss(run: Path, images: Path, out: Path, T: int, batch: int,
             elif done < n_images:  # between the first and the last image: no start-up, no tear-down
                 steady_kib = max(steady_kib, rss)
             time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
+    if proc.returncode != 0 or not hwm_file.exists():
         raise SystemExit(f"annotate failed ({proc.returncode}):\n{log.read_text(errors='replace')[-3000:]}")
-    return {"peak": usage.ru_maxrss / 1024.0, "startup": startup_kib / 1024.0,  # KiB on Linux
-            "steady": steady_kib / 1024.0, "wall": wall}
+    peak_kib = int(hwm_file.read_text())
+    return {"peak": peak_kib / 1024.0, "startup": startup_kib / 1024.0, "steady": steady_kib / 1024.0,
+            "wall": wall}
 
 
 def _vm_kib(pid: int) -> tuple[int, int]:

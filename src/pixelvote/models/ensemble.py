@@ -28,7 +28,8 @@ class Ensemble:
     def to(self, device: torch.device | str) -> Ensemble:
         self.device = torch.device(device)
         for m in self.members:
-            m.to(self.device)
+            # channels_last: about 1.3x faster convolutions on CPU (bench/speed.py), and what cuDNN prefers
+            m.to(self.device, memory_format=torch.channels_last)
         return self
 
     def eval(self) -> Ensemble:
@@ -42,7 +43,7 @@ class Ensemble:
         x = x.to(self.device, non_blocking=True)
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
-        return x
+        return x.contiguous(memory_format=torch.channels_last)
 
     def modules(self) -> list[nn.Module]:
         return list(self.members)
