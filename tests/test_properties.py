@@ -198,17 +198,7 @@ def test_consensus_on_no_images_and_single_pixels(method):
     [
         "fixed",
         "otsu",
-        pytest.param(
-            "percentile",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=RuntimeError,
-                reason=(
-                    "consensus.member_thresholds: torch reshape(M, 0, -1) fails on a batch of 0 images "
-                    "(see report)"
-                ),
-            ),
-        ),
+        "percentile",
     ],
 )
 def test_consensus_on_an_empty_batch(method):
@@ -308,11 +298,6 @@ def test_iou_sweep_matches_thresholding_each_map(pair):
         assert torch.allclose(sweep[:, i], M.mask_iou(soft >= t, target))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="evaluate/metrics._sweep_counts: reshape(0, -1) fails on an empty batch (see report)",
-)
 def test_iou_sweep_and_sweep_stats_on_an_empty_batch():
     assert M.iou_sweep(np.zeros((0, 3, 3)), np.zeros((0, 3, 3), bool)).shape[0] == 0
     s = M.SweepStats().update(np.zeros((0, 3, 3)), np.zeros((0, 3, 3), bool))

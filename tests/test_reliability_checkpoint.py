@@ -153,13 +153,6 @@ def test_evaluate_data_whose_classes_the_run_does_not_know(tmp_path):
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="train --resume loads the checkpoint with torch's load_state_dict (train/loop.py): when "
-    "the data's classes changed since the run started it is a RuntimeError traceback, not a "
-    "CheckpointError naming the file (see the reliability report)",
-)
 def test_resume_with_data_whose_classes_changed(tmp_path, monkeypatch):
     from conftest import write_blob_dataset
 

@@ -279,11 +279,6 @@ def test_export_of_the_corpus_output(annotated, tmp_path):
     assert len(list((tmp_path / "png").rglob("*.png"))) == n_ok
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="export stops at the first unreadable mask (exit 2) instead of listing it in "
-    "skipped.jsonl and exiting 3 (src/pixelvote/export/outputs.py, cli.py)",
-)
 def test_export_skips_a_broken_mask_and_exits_3(annotated, tmp_path, monkeypatch, capsys):
     _, _, out, _, _ = annotated
     copy = tmp_path / "out"
@@ -310,11 +305,6 @@ def test_export_skips_a_broken_mask_and_exits_3(annotated, tmp_path, monkeypatch
     assert any(recs[0]["mask"] in s for s in skipped) and any(recs[1]["mask"] in s for s in skipped)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="export/outputs.read_mask thresholds at > 127, so a mask saved with 0/1 "
-    "values (hand-edited, another tool) exports as empty without a word",
-)
 def test_export_never_silently_empties_a_mask_with_other_values(annotated, tmp_path):
     _, _, out, _, _ = annotated
     copy = tmp_path / "out"

@@ -54,6 +54,28 @@ def _lines(path: Path) -> list[str]:
     return path.read_bytes().decode("utf-8").split("\n") if path.exists() else []
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line holds ``text`` (Linux /proc; empty elsewhere)."""
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if text in (d / "cmdline").read_bytes().decode("utf-8", "replace"):
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
+def _no_orphans(text: str, wait: float = 3.0) -> list[int]:
+    """Wait for the killed run's decoding workers to end; kill (and return) any still alive after ``wait``."""
+    deadline = time.monotonic() + wait
+    while (left := _processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
 @pytest.fixture(scope="module")
 def run_and_images(tmp_path_factory):
     from test_reliability_cli import tiny_run
@@ -63,9 +85,9 @@ def run_and_images(tmp_path_factory):
     images = tmp_path_factory.mktemp("crash") / "images"
     images.mkdir()
     for i in range(40):
-        img = (rng.random((48, 64)) * 80).astype(np.uint8)
-        y, x = rng.integers(4, 30), rng.integers(4, 46)
-        img[y : y + 12, x : x + 12] += 150
+        img = (rng.random((96, 128)) * 80).astype(np.uint8)  # big enough to fill the workers' queue
+        y, x = rng.integers(4, 70), rng.integers(4, 100)
+        img[y : y + 16, x : x + 16] += 150
         Image.fromarray(img).save(images / f"img {i:02d}.png")
     return data, run, images
 
@@ -82,6 +104,7 @@ def test_annotate_killed_mid_run_resumes_to_the_uninterrupted_result(run_and_ima
     if not killed or len(done_at_kill) >= 40:
         pytest.fail(f"annotate finished before it could be killed: {log.read_text()[-2000:]}")
     assert proc.returncode == -signal.SIGKILL
+    assert _no_orphans(str(cut)) == [], "decoding workers outlived the killed annotate"
 
     r = runner.invoke(app, ["annotate", *args, "--out", str(cut), "--workers", "0"])  # the re-run
     assert r.exit_code == 0, r.output
@@ -145,12 +168,6 @@ def test_train_killed_mid_training_resumes_to_the_same_epochs(run_and_images, tm
             assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train/loop.py writes the epoch's checkpoint weights and history.json "
-    "before state.json; a kill between them makes --resume repeat the epoch "
-    "(duplicate history rows, different weights). See the reliability report.",
-)
 def test_train_killed_between_checkpoint_files_resumes_exactly(tmp_path, monkeypatch):
     from conftest import write_blob_dataset
 

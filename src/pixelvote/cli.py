@@ -28,8 +28,8 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
 
 @app.command()
 def train(
-    data: Path = typer.Option(..., "--data", help="images/<class>/..., a CSV manifest, or a TBX11K root"),
-    out: Path = typer.Option(..., "--out", help="run folder to create"),
+    data: Optional[Path] = typer.Option(None, "--data", help="images/<class>/..., a CSV manifest, or a TBX11K root"),
+    out: Path = typer.Option(..., "--out", help="run folder to create (or to continue, with --resume)"),
     preset: str = typer.Option("offline", help="offline (EfficientNet-Lite0/1/2, no internet) or paper"),
     models: Optional[str] = typer.Option(None, help="comma-separated backbones instead of the preset"),
     epochs: int = typer.Option(8, min=1),
@@ -53,9 +53,20 @@ def train(
 ) -> None:
     """Fine-tune the ensemble on image-level labels and calibrate its thresholds on the validation split."""
     _setup_logging(verbose)
+    from pixelvote.errors import ConfigError
     from pixelvote.train.config import TrainConfig
     from pixelvote.train.loop import train as run_train
 
+    if data is None and not resume:
+        raise ConfigError("--data is required to start a run", fix="pass --data DIR, or --resume to continue --out")
+    if resume:  # the run's own settings are used; only --out matters
+        saved = out / "train_config.json"
+        if not saved.exists():
+            from pixelvote.errors import CheckpointError
+
+            raise CheckpointError("nothing to resume: no train_config.json", path=out,
+                                  fix="start a new run with --data (without --resume)")
+        data = Path(json.loads(saved.read_text(encoding="utf-8"))["data"])
     cfg = TrainConfig(data=data, out=out, preset=preset, models=_csv(models), epochs=epochs, image_size=image_size,
                       batch_size=batch_size, lr=lr, dropout=dropout, seed=seed, background=background,
                       group_pattern=group_pattern, val_fraction=val_fraction, patience=patience,
@@ -174,10 +185,17 @@ def export(
     to: Path = typer.Option(..., "--to", help="file or folder to write (see docs/exports.md)"),
 ) -> None:
     """Export masks and flags to an annotation tool's format."""
-    from pixelvote.export import export_annotations
+    from pixelvote.export import export_annotations, skipped_report_path
 
-    path = export_annotations(source, fmt, to)
+    path = export_annotations(source, fmt, to, skip_bad=True)
     typer.echo(f"wrote {path}")
+    report = skipped_report_path(to, fmt)
+    if report.exists():
+        rows = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines()]
+        for row in rows:
+            typer.echo(f"skipped: {row['reason']}", err=True)
+        typer.echo(f"{len(rows)} record(s) with an unusable mask were left out; listed in {report}", err=True)
+        raise typer.Exit(3)
 
 
 @app.command("import")

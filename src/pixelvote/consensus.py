@@ -79,7 +79,9 @@ def member_thresholds(maps: torch.Tensor, cfg: ConsensusConfig) -> torch.Tensor:
         return torch.full(maps.shape[:2], cfg.threshold, device=maps.device)
     if cfg.threshold_method == "otsu":
         return otsu_threshold(maps)
-    flat = maps.reshape(*maps.shape[:2], -1)
+    flat = maps.reshape(*maps.shape[:2], maps.shape[-2] * maps.shape[-1])
+    if flat.numel() == 0:
+        return torch.zeros(maps.shape[:2], device=maps.device)
     if flat.shape[-1] > 65536:  # torch.quantile's size limit; a strided sample is plenty
         flat = flat[..., :: math.ceil(flat.shape[-1] / 65536)]
     return torch.quantile(flat, cfg.percentile / 100.0, dim=-1)

@@ -10,11 +10,15 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import functools
 import json
 import logging
+import os
 import queue
+import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,7 @@ from pixelvote.engine.inputs import Item, list_inputs
 from pixelvote.engine.render import overlay, uncertainty_png
 from pixelvote.errors import DataError
 from pixelvote.explain.analyze import MapConfig, analyze
-from pixelvote.models.checkpoint import load_run
+from pixelvote.models.checkpoint import RunConfig, load_run
 from pixelvote.models.ensemble import Ensemble
 
 log = logging.getLogger(__name__)
@@ -83,14 +87,30 @@ def _collate(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return batch
 
 
+def _die_with_parent(parent: int, worker_id: int) -> None:
+    """A decoding worker ends when the annotate process does, even by SIGKILL (Linux): otherwise a worker
+    blocked on a full queue outlives it, holding its memory. Elsewhere PyTorch's own watchdog applies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
 class _Writer(threading.Thread):
     """Writes each image's PNGs, then its manifest line; errors are kept and re-raised in the main thread."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, write: Callable[..., None] | None = None) -> None:
         super().__init__(daemon=True)
         self.out = out
         self.q: queue.Queue = queue.Queue(maxsize=32)
         self.error: BaseException | None = None
+        self.write = write or self._write  # the Ray engine passes one that writes encoded PNGs
 
     def run(self) -> None:
         while True:
@@ -100,15 +120,14 @@ class _Writer(threading.Thread):
             if self.error is not None:
                 continue
             try:
-                self._write(*job)
+                self.write(*job)
             except BaseException as exc:  # surfaced by close()
                 self.error = exc
 
     def _write(self, record: dict[str, Any], image: np.ndarray, mask: np.ndarray, heat: np.ndarray,
                unc: np.ndarray) -> None:
-        write_png_atomic(self.out / record["mask"], (mask * 255).astype(np.uint8))
-        write_png_atomic(self.out / record["overlay"], overlay(image, heat, mask))
-        write_png_atomic(self.out / record["uncertainty"], uncertainty_png(unc))
+        for name, array in render_outputs(image, mask, heat, unc).items():
+            write_png_atomic(self.out / record[name], array)
         append_jsonl(self.out / "annotations.jsonl", record)
 
     def put(self, job: tuple) -> None:
@@ -121,6 +140,13 @@ class _Writer(threading.Thread):
         self.join()
         if self.error is not None:
             raise self.error
+
+
+def render_outputs(image: np.ndarray, mask: np.ndarray, heat: np.ndarray,
+                   unc: np.ndarray) -> dict[str, np.ndarray]:
+    """The ``uint8`` pictures of one image, by the record field that names their file, in writing order."""
+    return {"mask": (mask * 255).astype(np.uint8), "overlay": overlay(image, heat, mask),
+            "uncertainty": uncertainty_png(unc)}
 
 
 def _resize_map(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -180,6 +206,23 @@ PAPER_METHOD = {"consensus": {"policy": "unanimous", "fusion": "intersection", "
                                "threshold": 0.5}, "maps": {}}
 
 
+def resolve_recipe(cfg: RunConfig, method: str, consensus: dict[str, Any] | None, maps: dict[str, Any] | None,
+                   mc_samples: int | None) -> tuple[ConsensusConfig, MapConfig, int]:
+    """The consensus and map settings and T that :func:`annotate` uses for ``method`` and the overrides."""
+    from pixelvote.errors import ConfigError
+
+    if method not in ("run", "paper"):
+        raise ConfigError(f"unknown method {method!r}: expected 'run' or 'paper'")
+    if method == "paper":
+        ccfg = cfg.consensus.model_copy(update=PAPER_METHOD["consensus"])
+        mcfg = MapConfig()
+    else:
+        ccfg, mcfg = cfg.consensus, cfg.maps
+    ccfg = ConsensusConfig.model_validate({**ccfg.model_dump(), **(consensus or {})})
+    mcfg = MapConfig.model_validate({**mcfg.model_dump(), **(maps or {})})
+    return ccfg, mcfg, mc_samples or cfg.mc_samples
+
+
 def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size: int = 8,
              mc_samples: int | None = None, num_workers: int | None = None, device: str | None = None,
              consensus: dict[str, Any] | None = None, maps: dict[str, Any] | None = None,
@@ -192,20 +235,9 @@ def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size
     With ``segmenter`` (a `pixelvote segment train` folder) masks come from the segmenter; the ensemble still
     gives the diagnosis, the uncertainty and the flags, plus ``segmenter_disagrees`` when the segmenter's
     mask and the consensus mask overlap less than ``segmenter_min_iou`` (IoU)."""
-    from pixelvote.errors import ConfigError
-
     out = Path(out)
     ens, cfg = load_run(run, device=device)
-    if method not in ("run", "paper"):
-        raise ConfigError(f"unknown method {method!r}: expected 'run' or 'paper'")
-    if method == "paper":
-        ccfg = cfg.consensus.model_copy(update=PAPER_METHOD["consensus"])
-        mcfg = MapConfig()
-    else:
-        ccfg, mcfg = cfg.consensus, cfg.maps
-    ccfg = ConsensusConfig.model_validate({**ccfg.model_dump(), **(consensus or {})})
-    mcfg = MapConfig.model_validate({**mcfg.model_dump(), **(maps or {})})
-    T = mc_samples or cfg.mc_samples
+    ccfg, mcfg, T = resolve_recipe(cfg, method, consensus, maps, mc_samples)
     seg = None
     if segmenter is not None:
         from pixelvote.segment.train import load_segmenter
@@ -220,29 +252,16 @@ def _annotate_locked(ens: Ensemble, run: str | Path, items: list[Item], out: Pat
                      mcfg: MapConfig, T: int, batch_size: int, num_workers: int | None,
                      progress: bool, seg: tuple | None = None) -> AnnotateSummary:
     """The body of :func:`annotate`, run while holding the output folder's lock."""
-    done_keys = _prepare_out(out, Path(run), ens, ccfg, mcfg)
-    done = set(done_keys.values())
+    pending_at, summary, already_skipped = plan(out, run, ens, items, ccfg, mcfg)
     skipped_path = out / "skipped.jsonl"
-    repair_jsonl_tail(skipped_path)
-    already_skipped = {r.get("image") for r in read_jsonl(skipped_path)}
-    pending = [it for it in items if str(it.path.resolve()) not in done]
-    summary = AnnotateSummary(out, total=len(items), already_done=len(items) - len(pending))
-    clash = [it for it in pending if it.key in done_keys]  # another image, annotated earlier under this key
-    for it in clash:
-        reason = (f"{it.path}: its output key {it.key!r} is taken by {done_keys[it.key]}, annotated earlier "
-                  "into this folder; writing it would overwrite that image's mask. "
-                  "Fix: annotate it into another --out")
-        log.warning("skipped: %s", reason)
-        summary.skipped += 1
-        if str(it.path) not in already_skipped:
-            append_jsonl(skipped_path, {"image": str(it.path), "reason": reason})
-    pending = [it for it in pending if it.key not in done_keys]
+    pending = [items[i] for i in pending_at]
     if not pending:
         return _finish(summary, out)
     workers = num_workers if num_workers is not None else min(2, max(0, (torch.get_num_threads() or 1) - 1))
     loader = torch.utils.data.DataLoader(_Decode(pending, ens.image_size), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate,
-                                         prefetch_factor=2 if workers else None)
+                                         prefetch_factor=2 if workers else None,
+                                         worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
     writer = _Writer(out)
     writer.start()
     bar = tqdm(total=len(pending), desc="annotating", unit="img", disable=not progress)
@@ -265,13 +284,46 @@ def _annotate_locked(ens: Ensemble, run: str | Path, items: list[Item], out: Pat
     return _finish(summary, out)
 
 
+def plan(out: Path, run: str | Path, ens: Ensemble, items: list[Item], ccfg: ConsensusConfig, mcfg: MapConfig,
+         names: list[str] | None = None) -> tuple[list[int], AnnotateSummary, set[str]]:
+    """Prepare ``out`` (annotate.json, a repaired manifest); which of ``items`` are still to do.
+
+    ``names[i]`` is how the manifest and skipped.jsonl name ``items[i]`` (default: its resolved path in the
+    manifest, its path in skipped.jsonl). Returns the indices to annotate, the summary so far (images already
+    done, key clashes skipped) and the names already in skipped.jsonl."""
+    done_keys = _prepare_out(out, Path(run), ens, ccfg, mcfg)
+    done = set(done_keys.values())
+    skipped_path = out / "skipped.jsonl"
+    repair_jsonl_tail(skipped_path)
+    already_skipped = {str(r.get("image")) for r in read_jsonl(skipped_path)}
+    ids = names if names is not None else [str(it.path.resolve()) for it in items]
+    shown = names if names is not None else [str(it.path) for it in items]
+    pending = [i for i in range(len(items)) if ids[i] not in done]
+    summary = AnnotateSummary(out, total=len(items), already_done=len(items) - len(pending))
+    for i in pending:
+        it = items[i]
+        if it.key not in done_keys:
+            continue
+        # another image, annotated earlier under this key
+        reason = (f"{shown[i]}: its output key {it.key!r} is taken by {done_keys[it.key]}, annotated earlier "
+                  "into this folder; writing it would overwrite that image's mask. "
+                  "Fix: annotate it into another --out")
+        log.warning("skipped: %s", reason)
+        summary.skipped += 1
+        if shown[i] not in already_skipped:
+            append_jsonl(skipped_path, {"image": shown[i], "reason": reason})
+    return [i for i in pending if items[i].key not in done_keys], summary, already_skipped
+
+
 def _drop_fixed(skipped_path: Path, out: Path) -> None:
     """Inputs that an earlier run skipped and this one annotated (the file was fixed) leave skipped.jsonl."""
     skipped = list(read_jsonl(skipped_path))
     if not skipped:
         return
     done = {rec.get("image") for rec in read_jsonl(out / "annotations.jsonl")}
-    keep = [r for r in skipped if str(Path(str(r.get("image"))).resolve()) not in done]
+    # a name is a path (resolved in the manifest) or, from the Ray engine, a URI (the same in both)
+    keep = [r for r in skipped
+            if str(r.get("image")) not in done and str(Path(str(r.get("image"))).resolve()) not in done]
     if len(keep) < len(skipped):
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep)
         write_bytes_atomic(skipped_path, text.encode("utf-8"))
@@ -311,9 +363,20 @@ def _finish(summary: AnnotateSummary, out: Path) -> AnnotateSummary:
     return summary
 
 
-@torch.no_grad()
 def _annotate_batch(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int, batch: list[dict[str, Any]],
                     writer: _Writer, summary: AnnotateSummary, seg: tuple | None = None) -> None:
+    for job in batch_results(ens, ccfg, mcfg, T, batch, seg):
+        writer.put(job)
+        summary.annotated += 1
+
+
+@torch.no_grad()
+def batch_results(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int, batch: list[dict[str, Any]],
+                  seg: tuple | None = None) -> Iterator[tuple[dict[str, Any], np.ndarray, np.ndarray,
+                                                              np.ndarray, np.ndarray]]:
+    """Analyse one batch of decoded images (``{"item", "image", "input"}`` each, as :class:`_Decode` gives)
+    and yield each image's ``(record, image, mask, heat, unc)``: its manifest record and the full-size arrays
+    that :func:`render_outputs` turns into its files. Shared by the local and the Ray engine."""
     x = torch.stack([b["input"] for b in batch])
     a = analyze(ens, x, mc_samples=T, seeds=[b["item"].seed for b in batch], maps=mcfg)
     res = apply_consensus(a, ccfg, ens.background_index)
@@ -355,5 +418,4 @@ def _annotate_batch(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: in
                                else float(res.thresholds[:, j].mean()), 6),
             "uncertainty_mean": round(float(unc[mask].mean()) if area else float(unc.mean()), 6),
         }
-        writer.put((record, image, mask, heat, unc))
-        summary.annotated += 1
+        yield record, image, mask, heat, unc

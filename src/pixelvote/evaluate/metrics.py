@@ -466,8 +466,8 @@ def _sweep_counts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Intersections and unions ``(N, T)`` of ``soft >= t`` with ``target``, all thresholds, by sorting."""
     n = soft.shape[0]
-    s = soft.reshape(n, -1)
-    tg = target.reshape(n, -1)
+    s = soft.reshape(n, soft.shape[-2] * soft.shape[-1])
+    tg = target.reshape(n, target.shape[-2] * target.shape[-1])
     p = s.shape[1]
     values = th.to(s.device).expand(n, -1).contiguous()
     pred_area = p - torch.searchsorted(s.sort(dim=1).values, values, side="left")

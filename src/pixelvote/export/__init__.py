@@ -7,6 +7,7 @@ See ``docs/exports.md``. Tool libraries (pycocotools, nibabel) are imported only
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,14 +71,17 @@ def _check_options(fmt: str, func: Callable[..., Path], options: dict[str, Any])
             )
 
 
-def export_annotations(out_dir: str | Path, fmt: str, to: str | Path, **options: Any) -> Path:
+def export_annotations(out_dir: str | Path, fmt: str, to: str | Path, *, skip_bad: bool = False,
+                       **options: Any) -> Path:
     """Export the annotation output folder ``out_dir`` as ``fmt`` to ``to``; returns the main path written.
 
     ``to`` is a file for ``coco``, ``coco-results``, ``labelstudio`` and ``cvat`` and a folder for
     ``monailabel``, ``png`` and ``nifti``. Options: ``coco_gt`` (``coco-results``: number images and
     categories as this COCO file does), ``image_url_prefix`` and ``model_version`` (``labelstudio``).
     Raises :class:`~pixelvote.errors.ConfigError` for an unknown format or option and
-    :class:`~pixelvote.errors.DataError` for a missing or corrupt output folder.
+    :class:`~pixelvote.errors.DataError` for a missing or corrupt output folder. With ``skip_bad`` a record
+    whose mask is missing, unreadable or of the wrong size is left out and listed in ``skipped.jsonl``
+    (see :func:`skipped_report_path`) instead of stopping the export.
     """
     if fmt not in FORMATS:
         raise ConfigError(
@@ -92,7 +96,39 @@ def export_annotations(out_dir: str | Path, fmt: str, to: str | Path, **options:
 
     folder = open_output(out_dir)
     folder.records = reviewed_records(folder.root, folder.records, folder.classes.names)
-    return exporter(folder, Path(to), **options)
+    skipped: list[dict[str, str]] = []
+    if skip_bad:
+        folder.records, skipped = _usable_records(folder)
+    path = exporter(folder, Path(to), **options)
+    report = skipped_report_path(to, fmt)
+    if skipped:
+        from pixelvote.export.outputs import write_text
+
+        write_text(report, "".join(json.dumps(s) + "\n" for s in skipped))
+    else:
+        report.unlink(missing_ok=True)
+    return path
+
+
+def skipped_report_path(to: str | Path, fmt: str) -> Path:
+    """Where an export lists the records it left out: beside a file target, inside a folder target."""
+    to = Path(to)
+    return to / "skipped.jsonl" if fmt in ("monailabel", "png", "nifti") else to.parent / "skipped.jsonl"
+
+
+def _usable_records(folder: Any) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Records whose mask reads and has the image's size; the others, with the reason, to report."""
+    from pixelvote.errors import DataError
+
+    good, skipped = [], []
+    for rec in folder.records:
+        try:
+            folder.load_mask(rec)
+        except DataError as exc:
+            skipped.append({"image": str(folder.mask_path(rec)), "reason": str(exc)})
+            continue
+        good.append(rec)
+    return good, skipped
 
 
 def import_annotations(fmt: str, src: str | Path, to: str | Path, **options: Any) -> Path:

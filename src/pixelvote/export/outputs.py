@@ -247,7 +247,7 @@ def read_mask(path: str | Path, width: int, height: int) -> np.ndarray:
             path=path,
             fix="masks must be written at the original image size; re-run `pixelvote annotate`.",
         )
-    return arr > 127
+    return arr > 0  # any non-zero value is foreground, as pixelvote's own reader treats masks
 
 
 def write_mask(path: str | Path, mask: np.ndarray) -> None:
@@ -279,6 +279,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=".tmp-", suffix="-" + path.name, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; exports follow the umask like any other file
     try:
         yield tmp
         os.replace(tmp, path)

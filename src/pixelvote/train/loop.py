@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pixelvote.data.dataset import Dataset, load_dataset, resolve_background, split
-from pixelvote.data.imageio import write_json_atomic
+from pixelvote.data.imageio import write_bytes_atomic, write_json_atomic
 from pixelvote.errors import CheckpointError, DataError
 from pixelvote.models.checkpoint import (
     MemberConfig,
     RunConfig,
-    load_weights,
+    load_member_state,
     member_file,
     save_run_config,
     save_weights,
@@ -65,10 +65,10 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
     val = cache_samples(val_s, ds.classes, cfg.image_size, desc="reading validation images")
     problems = [{"image": p, "reason": r} for p, r in ds.problems + train.skipped + val.skipped]
     if problems:
-        with open(run_dir / "skipped.jsonl", "w", encoding="utf-8") as fh:
-            for p in problems:
-                fh.write(json.dumps(p) + "\n")
+        write_bytes_atomic(run_dir / "skipped.jsonl", "".join(json.dumps(p) + "\n" for p in problems).encode())
         log.warning("%d input(s) skipped; see %s", len(problems), run_dir / "skipped.jsonl")
+    else:
+        (run_dir / "skipped.jsonl").unlink(missing_ok=True)  # inputs fixed since an earlier attempt
     counts = torch.bincount(train.labels, minlength=len(ds.classes)).tolist()
     empty = [c for c, n in zip(ds.classes, counts) if n == 0]
     if empty:
@@ -149,8 +149,18 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     data = prepare_data(cfg, run_dir)
     classes = data.dataset.classes
     state = json.loads(state_path.read_text()) if state_path.exists() else {"members": {}}
+    if resume and (run_dir / "run.json").exists():
+        from pixelvote.models.checkpoint import read_run_config
+
+        before = read_run_config(run_dir).classes
+        if before != classes:
+            raise CheckpointError(f"the run was started with classes {before} but the data now has {classes}",
+                                  path=run_dir, fix="restore the data's class folders, or start a new run")
     history_path = run_dir / "history.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else []
+    # state.json is the commit point: drop log rows of an epoch whose checkpoint was never committed
+    done_epochs = {k.split("_", 1)[1]: v["epoch"] for k, v in state["members"].items()}
+    history = [h for h in history if h["epoch"] <= done_epochs.get(h["member"], 0)]
 
     from pixelvote.models.ensemble import Ensemble
 
@@ -204,8 +214,9 @@ def _train_member(i: int, name: str, mcfg: MemberConfig, mstate: dict, cfg: Trai
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     start = int(mstate["epoch"])
     if start > 0:
-        member.load_state_dict(load_weights(ckpt_dir / f"{key}.safetensors"))
-        load_optimizer(opt, ckpt_dir / f"{key}.optim.safetensors")
+        tag = f"{key}.e{start}" if (ckpt_dir / f"{key}.e{start}.safetensors").exists() else key  # older runs
+        load_member_state(member, ckpt_dir / f"{tag}.safetensors")
+        load_optimizer(opt, ckpt_dir / f"{tag}.optim.safetensors")
         if "scheduler" in mstate:
             sched.load_state_dict(mstate["scheduler"])
         else:  # a checkpoint from before the schedule was saved: put the cosine schedule at `start`
@@ -253,10 +264,14 @@ def _train_member(i: int, name: str, mcfg: MemberConfig, mstate: dict, cfg: Trai
                  record["train_loss"], val_loss, val_acc)
         bar.set_postfix(train_loss=f"{record['train_loss']:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
         # the last state, written atomically, so Ctrl-C or a kill loses at most the running epoch
-        save_weights(ckpt_dir / f"{key}.safetensors", member)
-        save_optimizer(opt, ckpt_dir / f"{key}.optim.safetensors")
+        # weights and optimiser go to per-epoch files, then state.json names the epoch (the commit point):
+        # a kill at any moment resumes from a consistent epoch
+        save_weights(ckpt_dir / f"{key}.e{epoch + 1}.safetensors", member)
+        save_optimizer(opt, ckpt_dir / f"{key}.e{epoch + 1}.optim.safetensors")
         write_json_atomic(run_dir / "history.json", history)
         write_json_atomic(ckpt_dir / "state.json", state)
+        for old in (f"{key}.e{epoch}.safetensors", f"{key}.e{epoch}.optim.safetensors"):
+            (ckpt_dir / old).unlink(missing_ok=True)
         if stop:
             log.info("%s: early stop after epoch %d (no better validation loss for %d epochs)", name, epoch + 1,
                      cfg.patience)
