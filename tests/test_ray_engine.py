@@ -22,7 +22,7 @@ from pixelvote.errors import ConfigError
 try:
     import ray
 except ImportError:  # the optional extra is not installed
-    ray = None
+    ray = None  # type: ignore[assignment]
 
 needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install 'pixelvote[ray]')")
 FILES = ("mask", "overlay", "uncertainty")
@@ -37,8 +37,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
     data = write_blob_dataset(root / "data", per_class=6)
     run = root / "run"
-    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--epochs",
-                                 "2", "--image-size", "64", "--no-pretrained", "--mc-samples", str(T), "--quiet"])
+    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny",
+                                 "--epochs", "2", "--image-size", "64", "--no-pretrained",
+                                 "--mc-samples", str(T), "--quiet"])
     assert r.exit_code == 0, r.output
     imgs = root / "in"
     shutil.copytree(data / "images", imgs)

@@ -93,7 +93,8 @@ def train(
 @app.command()
 def annotate(
     run: Path = typer.Option(..., "--run", help="a run folder from `pixelvote train`"),
-    images: Path = typer.Option(..., "--images", help="folder (searched recursively) or CSV with a path column"),
+    images: str = typer.Option(..., "--images", help="folder (searched recursively) or CSV with a path "
+                               "column; --engine ray also takes a folder URI (s3://bucket/prefix, ...)"),
     out: Path = typer.Option(..., "--out", help="output folder (re-running skips finished images)"),
     batch_size: int = typer.Option(8, min=1),
     mc_samples: Optional[int] = typer.Option(None, help="T (default: the run's)"),
@@ -110,6 +111,12 @@ def annotate(
     refine: Optional[str] = typer.Option(None, help="none | guided (edge-aware refinement)"),
     segmenter: Optional[Path] = typer.Option(None, help="masks from a `pixelvote segment train` folder"),
     device: Optional[str] = typer.Option(None),
+    engine: str = typer.Option("local", "--engine", help="local: this process; ray: Ray workers "
+                               "(pip install 'pixelvote[ray]'; see docs/scale-out.md)"),
+    address: Optional[str] = typer.Option(None, "--address", help="--engine ray: a running cluster (auto, "
+                                          "HOST:6379, ray://HOST:10001); default: a local Ray instance"),
+    num_workers: int = typer.Option(2, "--num-workers", min=1, help="--engine ray: worker actors, each loads "
+                                    "the ensemble once (1 GPU each when the cluster has GPUs)"),
     verbose: bool = typer.Option(False, "--verbose/--quiet"),
 ) -> None:
     """Annotate images: masks, overlays, uncertainty maps and annotations.jsonl with review flags."""
@@ -121,8 +128,19 @@ def annotate(
     maps: dict = {k_: v for k_, v in dict(layer_fusion=layer_fusion, refine=refine).items() if v is not None}
     if tta is not None:
         maps.update(tta_flip=tta, tta_scales=(0.75, 1.0, 1.25) if tta else (1.0,))
-    s = run_annotate(run, images, out, batch_size=batch_size, mc_samples=mc_samples, num_workers=workers,
-                     device=device, consensus=overrides, maps=maps, method=method, segmenter=segmenter)
+    if engine not in ("local", "ray"):
+        from pixelvote.errors import ConfigError, did_you_mean
+
+        raise ConfigError(f"unknown --engine: {did_you_mean(engine, ('local', 'ray'))}")
+    if engine == "ray":
+        from pixelvote.engine.ray_engine import annotate_ray
+
+        s = annotate_ray(run, images, out, batch_size=batch_size, mc_samples=mc_samples,
+                         num_workers=num_workers, address=address, device=device, consensus=overrides,
+                         maps=maps, method=method, segmenter=segmenter)
+    else:
+        s = run_annotate(run, images, out, batch_size=batch_size, mc_samples=mc_samples, num_workers=workers,
+                         device=device, consensus=overrides, maps=maps, method=method, segmenter=segmenter)
     typer.echo(f"{s.annotated} annotated, {s.already_done} already done, {s.skipped} skipped, "
                f"{s.flagged} flagged for review; labels {s.labels}")
     typer.echo(f"outputs in {s.out} (annotations.jsonl, masks/, overlays/, uncertainty/)")

@@ -83,12 +83,12 @@ def annotate_ray(run: str | Path, images: str | Path, out: str | Path, *, batch_
     ``images``: a local folder or CSV manifest (as the local engine), or the URI of a folder on any
     pyarrow or fsspec filesystem (``s3://bucket/prefix``, ``gs://…``, ``hdfs://…``; ``file://`` is a local
     path). ``num_workers`` actors each load the ensemble once and take ``num_cpus_per_worker`` CPUs and
-    ``num_gpus_per_worker`` GPUs (default: 1 when the cluster has GPUs, else 0). ``address``: a running
-    cluster (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``); without it, and when Ray is not already
-    initialised in this process, a local Ray instance with just enough CPUs is started and stopped at the
-    end. A worker that dies is restarted by Ray and its batch retried; unreadable images go to
-    skipped.jsonl. ``_fault_marker`` is for tests: the first batch kills its worker once (when that file
-    does not exist yet)."""
+    ``num_gpus_per_worker`` GPUs (default: 1 when the cluster has GPUs and ``device`` is not "cpu").
+    ``address``: a running cluster (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``); without it, and
+    when Ray is not already initialised in this process, a local Ray instance with just enough CPUs is
+    started and stopped at the end. A worker that dies is restarted by Ray and its batch retried;
+    unreadable images go to skipped.jsonl. ``_fault_marker`` is for tests: the first batch kills its worker
+    once (when that file does not exist yet)."""
     ray = require_ray()
     if batch_size < 1 or num_workers < 1:
         raise ConfigError(f"expected batch_size >= 1 and num_workers >= 1 but got {batch_size} and "
@@ -111,7 +111,7 @@ def annotate_ray(run: str | Path, images: str | Path, out: str | Path, *, batch_
     try:
         gpus = num_gpus_per_worker
         if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+            gpus = 1.0 if device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         actor = dict(run_files=run_files, seg_files=seg_files, seg_min_iou=segmenter_min_iou, ccfg=ccfg,
                      mcfg=mcfg, T=T, device=device or ("cuda" if gpus > 0 else "cpu"),
                      threads=max(1, int(num_cpus_per_worker)), fs_uri=fs_uri, fault_marker=_fault_marker)
@@ -156,7 +156,10 @@ def _run_locked(ray: Any, ens: Any, run: Path, items: list[Item], names: list[st
     writer.start()
     bar = tqdm(total=len(rows), desc="annotating (ray)", unit="img", disable=not progress)
     try:
-        ds = ray.data.from_items(rows).map_batches(
+        # blocks of at most ~256 images (Ray's default is 200 blocks), so that many workers share a long run
+        # evenly; map_batches bundles smaller blocks up to batch_size
+        blocks = min(len(rows), max(200, math.ceil(len(rows) / 256)))
+        ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
             _Annotator, batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=num_workers), num_cpus=cpus, num_gpus=gpus,
             fn_constructor_kwargs=actor)
