@@ -170,8 +170,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write a file so that readers see either the old file or the whole new one, never a part."""
+def write_bytes_atomic(path: str | Path, data: bytes, *, durable: bool = True) -> None:
+    """Write a file so that readers see either the old file or the whole new one, never a part.
+
+    ``durable=False`` skips the fsyncs: the file is still replaced atomically (a killed process never leaves
+    a partial file), and the caller makes it durable later, e.g. with one ``os.sync()`` for a whole batch."""
     path = Path(path)
     fd, tmp = _atomic_target(path)
     try:
@@ -180,30 +183,33 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             fh.flush()
             if hasattr(os, "fchmod"):  # POSIX
                 os.fchmod(fh.fileno(), _FILE_MODE)
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
-def write_png_atomic(path: str | Path, array: np.ndarray) -> None:
+def write_png_atomic(path: str | Path, array: np.ndarray, *, durable: bool = True) -> None:
     """Save a ``uint8`` array (H, W) or (H, W, 3) as PNG, atomically."""
     import io
 
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=1)
-    write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue(), durable=durable)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one record as one line and make it durable (the manifest is append-only)."""
-    line = json.dumps(record, ensure_ascii=False) + "\n"
+def append_jsonl(path: str | Path, record: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """Append one record (or several) as one line each and make them durable (the manifest is append-only)."""
+    recs = record if isinstance(record, list) else [record]
+    line = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(line)
         fh.flush()
