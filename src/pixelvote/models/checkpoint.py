@@ -144,18 +144,22 @@ def _state_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tens
     return None
 
 
-def load_member_state(member: Member, path: Path) -> None:
+def load_module_state(module: torch.nn.Module, path: Path, what: str) -> None:
+    """Load safetensors weights into ``module``: names, shapes and finiteness checked, errors name the file."""
     state = load_weights(path)
-    problem = _state_mismatch(member.state_dict(), state)
+    problem = _state_mismatch(module.state_dict(), state)
     if problem is not None:
-        raise CheckpointError(f"weights do not fit {member.name} with this run's {member.fc.out_features} "
-                              f"classes: {problem}", path=path,
+        raise CheckpointError(f"weights do not fit {what}: {problem}", path=path,
                               fix="the file belongs to another run or model: re-train")
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise CheckpointError(f"weights of {member.name} hold NaN or infinite values ({bad[0]})", path=path,
+        raise CheckpointError(f"weights of {what} hold NaN or infinite values ({bad[0]})", path=path,
                               fix="the file is damaged, or training diverged: restore it or re-train")
-    member.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True)
+
+
+def load_member_state(member: Member, path: Path) -> None:
+    load_module_state(member, path, f"{member.name} with this run's {member.fc.out_features} classes")
 
 
 def load_run(run_dir: str | Path, *, device: torch.device | str | None = None,

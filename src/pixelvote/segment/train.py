@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from pixelvote.data.imageio import read_jsonl, write_json_atomic
 from pixelvote.errors import CheckpointError
-from pixelvote.models.checkpoint import load_weights, save_weights
+from pixelvote.models.checkpoint import load_module_state, save_weights
 from pixelvote.models.ensemble import default_device
 from pixelvote.segment.data import SegDataset, select_examples
 from pixelvote.segment.model import Segmenter
@@ -114,11 +114,7 @@ def load_segmenter(segrun: str | Path, device: str | torch.device | None = None)
     if cfg.format_version > SEG_FORMAT:
         raise CheckpointError("segmenter written by a newer pixelvote", path=path, fix="upgrade pixelvote")
     model = Segmenter(cfg.encoder, pretrained=False)
-    try:
-        model.load_state_dict(load_weights(segrun / "segmenter.safetensors"))
-    except RuntimeError as exc:
-        raise CheckpointError(f"weights do not fit the segmenter ({str(exc).splitlines()[0]})",
-                              path=segrun / "segmenter.safetensors", fix="re-train the segmenter") from None
+    load_module_state(model, segrun / "segmenter.safetensors", f"the {cfg.encoder} segmenter")
     dev = torch.device(device) if device else default_device()
     return model.to(dev).eval(), cfg
 
