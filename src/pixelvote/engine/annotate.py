@@ -36,11 +36,10 @@ from pixelvote.data.imageio import (
     repair_jsonl_tail,
     write_bytes_atomic,
     write_json_atomic,
-    write_png_atomic,
 )
 from pixelvote.data.transforms import resize_image, to_tensor
 from pixelvote.engine.inputs import Item, list_inputs
-from pixelvote.engine.render import overlay, uncertainty_png
+from pixelvote.engine.render import encode_outputs, output_paths
 from pixelvote.errors import DataError
 from pixelvote.explain.analyze import MapConfig, analyze
 from pixelvote.models.checkpoint import RunConfig, load_run
@@ -130,8 +129,8 @@ class _Writer(threading.Thread):
 
     def _write(self, record: dict[str, Any], image: np.ndarray, mask: np.ndarray, heat: np.ndarray,
                unc: np.ndarray) -> None:
-        for name, array in render_outputs(image, mask, heat, unc).items():
-            write_png_atomic(self.out / record[name], array, durable=False)
+        for name, data in encode_outputs(image, mask, heat, unc).items():
+            write_bytes_atomic(self.out / record[name], data, durable=False)
         self.pending.append(record)
 
     def _flush(self) -> None:
@@ -154,13 +153,6 @@ class _Writer(threading.Thread):
         self.join()
         if self.error is not None:
             raise self.error
-
-
-def render_outputs(image: np.ndarray, mask: np.ndarray, heat: np.ndarray,
-                   unc: np.ndarray) -> dict[str, np.ndarray]:
-    """The ``uint8`` pictures of one image, by the record field that names their file, in writing order."""
-    return {"mask": (mask * 255).astype(np.uint8), "overlay": overlay(image, heat, mask),
-            "uncertainty": uncertainty_png(unc)}
 
 
 def _resize_map(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -390,7 +382,7 @@ def batch_results(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int,
                                                               np.ndarray, np.ndarray]]:
     """Analyse one batch of decoded images (``{"item", "image", "input"}`` each, as :class:`_Decode` gives)
     and yield each image's ``(record, image, mask, heat, unc)``: its manifest record and the full-size arrays
-    that :func:`render_outputs` turns into its files. Shared by the local and the Ray engine."""
+    that :func:`pixelvote.engine.render.encode_outputs` turns into its files. Shared by the local and the Ray engine."""
     x = torch.stack([b["input"] for b in batch])
     a = analyze(ens, x, mc_samples=T, seeds=[b["item"].seed for b in batch], maps=mcfg)
     res = apply_consensus(a, ccfg, ens.background_index)
@@ -420,8 +412,7 @@ def batch_results(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int,
         reasons = res.reasons[j]
         record = {
             "image": str(item.path.resolve()), "key": item.key,
-            "mask": f"masks/{item.key}.png", "overlay": f"overlays/{item.key}.png",
-            "uncertainty": f"uncertainty/{item.key}.png", "width": int(hw[1]), "height": int(hw[0]),
+            **output_paths(item.key), "width": int(hw[1]), "height": int(hw[0]),
             "label": classes[label], "label_index": label,
             "probability": round(float(a.ensemble_probs[j, label]), 6),
             "probabilities": {c: round(float(a.ensemble_probs[j, k]), 6) for k, c in enumerate(classes)},

@@ -4,7 +4,7 @@ The driver lists the inputs, skips what the manifest already holds, and streams 
 ``Dataset.map_batches`` with a fixed pool of actors. Each actor loads the ensemble once (the run's files
 are shipped from the driver, so workers need no copy of the run folder), decodes its images, analyses
 them with the local engine's own functions and per-image seeds, and returns one small row per image: the
-manifest record (JSON) and the mask, overlay and uncertainty PNGs as bytes. The driver writes each image's
+manifest record (JSON) and the mask, overlay and uncertainty files as bytes. The driver writes each image's
 files atomically and then appends its manifest line, in input order: one writer, one manifest, the same
 lock, skipped.jsonl and resumability as :func:`pixelvote.engine.annotate.annotate`. Workers must be able
 to read the images (a shared filesystem, or a pyarrow/fsspec URI); they never write to the output folder.
@@ -15,7 +15,6 @@ Ray is optional (``pip install 'pixelvote[ray]'``); this module imports it only 
 from __future__ import annotations
 
 import functools
-import io
 import json
 import logging
 import math
@@ -26,7 +25,6 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from pixelvote.consensus import ConsensusConfig
@@ -46,10 +44,10 @@ from pixelvote.engine.annotate import (
     _Writer,
     batch_results,
     plan,
-    render_outputs,
     resolve_recipe,
 )
 from pixelvote.engine.inputs import Item, _unique_keys, list_inputs
+from pixelvote.engine.render import OUTPUT_FILES, encode_outputs
 from pixelvote.errors import ConfigError, DataError
 from pixelvote.explain.analyze import MapConfig
 from pixelvote.models.checkpoint import RunConfig, load_run, member_file
@@ -57,7 +55,7 @@ from pixelvote.models.checkpoint import RunConfig, load_run, member_file
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'pixelvote[ray]'  (or: pip install 'ray[data]')"
-_FILES = ("mask", "overlay", "uncertainty")
+_FILES = tuple(OUTPUT_FILES)
 
 
 def require_ray() -> Any:
@@ -196,13 +194,6 @@ def _write_encoded(out: Path, record: dict[str, Any], pngs: dict[str, bytes]) ->
     append_jsonl(out / "annotations.jsonl", record)
 
 
-def _png(array: np.ndarray) -> bytes:
-    """PNG bytes exactly as :func:`pixelvote.data.imageio.write_png_atomic` writes them."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
 # ------------------------------------------------------------------------------------------------ inputs
 
 def resolve_inputs(images: str | Path) -> tuple[list[Item], list[str] | None, str | None]:
@@ -319,8 +310,7 @@ class _Annotator:
         done: dict[str, tuple[dict[str, Any], dict[str, bytes]]] = {}
         results = batch_results(self.ens, self.ccfg, self.mcfg, self.T, good, self.seg) if good else iter(())
         for record, image, mask, heat, unc in results:
-            pictures = render_outputs(image, mask, heat, unc)
-            done[record["key"]] = record, {k: _png(a) for k, a in pictures.items()}
+            done[record["key"]] = record, encode_outputs(image, mask, heat, unc)
         cols: dict[str, list] = {c: [] for c in ("key", "shown", "error", "record", *_FILES)}
         for r, d in zip(rows, decoded, strict=True):
             cols["key"].append(r["key"])

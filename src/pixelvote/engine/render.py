@@ -1,10 +1,23 @@
-"""Pictures for people: image + heat map + mask contour, and the uncertainty map."""
+"""Pictures for people: image + heat map + mask contour, and the uncertainty map; and their encoded files."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+from PIL import Image
 
 _LUT: np.ndarray | None = None
+
+# record field -> (folder, suffix) of each per-image file. The overlay is only for people, so it is a JPEG:
+# encoding it as PNG cost more than the whole forward pass of the offline ensemble (bench/speed.py).
+OUTPUT_FILES = {"mask": ("masks", ".png"), "overlay": ("overlays", ".jpg"), "uncertainty": ("uncertainty", ".png")}
+OVERLAY_JPEG_QUALITY = 90
+
+
+def output_paths(key: str) -> dict[str, str]:
+    """The manifest's relative paths of one image's files."""
+    return {name: f"{folder}/{key}{suffix}" for name, (folder, suffix) in OUTPUT_FILES.items()}
 
 
 def _lut() -> np.ndarray:
@@ -28,8 +41,9 @@ def contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
 
 def overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray, alpha: float = 0.4) -> np.ndarray:
     """``image (H,W,3) uint8``, ``heat (H,W) in [0,1]``, ``mask (H,W) bool`` -> RGB uint8."""
-    colours = _lut()[np.clip(heat * 255, 0, 255).astype(np.uint8)]
-    out = (image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha).astype(np.uint8)
+    colours = _lut()[np.clip(heat * 255 + 0.5, 0, 255).astype(np.uint8)]
+    a = int(round(alpha * 256))
+    out = ((image.astype(np.uint16) * (256 - a) + colours.astype(np.uint16) * a) >> 8).astype(np.uint8)
     width = max(1, round(max(image.shape[:2]) / 300))
     out[contour(mask, width)] = (0, 255, 0)
     return out
@@ -38,3 +52,21 @@ def overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray, alpha: float 
 def uncertainty_png(unc: np.ndarray) -> np.ndarray:
     """Per-pixel uncertainty (std of the CAM relative to its max) -> uint8, 255 = 1.0 or more."""
     return np.clip(unc * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _encode(array: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img = Image.fromarray(np.ascontiguousarray(array))
+    if fmt == ".jpg":
+        img.save(buf, format="JPEG", quality=OVERLAY_JPEG_QUALITY)
+    else:
+        img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def encode_outputs(image: np.ndarray, mask: np.ndarray, heat: np.ndarray, unc: np.ndarray) -> dict[str, bytes]:
+    """One image's files as bytes, by the record field that names them, in writing order: the mask (0/255
+    PNG), the overlay (JPEG) and the uncertainty map (8-bit PNG)."""
+    arrays = {"mask": mask.astype(np.uint8) * np.uint8(255), "overlay": overlay(image, heat, mask),
+              "uncertainty": uncertainty_png(unc)}
+    return {name: _encode(arrays[name], OUTPUT_FILES[name][1]) for name in OUTPUT_FILES}

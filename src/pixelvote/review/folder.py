@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pixelvote.engine.render import output_paths
 from pixelvote.errors import DataError
 from pixelvote.export.outputs import RECORDS_FILE, OutputFolder, open_output
 from pixelvote.review.store import Decision
@@ -105,8 +106,7 @@ class ReviewIndex:
     def file_path(self, key: str, kind: str) -> Path:
         """Path of the record's ``mask``, ``overlay`` or ``uncertainty`` file (checked to be inside)."""
         rec = self.record(key)
-        default = {"mask": f"masks/{key}.png", "overlay": f"overlays/{key}.png",
-                   "uncertainty": f"uncertainty/{key}.png"}[kind]
+        default = output_paths(key)[kind]
         rel = rec.get(kind)
         return self.inside(rel if isinstance(rel, str) and rel else default)
 

@@ -125,6 +125,9 @@ def _encoded_image(path: str, mtime_ns: int, size: int) -> bytes:
     return buf.getvalue()
 
 
+_MEDIA = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
 def _png(data: bytes, headers: dict[str, str]) -> Response:
     return Response(data, media_type="image/png", headers=headers)
 
@@ -132,7 +135,7 @@ def _png(data: bytes, headers: dict[str, str]) -> Response:
 def _serve_inside(path: Path, headers: dict[str, str] = _CACHE) -> Response:
     if not path.is_file():
         raise HTTPException(404, f"file not found: {path.name}")
-    return _png(path.read_bytes(), headers)
+    return Response(path.read_bytes(), media_type=_MEDIA.get(path.suffix.lower(), "image/png"), headers=headers)
 
 
 FileKind = Literal["image", "overlay", "uncertainty", "mask", "predicted-mask", "cam"]

@@ -1,0 +1,54 @@
+"""The per-image files of `annotate`: what they hold and how they are encoded."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from pixelvote.engine.render import contour, encode_outputs, output_paths, overlay
+
+
+def _case(h: int = 40, w: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:h, 0:w]
+    image = np.stack([xx * 4, yy * 6, (xx + yy) * 2], -1).clip(0, 255).astype(np.uint8)  # smooth, like photos
+    mask = np.zeros((h, w), bool)
+    mask[10:30, 20:50] = True
+    heat = np.linspace(0, 1, h * w, dtype=np.float32).reshape(h, w)
+    unc = np.full((h, w), 0.25, np.float32)
+    return image, mask, heat, unc
+
+
+def test_paths_name_png_masks_and_jpeg_overlays() -> None:
+    assert output_paths("case (1)") == {"mask": "masks/case (1).png", "overlay": "overlays/case (1).jpg",
+                                        "uncertainty": "uncertainty/case (1).png"}
+
+
+def test_encoded_files_decode_to_the_arrays() -> None:
+    image, mask, heat, unc = _case()
+    files = encode_outputs(image, mask, heat, unc)
+    assert list(files) == ["mask", "overlay", "uncertainty"]
+    m = np.asarray(Image.open(io.BytesIO(files["mask"])))
+    assert m.dtype == np.uint8 and set(np.unique(m).tolist()) == {0, 255}
+    assert np.array_equal(m == 255, mask)  # lossless
+    u = np.asarray(Image.open(io.BytesIO(files["uncertainty"])))
+    assert np.all(u == 64)  # 0.25 * 255 rounded
+    ov = Image.open(io.BytesIO(files["overlay"]))
+    assert ov.format == "JPEG" and ov.mode == "RGB" and ov.size == (60, 40)
+    # lossy, but close to the picture it encodes
+    diff = np.abs(np.asarray(ov).astype(int) - overlay(image, heat, mask).astype(int))
+    assert diff.mean() < 12
+
+
+def test_overlay_blends_heat_and_draws_the_contour_green() -> None:
+    image = np.zeros((20, 20, 3), np.uint8)
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 5:15] = True
+    heat = np.ones((20, 20), np.float32)  # top of the colour map (inferno: pale yellow)
+    out = overlay(image, heat, mask, alpha=0.5)
+    edge = contour(mask)
+    assert np.all(out[edge] == (0, 255, 0))
+    inside = out[~edge & mask]
+    assert np.all(inside[:, 0] > 100) and np.all(inside[:, 0] < 140)  # half of ~252 red
+    assert np.array_equal(overlay(image, np.zeros_like(heat), np.zeros_like(mask), alpha=0.0), image)
