@@ -242,7 +242,7 @@ def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size
     gives the diagnosis, the uncertainty and the flags, plus ``segmenter_disagrees`` when the segmenter's
     mask and the consensus mask overlap less than ``segmenter_min_iou`` (IoU)."""
     out = Path(out)
-    ens, cfg = load_run(run, device=device)
+    ens, cfg = load_run(run, device=device, fold=True)
     ccfg, mcfg, T = resolve_recipe(cfg, method, consensus, maps, mc_samples)
     seg = None
     if segmenter is not None:

@@ -287,7 +287,7 @@ class _Annotator:
                  fs_uri: str | None, fault_marker: str | None = None) -> None:
         torch.set_num_threads(threads)
         with tempfile.TemporaryDirectory(prefix="pixelvote-run-") as tmp:
-            self.ens, _ = load_run(_unpack(run_files, Path(tmp) / "run"), device=device)
+            self.ens, _ = load_run(_unpack(run_files, Path(tmp) / "run"), device=device, fold=True)
             self.seg: tuple | None = None
             if seg_files is not None:
                 from pixelvote.segment.train import load_segmenter

@@ -321,7 +321,7 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: s
     run, data, out = Path(run), Path(data), Path(out)
     if method not in ("run", "paper"):
         raise ConfigError(f"unknown method {method!r}: expected 'run' or 'paper'")
-    ens, run_cfg = load_run(run, device=device)
+    ens, run_cfg = load_run(run, device=device, fold=True)
     base_c, base_m = run_cfg.consensus, run_cfg.maps
     if method == "paper":
         base_c, base_m = base_c.model_copy(update=PAPER_METHOD["consensus"]), MapConfig()

@@ -163,8 +163,9 @@ def load_member_state(member: Member, path: Path) -> None:
 
 
 def load_run(run_dir: str | Path, *, device: torch.device | str | None = None,
-             cam_layer: str | None = None) -> tuple[Ensemble, RunConfig]:
-    """Load a trained ensemble (eval mode) and its configuration."""
+             cam_layer: str | None = None, fold: bool = False) -> tuple[Ensemble, RunConfig]:
+    """Load a trained ensemble (eval mode) and its configuration. ``fold``: fold batch norms into the
+    convolutions before them (faster inference, same outputs up to float rounding; not for training)."""
     from pixelvote.models.ensemble import default_device
 
     run_dir = Path(run_dir)
@@ -177,8 +178,10 @@ def load_run(run_dir: str | Path, *, device: torch.device | str | None = None,
         if cam_layer:
             member = _with_cam_layer(member, cam_layer)
         members.append(member)
-    ens = Ensemble(members, cfg.classes, cfg.background, cfg.image_size)
-    return ens.to(device or default_device()).eval(), cfg
+    ens = Ensemble(members, cfg.classes, cfg.background, cfg.image_size).to(device or default_device()).eval()
+    if fold:
+        ens.fold_batchnorm()
+    return ens, cfg
 
 
 def _with_cam_layer(member: Member, layer: str) -> Member:

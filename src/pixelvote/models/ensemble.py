@@ -32,6 +32,22 @@ class Ensemble:
             m.to(self.device, memory_format=torch.channels_last)
         return self
 
+    def fold_batchnorm(self) -> int:
+        """For inference only: fold each member's conv -> batch-norm pairs (:mod:`pixelvote.models.fold`);
+        the CAM and fine layers keep their outputs. Returns how many pairs were folded."""
+        from pixelvote.models.fold import fold_batchnorm
+        from pixelvote.models.registry import get_spec
+
+        total = 0
+        for m in self.members:
+            spec = get_spec(m.name)
+            keep = {m.cam_layer, spec.cam_layer} | ({spec.fine_layer} if spec.fine_layer else set())
+            example = torch.randn(1, 3, self.image_size, self.image_size, device=self.device)
+            m.backbone, n = fold_batchnorm(m.backbone.eval(), example, keep=keep)
+            m.to(self.device, memory_format=torch.channels_last)
+            total += n
+        return total
+
     def eval(self) -> Ensemble:
         for m in self.members:
             m.eval()
