@@ -6,7 +6,8 @@ For each preset and input size, on the same batch of real images (from ../shared
 times per image (median over repeats, after a warm-up; random weights, which cost the same as trained ones):
 
 1. floor      a plain ``torch.inference_mode`` forward of every member (backbone + head), summed over members;
-2. pixelvote  the annotation core: ``analyze`` (all members, XGrad-CAM of the predicted class, T MC samples,
+2. pixelvote  the annotation core, with the models as ``annotate`` runs them (batch norms folded into the
+              convolutions, which the floor does not get): ``analyze`` (all members, XGrad-CAM of the predicted class, T MC samples,
               per-pixel uncertainty maps) + ``apply_consensus`` (mask, flags);
 3. naive      the usual way: pytorch-grad-cam's ``XGradCAM`` per member (full backward) + T full forward
               passes per member with dropout on (no per-pixel uncertainty at all: the naive way is favoured);
@@ -29,6 +30,7 @@ end_to_end_over_floor <= 1.3; peak RSS on 500 vs 50 images within 10%.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -212,9 +214,13 @@ def naive_fn(ens: Ensemble, x: torch.Tensor, T: int) -> Callable[[], None]:
 
 def time_core(ens: Ensemble, x: torch.Tensor, T: int, repeats: int, naive: bool,
               device: torch.device) -> dict[str, float]:
-    """Seconds per image (median over repeats) of floor, core and naive, interleaved so drift hits all."""
+    """Seconds per image (median over repeats) of floor, core and naive, interleaved so drift hits all.
+    The floor and the naive way run the models as built; the core runs them as ``annotate`` does, with
+    batch norms folded into the convolutions (``load_run(..., fold=True)``)."""
     seeds = list(range(x.shape[0]))
-    fns = {"floor": floor_fn(ens, x), "core": core_fn(ens, x, T, seeds)}
+    folded = copy.deepcopy(ens)
+    folded.fold_batchnorm()
+    fns = {"floor": floor_fn(ens, x), "core": core_fn(folded, x, T, seeds)}
     if naive:
         fns["naive"] = naive_fn(ens, x, T)
     for fn in fns.values():  # warm-up
@@ -232,7 +238,7 @@ def time_end_to_end(ens: Ensemble, run: Path, images: Path, warm: Path, work: Pa
     import pixelvote.engine.annotate as engine
 
     t0 = time.perf_counter()
-    loaded = load_run(run, device=device)
+    loaded = load_run(run, device=device, fold=True)  # as annotate loads it
     load_s = time.perf_counter() - t0
     n = sum(1 for p in images.rglob("*") if p.is_file())
     per: list[float] = []

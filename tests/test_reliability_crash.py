@@ -97,7 +97,7 @@ def test_annotate_killed_mid_run_resumes_to_the_uninterrupted_result(run_and_ima
     args = ["--run", str(run), "--images", str(images), "--batch-size", "2", "--mc-samples", "4"]
     cut = tmp_path / "cut"
     log = tmp_path / "annotate.log"
-    proc = _cli(log, "annotate", *args, "--out", str(cut))
+    proc = _cli(log, "annotate", *args, "--out", str(cut), "--workers", "2")  # workers that could be orphaned
     manifest = cut / "annotations.jsonl"
     killed = _kill_when(proc, lambda: len(_lines(manifest)) > 3)  # a few images done (3 whole lines)
     done_at_kill = [ln for ln in _lines(manifest) if ln.strip()]

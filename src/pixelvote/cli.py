@@ -98,7 +98,7 @@ def annotate(
     out: Path = typer.Option(..., "--out", help="output folder (re-running skips finished images)"),
     batch_size: int = typer.Option(8, min=1),
     mc_samples: Optional[int] = typer.Option(None, help="T (default: the run's)"),
-    workers: Optional[int] = typer.Option(None, help="decoding worker processes"),
+    workers: Optional[int] = typer.Option(None, help="decoding worker processes (default: up to 4 feeding a GPU; on a CPU the cores torch leaves free)"),
     policy: Optional[str] = typer.Option(None, help="unanimous | majority | k-of-n"),
     k: Optional[int] = typer.Option(None, help="k for k-of-n"),
     fusion: Optional[str] = typer.Option(None, help="intersection | mean | vote"),
