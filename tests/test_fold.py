@@ -93,3 +93,21 @@ def test_kept_layers_are_not_folded() -> None:
     assert n == 1 and isinstance(folded.bn, nn.Identity) and folded.conv.bias is not None
     assert torch.allclose(folded(x), model(x), atol=1e-5)
     assert isinstance(model.bn, nn.BatchNorm2d)  # the original is untouched
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["resnet50", "densenet121", "efficientnet_b0"])
+def test_paper_backbones_fold_every_conv_bn_pair_exactly(name: str) -> None:
+    """DenseNet concatenates and runs norm -> relu -> conv, ResNet adds: only true conv -> BN pairs fold
+    (channel counts must match, or the folded weights could not even be built)."""
+    torch.manual_seed(0)
+    member = build_member(name, 2, pretrained=False).eval()
+    _randomise_bn(member.backbone)
+    x = torch.rand(1, 3, 64, 64)
+    folded, n = fold_batchnorm(member.backbone, x, keep={member.cam_layer})
+    assert n > 10
+    with torch.no_grad():
+        ref = member.backbone(x)
+        assert torch.allclose(folded(x), ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-4)

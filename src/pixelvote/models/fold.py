@@ -37,6 +37,7 @@ def _pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
         def hook(_m: nn.Module, inputs: tuple) -> None:
             for t in inputs:
                 if isinstance(t, torch.Tensor):
+                    alive.append(t)
                     readers.setdefault(id(t), []).append(name)
         return hook
 
@@ -56,7 +57,10 @@ def _pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
     pairs = []
     for tid, conv in produced.items():
         rs = readers.get(tid, [])
-        if len(rs) == 1 and isinstance(mods[rs[0]], nn.BatchNorm2d):
+        bn = mods[rs[0]] if len(rs) == 1 else None
+        conv_mod = mods[conv]
+        if (isinstance(bn, nn.BatchNorm2d) and isinstance(conv_mod, nn.Conv2d)
+                and bn.num_features == conv_mod.out_channels):
             pairs.append((conv, rs[0]))
     return pairs
 
@@ -79,6 +83,15 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, keep: set[str] | 
     ``example`` is an input of the shape the model will see (its values do not matter). Convolutions named
     in ``keep`` (layers whose own output is read, e.g. a CAM layer) are left as they are."""
     model = model.eval()
+    try:
+        return _fold(model, example, keep, atol)
+    except Exception as exc:  # an optimisation must never stop a run
+        log.warning("batch-norm folding failed (%s); running the model unfolded", exc)
+        return model, 0
+
+
+def _fold(model: nn.Module, example: torch.Tensor, keep: set[str] | frozenset[str],
+          atol: float) -> tuple[nn.Module, int]:
     pairs = [(c, b) for c, b in _pairs(model, example) if c not in keep]
     if not pairs:
         return model, 0
