@@ -26,10 +26,20 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from pixelvote.data.imageio import read_image, read_mask  # noqa: E402
 from pixelvote.data.transforms import resize_image, to_tensor  # noqa: E402
-from pixelvote.evaluate.selection import GRID, RECIPES, Batch, best_cell, collect, cross_fitted  # noqa: E402
+from pixelvote.evaluate.selection import (  # noqa: E402
+    GRID,
+    RECIPES,
+    Batch,
+    best_cell,
+    collect,
+    cross_fitted,
+    relative_cost,
+    split_fusion,
+)
 from pixelvote.explain.analyze import MapConfig  # noqa: E402
 from pixelvote.models.checkpoint import load_run  # noqa: E402
 from pixelvote.models.ensemble import Ensemble  # noqa: E402
+from pixelvote.refine import crf  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 PAPER = {"busi": "(paper: no BUSI figure)", "fire": "paper: accuracy 96.4%, IoU 64.7%"}
@@ -106,7 +116,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--recipes", default="plain,tta,layers-geo,layers-mean,guided,all")
+    ap.add_argument("--recipes", default="plain,flip,tta,layers-geo,layers-mean,guided,all")
+    ap.add_argument("--max-cost", type=float, default=2.0, help="the default is chosen among recipes costing at "
+                    "most this many plain analyses (pixelvote train --max-map-cost)")
     ap.add_argument("--stage-two", action="store_true", help="also train and score the segmenter (slow on CPU)")
     ap.add_argument("--seg-epochs", type=int, default=12)
     args = ap.parse_args()
@@ -117,7 +129,8 @@ def main() -> None:
         cal = json.loads((run / "calibration.json").read_text())
         recipes = {k: RECIPES[k] for k in args.recipes.split(",")}
         seg = stage_two(name, run, args.runs_dir, args.seg_epochs, args.image_size) if args.stage_two else None
-        tables = collect(ens, val_batches(run, ens), recipes, segmenter=seg)
+        fusions = ["intersection", "mean", "vote"] + (["intersection+crf", "mean+crf"] if crf.available() else [])
+        tables = collect(ens, val_batches(run, ens), recipes, fusions=fusions, segmenter=seg)
         single = Ensemble(ens.members[:1], ens.classes, ens.background, ens.image_size, device=ens.device)
         single_t = collect(single, val_batches(run, ens), {"plain": MapConfig()}, fusions=("intersection",))
         i05 = GRID.index(0.5)
@@ -141,13 +154,18 @@ def main() -> None:
             best_cam, _ = cross_fitted(tables, cam_keys)
             rows.append(("best CAM variant, chosen on val (cross-fitted)", best_cam, None, 0.0))
         cf, choices = cross_fitted(tables, cam_keys)
-        key, j, full = best_cell(tables, keys=cam_keys)
-        rows.append((f"chosen by the data (cross-fitted): {choices}", cf, None, tables[key].seconds_per_image))
+        rows.append((f"best of all (cross-fitted): {choices}", cf, None, 0.0))
+        cheap = [k for k in cam_keys if relative_cost(RECIPES[k[0]], split_fusion(k[1])[1]) <= args.max_cost]
+        cf, choices = cross_fitted(tables, cheap)
+        key, j, full = best_cell(tables, keys=cheap)
+        rows.append((f"default: chosen within cost <= {args.max_cost:g} (cross-fitted): {choices}", cf, None,
+                     tables[key].seconds_per_image))
         print(f"\n## {name}: {n} validation images with masks; ensemble val accuracy {cal['val_accuracy']:.3f}; "
               f"{PAPER[name]}")
-        print(f"{'method':70s} {'mean IoU':>9s} {'s/img':>7s}")
+        plain_s = tables[("plain", "intersection")].seconds_per_image
+        print(f"{'method':90s} {'mean IoU':>9s} {'s/img':>7s} {'x plain':>7s}")
         for label, iou, _, sec in rows:
-            print(f"{label[:70]:70s} {iou:9.3f} {sec:7.3f}")
+            print(f"{label[:90]:90s} {iou:9.3f} {sec:7.3f} {sec / plain_s if sec else 0.0:7.2f}")
         print(f"default for new runs (all validation images): {key[0]} + {key[1]}, t={GRID[j]} "
               f"(in-sample mean IoU {full:.3f})")
         results[name] = {"n": n, "val_accuracy": cal["val_accuracy"],

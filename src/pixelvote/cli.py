@@ -45,6 +45,10 @@ def train(
     mc_variance_weight: float = typer.Option(0.0, help="the paper's lambda x MC-dropout variance in the loss"),
     mc_samples: int = typer.Option(30, help="T, MC samples for calibration and annotation"),
     cam_layer: Optional[str] = typer.Option(None, help="CAM target layer (default: each backbone's last)"),
+    max_map_cost: float = typer.Option(2.0, min=1.0, help="choose only map recipes costing at most this many "
+                                       "forward passes per image (TTA costs ~6, the CRF ~1 more)"),
+    crf: bool = typer.Option(True, "--crf/--no-crf", help="try the dense-CRF refinement on validation masks "
+                             "(needs pydensecrf2: pip install 'pixelvote[crf]')"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="start from ImageNet weights"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="folder of local ImageNet weight files"),
     resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
@@ -71,7 +75,8 @@ def train(
                       batch_size=batch_size, lr=lr, dropout=dropout, seed=seed, background=background,
                       group_pattern=group_pattern, val_fraction=val_fraction, patience=patience,
                       mc_variance_weight=mc_variance_weight, mc_samples=mc_samples, cam_layer=cam_layer,
-                      pretrained=pretrained, weights_dir=weights, device=device)
+                      pretrained=pretrained, weights_dir=weights, device=device, max_map_cost=max_map_cost,
+                      refine_candidates=["none", "crf"] if crf else ["none"])
     try:
         run = run_train(cfg, resume=resume)
     except KeyboardInterrupt:

@@ -14,11 +14,14 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from pixelvote.errors import ConfigError
 from pixelvote.explain.analyze import Analysis
+from pixelvote.refine.crf import CRFConfig
 
 Policy = Literal["unanimous", "majority", "k-of-n"]
 Fusion = Literal["intersection", "mean", "vote"]
 ThresholdMethod = Literal["fixed", "otsu", "percentile"]
+Refine = Literal["none", "crf"]
 
 REASONS = ("disagreement", "high_mutual_information", "high_variance", "low_confidence", "empty_mask",
            "no_agreeing_member")
@@ -39,6 +42,9 @@ class ConsensusConfig(BaseModel):
     mi_threshold: float | None = Field(None, ge=0.0, description="flag when mean mutual information is above")
     variance_threshold: float | None = Field(None, ge=0.0, description="flag when mean MC variance is above")
     min_confidence: float = Field(0.6, ge=0.0, le=1.0, description="flag when the ensemble probability is below")
+    refine: Refine = Field("none", description="crf: refine the fused soft map with a dense CRF on the image "
+                                               "colours, then threshold the CRF's marginal (needs pydensecrf2)")
+    crf: CRFConfig = Field(default_factory=CRFConfig)
 
 
 @dataclass
@@ -134,8 +140,11 @@ def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: 
     k = cfg.k if cfg.fusion == "vote" else 1
     if cfg.fusion == "vote" and cfg.policy != "k-of-n":
         k = max(1, math.ceil((maps.shape[0] + 1) / 2))
-    fused = fuse_margins(margins, agree, cfg.fusion, k, maps, thresholds)
     foreground = label != background_index
+    if cfg.refine == "crf":
+        fused, thresholds = _crf_fused(analysis, cfg, agree, k, foreground)
+    else:
+        fused = fuse_margins(margins, agree, cfg.fusion, k, maps, thresholds)
     fused = torch.where(foreground.view(-1, 1, 1), fused, torch.full_like(fused, -1.0))
     w = agree.float().view(*agree.shape, 1, 1)
     cnt = w.sum(0).clamp_min(1.0)
@@ -161,3 +170,29 @@ def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: 
              "low_confidence", "empty_mask")
     reasons = [[n for n, hit in zip(names, row) if hit] for row in checks]
     return ConsensusResult(fused, heat, unc, agree, agree.float().mean(0), foreground, reasons, thresholds)
+
+
+def _crf_fused(analysis: Analysis, cfg: ConsensusConfig, agree: torch.Tensor, k: int,
+               foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused soft map (the fusion at threshold 0) refined by the dense CRF, minus the threshold, which
+    applies to the CRF's marginal. Only images with a foreground diagnosis and an agreeing member are
+    refined (the others get no mask anyway)."""
+    from pixelvote.refine.crf import dense_crf
+
+    if analysis.inputs is None:
+        raise ConfigError("the CRF refinement needs the analysed images", fix="use analyze(), which keeps them")
+    maps = analysis.maps
+    live = (analysis.raw_max > 0).view(*agree.shape, 1, 1)
+    zero = torch.zeros(maps.shape[:2], device=maps.device)
+    soft = fuse_margins(torch.where(live, maps, torch.full_like(maps, -1.0)), agree, cfg.fusion, k, maps, zero)
+    soft = soft.clamp(0.0, 1.0)
+    todo = (foreground & agree.any(0)).nonzero().flatten()
+    if len(todo):
+        soft[todo] = dense_crf(soft[todo], analysis.inputs[todo], cfg.crf)
+    if cfg.threshold_method == "fixed":
+        t = torch.full(soft.shape[:1], cfg.threshold, device=soft.device)
+    else:
+        t = member_thresholds(soft.unsqueeze(0), cfg)[0]
+    none = agree.sum(0) == 0
+    fused = torch.where(none.view(-1, 1, 1), torch.full_like(soft, -1.0), soft - t.view(-1, 1, 1))
+    return fused, t.unsqueeze(0).expand(maps.shape[0], -1)

@@ -23,6 +23,7 @@ GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
 
 RECIPES: dict[str, MapConfig] = {
     "plain": MapConfig(),
+    "flip": MapConfig(tta_flip=True),
     "tta": MapConfig(tta_flip=True, tta_scales=(0.75, 1.0, 1.25)),
     "layers-geo": MapConfig(layer_fusion="geometric"),
     "layers-mean": MapConfig(layer_fusion="mean"),
@@ -30,6 +31,24 @@ RECIPES: dict[str, MapConfig] = {
     "layers-geo+guided": MapConfig(layer_fusion="geometric", refine="guided"),
     "all": MapConfig(tta_flip=True, tta_scales=(0.75, 1.0, 1.25), layer_fusion="geometric", refine="guided"),
 }
+
+
+def relative_cost(maps: MapConfig, refine: str = "none") -> float:
+    """Approximate annotation cost of a recipe relative to the plain one (1.0 ~ one forward pass of the
+    members: pixelvote's core costs about that, bench/speed.py). A fixed table rather than a timing, so that
+    a run's choice does not depend on how busy the machine was: each extra view (flip, scale) is one more
+    pass, layer fusion and the guided filter add ~10%, and the dense CRF about one pass at 224 px on a CPU
+    (36 ms vs 38 ms for the offline ensemble, bench/ablation.py)."""
+    views = len(tuple(maps.tta_scales)) * (2 if maps.tta_flip else 1)
+    cost = views * (1.1 if maps.layer_fusion != "none" else 1.0)
+    cost += 0.1 if maps.refine == "guided" else 0.0
+    return cost + (1.0 if refine == "crf" else 0.0)
+
+
+def split_fusion(fusion: str) -> tuple[str, str]:
+    """``"mean+crf"`` -> ``("mean", "crf")``; ``"mean"`` -> ``("mean", "none")``."""
+    name, _, refine = fusion.partition("+")
+    return name, refine or "none"
 
 
 @dataclass
@@ -64,7 +83,8 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
             mc_samples: int = 1, grid: Sequence[float] = GRID,
             segmenter: torch.nn.Module | None = None) -> dict[tuple[str, str], VariantTable]:
     """IoU tables for every recipe x fusion on the images of ``batches`` that have a foreground mask.
-    With ``segmenter`` a ("segmenter", "-") row is added: its probability map, gated like every other row
+    A fusion may carry a refinement, ``"mean+crf"`` (see :func:`split_fusion`); a row's time is the analysis
+    plus that consensus. With ``segmenter`` a ("segmenter", "-") row is added: its probability map, gated like every other row
     by the ensemble's diagnosis (a background diagnosis gives an empty mask)."""
     import time
 
@@ -90,8 +110,12 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
             seconds[rname] += time.perf_counter() - t0
             fg = a.label != bg
             for fusion in fusions:
-                cfg = base.model_copy(update={"fusion": fusion, "threshold_method": "fixed", "threshold": 1e-6})
+                name, refine = split_fusion(fusion)
+                cfg = base.model_copy(update={"fusion": name, "refine": refine, "threshold_method": "fixed",
+                                              "threshold": 1e-6})
+                t0 = time.perf_counter()
                 res = apply_consensus(a, cfg, bg)
+                seconds[f"{rname}+{fusion}"] = seconds.get(f"{rname}+{fusion}", 0.0) + time.perf_counter() - t0
                 for j, i in enumerate(use):
                     truth = batch.masks[i]
                     assert truth is not None
@@ -117,7 +141,8 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
     out = {}
     for (r, f), lst in rows.items():
         ious = torch.stack(lst) if lst else torch.zeros(0, len(grid))
-        out[(r, f)] = VariantTable(recipes.get(r, MapConfig()), f, ious, seconds[r] / max(n_images, 1))
+        secs = seconds[r] + seconds.get(f"{r}+{f}", 0.0)
+        out[(r, f)] = VariantTable(recipes.get(r, MapConfig()), f, ious, secs / max(n_images, 1))
     return out
 
 

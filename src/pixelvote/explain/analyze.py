@@ -172,6 +172,7 @@ class Analysis:
     maps: torch.Tensor  # (M, B, S, S) CAMs normalised by their per-image max, in [0, 1]
     uncertainty: torch.Tensor  # (M, B, S, S) std of MC CAMs on the same scale
     raw_max: torch.Tensor  # (M, B) per-image max of each raw CAM (0 = no evidence)
+    inputs: torch.Tensor | None = None  # (B, 3, S, S) the analysed images in [0, 1] (for refinements)
 
 
 def analyze(ensemble: Ensemble, images: torch.Tensor, *, mc_samples: int = 30,
@@ -209,6 +210,7 @@ def analyze(ensemble: Ensemble, images: torch.Tensor, *, mc_samples: int = 30,
 
         r = max(1, round(cfg.guided_radius * max(x.shape[-2:])))
         base.maps = _renormalise(guided_filter(base.maps, grey(x), r, cfg.guided_eps).clamp_min(0.0))
+    base.inputs = x
     return base
 
 

@@ -37,20 +37,33 @@ def _val_batches(val: CachedSet, bs: int):  # type: ignore[no-untyped-def]
 
 
 def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> tuple[MapConfig, dict, dict]:
-    """Pick the map recipe, fusion and threshold with the best mean IoU on validation masks."""
-    from pixelvote.evaluate.selection import GRID, RECIPES, best_cell, collect
+    """Pick the map recipe, fusion (+ refinement) and threshold with the best mean IoU on validation masks,
+    among those whose cost is within ``cfg.max_map_cost`` plain analyses."""
+    from pixelvote.evaluate.selection import GRID, RECIPES, best_cell, collect, relative_cost, split_fusion
+    from pixelvote.refine import crf
 
     ens, run_cfg = load_run(run_dir, device=cfg.device)
     recipes = {k: RECIPES[k] for k in cfg.map_candidates}
-    tables = collect(ens, _val_batches(val, max(1, cfg.batch_size)), recipes)
-    (recipe, fusion), j, score = best_cell(tables)
+    fusions = ["intersection", "mean", "vote"]
+    if "crf" in cfg.refine_candidates:
+        if crf.available():
+            fusions += ["intersection+crf", "mean+crf"]
+        else:
+            log.info("pydensecrf2 is not installed, so the CRF refinement is not tried (%s)", crf.INSTALL_HINT)
+    tables = collect(ens, _val_batches(val, max(1, cfg.batch_size)), recipes, fusions=fusions)
+    costs = {(r, f): relative_cost(RECIPES[r], split_fusion(f)[1]) for (r, f) in tables}
+    allowed = [key for key, c in costs.items() if c <= cfg.max_map_cost] or [min(costs, key=costs.__getitem__)]
+    (recipe, fusion), j, score = best_cell(tables, keys=allowed)
+    fusion_name, refine = split_fusion(fusion)
     summary = {f"{r}+{f}": {"mean_iou_by_threshold": {str(t): round(float(v), 4) for t, v in
                                                       zip(GRID, tab.ious.mean(0))} if len(tab.ious) else {},
-                            "seconds_per_image": round(tab.seconds_per_image, 4)}
+                            "seconds_per_image": round(tab.seconds_per_image, 4),
+                            "relative_cost": round(costs[(r, f)], 2), "allowed": (r, f) in allowed}
                for (r, f), tab in tables.items()}
     n = len(next(iter(tables.values())).ious)
-    update = {"fusion": fusion, "threshold": GRID[j], "threshold_method": "fixed",
-              "threshold_source": f"validation: {recipe} + {fusion}, best mean IoU {score:.3f} on {n} images"}
+    update = {"fusion": fusion_name, "refine": refine, "threshold": GRID[j], "threshold_method": "fixed",
+              "threshold_source": f"validation: {recipe} + {fusion}, best mean IoU {score:.3f} on {n} images "
+                                  f"(cost <= {cfg.max_map_cost:g} plain analyses)"}
     return recipes[recipe], update, {"recipe": recipe, "fusion": fusion, "threshold": GRID[j],
                                      "val_mean_iou": score, "images_with_masks": n, "candidates": summary}
 

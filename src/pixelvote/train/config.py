@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -34,8 +35,15 @@ class TrainConfig(BaseModel):
     mc_samples: int = Field(30, ge=1, description="T for calibration and annotation")
     flag_quantile: float = Field(0.9, gt=0.0, lt=1.0, description="MI/variance flag thresholds: this quantile on val")
     map_candidates: list[str] = Field(
-        default_factory=lambda: ["plain", "tta", "layers-geo", "guided"],
+        default_factory=lambda: ["plain", "flip", "tta", "layers-geo", "guided"],
         description="map recipes tried on validation masks (see pixelvote.evaluate.selection.RECIPES)")
+    refine_candidates: list[Literal["none", "crf"]] = Field(
+        default_factory=lambda: ["none", "crf"],
+        description="refinements of the fused map tried on validation masks (crf only where pydensecrf2 is "
+                    "installed)")
+    max_map_cost: float = Field(2.0, ge=1.0, description="only recipes costing at most this many plain "
+                                "analyses (about forward passes) per image are chosen; see "
+                                "pixelvote.evaluate.selection.relative_cost")
     min_masks_to_choose: int = Field(4, ge=1, description="validation masks needed before choosing a recipe")
     pretrained: bool = True
     weights_dir: Path | None = None

@@ -1,0 +1,58 @@
+"""Dense-CRF refinement of the fused map: it snaps a coarse blob to the object's edges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pixelvote.consensus import ConsensusConfig, apply_consensus
+from pixelvote.errors import ConfigError
+from test_consensus import LESION, _analysis
+
+pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is in the test extra")
+
+from pixelvote.refine.crf import dense_crf  # noqa: E402
+
+
+def _scene(size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A bright square on a dark, slightly noisy background, and a coarse CAM-like blob: a Gaussian centred
+    inside the square, wider than it (a 7x7 CAM upsampled looks like this)."""
+    g = torch.Generator().manual_seed(0)
+    truth = torch.zeros(size, size, dtype=torch.bool)
+    truth[20:44, 16:40] = True
+    img = torch.full((3, size, size), 40.0) + torch.randn(3, size, size, generator=g) * 4
+    img[:, truth] = 200.0
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    blob = torch.exp(-((yy - 34) ** 2 + (xx - 30) ** 2) / (2 * 14.0 ** 2))
+    return img.clamp(0, 255).to(torch.uint8), blob, truth
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def test_crf_marginal_follows_the_object_edges() -> None:
+    img, blob, truth = _scene()
+    q = dense_crf(blob[None], img[None])[0]
+    assert q.shape == blob.shape and float(q.min()) >= 0 and float(q.max()) <= 1
+    best_plain = max(_iou(blob > t, truth) for t in (0.3, 0.4, 0.5, 0.6, 0.7))
+    assert _iou(q > 0.5, truth) > 0.9 > best_plain + 0.1
+
+
+def test_consensus_with_crf_refines_foreground_and_skips_background() -> None:
+    img, blob, truth = _scene()
+    maps = torch.stack([blob, blob.roll(2, 1)])[:, None].expand(2, 2, *blob.shape).clone()  # (M=2, B=2)
+    a = _analysis(maps, [[LESION, [0.1, 0.9]]] * 2)  # image 0: lesion; image 1: normal (background)
+    a.inputs = torch.stack([img, img]).float() / 255.0
+    plain = apply_consensus(a, ConsensusConfig(fusion="mean", threshold=0.5), 1)
+    crf = apply_consensus(a, ConsensusConfig(fusion="mean", threshold=0.5, refine="crf"), 1)
+    assert _iou(crf.mask[0], truth) > _iou(plain.mask[0], truth) + 0.1
+    assert not crf.mask[1].any()  # a background diagnosis has no mask, refined or not
+    assert crf.thresholds.shape == (2, 2) and float(crf.thresholds[0, 0]) == 0.5
+
+
+def test_crf_without_images_is_a_clear_error() -> None:
+    _, blob, _ = _scene()
+    a = _analysis(blob[None, None], [[LESION]])
+    with pytest.raises(ConfigError, match="analysed images"):
+        apply_consensus(a, ConsensusConfig(refine="crf"), 1)
