@@ -56,3 +56,19 @@ def test_crf_without_images_is_a_clear_error() -> None:
     a = _analysis(blob[None, None], [[LESION]])
     with pytest.raises(ConfigError, match="analysed images"):
         apply_consensus(a, ConsensusConfig(refine="crf"), 1)
+
+
+def test_annotate_with_crf_but_no_pydensecrf_says_how_to_install(monkeypatch) -> None:
+    from pixelvote.engine.annotate import resolve_recipe
+    from pixelvote.models.checkpoint import RunConfig
+    from pixelvote.refine import crf
+
+    cfg = RunConfig(classes=["lesion", "normal"], background="normal", image_size=32, members=[],
+                    consensus=ConsensusConfig(refine="crf"))
+    assert resolve_recipe(cfg, "run", None, None, None)[0].refine == "crf"
+    assert resolve_recipe(cfg, "paper", None, None, None)[0].refine == "none"  # the paper's rule has no CRF
+    monkeypatch.setattr(crf, "available", lambda: False)
+    with pytest.raises(ConfigError, match="pydensecrf2") as exc:
+        resolve_recipe(cfg, "run", None, None, None)
+    assert "--no-crf" in str(exc.value)
+    assert resolve_recipe(cfg, "run", {"refine": "none"}, None, None)[0].refine == "none"

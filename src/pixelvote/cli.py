@@ -113,7 +113,9 @@ def annotate(
                                "unanimous intersection at 0.5"),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="flip + 0.75/1/1.25 scale test-time augmentation"),
     layer_fusion: Optional[str] = typer.Option(None, help="none | mean | geometric (earlier-layer XGrad-CAM)"),
-    refine: Optional[str] = typer.Option(None, help="none | guided (edge-aware refinement)"),
+    refine: Optional[str] = typer.Option(None, help="none | guided (edge-aware refinement of each map)"),
+    crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="dense-CRF refinement of the fused map "
+                                       "(default: as the run chose; needs pixelvote[crf])"),
     segmenter: Optional[Path] = typer.Option(None, help="masks from a `pixelvote segment train` folder"),
     device: Optional[str] = typer.Option(None),
     engine: str = typer.Option("local", "--engine", help="local: this process; ray: Ray workers "
@@ -130,6 +132,8 @@ def annotate(
 
     overrides = {k_: v for k_, v in dict(policy=policy, k=k, fusion=fusion, threshold_method=threshold_method,
                                          threshold=threshold).items() if v is not None}
+    if crf is not None:
+        overrides["refine"] = "crf" if crf else "none"
     maps: dict = {k_: v for k_, v in dict(layer_fusion=layer_fusion, refine=refine).items() if v is not None}
     if tta is not None:
         maps.update(tta_flip=tta, tta_scales=(0.75, 1.0, 1.25) if tta else (1.0,))

@@ -40,7 +40,7 @@ from pixelvote.data.imageio import (
 from pixelvote.data.transforms import resize_image, to_tensor
 from pixelvote.engine.inputs import Item, list_inputs
 from pixelvote.engine.render import encode_outputs, output_paths
-from pixelvote.errors import DataError
+from pixelvote.errors import ConfigError, DataError
 from pixelvote.explain.analyze import MapConfig, analyze
 from pixelvote.models.checkpoint import RunConfig, load_run
 from pixelvote.models.ensemble import Ensemble
@@ -219,14 +219,12 @@ def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig
 
 
 PAPER_METHOD = {"consensus": {"policy": "unanimous", "fusion": "intersection", "threshold_method": "fixed",
-                               "threshold": 0.5}, "maps": {}}
+                               "threshold": 0.5, "refine": "none"}, "maps": {}}
 
 
 def resolve_recipe(cfg: RunConfig, method: str, consensus: dict[str, Any] | None, maps: dict[str, Any] | None,
                    mc_samples: int | None) -> tuple[ConsensusConfig, MapConfig, int]:
     """The consensus and map settings and T that :func:`annotate` uses for ``method`` and the overrides."""
-    from pixelvote.errors import ConfigError
-
     if method not in ("run", "paper"):
         raise ConfigError(f"unknown method {method!r}: expected 'run' or 'paper'")
     if method == "paper":
@@ -236,6 +234,13 @@ def resolve_recipe(cfg: RunConfig, method: str, consensus: dict[str, Any] | None
         ccfg, mcfg = cfg.consensus, cfg.maps
     ccfg = ConsensusConfig.model_validate({**ccfg.model_dump(), **(consensus or {})})
     mcfg = MapConfig.model_validate({**mcfg.model_dump(), **(maps or {})})
+    if ccfg.refine == "crf":
+        from pixelvote.refine import crf
+
+        if not crf.available():
+            raise ConfigError("this run's masks are refined with a dense CRF (consensus.refine = \"crf\"), but "
+                              "pydensecrf2 is not installed",
+                              fix=f"{crf.INSTALL_HINT}; or annotate without it: --no-crf")
     return ccfg, mcfg, mc_samples or cfg.mc_samples
 
 
