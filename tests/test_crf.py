@@ -72,3 +72,15 @@ def test_annotate_with_crf_but_no_pydensecrf_says_how_to_install(monkeypatch) ->
         resolve_recipe(cfg, "run", None, None, None)
     assert "--no-crf" in str(exc.value)
     assert resolve_recipe(cfg, "run", {"refine": "none"}, None, None)[0].refine == "none"
+
+
+def test_without_pairwise_terms_the_crf_mask_is_the_thresholded_map() -> None:
+    from pixelvote.refine.crf import CRFConfig, unary_probability
+
+    img, blob, _ = _scene(32)
+    for t in (0.3, 0.6):
+        p = unary_probability(blob, t, 0.8)
+        assert torch.equal(p > 0.5, blob > t) and float(p.min()) >= 0.1 - 1e-6 and float(p.max()) <= 0.9 + 1e-6
+        cfg = CRFConfig(bilateral_compat=0.0, gaussian_compat=0.0, size=32)
+        q = dense_crf(blob[None], img[None], cfg, t)[0]
+        assert torch.equal(q > 0.5, blob > t)

@@ -14,7 +14,7 @@ def test_relative_costs_count_views_and_refinements() -> None:
     assert relative_cost(RECIPES["plain"]) == 1.0
     assert relative_cost(RECIPES["flip"]) == 2.0
     assert relative_cost(RECIPES["tta"]) == 6.0  # 3 scales x (plain, flipped)
-    assert relative_cost(RECIPES["plain"], "crf") == 2.0
+    assert relative_cost(RECIPES["plain"], "crf") == pytest.approx(1.4)
     assert relative_cost(RECIPES["layers-geo"]) == pytest.approx(1.1)
     assert relative_cost(RECIPES["guided"]) == pytest.approx(1.1)
 
@@ -40,9 +40,10 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     assert cands["flip+mean"]["allowed"] is (max_cost >= 2.0)
     from pixelvote.refine import crf
 
-    if crf.available():  # the CRF variants are tried, at one more pass's cost
-        assert cands["plain+mean+crf"]["relative_cost"] == 2.0
-        assert cands["plain+mean+crf"]["allowed"] is (max_cost >= 2.0)
+    if crf.available():  # the CRF variants are tried, at 0.4 more passes
+        assert cands["plain+mean+crf"]["relative_cost"] == pytest.approx(1.4)
+        assert cands["plain+mean+crf"]["allowed"] is True
+        assert cands["flip+mean+crf"]["allowed"] is False
     chosen = cands[f"{sel['recipe']}+{sel['fusion']}"]
     assert chosen["allowed"] and chosen["relative_cost"] <= max_cost
     best_allowed = max(max(c["mean_iou_by_threshold"].values()) for c in cands.values() if c["allowed"])

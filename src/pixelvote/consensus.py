@@ -174,8 +174,9 @@ def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: 
 
 def _crf_fused(analysis: Analysis, cfg: ConsensusConfig, agree: torch.Tensor, k: int,
                foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused soft map (the fusion at threshold 0) refined by the dense CRF, minus the threshold, which
-    applies to the CRF's marginal. Only images with a foreground diagnosis and an agreeing member are
+    """The fused soft map (the fusion at threshold 0), thresholded, refined by the dense CRF: the margin is
+    the CRF's object probability minus 0.5. The threshold (fixed, or Otsu/percentile of the fused map) sets
+    where the unary is undecided. Only images with a foreground diagnosis and an agreeing member are
     refined (the others get no mask anyway)."""
     from pixelvote.refine.crf import dense_crf
 
@@ -186,13 +187,14 @@ def _crf_fused(analysis: Analysis, cfg: ConsensusConfig, agree: torch.Tensor, k:
     zero = torch.zeros(maps.shape[:2], device=maps.device)
     soft = fuse_margins(torch.where(live, maps, torch.full_like(maps, -1.0)), agree, cfg.fusion, k, maps, zero)
     soft = soft.clamp(0.0, 1.0)
-    todo = (foreground & agree.any(0)).nonzero().flatten()
-    if len(todo):
-        soft[todo] = dense_crf(soft[todo], analysis.inputs[todo], cfg.crf)
     if cfg.threshold_method == "fixed":
         t = torch.full(soft.shape[:1], cfg.threshold, device=soft.device)
     else:
         t = member_thresholds(soft.unsqueeze(0), cfg)[0]
+    margin = soft - t.view(-1, 1, 1)
+    todo = (foreground & agree.any(0)).nonzero().flatten()
+    if len(todo):
+        margin[todo] = dense_crf(soft[todo], analysis.inputs[todo], cfg.crf, t[todo]) - 0.5
     none = agree.sum(0) == 0
-    fused = torch.where(none.view(-1, 1, 1), torch.full_like(soft, -1.0), soft - t.view(-1, 1, 1))
+    fused = torch.where(none.view(-1, 1, 1), torch.full_like(soft, -1.0), margin)
     return fused, t.unsqueeze(0).expand(maps.shape[0], -1)

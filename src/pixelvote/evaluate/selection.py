@@ -37,12 +37,12 @@ def relative_cost(maps: MapConfig, refine: str = "none") -> float:
     """Approximate annotation cost of a recipe relative to the plain one (1.0 ~ one forward pass of the
     members: pixelvote's core costs about that, bench/speed.py). A fixed table rather than a timing, so that
     a run's choice does not depend on how busy the machine was: each extra view (flip, scale) is one more
-    pass, layer fusion and the guided filter add ~10%, and the dense CRF about one pass at 224 px on a CPU
-    (36 ms vs 38 ms for the offline ensemble, bench/ablation.py)."""
+    pass, layer fusion and the guided filter add ~10%, and the dense CRF (at 128 px) ~40% of the offline
+    ensemble's plain analysis on a CPU (12 vs 33 ms per image at 224 px, bench/ablation.py)."""
     views = len(tuple(maps.tta_scales)) * (2 if maps.tta_flip else 1)
     cost = views * (1.1 if maps.layer_fusion != "none" else 1.0)
     cost += 0.1 if maps.refine == "guided" else 0.0
-    return cost + (1.0 if refine == "crf" else 0.0)
+    return cost + (0.4 if refine == "crf" else 0.0)
 
 
 def split_fusion(fusion: str) -> tuple[str, str]:
@@ -111,6 +111,12 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
             fg = a.label != bg
             for fusion in fusions:
                 name, refine = split_fusion(fusion)
+                if refine != "none":  # the threshold shapes the refinement: one pass per threshold
+                    t0 = time.perf_counter()
+                    rows[(rname, fusion)] += _refined_rows(a, base, name, refine, bg, batch, use, grid)
+                    seconds[f"{rname}+{fusion}"] = (seconds.get(f"{rname}+{fusion}", 0.0)
+                                                    + (time.perf_counter() - t0) / len(grid))
+                    continue
                 cfg = base.model_copy(update={"fusion": name, "refine": refine, "threshold_method": "fixed",
                                               "threshold": 1e-6})
                 t0 = time.perf_counter()
@@ -143,6 +149,27 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
         ious = torch.stack(lst) if lst else torch.zeros(0, len(grid))
         secs = seconds[r] + seconds.get(f"{r}+{f}", 0.0)
         out[(r, f)] = VariantTable(recipes.get(r, MapConfig()), f, ious, secs / max(n_images, 1))
+    return out
+
+
+def _refined_rows(a, base: ConsensusConfig, fusion: str, refine: str, bg: int, batch: Batch,  # type: ignore[no-untyped-def]
+                  use: list[int], grid: Sequence[float]) -> list[torch.Tensor]:
+    """IoU rows ``(len(grid),)`` per image when the refinement runs once per threshold."""
+    per_t = []
+    for t in grid:
+        cfg = base.model_copy(update={"fusion": fusion, "refine": refine, "threshold_method": "fixed",
+                                      "threshold": t})
+        per_t.append(apply_consensus(a, cfg, bg).margin)
+    out = []
+    for j, i in enumerate(use):
+        truth = batch.masks[i]
+        assert truth is not None
+        cells = []
+        for margin in per_t:
+            m = F.interpolate(margin[j][None, None], size=tuple(truth.shape), mode="bilinear",
+                              align_corners=False)[0, 0]
+            cells.append(iou_over_grid(m, truth, (0.0,))[0])
+        out.append(torch.stack(cells))
     return out
 
 

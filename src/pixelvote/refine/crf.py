@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from pixelvote.errors import ConfigError
@@ -24,9 +25,11 @@ class CRFConfig(BaseModel):
     bilateral_sxy: float = Field(0.18, gt=0, description="bilateral kernel width, as a fraction of the map size")
     bilateral_srgb: float = Field(13.0, gt=0, description="bilateral kernel colour width (0-255 scale)")
     bilateral_compat: float = Field(10.0, ge=0)
-    gaussian_sxy: float = Field(3.0, gt=0, description="smoothness kernel width in pixels")
+    gaussian_sxy: float = Field(3.0, gt=0, description="smoothness kernel width in pixels (at the CRF's size)")
     gaussian_compat: float = Field(3.0, ge=0)
     iterations: int = Field(5, ge=1, le=50)
+    confidence: float = Field(0.8, gt=0.0, le=1.0, description="how far the unary trusts the map (1: fully)")
+    size: int = Field(128, ge=16, description="the CRF runs at this size (longer side); its output is resized back")
 
 
 def available() -> bool:
@@ -37,21 +40,39 @@ def available() -> bool:
     return True
 
 
-def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = None) -> torch.Tensor:
-    """Refine ``soft (B, H, W)`` in [0, 1] with the colour ``images (B, 3, H, W)`` (uint8, or float in
-    [0, 1]) -> the foreground marginal ``(B, H, W)`` on ``soft``'s device."""
+def unary_probability(soft: torch.Tensor, threshold: torch.Tensor | float, confidence: float) -> torch.Tensor:
+    """Map values to the object's probability for the CRF: 0 -> 0, the threshold -> 0.5, 1 -> 1 (piecewise
+    linear), pulled towards 0.5 by ``confidence``; so without pairwise terms the CRF's ``Q > 0.5`` is exactly
+    the thresholded map."""
+    t = torch.as_tensor(threshold, dtype=soft.dtype, device=soft.device).clamp(1e-3, 1 - 1e-3)
+    t = t.view(-1, *([1] * (soft.dim() - 1))) if t.dim() else t
+    p = torch.where(soft < t, 0.5 * soft / t, 0.5 + 0.5 * (soft - t) / (1 - t))
+    return 0.5 + confidence * (p.clamp(0, 1) - 0.5)
+
+
+def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = None,
+              threshold: torch.Tensor | float = 0.5) -> torch.Tensor:
+    """Refine ``soft (B, H, W)`` in [0, 1], thresholded at ``threshold`` (a float or one per image), with
+    the colour ``images (B, 3, H, W)`` (uint8, or float in [0, 1]) -> the object's marginal probability
+    ``(B, H, W)`` on ``soft``'s device; the mask is ``> 0.5``."""
     try:
         import pydensecrf.densecrf as dcrf
     except ImportError as exc:
         raise ConfigError("the dense CRF refinement needs pydensecrf2, which is not installed",
                           fix=INSTALL_HINT) from exc
     cfg = cfg or CRFConfig()
-    B, H, W = soft.shape
-    p = soft.detach().float().clamp(1e-4, 1 - 1e-4).cpu().numpy()
-    imgs = images.detach()
-    if imgs.dtype != torch.uint8:
-        imgs = (imgs.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
-    rgb = imgs.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    B, H0, W0 = soft.shape
+    scale = min(1.0, cfg.size / max(H0, W0))
+    H, W = max(1, round(H0 * scale)), max(1, round(W0 * scale))
+    prob = unary_probability(soft.detach().float(), threshold, cfg.confidence)
+    imgs = images.detach().float()
+    if images.dtype == torch.uint8:
+        imgs = imgs / 255.0
+    if (H, W) != (H0, W0):
+        prob = F.interpolate(prob[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+        imgs = F.interpolate(imgs, size=(H, W), mode="bilinear", antialias=True, align_corners=False)
+    p = prob.clamp(1e-4, 1 - 1e-4).cpu().numpy()
+    rgb = (imgs * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
     sxy = cfg.bilateral_sxy * max(H, W)
     out = np.empty((B, H, W), np.float32)
     for b in range(B):
@@ -62,4 +83,7 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = 
         d.addPairwiseBilateral(sxy=sxy, srgb=cfg.bilateral_srgb, rgbim=np.ascontiguousarray(rgb[b]),
                                compat=cfg.bilateral_compat)
         out[b] = np.asarray(d.inference(cfg.iterations), dtype=np.float32)[1].reshape(H, W)
-    return torch.from_numpy(out).to(soft.device)
+    q = torch.from_numpy(out).to(soft.device)
+    if (H, W) != (H0, W0):
+        q = F.interpolate(q[:, None], size=(H0, W0), mode="bilinear", align_corners=False)[:, 0]
+    return q
