@@ -72,7 +72,9 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _replacement(bn: nn.BatchNorm2d) -> nn.Module:
     if hasattr(bn, "act"):  # timm BatchNormAct2d: keep what it does after the normalisation
-        return nn.Sequential(getattr(bn, "drop", nn.Identity()), bn.act)
+        drop, act = getattr(bn, "drop", nn.Identity()), bn.act
+        assert isinstance(drop, nn.Module) and isinstance(act, nn.Module)
+        return nn.Sequential(drop, act)
     return nn.Identity()
 
 
@@ -107,11 +109,10 @@ def _fold(model: nn.Module, example: torch.Tensor, keep: set[str] | frozenset[st
         shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * scale
         if type(conv) is not nn.Conv2d:  # e.g. timm's Conv2dSame pads in its own forward
             continue
-        new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                        conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode).to(conv.weight)
-        new.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        new = copy.deepcopy(conv)
+        new.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
         bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
-        new.bias.copy_(bias * scale + shift)
+        new.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
         _set(folded, conv_name, new)
         _set(folded, bn_name, _replacement(bn))
         n_folded += 1
