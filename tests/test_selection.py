@@ -15,8 +15,8 @@ def test_relative_costs_count_views_and_refinements() -> None:
     assert relative_cost(RECIPES["flip"]) == 2.0
     assert relative_cost(RECIPES["tta"]) == 6.0  # 3 scales x (plain, flipped)
     assert relative_cost(RECIPES["plain"], "crf") == pytest.approx(1.4)
-    assert relative_cost(RECIPES["layers-geo"]) == pytest.approx(1.1)
-    assert relative_cost(RECIPES["guided"]) == pytest.approx(1.1)
+    assert relative_cost(RECIPES["layers-geo"]) == pytest.approx(1.5)
+    assert relative_cost(RECIPES["guided"]) == pytest.approx(1.35)
 
 
 def test_split_fusion() -> None:

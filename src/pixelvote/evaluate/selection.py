@@ -37,11 +37,12 @@ def relative_cost(maps: MapConfig, refine: str = "none") -> float:
     """Approximate annotation cost of a recipe relative to the plain one (1.0 ~ one forward pass of the
     members: pixelvote's core costs about that, bench/speed.py). A fixed table rather than a timing, so that
     a run's choice does not depend on how busy the machine was: each extra view (flip, scale) is one more
-    pass, layer fusion and the guided filter add ~10%, and the dense CRF (at 128 px) ~40% of the offline
-    ensemble's plain analysis on a CPU (12 vs 33 ms per image at 224 px, bench/ablation.py)."""
+    pass; layer fusion makes each pass ~1.5x (a gradient to an earlier layer); the guided filter adds ~35% and
+    the dense CRF (at 128 px) ~40% of the offline ensemble's plain analysis on a CPU (11 and 12 vs 33 ms per
+    image at 224 px, bench/ablation.py)."""
     views = len(tuple(maps.tta_scales)) * (2 if maps.tta_flip else 1)
-    cost = views * (1.1 if maps.layer_fusion != "none" else 1.0)
-    cost += 0.1 if maps.refine == "guided" else 0.0
+    cost = views * (1.5 if maps.layer_fusion != "none" else 1.0)
+    cost += 0.35 if maps.refine == "guided" else 0.0
     return cost + (0.4 if refine == "crf" else 0.0)
 
 
