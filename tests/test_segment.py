@@ -76,3 +76,34 @@ def test_train_save_load_predict(tmp_path):
     (seg / "segmenter.safetensors").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_segmenter(seg)
+
+
+def test_segmenters_saved_before_the_light_decoder_still_load(tmp_path):
+    """segmenter.json without the decoder fields means smp's defaults (256/128) and flip averaging."""
+    from pixelvote.models.checkpoint import save_weights
+    from pixelvote.segment.model import Segmenter
+
+    old = Segmenter("efficientnet_lite0", pretrained=False, pyramid_channels=256, segmentation_channels=128)
+    seg = tmp_path / "seg"
+    seg.mkdir()
+    save_weights(seg / "segmenter.safetensors", old)
+    cfg = SegConfig(image_size=32).model_dump(mode="json")
+    for key in ("pyramid_channels", "segmentation_channels", "flip_tta"):
+        cfg.pop(key)
+    (seg / "segmenter.json").write_text(json.dumps(cfg))
+    model, loaded = load_segmenter(seg, device="cpu")
+    assert (loaded.pyramid_channels, loaded.segmentation_channels, loaded.flip_tta) == (256, 128, True)
+    x = (torch.rand(2, 3, 32, 32) * 255).to(torch.uint8)
+    with torch.no_grad():
+        ref = torch.sigmoid(old.eval()(x.float() / 255))
+        ref = 0.5 * (ref + torch.sigmoid(old(x.float().flip(-1) / 255)).flip(-1))
+    assert torch.allclose(predict(model, x), ref, atol=1e-4)  # batch norms folded, same output
+
+
+def test_the_default_segmenter_is_light() -> None:
+    from pixelvote.segment.model import Segmenter
+
+    light = Segmenter("efficientnet_lite0", pretrained=False)
+    heavy = Segmenter("efficientnet_lite0", pretrained=False, pyramid_channels=256, segmentation_channels=128)
+    n = lambda m: sum(p.numel() for p in m.net.decoder.parameters())  # noqa: E731
+    assert not light.flip_tta and n(light) * 10 < n(heavy)

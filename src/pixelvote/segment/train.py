@@ -35,6 +35,9 @@ class SegConfig(BaseModel):
     reviewed_weight: float = 3.0
     seed: int = 0
     threshold: float = 0.5
+    pyramid_channels: int = Field(64, ge=8, description="FPN decoder width (smp's default is 256)")
+    segmentation_channels: int = Field(32, ge=8, description="FPN head width (smp's default is 128)")
+    flip_tta: bool = Field(False, description="average with the flipped image's prediction (2x the cost)")
     background: str = ""
     classes: list[str] = Field(default_factory=list)
     examples: int = 0
@@ -69,7 +72,8 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
     cfg.examples = len(examples)
     dev = torch.device(device) if device else default_device()
     torch.manual_seed(cfg.seed)
-    model = Segmenter(cfg.encoder, pretrained=pretrained).to(dev)
+    model = Segmenter(cfg.encoder, pretrained=pretrained, pyramid_channels=cfg.pyramid_channels,
+                      segmentation_channels=cfg.segmentation_channels, flip_tta=cfg.flip_tta).to(dev)
     ds = SegDataset(examples, cfg.image_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
@@ -108,23 +112,35 @@ def load_segmenter(segrun: str | Path, device: str | torch.device | None = None)
         raise CheckpointError("not a segmenter run (no segmenter.json)", path=segrun,
                               fix="pass the --out folder of `pixelvote segment train`")
     try:
-        cfg = SegConfig.model_validate_json(path.read_text())
+        raw = json.loads(path.read_text())
+        for key, old in (("pyramid_channels", 256), ("segmentation_channels", 128), ("flip_tta", True)):
+            raw.setdefault(key, old)  # segmenters saved before these settings existed
+        cfg = SegConfig.model_validate(raw)
     except Exception as exc:
         raise CheckpointError(f"segmenter.json is invalid ({exc})", path=path, fix="re-train the segmenter") from None
     if cfg.format_version > SEG_FORMAT:
         raise CheckpointError("segmenter written by a newer pixelvote", path=path, fix="upgrade pixelvote")
-    model = Segmenter(cfg.encoder, pretrained=False)
+    model = Segmenter(cfg.encoder, pretrained=False, pyramid_channels=cfg.pyramid_channels,
+                      segmentation_channels=cfg.segmentation_channels, flip_tta=cfg.flip_tta)
     load_module_state(model, segrun / "segmenter.safetensors", f"the {cfg.encoder} segmenter")
+    from pixelvote.models.fold import fold_batchnorm
+
+    model.eval()
+    model.net, _ = fold_batchnorm(model.net, torch.rand(1, 3, cfg.image_size, cfg.image_size))  # inference only
     dev = torch.device(device) if device else default_device()
-    return model.to(dev).eval(), cfg
+    return model.to(dev, memory_format=torch.channels_last).eval(), cfg
 
 
 @torch.no_grad()
 def predict(model: Segmenter, images: torch.Tensor) -> torch.Tensor:
-    """Foreground probability ``(B, S, S)`` for uint8 images ``(B, 3, S, S)`` (flip-averaged)."""
+    """Foreground probability ``(B, S, S)`` for uint8 images ``(B, 3, S, S)`` (flip-averaged if the
+    segmenter was trained with ``flip_tta``)."""
     dev = next(model.parameters()).device
-    x = images.to(dev).float().div_(255.0)
-    return 0.5 * (torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1))).flip(-1))
+    x = images.to(dev).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+    prob = torch.sigmoid(model(x))
+    if getattr(model, "flip_tta", False):
+        prob = 0.5 * (prob + torch.sigmoid(model(x.flip(-1))).flip(-1))
+    return prob
 
 
 def reviewed_count(annotations: str | Path) -> int:
