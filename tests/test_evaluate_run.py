@@ -281,3 +281,37 @@ def test_gallery_keeper_is_bounded_and_splits_best_worst():
         few.offer("worst", -iou, lambda i=i: {"title": f"im{i}"})
     assert [(it["group"], it["title"]) for it in few.items()] == [("best", "im1"), ("best", "im2"),
                                                                   ("worst", "im0")]
+
+
+def test_a_crf_run_evaluates_and_annotates_the_same_masks(trained, tmp_path):
+    """A run whose consensus refines with the dense CRF: evaluate (including its per-member and fusion
+    tables) runs, and its IoU per image is that of the masks `annotate` writes."""
+    pytest.importorskip("pydensecrf.densecrf")
+    import shutil
+
+    from pixelvote.engine.annotate import annotate
+
+    _, data, run = trained
+    crf_run = tmp_path / "run"
+    shutil.copytree(run, crf_run)
+    cfg = json.loads((crf_run / "run.json").read_text())
+    cfg["consensus"].update(refine="crf", fusion="mean", threshold=0.3, threshold_method="fixed")
+    (crf_run / "run.json").write_text(json.dumps(cfg))
+    m = _evaluate(crf_run, data, tmp_path / "report")
+    assert m["config"]["consensus"]["refine"] == "crf"
+    val = json.loads((crf_run / "split.json").read_text())["val"]
+    manifest = tmp_path / "val.csv"
+    with open(manifest, "w", newline="") as fh:
+        csv.writer(fh).writerows([["path"], *([p] for p in val)])
+    annotate(crf_run, manifest, tmp_path / "ann", mc_samples=m["config"]["mc_samples"], num_workers=0,
+             progress=False)
+    recs = {r["key"]: r for r in map(json.loads, (tmp_path / "ann" / "annotations.jsonl").read_text().splitlines())}
+    scored = 0
+    for r in m["per_image"]:
+        if r["iou"] is None:
+            continue
+        pred = np.asarray(Image.open(tmp_path / "ann" / recs[r["key"]]["mask"])) > 0
+        truth = np.asarray(Image.open(data / "masks" / r["truth"] / f"{r['key']}.png")) > 0
+        assert r["iou"] == pytest.approx(_iou(pred, truth) if (pred | truth).any() else 1.0, abs=1e-9)
+        scored += 1
+    assert scored > 0

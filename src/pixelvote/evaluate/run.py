@@ -63,7 +63,7 @@ def _member_alone(a: Analysis, m: int, cfg: ConsensusConfig, bg: int) -> Consens
     """Member ``m`` used alone: its own diagnosis gates the mask, its map is binarised like the consensus."""
     st = a.stats[m]
     sub = Analysis([a.member_names[m]], a.probs[m:m + 1], [st], a.probs[m], st["label"], a.target,
-                   a.maps[m:m + 1], a.uncertainty[m:m + 1], a.raw_max[m:m + 1])
+                   a.maps[m:m + 1], a.uncertainty[m:m + 1], a.raw_max[m:m + 1], a.inputs)
     return apply_consensus(sub, cfg, bg)
 
 
