@@ -165,10 +165,6 @@ class _Writer(threading.Thread):
             raise self.error
 
 
-def _resize_map(m: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(m[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0]
-
-
 @contextlib.contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
     """Hold a lock on ``out`` so that two annotate processes cannot append the same images to one manifest.
@@ -408,10 +404,11 @@ def batch_results(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int,
         item: Item = b["item"]
         image: np.ndarray = b["image"]
         hw = image.shape[:2]
-        margin = _resize_map(res.margin[j], hw)
-        mask = (margin > 0).cpu().numpy()
-        heat = _resize_map(res.heat[j], hw).clamp_(0, 1).cpu().numpy()
-        unc = _resize_map(res.uncertainty[j], hw).clamp_min_(0).cpu().numpy()
+        full = F.interpolate(torch.stack([res.margin[j], res.heat[j], res.uncertainty[j]])[None], size=hw,
+                             mode="bilinear", align_corners=False)[0]  # one resize for the three maps
+        mask = (full[0] > 0).cpu().numpy()
+        heat = full[1].clamp_(0, 1).cpu().numpy()
+        unc = full[2].clamp_min_(0).cpu().numpy()
         label = int(a.label[j])
         area = int(mask.sum())
         members = {}
