@@ -107,3 +107,13 @@ def test_the_default_segmenter_is_light() -> None:
     heavy = Segmenter("efficientnet_lite0", pretrained=False, pyramid_channels=256, segmentation_channels=128)
     n = lambda m: sum(p.numel() for p in m.net.decoder.parameters())  # noqa: E731
     assert not light.flip_tta and n(light) * 10 < n(heavy)
+
+
+def test_decoder_choices_map_to_channels_and_typos_are_clear() -> None:
+    from pixelvote.errors import ConfigError
+    from pixelvote.segment.train import decoder_settings
+
+    assert decoder_settings("light") == {"pyramid_channels": 64, "segmentation_channels": 32}
+    assert decoder_settings("full") == {"pyramid_channels": 256, "segmentation_channels": 128}
+    with pytest.raises(ConfigError, match="full"):
+        decoder_settings("ful")

@@ -256,16 +256,18 @@ def segment_train(
     image_size: int = typer.Option(224, min=32),
     batch_size: int = typer.Option(8, min=1),
     seed: int = typer.Option(0),
+    decoder: str = typer.Option("light", "--decoder", help="light (64/32-channel FPN, fast) or full (smp's "
+                                "256/128: better masks, ~4x slower)"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Train a segmenter on unflagged consensus masks (+ reviewed masks, weighted higher)."""
     _setup_logging(True)
-    from pixelvote.segment.train import SegConfig, train_segmenter
+    from pixelvote.segment.train import SegConfig, decoder_settings, train_segmenter
 
     mode = "reviewed" if reviewed_only else ("all" if all_images else "confident")
     cfg = SegConfig(encoder=encoder, epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
-                    mode=mode)
+                    mode=mode, **decoder_settings(decoder))
     path = train_segmenter(annotations, out, run=run, cfg=cfg, pretrained=pretrained, device=device)
     typer.echo(f"segmenter saved to {path}; use it with `pixelvote annotate --segmenter {path}`")
 
@@ -279,6 +281,7 @@ def improve(
     truth: Optional[Path] = typer.Option(None, help="DATA root with masks/: simulate reviews and log IoU"),
     review_fraction: float = typer.Option(0.2, help="share of the most uncertain images reviewed (simulated)"),
     seg_epochs: int = typer.Option(10, min=1),
+    seg_decoder: str = typer.Option("light", help="light or full segmenter decoder (see `segment train --decoder`)"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """The loop a team runs: annotate -> review -> retrain the segmenter -> re-annotate (log IoU per round)."""
@@ -286,7 +289,7 @@ def improve(
     from pixelvote.segment.improve import improve as run_improve
 
     for entry in run_improve(run, images, work, rounds=rounds, truth=truth, review_fraction=review_fraction,
-                             seg_epochs=seg_epochs, device=device):
+                             seg_epochs=seg_epochs, device=device, seg_decoder=seg_decoder):
         typer.echo(json.dumps(entry))
 
 

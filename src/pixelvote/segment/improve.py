@@ -67,10 +67,13 @@ def score(annotations: Path, truth: Path, background: str) -> dict[str, Any]:
 
 def improve(run: str | Path, images: str | Path, work: str | Path, *, rounds: int = 1,
             truth: str | Path | None = None, review_fraction: float = 0.2, seg_epochs: int = 10,
-            image_size: int | None = None, device: str | None = None) -> list[dict[str, Any]]:
+            image_size: int | None = None, device: str | None = None,
+            seg_decoder: str = "light") -> list[dict[str, Any]]:
     from pixelvote.engine.annotate import annotate
     from pixelvote.models.checkpoint import read_run_config
-    from pixelvote.segment.train import SegConfig, train_segmenter
+    from pixelvote.segment.train import SegConfig, decoder_settings, train_segmenter
+
+    decoder = decoder_settings(seg_decoder)
 
     run, images, work = Path(run), Path(images), Path(work)
     rc = read_run_config(run)
@@ -101,7 +104,7 @@ def improve(run: str | Path, images: str | Path, work: str | Path, *, rounds: in
         entry["reviewed"] = len(prev_reviewed)
         segmenter = work / f"round{rnd}" / "segmenter"
         if not (segmenter / "segmenter.json").exists():
-            train_segmenter(out, segmenter, run=run, cfg=SegConfig(epochs=seg_epochs, image_size=size),
+            train_segmenter(out, segmenter, run=run, cfg=SegConfig(epochs=seg_epochs, image_size=size, **decoder),
                             device=device)
         write_json_atomic(work / "improve_log.json", history)
     return history

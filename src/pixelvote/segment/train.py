@@ -23,6 +23,19 @@ log = logging.getLogger(__name__)
 SEG_FORMAT = 1
 
 
+DECODERS = {"light": (64, 32), "full": (256, 128)}  # FPN (pyramid, segmentation) channels; full = smp's
+
+
+def decoder_settings(name: str) -> dict[str, int]:
+    """``--seg-decoder light|full`` as SegConfig fields."""
+    if name not in DECODERS:
+        from pixelvote.errors import ConfigError, did_you_mean
+
+        raise ConfigError(f"unknown segmenter decoder: {did_you_mean(name, list(DECODERS))}")
+    pyramid, segmentation = DECODERS[name]
+    return {"pyramid_channels": pyramid, "segmentation_channels": segmentation}
+
+
 class SegConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format_version: int = SEG_FORMAT
