@@ -9,14 +9,14 @@ other).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from pixelvote.consensus import ConsensusConfig, apply_consensus
-from pixelvote.explain.analyze import MapConfig, analyze
+from pixelvote.explain.analyze import Analysis, MapConfig, analyze
 from pixelvote.models.ensemble import Ensemble
 
 GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
@@ -85,8 +85,8 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
             segmenter: torch.nn.Module | None = None) -> dict[tuple[str, str], VariantTable]:
     """IoU tables for every recipe x fusion on the images of ``batches`` that have a foreground mask.
     A fusion may carry a refinement, ``"mean+crf"`` (see :func:`split_fusion`); a row's time is the analysis
-    plus that consensus. With ``segmenter`` a ("segmenter", "-") row is added: its probability map, gated like every other row
-    by the ensemble's diagnosis (a background diagnosis gives an empty mask)."""
+    plus that consensus. With ``segmenter`` a ("segmenter", "-") row is added: its probability map, gated
+    like every other row by the ensemble's diagnosis (a background diagnosis gives an empty mask)."""
     import time
 
     base = base or ConsensusConfig()
@@ -122,13 +122,10 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
                                               "threshold": 1e-6})
                 t0 = time.perf_counter()
                 res = apply_consensus(a, cfg, bg)
-                seconds[f"{rname}+{fusion}"] = seconds.get(f"{rname}+{fusion}", 0.0) + time.perf_counter() - t0
-                for j, i in enumerate(use):
-                    truth = batch.masks[i]
-                    assert truth is not None
-                    score = F.interpolate(res.margin[j][None, None], size=tuple(truth.shape), mode="bilinear",
-                                          align_corners=False)[0, 0]
-                    rows[(rname, fusion)].append(iou_over_grid(score, truth, grid))
+                key = f"{rname}+{fusion}"
+                seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
+                for j, truth in _truths(batch, use):
+                    rows[(rname, fusion)].append(iou_over_grid(_at_size(res.margin[j], truth), truth, grid))
         if segmenter is not None:
             from pixelvote.segment.train import predict
 
@@ -137,11 +134,8 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
             seconds["segmenter"] += time.perf_counter() - t0
             if fg is None:
                 fg = analyze(ens, imgs, mc_samples=1, seeds=seeds).label != bg
-            for j, i in enumerate(use):
-                truth = batch.masks[i]
-                assert truth is not None
-                score = F.interpolate(prob[j][None, None], size=tuple(truth.shape), mode="bilinear",
-                                      align_corners=False)[0, 0]
+            for j, truth in _truths(batch, use):
+                score = _at_size(prob[j], truth)
                 if not bool(fg[j]):
                     score = torch.zeros_like(score)
                 rows[("segmenter", "-")].append(iou_over_grid(score, truth, grid))
@@ -153,7 +147,7 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
     return out
 
 
-def _refined_rows(a, base: ConsensusConfig, fusion: str, refine: str, bg: int, batch: Batch,  # type: ignore[no-untyped-def]
+def _refined_rows(a: Analysis, base: ConsensusConfig, fusion: str, refine: str, bg: int, batch: Batch,
                   use: list[int], grid: Sequence[float]) -> list[torch.Tensor]:
     """IoU rows ``(len(grid),)`` per image when the refinement runs once per threshold."""
     per_t = []
@@ -161,17 +155,22 @@ def _refined_rows(a, base: ConsensusConfig, fusion: str, refine: str, bg: int, b
         cfg = base.model_copy(update={"fusion": fusion, "refine": refine, "threshold_method": "fixed",
                                       "threshold": t})
         per_t.append(apply_consensus(a, cfg, bg).margin)
-    out = []
+    return [torch.stack([iou_over_grid(_at_size(m[j], truth), truth, (0.0,))[0] for m in per_t])
+            for j, truth in _truths(batch, use)]
+
+
+def _truths(batch: Batch, use: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(row in the analysed sub-batch, truth mask) of each used image."""
     for j, i in enumerate(use):
         truth = batch.masks[i]
         assert truth is not None
-        cells = []
-        for margin in per_t:
-            m = F.interpolate(margin[j][None, None], size=tuple(truth.shape), mode="bilinear",
-                              align_corners=False)[0, 0]
-            cells.append(iou_over_grid(m, truth, (0.0,))[0])
-        out.append(torch.stack(cells))
-    return out
+        yield j, truth
+
+
+def _at_size(score: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """A map ``(h, w)`` resized bilinearly to the truth's (original image) size."""
+    size = tuple(truth.shape)
+    return F.interpolate(score[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
 def best_cell(tables: dict[tuple[str, str], VariantTable], rows: torch.Tensor | None = None,
