@@ -133,10 +133,6 @@ def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: 
     member_labels = torch.stack([s["label"] for s in analysis.stats])
     label = analysis.label
     agree = agreeing_members(member_labels, label)
-    thresholds = member_thresholds(maps, cfg)
-    margins = maps - thresholds.view(*thresholds.shape, 1, 1)
-    # members with no positive evidence at all (raw CAM max 0) have nothing to contribute
-    margins = torch.where((analysis.raw_max > 0).view(*agree.shape, 1, 1), margins, torch.full_like(margins, -1.0))
     k = cfg.k if cfg.fusion == "vote" else 1
     if cfg.fusion == "vote" and cfg.policy != "k-of-n":
         k = max(1, math.ceil((maps.shape[0] + 1) / 2))
@@ -144,6 +140,11 @@ def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: 
     if cfg.refine == "crf":
         fused, thresholds = _crf_fused(analysis, cfg, agree, k, foreground)
     else:
+        thresholds = member_thresholds(maps, cfg)
+        margins = maps - thresholds.view(*thresholds.shape, 1, 1)
+        # members with no positive evidence at all (raw CAM max 0) have nothing to contribute
+        live = (analysis.raw_max > 0).view(*agree.shape, 1, 1)
+        margins = torch.where(live, margins, torch.full_like(margins, -1.0))
         fused = fuse_margins(margins, agree, cfg.fusion, k, maps, thresholds)
     fused = torch.where(foreground.view(-1, 1, 1), fused, torch.full_like(fused, -1.0))
     w = agree.float().view(*agree.shape, 1, 1)
