@@ -13,7 +13,9 @@ times per image (median over repeats, after a warm-up; random weights, which cos
               passes per member with dropout on (no per-pixel uncertainty at all: the naive way is favoured);
 4. end to end ``pixelvote.engine.annotate.annotate`` on a folder of real images with a run folder of random
               weights: decode, compute and write every output. The run's models are loaded once beforehand
-              (the load is printed separately), so the figure is the per-image cost of a long run.
+              (the load is printed separately), so the figure is the per-image cost of a long run. Its
+              ratio to the floor is taken per repeat against a floor timed just before it (median of the
+              pairs), so that the machine's drift between minutes does not enter the ratio.
 
 It also runs ``pixelvote annotate`` (the CLI) in a subprocess on a small and a large folder of generated PNGs
 and compares the peak RSS of the two (streaming: nothing should be kept per image).
@@ -233,8 +235,12 @@ def time_core(ens: Ensemble, x: torch.Tensor, T: int, repeats: int, naive: bool,
 
 
 def time_end_to_end(ens: Ensemble, run: Path, images: Path, warm: Path, work: Path, T: int, batch: int,
-                    repeats: int, device: torch.device) -> tuple[float, float]:
-    """(seconds per image, seconds to load the run once) of ``annotate`` on ``images``."""
+                    repeats: int, device: torch.device, floor: Callable[[], None],
+                    floor_images: int) -> tuple[float, float, float]:
+    """(seconds per image, its median ratio to the floor, seconds to load the run once) of ``annotate`` on
+    ``images``. The floor is timed again right before each repeat and each ratio is taken within its pair: on
+    a shared machine the speed drifts by tens of percent between minutes, which a floor measured earlier
+    would turn into a false ratio."""
     import pixelvote.engine.annotate as engine
 
     t0 = time.perf_counter()
@@ -242,8 +248,10 @@ def time_end_to_end(ens: Ensemble, run: Path, images: Path, warm: Path, work: Pa
     load_s = time.perf_counter() - t0
     n = sum(1 for p in images.rglob("*") if p.is_file())
     per: list[float] = []
+    ratios: list[float] = []
     with mock.patch.object(engine, "load_run", lambda *a, **k: loaded):
         for r in range(repeats + 1):  # the first is a warm-up on a few images
+            fl = statistics.median(elapsed(floor, device) for _ in range(3)) / floor_images
             out = work / f"out{r}"
             t0 = time.perf_counter()
             engine.annotate(run, warm if r == 0 else images, out, batch_size=batch, mc_samples=T,
@@ -251,8 +259,9 @@ def time_end_to_end(ens: Ensemble, run: Path, images: Path, warm: Path, work: Pa
             sync(device)
             if r:
                 per.append((time.perf_counter() - t0) / n)
+                ratios.append(per[-1] / fl)
             shutil.rmtree(out, ignore_errors=True)
-    return statistics.median(per), load_s
+    return statistics.median(per), statistics.median(ratios), load_s
 
 
 # Runs `pixelvote annotate` (sys.argv[1:]) and, at exit, writes the process's own peak RSS (VmHWM) to a file.
@@ -454,15 +463,16 @@ def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[s
         for size in args.sizes:
             key = f"{preset}@{size}"
             ens = build_ensemble(preset, size, device)
-            t = time_core(ens, batch_from(paths[:B], size), T, args.repeats, args.naive, device)
-            e2e = load_s = None
+            x = batch_from(paths[:B], size)
+            t = time_core(ens, x, T, args.repeats, args.naive, device)
+            e2e = e2e_ratio = load_s = None
             if not args.no_e2e:
                 run = write_run(ens, tmp / "runs" / key, T)
-                e2e, load_s = time_end_to_end(ens, run, e2e_dir, warm_dir, tmp / "work" / key, T, B,
-                                              args.repeats, device)
+                e2e, e2e_ratio, load_s = time_end_to_end(ens, run, e2e_dir, warm_dir, tmp / "work" / key, T, B,
+                                                         args.repeats, device, floor_fn(ens, x), B)
             fl, co, na = t["floor"], t["core"], t.get("naive")
             ratios[key] = {"core_over_floor": co / fl, "naive_over_core": None if na is None else na / co,
-                           "end_to_end_over_floor": None if e2e is None else e2e / fl}
+                           "end_to_end_over_floor": e2e_ratio}
             ms[key] = {"floor": fl * 1e3, "core": co * 1e3, "naive": None if na is None else na * 1e3,
                        "end_to_end": None if e2e is None else e2e * 1e3,
                        "run_load": None if load_s is None else load_s * 1e3}
