@@ -315,3 +315,38 @@ def test_a_crf_run_evaluates_and_annotates_the_same_masks(trained, tmp_path):
         assert r["iou"] == pytest.approx(_iou(pred, truth) if (pred | truth).any() else 1.0, abs=1e-9)
         scored += 1
     assert scored > 0
+
+
+def test_segmenter_rows_score_the_masks_annotate_writes_with_it(trained, tmp_path):
+    """`evaluate --segmenter`: the segmenter's row is the mean IoU of the masks `annotate --segmenter` writes
+    (gated by the same diagnosis), beside the CAM rules in the fusion table."""
+    from pixelvote.engine.annotate import annotate
+    from pixelvote.segment.train import SegConfig, train_segmenter
+
+    _, data, run = trained
+    annotate(run, data / "images", tmp_path / "pseudo", num_workers=0, progress=False)
+    seg = train_segmenter(tmp_path / "pseudo", tmp_path / "seg", run=run,
+                          cfg=SegConfig(epochs=1, image_size=64, batch_size=4, mode="all"), pretrained=False,
+                          device="cpu")
+    m = _evaluate(run, data, tmp_path / "report", segmenter=seg)
+    rows = {row[0]: row[1:] for row in m["fusion"]["rows"]}
+    assert "segmenter (stage two)" in rows and "segmenter (stage two)" in m["pixel"]["segmenter"]
+    val = json.loads((run / "split.json").read_text())["val"]
+    manifest = tmp_path / "val.csv"
+    with open(manifest, "w", newline="") as fh:
+        csv.writer(fh).writerows([["path"], *([p] for p in val)])
+    annotate(run, manifest, tmp_path / "ann", segmenter=seg, mc_samples=m["config"]["mc_samples"],
+             num_workers=0, progress=False)
+    recs = {r["key"]: r for r in map(json.loads, (tmp_path / "ann" / "annotations.jsonl").read_text().splitlines())}
+    ious = []
+    for r in m["per_image"]:
+        if r["iou"] is None:
+            continue
+        pred = np.asarray(Image.open(tmp_path / "ann" / recs[r["key"]]["mask"])) > 0
+        truth = np.asarray(Image.open(data / "masks" / r["truth"] / f"{r['key']}.png")) > 0
+        ious.append(_iou(pred, truth) if (pred | truth).any() else 1.0)
+    assert ious
+    assert rows["segmenter (stage two)"][0] == pytest.approx(np.mean(ious), abs=1e-9)
+    assert m["pixel"]["segmenter"]["segmenter (stage two)"]["mean_iou"] == pytest.approx(np.mean(ious), abs=1e-9)
+    if "segmenter + dense CRF" in rows:  # with the crf extra
+        assert 0.0 <= rows["segmenter + dense CRF"][0] <= 1.0

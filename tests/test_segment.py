@@ -117,3 +117,26 @@ def test_decoder_choices_map_to_channels_and_typos_are_clear() -> None:
     assert decoder_settings("full") == {"pyramid_channels": 256, "segmentation_channels": 128}
     with pytest.raises(ConfigError, match="full"):
         decoder_settings("ful")
+
+
+def test_augmentation_moves_image_target_and_weight_together(tmp_path):
+    out = _out(tmp_path)
+    ex = [e for e in select_examples(out, background="normal") if e.mask is not None and not e.reviewed][0]
+    plain = SegDataset([ex], 64)[0]
+    ds = SegDataset([ex], 64, augment=True)
+    torch.manual_seed(0)
+    changed = 0
+    for _ in range(12):
+        x, target, weight = ds[0]
+        assert x.dtype == torch.uint8 and x.shape == (3, 64, 64)
+        assert target.shape == weight.shape == (64, 64)
+        assert set(target.unique().tolist()) <= {0.0, 1.0}
+        assert set(weight.unique().tolist()) <= {0.0, 1.0}  # nearest neighbour: no blended weights
+        grey = x.float().mean(0)
+        fg = (target > 0) & (weight > 0)
+        bg = (target == 0) & (weight > 0)
+        # the bright square and its target stay on the same pixels (the colour jitter keeps them apart)
+        assert grey[fg].mean() > grey[bg].mean() + 60
+        changed += not torch.equal(target, plain[1])
+    assert changed >= 10  # it does augment
+    assert torch.equal(ds.cache[0][1], plain[1])  # the cached example itself is never changed

@@ -52,3 +52,47 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     fusion, refine = split_fusion(sel["fusion"])
     assert cfg.consensus.fusion == fusion and cfg.consensus.refine == refine
     assert cfg.maps == RECIPES[sel["recipe"]]
+
+
+def test_segmenter_rows_are_gated_by_the_diagnosis(tmp_path) -> None:
+    """The ablation's segmenter rows: a segmenter that marks every pixel scores each lesion image's truth area
+    over its image area where the ensemble diagnoses a lesion, and 0 where it says background; the CRF row
+    (with the crf extra) keeps a map that is certain everywhere as it is."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pixelvote.data.transforms import resize_image, to_tensor
+    from pixelvote.evaluate.selection import Batch, collect
+    from pixelvote.explain.analyze import MapConfig, analyze
+    from pixelvote.models.checkpoint import load_run
+    from pixelvote.refine import crf
+    from pixelvote.train.config import TrainConfig
+    from pixelvote.train.loop import train
+
+    data = write_blob_dataset(tmp_path / "data", per_class=6)
+    run = train(TrainConfig(data=data, out=tmp_path / "run", preset="tiny", epochs=1, image_size=48,
+                            pretrained=False, mc_samples=2, val_fraction=0.4))
+    ens, _ = load_run(run)
+    paths = sorted((data / "images" / "lesion").glob("*.png"))
+    imgs = torch.stack([resize_image(to_tensor(np.asarray(Image.open(p).convert("RGB"))), 48) for p in paths])
+    masks = [torch.from_numpy(np.asarray(Image.open(data / "masks" / "lesion" / p.name)) > 0) for p in paths]
+    lesion = ens.classes.index("lesion")
+    batch = Batch(imgs, torch.full((len(paths),), lesion), masks, list(range(len(paths))))
+
+    class Everything(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.tensor(20.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bias.expand(x.shape[0], *x.shape[-2:])
+
+    tables = collect(ens, [batch], {"plain": MapConfig()}, fusions=("mean",), segmenter=Everything())
+    diagnosed = analyze(ens, imgs, mc_samples=1, seeds=list(range(len(paths)))).label != ens.background_index
+    expected = torch.tensor([float(m.float().mean()) if bool(d) else 0.0 for m, d in zip(masks, diagnosed)])
+    keys = [("segmenter", "-")] + ([("segmenter", "crf")] if crf.available() else [])
+    for key in keys:
+        ious = tables[key].ious
+        assert ious.shape[0] == len(paths)
+        assert torch.allclose(ious[:, ious.shape[1] // 2], expected, atol=1e-6)

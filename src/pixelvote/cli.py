@@ -186,6 +186,8 @@ def evaluate(
     method: str = typer.Option("run", help="run (the calibrated recipe) or paper (the paper's fixed rule)"),
     max_gallery: int = typer.Option(12),
     dataset: Optional[str] = typer.Option(None, help="name shown in the report (busi, fire, tbx11k, ...)"),
+    segmenter: Optional[Path] = typer.Option(None, help="also score this `pixelvote segment train` folder's "
+                                             "masks (and, with the crf extra, their CRF refinement)"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Evaluate a run: classification, pixel IoU/Dice (vs the centred-box prior), uncertainty; HTML report."""
@@ -193,7 +195,7 @@ def evaluate(
     from pixelvote.evaluate.run import evaluate_run
 
     m = evaluate_run(run, data, out, split=split, mc_samples=mc_samples, batch_size=batch_size, device=device,
-                     method=method, max_gallery=max_gallery, dataset=dataset)
+                     method=method, max_gallery=max_gallery, dataset=dataset, segmenter=segmenter)
     ens = (m.get("classification") or {}).get("ensemble") or {}
     pix = (m.get("pixel") or {}).get("consensus") or {}
     line = f"{m.get('n_images')} images"
@@ -201,6 +203,8 @@ def evaluate(
         line += f", ensemble accuracy {ens['accuracy']:.3f}"
     if pix.get("mean_iou") is not None:
         line += f", consensus mean IoU {pix['mean_iou']:.3f}"
+    for name, row in ((m.get("pixel") or {}).get("segmenter") or {}).items():
+        line += f", {name} mean IoU {row['mean_iou']:.3f}"
     typer.echo(line)
     typer.echo(f"report: {out / 'report.html'}; numbers: {out / 'metrics.json'}")
 

@@ -36,3 +36,24 @@ def train_augment(size: int):  # type: ignore[no-untyped-def]
         v2.RandomApply([v2.RandomRotation(10)], p=0.5),
         v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1),
     ])
+
+
+def seg_augment(size: int):  # type: ignore[no-untyped-def]
+    """Joint augmentation for the segmenter: ``(image uint8 (3,S,S), maps (C,S,S) float)`` -> the same, with
+    the image's crop, flip and rotation applied to the maps by nearest neighbour (pixels rotated in from
+    outside get 0: for a loss-weight map, ignored) and the colour jitter to the image only."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    pipeline = v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(0.8, 1.25), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.RandomRotation(10)], p=0.5),
+        v2.ColorJitter(brightness=0.2, contrast=0.2),
+    ])
+
+    def apply(image: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        img, m = pipeline(tv_tensors.Image(image), tv_tensors.Mask(maps))
+        return img.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor)
+
+    return apply

@@ -87,8 +87,10 @@ class _State:
     """Everything accumulated over the images: summable pixel state, per-image scalars, the gallery."""
 
     def __init__(self, ens: Ensemble, cfg: ConsensusConfig, maps: MapConfig, T: int, protocol: str,
-                 max_gallery: int) -> None:
+                 max_gallery: int, segmenter: tuple[Any, Any] | None = None) -> None:
         self.ens, self.cfg, self.maps, self.T, self.protocol = ens, cfg, maps, T, protocol
+        self.segmenter = segmenter
+        self.seg = {k: M.PixelStats() for k in _segmenter_rows(segmenter)}
         self.bg = ens.background_index
         self.names = _unique([m.name for m in ens.members])
         self.rules = _rules(cfg, len(self.names))
@@ -109,6 +111,7 @@ class _State:
         res = apply_consensus(a, self.cfg, self.bg)
         rules = {k: apply_consensus(a, c, self.bg).margin for k, c in self.rules.items()}
         alone = torch.stack([_member_alone(a, m, self.cfg, self.bg).margin for m in range(len(self.names))])
+        seg = _segmenter_margins(self.segmenter, x, res.foreground, list(self.seg))
         p = a.ensemble_probs.double().cpu()
         bin_maps = a.maps >= res.thresholds[..., None, None]
         scores = {
@@ -126,7 +129,8 @@ class _State:
             mj = res.margin[j] > 0
             unc = res.uncertainty[j]
             s["cam_uncertainty"] = float(unc[mj].mean() if mj.any() else unc.mean())
-            margins = torch.stack([res.margin[j], *(r[j] for r in rules.values()), *alone[:, j]])
+            margins = torch.stack([res.margin[j], *(r[j] for r in rules.values()), *alone[:, j],
+                                   *(m[j] for m in seg)])
             self._image(b, a, res, j, s, margins)
 
     def _image(self, b: dict[str, Any], a: Analysis, res: ConsensusResult, j: int, s: dict[str, float],
@@ -150,10 +154,13 @@ class _State:
     def _pixels(self, it: EvalItem, truth: torch.Tensor, a: Analysis, res: ConsensusResult, j: int,
                 margins: torch.Tensor, hw: tuple[int, int]) -> tuple[float, float]:
         t = truth.to(margins.device)
-        masks = upsample(margins, hw) > 0  # consensus, each rule, each member alone
+        masks = upsample(margins, hw) > 0  # consensus, each rule, each member alone, the segmenter rows
         n_rules, names = len(self.rules), self.names
         cons = masks[0]
-        member_masks = dict(zip(names, masks[1 + n_rules:], strict=True))
+        n_alone = 1 + n_rules + len(names)
+        member_masks = dict(zip(names, masks[1 + n_rules:n_alone], strict=True))
+        for key, m in zip(self.seg, masks[n_alone:], strict=True):
+            self.seg[key].update(m, t)
         prior = M.centred_box_prior(hw).to(t.device)
         for key, m in (("consensus", cons), *member_masks.items(), ("prior", prior)):
             self.px[key].update(m, t)
@@ -260,6 +267,9 @@ class _State:
         rows: list[tuple[str, dict[str, Any]]] = [
             (f"configured: {cfg.fusion} ({cfg.policy}, threshold {th})", self.px["consensus"].compute())]
         rows += [(k, v.compute()) for k, v in self.fusion.items()]
+        rows += [(k, v.compute()) for k, v in self.seg.items()]
+        if self.seg:
+            pixel["segmenter"] = {k: v.compute() for k, v in self.seg.items()}
         rows += [(f"{n} alone", self.px[n].compute()) for n in names]
         rows += [("centred-box prior", self.px["prior"].compute())]
         keys = ("mean_iou", "pooled_iou", "mean_dice", "pooled_dice")
@@ -269,6 +279,39 @@ class _State:
         sweep["map"] = "mean normalised CAM of the agreeing members (not gated by the diagnosis)"
         sweep["members"] = {n: self.sweep[n].compute() for n in names}
         return {"pixel": pixel, "fusion": fusion, "threshold_sweep": sweep}
+
+
+SEGMENTER_ROW, SEGMENTER_CRF_ROW = "segmenter (stage two)", "segmenter + dense CRF"
+
+
+def _segmenter_rows(segmenter: tuple[Any, Any] | None) -> list[str]:
+    """The fusion-table rows a segmenter adds: its masks, and (with pydensecrf2) those refined by the CRF."""
+    if segmenter is None:
+        return []
+    from pixelvote.refine import crf
+
+    return [SEGMENTER_ROW, *([SEGMENTER_CRF_ROW] if crf.available() else [])]
+
+
+def _segmenter_margins(segmenter: tuple[Any, Any] | None, x: torch.Tensor, foreground: torch.Tensor,
+                       rows: list[str]) -> list[torch.Tensor]:
+    """Margins ``(B, S, S)`` (> 0 = mask) per segmenter row, gated like annotate's by the ensemble's
+    diagnosis: an image diagnosed as background gets no mask."""
+    if segmenter is None:
+        return []
+    from pixelvote.segment.train import predict
+
+    model, scfg = segmenter
+    prob = predict(model, x)
+    if prob.shape[-2:] != x.shape[-2:]:
+        prob = upsample(prob, tuple(x.shape[-2:]))
+    out = [prob - scfg.threshold]
+    if SEGMENTER_CRF_ROW in rows:
+        from pixelvote.refine.crf import dense_crf
+
+        out.append(dense_crf(prob, x, threshold=scfg.threshold) - 0.5)
+    gate = foreground.to(prob.device).view(-1, 1, 1)
+    return [torch.where(gate, m, torch.full_like(m, -1.0)) for m in out]
 
 
 def _mean_pairwise_iou(masks: torch.Tensor) -> torch.Tensor:
@@ -304,7 +347,8 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: s
                  tbx11k_mapping: TBMapping | None = None, max_gallery: int = 12,
                  consensus: dict[str, Any] | None = None, maps: dict[str, Any] | None = None,
                  method: str = "run", class_map: dict[str, str] | None = None, dataset: str | None = None,
-                 num_workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+                 num_workers: int | None = None, segmenter: str | Path | None = None,
+                 progress: bool = True) -> dict[str, Any]:
     """Evaluate the run at ``run`` on the labelled images in ``data``; write ``out/metrics.json`` and
     ``out/report.html``; return the metrics as written (JSON-ready; NaN as None).
 
@@ -314,7 +358,10 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: s
     ``data`` is the run's training data, else ``"all"``. ``method``: ``"run"`` (the run's calibrated
     recipe) or ``"paper"`` (plain XGrad-CAM, unanimous intersection at 0.5), as for `pixelvote annotate`;
     ``consensus`` / ``maps`` override fields of it. ``class_map`` renames data classes to run classes;
-    ``dataset`` names the data in the report (``"tbx11k"``, ``"fire"``, ``"busi"`` pick the paper's row)."""
+    ``dataset`` names the data in the report (``"tbx11k"``, ``"fire"``, ``"busi"`` pick the paper's row).
+    ``segmenter``: a `pixelvote segment train` folder whose masks (gated by the ensemble's diagnosis, as
+    ``annotate --segmenter`` writes them) are scored beside the CAM rules, also refined by the dense CRF
+    where pydensecrf2 is installed."""
     from pixelvote.engine.annotate import PAPER_METHOD
 
     t0 = time.time()
@@ -330,7 +377,12 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: s
     T = int(mc_samples or run_cfg.mc_samples)
     es = list_items(data, ens.classes, ens.background, mapping=tbx11k_mapping, class_map=class_map)
     chosen, used_split, notes = select_split(es.items, split, run, run_cfg.data.get("root"), data)
-    state = _State(ens, cfg, mcfg, T, es.protocol, max_gallery)
+    seg = None
+    if segmenter is not None:
+        from pixelvote.segment.train import load_segmenter
+
+        seg = load_segmenter(segmenter, device=ens.device)
+    state = _State(ens, cfg, mcfg, T, es.protocol, max_gallery, seg)
     skipped, mask_problems = list(es.skipped), []
     workers = num_workers if num_workers is not None else min(2, max(0, (torch.get_num_threads() or 1) - 1))
     loader = torch.utils.data.DataLoader(DecodeSet(chosen, ens.image_size), batch_size=batch_size,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pixelvote.consensus import ConsensusConfig, apply_consensus
 from pixelvote.explain.analyze import Analysis, MapConfig, analyze
 from pixelvote.models.ensemble import Ensemble
+from pixelvote.refine import crf
 
 GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
 
@@ -86,15 +87,20 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
     """IoU tables for every recipe x fusion on the images of ``batches`` that have a foreground mask.
     A fusion may carry a refinement, ``"mean+crf"`` (see :func:`split_fusion`); a row's time is the analysis
     plus that consensus. With ``segmenter`` a ("segmenter", "-") row is added: its probability map, gated
-    like every other row by the ensemble's diagnosis (a background diagnosis gives an empty mask)."""
+    like every other row by the ensemble's diagnosis (a background diagnosis gives an empty mask); and,
+    where pydensecrf2 is installed, ("segmenter", "crf"): that map refined by the dense CRF at 0.5."""
     import time
 
     base = base or ConsensusConfig()
     bg = ens.background_index
     rows: dict[tuple[str, str], list[torch.Tensor]] = {(r, f): [] for r in recipes for f in fusions}
     seconds = dict.fromkeys(recipes, 0.0)
+    seg_rows = [("segmenter", "-")]
+    if segmenter is not None and crf.available():
+        seg_rows.append(("segmenter", "crf"))
     if segmenter is not None:
-        rows[("segmenter", "-")] = []
+        for key in seg_rows:
+            rows[key] = []
         seconds["segmenter"] = 0.0
     n_images = 0
     for batch in batches:
@@ -132,13 +138,19 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
             t0 = time.perf_counter()
             prob = predict(segmenter, imgs)
             seconds["segmenter"] += time.perf_counter() - t0
+            probs = {("segmenter", "-"): prob}
+            if ("segmenter", "crf") in rows:
+                t0 = time.perf_counter()
+                probs[("segmenter", "crf")] = crf.dense_crf(prob, imgs, threshold=0.5)
+                seconds["segmenter+crf"] = seconds.get("segmenter+crf", 0.0) + time.perf_counter() - t0
             if fg is None:
                 fg = analyze(ens, imgs, mc_samples=1, seeds=seeds).label != bg
-            for j, truth in _truths(batch, use):
-                score = _at_size(prob[j], truth)
-                if not bool(fg[j]):
-                    score = torch.zeros_like(score)
-                rows[("segmenter", "-")].append(iou_over_grid(score, truth, grid))
+            for key, p in probs.items():
+                for j, truth in _truths(batch, use):
+                    score = _at_size(p[j], truth)
+                    if not bool(fg[j]):
+                        score = torch.zeros_like(score)
+                    rows[key].append(iou_over_grid(score, truth, grid))
     out = {}
     for (r, f), lst in rows.items():
         ious = torch.stack(lst) if lst else torch.zeros(0, len(grid))

@@ -75,10 +75,15 @@ class SegDataset(torch.utils.data.Dataset):
     """Images, targets and loss weights at ``size x size``; targets: 1 fg, 0 bg; ``weight`` 0 = ignored."""
 
     def __init__(self, examples: list[SegExample], size: int, *, edge_band: float = 0.03,
-                 uncertainty_ignore: float = 0.35) -> None:
+                 uncertainty_ignore: float = 0.35, augment: bool = False) -> None:
         self.examples, self.size = examples, size
         self.edge_band, self.uncertainty_ignore = edge_band, uncertainty_ignore
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.augment = None
+        if augment:
+            from pixelvote.data.transforms import seg_augment
+
+            self.augment = seg_augment(size)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -86,7 +91,11 @@ class SegDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if i not in self.cache:
             self.cache[i] = self._load(self.examples[i])
-        return self.cache[i]
+        x, target, weight = self.cache[i]
+        if self.augment is None:
+            return x, target, weight
+        x, maps = self.augment(x, torch.stack([target, weight]))
+        return x, maps[0], maps[1]
 
     def _load(self, ex: SegExample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = self.size

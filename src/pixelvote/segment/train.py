@@ -51,6 +51,8 @@ class SegConfig(BaseModel):
     pyramid_channels: int = Field(64, ge=8, description="FPN decoder width (smp's default is 256)")
     segmentation_channels: int = Field(32, ge=8, description="FPN head width (smp's default is 128)")
     flip_tta: bool = Field(False, description="average with the flipped image's prediction (2x the cost)")
+    augment: bool = Field(False, description="random crops, flips, small rotations and brightness/contrast "
+                          "jitter while training (else horizontal flips only)")
     background: str = ""
     classes: list[str] = Field(default_factory=list)
     examples: int = 0
@@ -87,7 +89,7 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
     torch.manual_seed(cfg.seed)
     model = Segmenter(cfg.encoder, pretrained=pretrained, pyramid_channels=cfg.pyramid_channels,
                       segmentation_channels=cfg.segmentation_channels, flip_tta=cfg.flip_tta).to(dev)
-    ds = SegDataset(examples, cfg.image_size)
+    ds = SegDataset(examples, cfg.image_size, augment=cfg.augment)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +103,7 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
         for x, target, weight in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch"):
             x = x.to(dev).float().div_(255.0)
             target, weight = target.to(dev), weight.to(dev)
-            if torch.rand(()) < 0.5:  # horizontal flip of the whole batch
+            if not cfg.augment and torch.rand(()) < 0.5:  # horizontal flip of the whole batch
                 x, target, weight = x.flip(-1), target.flip(-1), weight.flip(-1)
             loss = _loss(model(x), target, weight)
             opt.zero_grad(set_to_none=True)
