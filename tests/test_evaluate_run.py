@@ -337,7 +337,8 @@ def test_segmenter_rows_score_the_masks_annotate_writes_with_it(trained, tmp_pat
         csv.writer(fh).writerows([["path"], *([p] for p in val)])
     annotate(run, manifest, tmp_path / "ann", segmenter=seg, mc_samples=m["config"]["mc_samples"],
              num_workers=0, progress=False)
-    recs = {r["key"]: r for r in map(json.loads, (tmp_path / "ann" / "annotations.jsonl").read_text().splitlines())}
+    lines = (tmp_path / "ann" / "annotations.jsonl").read_text().splitlines()
+    recs = {r["key"]: r for r in map(json.loads, lines)}
     ious = []
     for r in m["per_image"]:
         if r["iou"] is None:
@@ -347,6 +348,7 @@ def test_segmenter_rows_score_the_masks_annotate_writes_with_it(trained, tmp_pat
         ious.append(_iou(pred, truth) if (pred | truth).any() else 1.0)
     assert ious
     assert rows["segmenter (stage two)"][0] == pytest.approx(np.mean(ious), abs=1e-9)
-    assert m["pixel"]["segmenter"]["segmenter (stage two)"]["mean_iou"] == pytest.approx(np.mean(ious), abs=1e-9)
+    scored = m["pixel"]["segmenter"]["segmenter (stage two)"]
+    assert scored["mean_iou"] == pytest.approx(np.mean(ious), abs=1e-9)
     if "segmenter + dense CRF" in rows:  # with the crf extra
         assert 0.0 <= rows["segmenter + dense CRF"][0] <= 1.0

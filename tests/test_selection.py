@@ -90,7 +90,7 @@ def test_segmenter_rows_are_gated_by_the_diagnosis(tmp_path) -> None:
 
     tables = collect(ens, [batch], {"plain": MapConfig()}, fusions=("mean",), segmenter=Everything())
     diagnosed = analyze(ens, imgs, mc_samples=1, seeds=list(range(len(paths)))).label != ens.background_index
-    expected = torch.tensor([float(m.float().mean()) if bool(d) else 0.0 for m, d in zip(masks, diagnosed)])
+    expected = torch.tensor([float(m.float().mean()) if bool(d) else 0.0 for m, d in zip(masks, diagnosed, strict=True)])
     keys = [("segmenter", "-")] + ([("segmenter", "crf")] if crf.available() else [])
     for key in keys:
         ious = tables[key].ious
