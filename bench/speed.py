@@ -215,10 +215,11 @@ def naive_fn(ens: Ensemble, x: torch.Tensor, T: int) -> Callable[[], None]:
 # ---------------------------------------------------------------------------------------------- measurements
 
 def time_core(ens: Ensemble, x: torch.Tensor, T: int, repeats: int, naive: bool,
-              device: torch.device) -> dict[str, float]:
+              device: torch.device, naive_repeats: int | None = None) -> dict[str, float]:
     """Seconds per image (median over repeats) of floor, core and naive, interleaved so drift hits all.
     The floor and the naive way run the models as built; the core runs them as ``annotate`` does, with
-    batch norms folded into the convolutions (``load_run(..., fold=True)``)."""
+    batch norms folded into the convolutions (``load_run(..., fold=True)``). ``naive_repeats`` (default
+    ``repeats``) limits the naive way's timed runs, which take minutes per batch at 512 px on a CPU."""
     seeds = list(range(x.shape[0]))
     folded = copy.deepcopy(ens)
     folded.fold_batchnorm()
@@ -228,9 +229,10 @@ def time_core(ens: Ensemble, x: torch.Tensor, T: int, repeats: int, naive: bool,
     for fn in fns.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
+    for r in range(repeats):
         for k, fn in fns.items():
-            times[k].append(elapsed(fn, device))
+            if k != "naive" or r < (naive_repeats or repeats):
+                times[k].append(elapsed(fn, device))
     return {k: statistics.median(v) / x.shape[0] for k, v in times.items()}
 
 
@@ -420,6 +422,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--sizes", help="comma-separated input sizes (default 224,512; quick: 128)")
     add("--mc-samples", "-T", type=int, help="T (default 30; quick: 8)")
     add("--repeats", type=int, help="timed repeats after the warm-up (default 5; quick: 2)")
+    add("--naive-repeats", type=int, help="timed repeats of the naive way above 224 px (default: --repeats; "
+        "one batch of it takes minutes at 512 px on a CPU)")
     add("--batch-size", type=int, help="images per batch, as annotate's (default 8; quick: 2)")
     add("--images", type=int, help="real images for the end-to-end run (default 40; quick: 6)")
     add("--memory-images", help="small,large image counts for the RSS check (default 50,500; quick: 20,60)")
@@ -464,7 +468,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[s
             key = f"{preset}@{size}"
             ens = build_ensemble(preset, size, device)
             x = batch_from(paths[:B], size)
-            t = time_core(ens, x, T, args.repeats, args.naive, device)
+            t = time_core(ens, x, T, args.repeats, args.naive, device,
+                          args.naive_repeats if size > 224 else None)
             e2e = e2e_ratio = load_s = None
             if not args.no_e2e:
                 run = write_run(ens, tmp / "runs" / key, T)
