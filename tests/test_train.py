@@ -64,3 +64,54 @@ def test_empty_class_after_skipping_bad_files(tmp_path):
         loop.train(_cfg(data, tmp_path / "r"))
     skipped = (tmp_path / "r" / "skipped.jsonl").read_text().splitlines()
     assert len(skipped) == 4
+
+
+def test_robust_augmentation_trains_reproducibly_and_differs_from_standard(blob_dataset, tmp_path):
+    """`--augment robust` (wider crops, blur, JPEG re-compression) runs on the cached uint8 images, is
+    saved with the run, is reproducible from the seed, and changes what the model learns."""
+    from pixelvote.data.transforms import train_augment
+    from pixelvote.errors import ConfigError
+
+    kw = dict(epochs=1, models=["tiny_cnn_a"])
+    a = loop.train(_cfg(blob_dataset, tmp_path / "a", augment="robust", **kw))
+    b = loop.train(_cfg(blob_dataset, tmp_path / "b", augment="robust", **kw))
+    s = loop.train(_cfg(blob_dataset, tmp_path / "s", **kw))
+    assert json.loads((a / "train_config.json").read_text())["augment"] == "robust"
+    wa, wb, ws = (load_run(r)[0].members[0].fc.weight for r in (a, b, s))
+    assert torch.equal(wa, wb)
+    assert not torch.allclose(wa, ws)
+    with pytest.raises(ConfigError, match="robust"):
+        train_augment(32, "robustt")
+    with pytest.raises(ValueError):
+        _cfg(blob_dataset, tmp_path / "c", augment="heavy")
+
+
+def test_robust_augmentation_recompresses_and_blurs():
+    """Over many draws, the robust pipeline loses more of a sharp pattern's fine detail than the standard
+    one (blur and JPEG), while keeping the image's size and type."""
+    from pixelvote.data.transforms import train_augment
+
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    img = (((yy // 2 + xx // 2) % 2) * 255).to(torch.uint8).expand(3, 64, 64).contiguous()
+
+    def detail(kind: str) -> float:
+        torch.manual_seed(0)
+        aug = train_augment(64, kind)
+        outs = [aug(img) for _ in range(40)]
+        assert all(o.dtype == torch.uint8 and o.shape == (3, 64, 64) for o in outs)
+        return float(torch.stack([(o.float()[:, :, 1:] - o.float()[:, :, :-1]).abs().mean() for o in outs]).mean())
+
+    assert detail("robust") < 0.85 * detail("standard")
+
+
+def test_jpeg_recompression_is_lossy_and_follows_the_seed():
+    from pixelvote.data.transforms import JPEGRecompress
+
+    img = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
+    torch.manual_seed(1)
+    a = JPEGRecompress((30, 40))(img)
+    torch.manual_seed(1)
+    b = JPEGRecompress((30, 40))(img)
+    assert a.shape == img.shape and a.dtype == torch.uint8
+    assert torch.equal(a, b)
+    assert (a.float() - img.float()).abs().mean() > 5  # noise does not survive quality 30-40

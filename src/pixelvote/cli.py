@@ -41,6 +41,8 @@ def train(
     background: Optional[str] = typer.Option(None, help="the no-finding class (default: normal/healthy/...)"),
     group_pattern: Optional[str] = typer.Option(None, help=r"regex on file names; group 1 keeps e.g. ^(Video\d+) together"),
     val_fraction: float = typer.Option(0.2),
+    augment: str = typer.Option("standard", help="standard, or robust: + wider crops, blur and JPEG "
+                                "re-compression, against a source shortcut (see README)"),
     patience: int = typer.Option(3, help="early stopping patience (epochs)"),
     mc_variance_weight: float = typer.Option(0.0, help="the paper's lambda x MC-dropout variance in the loss"),
     mc_samples: int = typer.Option(30, help="T, MC samples for calibration and annotation"),
@@ -73,7 +75,7 @@ def train(
         data = Path(json.loads(saved.read_text(encoding="utf-8"))["data"])
     cfg = TrainConfig(data=data, out=out, preset=preset, models=_csv(models), epochs=epochs, image_size=image_size,
                       batch_size=batch_size, lr=lr, dropout=dropout, seed=seed, background=background,
-                      group_pattern=group_pattern, val_fraction=val_fraction, patience=patience,
+                      group_pattern=group_pattern, val_fraction=val_fraction, patience=patience, augment=augment,
                       mc_variance_weight=mc_variance_weight, mc_samples=mc_samples, cam_layer=cam_layer,
                       pretrained=pretrained, weights_dir=weights, device=device, max_map_cost=max_map_cost,
                       refine_candidates=["none", "crf"] if crf else ["none"])

@@ -26,16 +26,53 @@ def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     return (y[0, 0] > 0.5)
 
 
-def train_augment(size: int):  # type: ignore[no-untyped-def]
-    """Standard augmentation for fine-tuning on uint8 tensors (crop, flip, small rotation, colour)."""
+AUGMENTATIONS = ("standard", "robust")
+
+
+def train_augment(size: int, kind: str = "standard"):  # type: ignore[no-untyped-def]
+    """Augmentation for fine-tuning on uint8 tensors. ``standard``: crop, flip, small rotation, colour.
+    ``robust`` adds what differs between cameras and sources rather than between classes, so that a
+    classifier cannot tell the class by it: wider crops and aspect changes, blur (focus, resolution) and JPEG
+    re-compression (one source's compression artefacts)."""
     from torchvision.transforms import v2
 
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
+    if kind not in AUGMENTATIONS:
+        from pixelvote.errors import ConfigError, did_you_mean
+
+        raise ConfigError(f"unknown augmentation: {did_you_mean(kind, list(AUGMENTATIONS))}")
+    robust = kind == "robust"
+    steps = [
+        v2.RandomResizedCrop(size, scale=(0.4, 1.0) if robust else (0.6, 1.0),
+                             ratio=(0.6, 1.67) if robust else (0.8, 1.25), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.RandomRotation(10)], p=0.5),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1),
-    ])
+        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.02) if robust
+        else v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1),
+    ]
+    if robust:
+        steps += [v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3),
+                  v2.RandomApply([JPEGRecompress((30, 95))], p=0.5)]
+    return v2.Compose(steps)
+
+
+class JPEGRecompress(torch.nn.Module):
+    """Encode a ``(3, H, W) uint8`` image as JPEG at a random quality and decode it again (with PIL: the
+    encoder in torchvision.io is deprecated). Draws from torch's generator, so it follows the seed."""
+
+    def __init__(self, quality: tuple[int, int] = (30, 95)) -> None:
+        super().__init__()
+        self.quality = quality
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        import io
+
+        from PIL import Image
+
+        q = int(torch.randint(self.quality[0], self.quality[1] + 1, ()).item())
+        buf = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=q)
+        out = np.asarray(Image.open(buf).convert("RGB"))
+        return torch.from_numpy(out.copy()).permute(2, 0, 1).contiguous()
 
 
 def seg_augment(size: int):  # type: ignore[no-untyped-def]

@@ -27,6 +27,10 @@ class TrainConfig(BaseModel):
     cam_layer: str | None = None
     patience: int = Field(3, ge=1, description="epochs without a better validation loss before stopping")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    augment: Literal["standard", "robust"] = Field(
+        "standard", description="robust adds wider crops and aspect changes, blur and JPEG re-compression, "
+                                "against classifiers that learn the source (camera, file type) instead of the "
+                                "finding (see pixelvote.data.transforms.train_augment)")
     group_pattern: str | None = None
     background: str | None = None
     seed: int = 0

@@ -81,11 +81,11 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
 
 
 class _Augmented(torch.utils.data.Dataset):
-    def __init__(self, data: CachedSet, size: int) -> None:
+    def __init__(self, data: CachedSet, size: int, kind: str = "standard") -> None:
         from pixelvote.data.transforms import train_augment
 
         self.data = data
-        self.aug = train_augment(size)
+        self.aug = train_augment(size, kind)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -224,7 +224,7 @@ def _train_member(i: int, name: str, mcfg: MemberConfig, mstate: dict, cfg: Trai
             for g, base in zip(opt.param_groups, sched.base_lrs):
                 g["lr"] = base * 0.5 * (1 + math.cos(math.pi * start / cfg.epochs))
         log.info("%s: resuming after epoch %d", name, start)
-    ds = _Augmented(data.train, cfg.image_size)
+    ds = _Augmented(data.train, cfg.image_size, cfg.augment)
     bar = tqdm(range(start, cfg.epochs), desc=f"training {name}", unit="epoch", initial=start, total=cfg.epochs)
     for epoch in bar:
         t0 = time.time()
