@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--max-cost", type=float, default=2.0, help="the default is chosen among recipes costing at "
                     "most this many plain analyses (pixelvote train --max-map-cost)")
     ap.add_argument("--stage-two", action="store_true", help="also train and score the segmenter (slow on CPU)")
-    ap.add_argument("--seg-epochs", type=int, default=12)
+    ap.add_argument("--seg-epochs", type=int, default=30)
     args = ap.parse_args()
     results = {}
     for name in args.sets.split(","):

@@ -66,7 +66,7 @@ def score(annotations: Path, truth: Path, background: str) -> dict[str, Any]:
 
 
 def improve(run: str | Path, images: str | Path, work: str | Path, *, rounds: int = 1,
-            truth: str | Path | None = None, review_fraction: float = 0.2, seg_epochs: int = 10,
+            truth: str | Path | None = None, review_fraction: float = 0.2, seg_epochs: int = 30,
             image_size: int | None = None, device: str | None = None,
             seg_decoder: str = "light") -> list[dict[str, Any]]:
     from pixelvote.engine.annotate import annotate
