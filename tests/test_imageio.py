@@ -105,3 +105,21 @@ def test_png_atomic_and_jsonl_torn_tail(tmp_path):
     repair_jsonl_tail(path)
     append_jsonl(path, {"a": 3})
     assert [json.loads(line)["a"] for line in path.read_text().splitlines()] == [1, 3]
+
+
+def test_resize_image_matches_the_float_reference_within_one_level():
+    import torch
+    import torch.nn.functional as F
+
+    from pixelvote.data.transforms import resize_image
+
+    g = torch.Generator().manual_seed(0)
+    for h, w, s in ((585, 766, 224), (180, 320, 224), (40, 30, 64)):
+        img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        out = resize_image(img, s)
+        ref = F.interpolate(img[None].float(), size=(s, s), mode="bilinear", antialias=True,
+                            align_corners=False).round().clamp(0, 255)[0]
+        assert out.dtype == torch.uint8 and out.shape == (3, s, s)
+        assert int((out.int() - ref.int()).abs().max()) <= 1
+    flat = torch.full((3, 77, 99), 123, dtype=torch.uint8)
+    assert bool((resize_image(flat, 32) == 123).all())
