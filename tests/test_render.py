@@ -52,3 +52,26 @@ def test_overlay_blends_heat_and_draws_the_contour_green() -> None:
     inside = out[~edge & mask]
     assert np.all(inside[:, 0] > 100) and np.all(inside[:, 0] < 140)  # half of ~252 red
     assert np.array_equal(overlay(image, np.zeros_like(heat), np.zeros_like(mask), alpha=0.0), image)
+
+
+def test_maps_are_resized_as_levels_within_one_level_of_the_float_resize() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from pixelvote.engine.render import to_levels, upsample_levels
+
+    maps = torch.rand(2, 1, 7, 7)
+    maps = F.interpolate(maps, size=(56, 56), mode="bilinear", align_corners=False)[:, 0]
+    maps[0, 0, 0] = 1.7  # uncertainty can exceed 1: saturates at 255
+    levels = to_levels(maps.clamp(0, 1))
+    assert levels.dtype == torch.uint8 and int(levels[0, 0, 0]) == 255
+    up = upsample_levels(levels, (123, 91))
+    ref = F.interpolate(maps.clamp(0, 1)[None] * 255, size=(123, 91), mode="bilinear", align_corners=False)[0]
+    assert up.shape == (2, 123, 91) and up.dtype == torch.uint8
+    assert float((up.float() - ref).abs().max()) <= 1.5  # quantised before, and rounded after, the resize
+
+
+def test_overlay_takes_levels_or_floats_alike() -> None:
+    image, mask, heat, _ = _case()
+    levels = np.clip(heat * 255 + 0.5, 0, 255).astype(np.uint8)
+    assert np.array_equal(overlay(image, heat, mask), overlay(image, levels, mask))

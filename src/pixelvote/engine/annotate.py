@@ -39,9 +39,9 @@ from pixelvote.data.imageio import (
 )
 from pixelvote.data.transforms import resize_image, to_tensor
 from pixelvote.engine.inputs import Item, list_inputs
-from pixelvote.engine.render import encode_outputs, output_paths
+from pixelvote.engine.render import encode_outputs, output_paths, to_levels, upsample_levels
 from pixelvote.errors import ConfigError, DataError
-from pixelvote.explain.analyze import MapConfig, analyze
+from pixelvote.explain.analyze import MapConfig, analyze, upsample
 from pixelvote.models.checkpoint import RunConfig, load_run
 from pixelvote.models.ensemble import Ensemble
 
@@ -393,22 +393,23 @@ def batch_results(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int,
                                                               np.ndarray, np.ndarray]]:
     """Analyse one batch of decoded images (``{"item", "image", "input"}`` each, as :class:`_Decode` gives)
     and yield each image's ``(record, image, mask, heat, unc)``: its manifest record and the full-size arrays
-    that :func:`pixelvote.engine.render.encode_outputs` turns into its files. Shared by the local and the Ray engine."""
+    (mask bool; heat and uncertainty as uint8 levels) that :func:`pixelvote.engine.render.encode_outputs`
+    turns into its files. Shared by the local and the Ray engine."""
     x = torch.stack([b["input"] for b in batch])
     a = analyze(ens, x, mc_samples=T, seeds=[b["item"].seed for b in batch], maps=mcfg)
     res = apply_consensus(a, ccfg, ens.background_index)
     if seg is not None:
         _use_segmenter(res, x, *seg)
     classes = ens.classes
+    # the heat and uncertainty maps only ever become 8-bit pictures: quantised before the resize, which
+    # then runs on uint8 (on a CPU, cheaper than a float resize and the float -> uint8 pass at full size)
+    levels = to_levels(torch.stack([res.heat.clamp(0, 1), res.uncertainty.clamp(0, 1)], 1))
     for j, b in enumerate(batch):
         item: Item = b["item"]
         image: np.ndarray = b["image"]
         hw = image.shape[:2]
-        full = F.interpolate(torch.stack([res.margin[j], res.heat[j], res.uncertainty[j]])[None], size=hw,
-                             mode="bilinear", align_corners=False)[0]  # one resize for the three maps
-        mask = (full[0] > 0).cpu().numpy()
-        heat = full[1].clamp_(0, 1).cpu().numpy()
-        unc = full[2].clamp_min_(0).cpu().numpy()
+        mask = (upsample(res.margin[j], hw) > 0).cpu().numpy()  # as evaluate scores it
+        heat, unc = upsample_levels(levels[j], hw).cpu().numpy()
         label = int(a.label[j])
         area = int(mask.sum())
         members = {}
@@ -433,6 +434,6 @@ def batch_results(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int,
             "mask_area": area, "mask_fraction": round(area / float(hw[0] * hw[1]), 6),
             "threshold": round(float(res.thresholds[res.agree[:, j], j].mean()) if res.agree[:, j].any()
                                else float(res.thresholds[:, j].mean()), 6),
-            "uncertainty_mean": round(float(unc[mask].mean()) if area else float(unc.mean()), 6),
+            "uncertainty_mean": round((float(unc[mask].mean()) if area else float(unc.mean())) / 255.0, 6),
         }
         yield record, image, mask, heat, unc

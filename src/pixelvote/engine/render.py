@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 _LUT: np.ndarray | None = None
@@ -39,23 +41,50 @@ def contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
     return m & ~inner
 
 
+def to_levels(maps: torch.Tensor) -> torch.Tensor:
+    """Maps in [0, 1] -> uint8 levels 0..255 (rounded; 255 = 1.0 or more)."""
+    return maps.mul(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def upsample_levels(levels: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of uint8 maps ``(C, h, w)`` to ``hw``: in uint8 on a CPU (within one level of the
+    float resize), through float elsewhere."""
+    if levels.device.type == "cpu":  # torch's uint8 bilinear kernel (antialias=True is plain bilinear when enlarging)
+        return F.interpolate(levels[None], size=hw, mode="bilinear", antialias=True, align_corners=False)[0]
+    up = F.interpolate(levels[None].float(), size=hw, mode="bilinear", align_corners=False)[0]
+    return up.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _levels(values: np.ndarray) -> np.ndarray:
+    if values.dtype == np.uint8:
+        return values
+    return np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """``image (H,W,3) uint8``, ``heat (H,W) in [0,1]``, ``mask (H,W) bool`` -> RGB uint8.
+    """``image (H,W,3) uint8``, ``heat (H,W)`` (uint8 levels, or floats in [0,1]), ``mask (H,W) bool`` -> RGB
+    uint8.
 
     numpy rather than PIL's faster-looking C loops: this runs in annotate's writer thread, and numpy releases
     the GIL in its loops while PIL's point/blend do not, which stalled the analysis (end to end 67 vs 51 ms
     per image in bench/speed.py)."""
-    colours = _lut()[np.clip(heat * 255 + 0.5, 0, 255).astype(np.uint8)]
     a = int(round(alpha * 256))
-    out = ((image.astype(np.uint16) * (256 - a) + colours.astype(np.uint16) * a) >> 8).astype(np.uint8)
+    out = image.astype(np.uint16)
+    # the colour map pre-weighted, gathered with take (3x faster than fancy indexing)
+    tinted = np.take(_lut().astype(np.uint16) * a, _levels(heat), axis=0)
+    out *= 256 - a
+    out += tinted
+    out >>= 8
+    out = out.astype(np.uint8)
     width = max(1, round(max(image.shape[:2]) / 300))
     out[contour(mask, width)] = (0, 255, 0)
     return out
 
 
 def uncertainty_png(unc: np.ndarray) -> np.ndarray:
-    """Per-pixel uncertainty (std of the CAM relative to its max) -> uint8, 255 = 1.0 or more."""
-    return np.clip(unc * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    """Per-pixel uncertainty (std of the CAM relative to its max; uint8 levels, or floats) -> uint8, 255 = 1.0
+    or more."""
+    return _levels(unc)
 
 
 def _encode(array: np.ndarray, fmt: str) -> bytes:
@@ -70,7 +99,8 @@ def _encode(array: np.ndarray, fmt: str) -> bytes:
 
 def encode_outputs(image: np.ndarray, mask: np.ndarray, heat: np.ndarray, unc: np.ndarray) -> dict[str, bytes]:
     """One image's files as bytes, by the record field that names them, in writing order: the mask (0/255
-    PNG), the overlay (JPEG) and the uncertainty map (8-bit PNG)."""
+    PNG), the overlay (JPEG) and the uncertainty map (8-bit PNG). ``heat``/``unc``: uint8 levels or floats
+    in [0, 1]."""
     arrays = {"mask": mask.astype(np.uint8) * np.uint8(255), "overlay": overlay(image, heat, mask),
               "uncertainty": uncertainty_png(unc)}
     return {name: _encode(arrays[name], OUTPUT_FILES[name][1]) for name in OUTPUT_FILES}
