@@ -304,7 +304,7 @@ def _segmenter_margins(segmenter: tuple[Any, Any] | None, x: torch.Tensor, foreg
     model, scfg = segmenter
     prob = predict(model, x)
     if prob.shape[-2:] != x.shape[-2:]:
-        prob = upsample(prob, tuple(x.shape[-2:]))
+        prob = upsample(prob, (int(x.shape[-2]), int(x.shape[-1])))
     out = [prob - scfg.threshold]
     if SEGMENTER_CRF_ROW in rows:
         from pixelvote.refine.crf import dense_crf

@@ -143,7 +143,7 @@ def load_segmenter(segrun: str | Path, device: str | torch.device | None = None)
     model.eval()
     model.net, _ = fold_batchnorm(model.net, torch.rand(1, 3, cfg.image_size, cfg.image_size))  # inference only
     dev = torch.device(device) if device else default_device()
-    return model.to(dev, memory_format=torch.channels_last).eval(), cfg
+    return model.to(dev).to(memory_format=torch.channels_last).eval(), cfg
 
 
 @torch.no_grad()
