@@ -123,3 +123,19 @@ def test_resize_image_matches_the_float_reference_within_one_level():
         assert int((out.int() - ref.int()).abs().max()) <= 1
     flat = torch.full((3, 77, 99), 123, dtype=torch.uint8)
     assert bool((resize_image(flat, 32) == 123).all())
+
+
+def test_to_tensor_takes_read_only_flipped_and_strided_arrays():
+    import numpy as np
+
+    from pixelvote.data.transforms import to_tensor
+
+    a = (np.random.default_rng(0).random((30, 40, 3)) * 255).astype(np.uint8)
+    ro = a.copy()
+    ro.flags.writeable = False
+    for v in (a, a[::-1], a[:, ::2], ro):
+        t = to_tensor(v)
+        assert t.shape == (3, *v.shape[:2]) and np.array_equal(t.permute(1, 2, 0).numpy(), v)
+    t = to_tensor(ro)
+    t[0, 0, 0] = 7  # a copy: the read-only array is untouched
+    assert ro[0, 0, 0] == a[0, 0, 0]
