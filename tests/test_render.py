@@ -58,14 +58,15 @@ def test_maps_are_resized_as_levels_within_one_level_of_the_float_resize() -> No
     import torch
     import torch.nn.functional as F
 
-    from pixelvote.engine.render import to_levels, upsample_levels
+    from pixelvote.data.transforms import resize_uint8
+    from pixelvote.engine.render import to_levels
 
     maps = torch.rand(2, 1, 7, 7)
     maps = F.interpolate(maps, size=(56, 56), mode="bilinear", align_corners=False)[:, 0]
     maps[0, 0, 0] = 1.7  # uncertainty can exceed 1: saturates at 255
     levels = to_levels(maps.clamp(0, 1))
     assert levels.dtype == torch.uint8 and int(levels[0, 0, 0]) == 255
-    up = upsample_levels(levels, (123, 91))
+    up = resize_uint8(levels, (123, 91))
     ref = F.interpolate(maps.clamp(0, 1)[None] * 255, size=(123, 91), mode="bilinear", align_corners=False)[0]
     assert up.shape == (2, 123, 91) and up.dtype == torch.uint8
     assert float((up.float() - ref).abs().max()) <= 1.5  # quantised before, and rounded after, the resize

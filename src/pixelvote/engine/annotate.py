@@ -37,9 +37,9 @@ from pixelvote.data.imageio import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from pixelvote.data.transforms import resize_image, to_tensor
+from pixelvote.data.transforms import resize_image, resize_uint8, to_tensor
 from pixelvote.engine.inputs import Item, list_inputs
-from pixelvote.engine.render import encode_outputs, output_paths, to_levels, upsample_levels
+from pixelvote.engine.render import encode_outputs, output_paths, to_levels
 from pixelvote.errors import ConfigError, DataError
 from pixelvote.explain.analyze import MapConfig, analyze, upsample
 from pixelvote.models.checkpoint import RunConfig, load_run
@@ -409,7 +409,7 @@ def batch_results(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int,
         image: np.ndarray = b["image"]
         hw = image.shape[:2]
         mask = (upsample(res.margin[j], hw) > 0).cpu().numpy()  # as evaluate scores it
-        heat, unc = upsample_levels(levels[j], hw).cpu().numpy()
+        heat, unc = resize_uint8(levels[j], hw).cpu().numpy()
         label = int(a.label[j])
         area = int(mask.sum())
         members = {}

@@ -6,7 +6,6 @@ import io
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 _LUT: np.ndarray | None = None
@@ -44,15 +43,6 @@ def contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
 def to_levels(maps: torch.Tensor) -> torch.Tensor:
     """Maps in [0, 1] -> uint8 levels 0..255 (rounded; 255 = 1.0 or more)."""
     return maps.mul(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8)
-
-
-def upsample_levels(levels: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of uint8 maps ``(C, h, w)`` to ``hw``: in uint8 on a CPU (within one level of the
-    float resize), through float elsewhere."""
-    if levels.device.type == "cpu":  # torch's uint8 bilinear kernel (antialias=True is plain bilinear when enlarging)
-        return F.interpolate(levels[None], size=hw, mode="bilinear", antialias=True, align_corners=False)[0]
-    up = F.interpolate(levels[None].float(), size=hw, mode="bilinear", align_corners=False)[0]
-    return up.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _levels(values: np.ndarray) -> np.ndarray:
