@@ -93,6 +93,31 @@ def test_lite0_weights_come_from_the_offline_package():
     assert m.backbone(torch.zeros(1, 3, 64, 64)).shape == (1, 1280, 2, 2)
 
 
+def test_os16_variant_shares_the_weights_and_doubles_the_cam_grid(tmp_path):
+    from pixelvote.explain.hooks import ActivationCapture
+
+    fine = build_member("efficientnet_lite0_os16", 2, pretrained=True).eval()
+    base = build_member("efficientnet_lite0", 2, pretrained=True).eval()
+    for (n, a), (_, b) in zip(fine.backbone.state_dict().items(), base.backbone.state_dict().items()):
+        assert torch.equal(a, b), n
+    x = torch.rand(1, 3, 64, 64)
+    spec = get_spec("efficientnet_lite0_os16")
+    with torch.no_grad(), ActivationCapture(fine.backbone, [spec.cam_layer, spec.fine_layer]) as cap:
+        assert fine.backbone(x).shape == (1, 1280, 4, 4)  # stride 16: twice the 2x2 grid of stride 32
+    assert base.backbone(x).shape == (1, 1280, 2, 2)
+    assert cap.activations[spec.fine_layer].shape[-2:] == (8, 8)  # layer fusion's 2x-finer layer
+    # a local weights file under the architecture's own name serves the variant too
+    import timm
+    from safetensors.torch import save_file
+
+    (tmp_path / "w").mkdir()
+    ref = timm.create_model("efficientnet_lite0").state_dict()
+    save_file({k: torch.full_like(v, 0.25) if v.is_floating_point() else v for k, v in ref.items()},
+              str(tmp_path / "w" / "efficientnet_lite0.safetensors"))
+    m = build_member("efficientnet_lite0_os16", 2, pretrained=True, weights_dir=tmp_path / "w")
+    assert float(m.backbone.net.conv_stem.weight.mean()) == 0.25
+
+
 def test_local_weights_folder(tmp_path):
     src = build_member("tiny_cnn_a", 2, pretrained=False)
     (tmp_path / "w").mkdir()

@@ -98,7 +98,7 @@ def test_kept_layers_are_not_folded() -> None:
 import pytest  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["resnet50", "densenet121", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["resnet50", "densenet121", "efficientnet_b0", "efficientnet_lite0_os16"])
 def test_paper_backbones_fold_every_conv_bn_pair_exactly(name: str) -> None:
     """DenseNet concatenates and runs norm -> relu -> conv, ResNet adds: only true conv -> BN pairs fold
     (channel counts must match, or the folded weights could not even be built)."""

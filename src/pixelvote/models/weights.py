@@ -55,10 +55,11 @@ def map_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor
 
 
 def _local_file(spec: BackboneSpec, weights_dir: Path) -> Path | None:
-    for ext in (".safetensors", ".pth", ".pt", ".bin"):
-        cand = weights_dir / f"{spec.name}{ext}"
-        if cand.exists():
-            return cand
+    for name in dict.fromkeys((spec.name, spec.arch or spec.name)):
+        for ext in (".safetensors", ".pth", ".pt", ".bin"):
+            cand = weights_dir / f"{name}{ext}"
+            if cand.exists():
+                return cand
     if spec.weights.startswith("torchvision:"):
         enum = _torchvision_enum(spec)
         fname = Path(enum.DEFAULT.url).name
@@ -78,7 +79,7 @@ def _reference_state(spec: BackboneSpec) -> dict[str, torch.Tensor]:
     if spec.source == "timm":
         import timm
 
-        return timm.create_model(spec.name, pretrained=False).state_dict()
+        return timm.create_model(spec.arch or spec.name, pretrained=False).state_dict()
     if spec.source == "torchvision":
         import torchvision.models as tvm
 
