@@ -2,9 +2,9 @@
 
     python bench/ablation.py --runs-dir runs/bench [--sets busi,fire] [--epochs 6] [--image-size 224]
 
-For each set it trains the offline ensemble once (or reuses RUNS_DIR/<set>), takes the run's validation
-split (images the models never trained on; fire is split by video), and prints mean IoU on validation
-images with masks for: the centred-box prior; a single member's XGrad-CAM; the paper's intersection at a
+For each set it trains the default ensemble (``--preset``) once (or reuses RUNS_DIR/<set>), takes the
+run's validation split (images the models never trained on; fire is split by video), and prints mean IoU on
+validation images with masks for: the centred-box prior; a single member's XGrad-CAM; the paper's intersection at a
 fixed 0.5 threshold; the same with the threshold chosen on validation; each map refinement; each fusion;
 and the variant chosen by the data. Every "chosen" figure is cross-fitted: chosen on one half of the
 validation images and scored on the other half (both ways), so it is not tuned on what it reports.
@@ -39,6 +39,7 @@ from pixelvote.evaluate.selection import (  # noqa: E402
 from pixelvote.explain.analyze import MapConfig  # noqa: E402
 from pixelvote.models.checkpoint import load_run  # noqa: E402
 from pixelvote.models.ensemble import Ensemble  # noqa: E402
+from pixelvote.models.registry import DEFAULT_PRESET  # noqa: E402
 from pixelvote.refine import crf  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -49,14 +50,15 @@ SETS = {
 }
 
 
-def ensure_run(name: str, runs: Path, epochs: int, size: int, seed: int) -> Path:
-    run = runs / name
+def ensure_run(name: str, runs: Path, epochs: int, size: int, seed: int, preset: str = DEFAULT_PRESET) -> Path:
+    run = runs / (name if preset == DEFAULT_PRESET else f"{name}-{preset}")
     if (run / "calibration.json").exists():
         return run
     from pixelvote.train.config import TrainConfig
     from pixelvote.train.loop import train
 
-    cfg = TrainConfig(data=DATA / name, out=run, epochs=epochs, image_size=size, seed=seed, **SETS[name])
+    cfg = TrainConfig(data=DATA / name, out=run, epochs=epochs, image_size=size, seed=seed, preset=preset,
+                      **SETS[name])
     return train(cfg, resume=(run / "train_config.json").exists())
 
 
@@ -98,12 +100,12 @@ def stage_two(name: str, run: Path, runs: Path, epochs: int, size: int):  # type
     from pixelvote.engine.annotate import annotate
     from pixelvote.segment.train import SegConfig, load_segmenter, train_segmenter
 
-    seg_dir = runs / f"{name}-segmenter"
+    seg_dir = runs / f"{run.name}-segmenter"
     if not (seg_dir / "segmenter.json").exists():
         split = json.loads((run / "split.json").read_text())
-        csv = runs / f"{name}-train.csv"
+        csv = runs / f"{run.name}-train.csv"
         csv.write_text("path\n" + "".join(f'"{p}"\n' for p in split["train"]))
-        annot = runs / f"{name}-train-annotations"
+        annot = runs / f"{run.name}-train-annotations"
         annotate(run, csv, annot, batch_size=8, mc_samples=8)
         train_segmenter(annot, seg_dir, run=run, cfg=SegConfig(epochs=epochs, image_size=size))
     return load_segmenter(seg_dir)[0]
@@ -116,6 +118,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default=DEFAULT_PRESET, help="the ensemble to train (runs of another preset than "
+                    "the default go to RUNS_DIR/<set>-<preset>)")
     ap.add_argument("--recipes", default="plain,flip,tta,layers-geo,layers-mean,guided,all")
     ap.add_argument("--max-cost", type=float, default=2.0, help="the default is chosen among recipes costing at "
                     "most this many plain analyses (pixelvote train --max-map-cost)")
@@ -124,7 +128,7 @@ def main() -> None:
     args = ap.parse_args()
     results = {}
     for name in args.sets.split(","):
-        run = ensure_run(name, args.runs_dir, args.epochs, args.image_size, args.seed)
+        run = ensure_run(name, args.runs_dir, args.epochs, args.image_size, args.seed, args.preset)
         ens, cfg = load_run(run)
         cal = json.loads((run / "calibration.json").read_text())
         recipes = {k: RECIPES[k] for k in args.recipes.split(",")}

@@ -418,7 +418,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--no-naive", action="store_true", help="skip the pytorch-grad-cam baseline (grad-cam not needed)")
     add("--no-e2e", action="store_true", help="skip the end-to-end annotate timing")
     add("--no-memory", action="store_true", help="skip the peak-RSS check")
-    add("--presets", help="comma-separated (default paper,offline; quick: offline)")
+    add("--presets", help="comma-separated (default paper,offline-os16,offline; quick: offline)")
     add("--sizes", help="comma-separated input sizes (default 224,512; quick: 128)")
     add("--mc-samples", "-T", type=int, help="T (default 30; quick: 8)")
     add("--repeats", type=int, help="timed repeats after the warm-up (default 5; quick: 2)")
@@ -441,7 +441,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.profile:
         args.presets, args.sizes = args.presets or "offline", args.sizes or "224"
         args.mc_samples, args.batch_size = args.mc_samples or 30, args.batch_size or 8
-    args.presets = (args.presets or ("offline" if q else "paper,offline")).split(",")
+    args.presets = (args.presets or ("offline" if q else "paper,offline-os16,offline")).split(",")
     args.sizes = [int(v) for v in (args.sizes or ("128" if q else "224,512")).split(",")]
     args.mc_samples = args.mc_samples or (8 if q else 30)
     args.repeats = args.repeats or (2 if q else 5)

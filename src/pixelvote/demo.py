@@ -32,7 +32,8 @@ def score_annotations(out: Path, truth_root: Path, background: str) -> dict[str,
 
 
 def run_demo(where: str | Path = "pixelvote-demo", *, epochs: int = 4, per_class: int = 48,
-             preset: str = "offline", pretrained: bool = True, image_size: int = 160, seed: int = 0) -> dict[str, Any]:
+             preset: str = "offline-os16", pretrained: bool = True, image_size: int = 160,
+             seed: int = 0) -> dict[str, Any]:
     from pixelvote.data.synthetic import make_dataset
     from pixelvote.engine.annotate import annotate
     from pixelvote.train.config import TrainConfig

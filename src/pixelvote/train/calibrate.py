@@ -50,7 +50,11 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> tuple[MapC
             fusions += ["intersection+crf", "mean+crf"]
         else:
             log.info("pydensecrf2 is not installed, so the CRF refinement is not tried (%s)", crf.INSTALL_HINT)
-    tables = collect(ens, _val_batches(val, max(1, cfg.batch_size)), recipes, fusions=fusions)
+    bs = max(1, cfg.batch_size)
+    # every recipe x fusion (the CRF once per threshold) on every validation image: minutes on a CPU
+    batches = tqdm(_val_batches(val, bs), total=-(-len(val) // bs), unit="batch", leave=False,
+                   desc=f"choosing the map recipe ({len(recipes)} recipes x {len(fusions)} fusions)")
+    tables = collect(ens, batches, recipes, fusions=fusions)
     costs = {(r, f): relative_cost(RECIPES[r], split_fusion(f)[1]) for (r, f) in tables}
     allowed = [key for key, c in costs.items() if c <= cfg.max_map_cost] or [min(costs, key=costs.__getitem__)]
     (recipe, fusion), j, score = best_cell(tables, keys=allowed)

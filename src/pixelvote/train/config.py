@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pixelvote.errors import ConfigError
+from pixelvote.models.registry import DEFAULT_PRESET
 
 
 class TrainConfig(BaseModel):
@@ -15,7 +16,7 @@ class TrainConfig(BaseModel):
 
     data: Path
     out: Path
-    preset: str = "offline"
+    preset: str = DEFAULT_PRESET
     models: list[str] | None = None
     epochs: int = Field(8, ge=1)
     image_size: int = Field(224, ge=32, le=2048)
