@@ -8,8 +8,9 @@ from pixelvote.explain.xgradcam import gradcam, xgradcam
 from pixelvote.models.member import mc_dropout
 
 
-def _direct_xgradcam(member, x, target, layer):
-    """The formula computed the plain way: full backward, hook on the layer, no shortcuts."""
+def _direct_xgradcam(member, x, target, layer, against=None):
+    """The formula computed the plain way: full backward, hook on the layer, no shortcuts. With ``against``
+    the score is the target's logit minus that class's (where the target is another class)."""
     store = {}
     module = dict(member.backbone.named_modules())[layer]
     h = module.register_forward_hook(lambda m, i, o: store.__setitem__("A", o))
@@ -17,7 +18,10 @@ def _direct_xgradcam(member, x, target, layer):
     logits = member(xx)
     h.remove()
     A = store["A"]
-    g = torch.autograd.grad(logits[torch.arange(len(target)), target].sum(), A)[0]
+    score = logits[torch.arange(len(target)), target]
+    if against is not None:
+        score = score - logits[:, against] * (target != against)
+    g = torch.autograd.grad(score.sum(), A)[0]
     A, g = A.detach().double(), g.double()
     den = A.sum((2, 3))
     w = torch.where(den > 0, (A * g).sum((2, 3)) / den.clamp_min(1e-300), torch.zeros_like(den))
@@ -34,6 +38,37 @@ def test_xgradcam_matches_its_formula_on_an_inner_layer(tiny_member):
     assert cam.shape == (3, 8, 8)
     assert torch.allclose(cam.double(), ref, rtol=1e-4, atol=1e-6)
     assert ref.abs().sum() > 0
+
+
+def test_contrast_maps_explain_the_margin_over_the_background(tiny_member):
+    x = torch.rand(3, 3, 32, 32)
+    target = torch.tensor([1, 2, 0])  # the last image's target is the background class itself
+    for layer in ("layer2", "layer3"):  # the gradient path and the closed form at the pooled layer
+        m = tiny_member("tiny_cnn_a", k=3, cam_layer=layer, dropout=0.5)
+        cam, std = member_cams(m, run_member(m, x, T=6, seeds=[1, 2, 3]), target, against=0)
+        ref = _direct_xgradcam(m, x, target, layer, against=0)
+        assert torch.allclose(cam.double(), ref, rtol=1e-4, atol=1e-6)
+        plain, plain_std = member_cams(m, run_member(m, x, T=6, seeds=[1, 2, 3]), target)
+        assert torch.allclose(cam[2], plain[2]) and torch.allclose(std[2], plain_std[2])
+        assert not torch.allclose(cam[:2], plain[:2])
+    # at the pooled layer each MC sample's map is the masked margin's CAM: the spread in closed form
+    out = run_member(m, x, T=6, seeds=[1, 2, 3])
+    W = m.fc.weight.detach()
+    v = out.masks * (W[target] - W[0] * (target != 0).float().unsqueeze(1)).unsqueeze(0)
+    A = out.activation.detach()
+    samples = torch.relu(torch.einsum("tbc,bchw->tbhw", v, A)) / (A.shape[-1] * A.shape[-2])
+    assert torch.allclose(member_cams(m, out, target, against=0)[1], samples.std(0, unbiased=False), atol=1e-6)
+
+
+def test_analyze_contrast_recipe_changes_only_the_maps(tiny_ensemble):
+    from pixelvote.explain.analyze import MapConfig
+
+    imgs = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    a = analyze(tiny_ensemble, imgs, mc_samples=4, seeds=[5, 6])
+    c = analyze(tiny_ensemble, imgs, mc_samples=4, seeds=[5, 6], maps=MapConfig(contrast=True))
+    assert torch.equal(a.label, c.label) and torch.equal(a.probs, c.probs)
+    assert not torch.allclose(a.maps, c.maps)
+    assert float(c.maps.amax()) <= 1.0
 
 
 def test_xgradcam_equals_gradcam_at_the_pooled_layer_but_not_before(tiny_member):

@@ -24,7 +24,9 @@ GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
 
 RECIPES: dict[str, MapConfig] = {
     "plain": MapConfig(),
+    "contrast": MapConfig(contrast=True),
     "flip": MapConfig(tta_flip=True),
+    "flip-contrast": MapConfig(tta_flip=True, contrast=True),
     "tta": MapConfig(tta_flip=True, tta_scales=(0.75, 1.0, 1.25)),
     "layers-geo": MapConfig(layer_fusion="geometric"),
     "layers-mean": MapConfig(layer_fusion="mean"),

@@ -93,17 +93,29 @@ def mc_statistics(probs: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"mean": mean, "label": label, "entropy": entropy, "mutual_information": mi, "variance": var}
 
 
-def member_cams(member: Member, out: MemberOutput, target: torch.Tensor, *,
+def _target_score(logits: torch.Tensor, target: torch.Tensor, against: int | None) -> torch.Tensor:
+    """The explained score per image: the target's logit, or its margin over class ``against`` (where the
+    target is another class)."""
+    score = logits.gather(1, target.view(-1, 1)).squeeze(1)
+    if against is None:
+        return score
+    return score - logits[:, against] * (target != against).to(logits.dtype)
+
+
+def member_cams(member: Member, out: MemberOutput, target: torch.Tensor, *, against: int | None = None,
                 chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """XGrad-CAM of ``target`` (B,) without dropout, ``(B, h, w)``, and the std over the T MC samples' CAMs,
-    ``(B, h, w)``; both raw (not normalised)."""
+    ``(B, h, w)``; both raw (not normalised). With ``against`` (a class index) the explained score is
+    ``logit(target) - logit(against)``: what tells the target from that class."""
     A = out.activation
     keep = not member.final_cam_layer or out.fine is not None
     with torch.enable_grad():  # callers may run under no_grad; the graph from A to the logits exists
-        score = out.logits.gather(1, target.view(-1, 1)).squeeze(1)
-        cam = xgradcam(A, score, retain_graph=keep)
+        cam = xgradcam(A, _target_score(out.logits, target, against), retain_graph=keep)
     Ad = A.detach()
-    w_target = member.fc.weight.detach()[target]  # (B, C)
+    W = member.fc.weight.detach()
+    w_target = W[target]  # (B, C)
+    if against is not None:
+        w_target = w_target - W[against] * (target != against).to(W.dtype).unsqueeze(1)
     v = out.masks * w_target.unsqueeze(0)  # (T, B, C): d y_t / d pooled
     T = v.shape[0]
     if T < 2 or member.p == 0.0:
@@ -132,12 +144,11 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return up.reshape(*lead, *size)
 
 
-def fine_cam(out: MemberOutput, target: torch.Tensor) -> torch.Tensor:
+def fine_cam(out: MemberOutput, target: torch.Tensor, against: int | None = None) -> torch.Tensor:
     """XGrad-CAM of ``target`` at the earlier layer recorded by ``run_member(..., fine_layer=...)``."""
     assert out.fine is not None
     with torch.enable_grad():
-        score = out.logits.gather(1, target.view(-1, 1)).squeeze(1)
-        return xgradcam(out.fine, score, retain_graph=False)
+        return xgradcam(out.fine, _target_score(out.logits, target, against), retain_graph=False)
 
 
 class MapConfig(BaseModel):
@@ -150,13 +161,15 @@ class MapConfig(BaseModel):
     layer_fusion: Literal["none", "mean", "geometric"] = Field(
         "none", description="fuse XGrad-CAM of an earlier (2x finer) layer with the last layer's")
     refine: Literal["none", "guided"] = Field("none", description="edge-aware refinement of each map")
+    contrast: bool = Field(False, description="explain logit(finding) - logit(background class), the score "
+                           "that decides between them, instead of the finding's logit alone")
     guided_radius: float = Field(0.04, gt=0, description="guided filter radius, as a fraction of the size")
     guided_eps: float = Field(0.01, gt=0)
 
     @property
     def is_plain(self) -> bool:
         return (not self.tta_flip and tuple(self.tta_scales) == (1.0,) and self.layer_fusion == "none"
-                and self.refine == "none")
+                and self.refine == "none" and not self.contrast)
 
 
 @dataclass
@@ -241,14 +254,15 @@ def _analyze_view(ensemble: Ensemble, x: torch.Tensor, mc_samples: int, target: 
         fg = ens.clone()
         fg[:, bg] = -1.0
         target = torch.where(label == bg, fg.argmax(-1), label)
+    against = ensemble.background_index if cfg.contrast else None
     maps, unc, raw_max = [], [], []
     for m, o in zip(ensemble.members, outs):
-        cam, std = member_cams(m, o, target)
+        cam, std = member_cams(m, o, target, against=against)
         mx = cam.amax(dim=(-2, -1))
         scale = mx.clamp_min(_EPS).view(-1, 1, 1)
         late = upsample(cam / scale, size).clamp_(0.0, 1.0)
         if o.fine is not None:
-            fc = fine_cam(o, target)
+            fc = fine_cam(o, target, against)
             early = upsample(fc / fc.amax(dim=(-2, -1), keepdim=True).clamp_min(_EPS), size).clamp_(0.0, 1.0)
             late = _renormalise(0.5 * (late + early) if cfg.layer_fusion == "mean" else (late * early).sqrt())
         maps.append(late)

@@ -43,18 +43,30 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> tuple[MapC
     from pixelvote.refine import crf
 
     ens, run_cfg = load_run(run_dir, device=cfg.device)
-    recipes = {k: RECIPES[k] for k in cfg.map_candidates}
+    # a recipe that costs more than the limit on its own could never be chosen: it is not tried (the
+    # cheapest one always is, so that there is a choice)
+    cheapest = min(cfg.map_candidates, key=lambda k: relative_cost(RECIPES[k]))
+    recipes = {k: RECIPES[k] for k in cfg.map_candidates
+               if relative_cost(RECIPES[k]) <= cfg.max_map_cost or k == cheapest}
+    skipped = {k: relative_cost(RECIPES[k]) for k in cfg.map_candidates if k not in recipes}
     fusions = ["intersection", "mean", "vote"]
+    crf_fusions: list[str] = []
     if "crf" in cfg.refine_candidates:
         if crf.available():
-            fusions += ["intersection+crf", "mean+crf"]
+            crf_fusions = ["intersection+crf", "mean+crf"]
         else:
             log.info("pydensecrf2 is not installed, so the CRF refinement is not tried (%s)", crf.INSTALL_HINT)
+    # the CRF runs once per threshold, the costliest step: only where recipe + CRF fits the limit
+    with_crf = {k: r for k, r in recipes.items() if relative_cost(r, "crf") <= cfg.max_map_cost}
+    groups = [(with_crf, fusions + crf_fusions), ({k: r for k, r in recipes.items() if k not in with_crf}, fusions)]
     bs = max(1, cfg.batch_size)
-    # every recipe x fusion (the CRF once per threshold) on every validation image: minutes on a CPU
-    batches = tqdm(_val_batches(val, bs), total=-(-len(val) // bs), unit="batch", leave=False,
-                   desc=f"choosing the map recipe ({len(recipes)} recipes x {len(fusions)} fusions)")
-    tables = collect(ens, batches, recipes, fusions=fusions)
+    tables = {}
+    for group, group_fusions in groups:
+        if not group:
+            continue
+        batches = tqdm(_val_batches(val, bs), total=-(-len(val) // bs), unit="batch", leave=False,
+                       desc=f"choosing the map recipe ({', '.join(group)} x {len(group_fusions)} fusions)")
+        tables.update(collect(ens, batches, group, fusions=group_fusions))
     costs = {(r, f): relative_cost(RECIPES[r], split_fusion(f)[1]) for (r, f) in tables}
     allowed = [key for key, c in costs.items() if c <= cfg.max_map_cost] or [min(costs, key=costs.__getitem__)]
     (recipe, fusion), j, score = best_cell(tables, keys=allowed)
@@ -69,7 +81,8 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> tuple[MapC
               "threshold_source": f"validation: {recipe} + {fusion}, best mean IoU {score:.3f} on {n} images "
                                   f"(cost <= {cfg.max_map_cost:g} plain analyses)"}
     return recipes[recipe], update, {"recipe": recipe, "fusion": fusion, "threshold": GRID[j],
-                                     "val_mean_iou": score, "images_with_masks": n, "candidates": summary}
+                                     "val_mean_iou": score, "images_with_masks": n, "candidates": summary,
+                                     "not_tried_over_cost": skipped}
 
 
 def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> tuple[ConsensusConfig, MapConfig]:

@@ -40,7 +40,7 @@ class TrainConfig(BaseModel):
     mc_samples: int = Field(30, ge=1, description="T for calibration and annotation")
     flag_quantile: float = Field(0.9, gt=0.0, lt=1.0, description="MI/variance flag thresholds: this quantile on val")
     map_candidates: list[str] = Field(
-        default_factory=lambda: ["plain", "flip", "tta", "layers-geo", "guided"],
+        default_factory=lambda: ["plain", "contrast", "flip", "flip-contrast", "tta", "layers-geo", "guided"],
         description="map recipes tried on validation masks (see pixelvote.evaluate.selection.RECIPES)")
     refine_candidates: list[Literal["none", "crf"]] = Field(
         default_factory=lambda: ["none", "crf"],
