@@ -146,3 +146,23 @@ def test_improve_loop_with_simulated_review(trained, tmp_path):
         truth = np.asarray(Image.open(data / "masks" / "lesion" / (Path(x["image"]).stem + ".png"))) > 0
         pred = np.asarray(Image.open(work / "round1" / "annotations" / x["mask"])) > 0
         assert (truth == pred).all()
+
+
+def test_annotate_contrast_flag_changes_the_maps_not_the_diagnosis(trained, tmp_path):
+    _, data, run = trained
+    imgs = data / "images" / "lesion"
+    outs = {}
+    for flag in ("--no-contrast", "--contrast"):
+        out = tmp_path / flag
+        r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(imgs), "--out", str(out),
+                                "--mc-samples", "2", "--no-crf", flag])
+        assert r.exit_code == 0, r.output
+        assert json.loads((out / "annotate.json").read_text())["maps"]["contrast"] is (flag == "--contrast")
+        outs[flag] = {json.loads(line)["image"]: json.loads(line)
+                      for line in (out / "annotations.jsonl").read_text().splitlines()}
+    plain, contrast = outs["--no-contrast"], outs["--contrast"]
+    assert plain.keys() == contrast.keys()
+    assert all(plain[k]["label"] == contrast[k]["label"] for k in plain)
+    heat = [np.asarray(Image.open(tmp_path / f / "overlays" / (Path(k).stem + ".jpg")), dtype=float)
+            for f, k in (("--no-contrast", next(iter(plain))), ("--contrast", next(iter(plain))))]
+    assert np.abs(heat[0] - heat[1]).mean() > 0.5  # the overlays show different maps

@@ -117,6 +117,9 @@ def annotate(
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="flip + 0.75/1/1.25 scale test-time augmentation"),
     layer_fusion: Optional[str] = typer.Option(None, help="none | mean | geometric (earlier-layer XGrad-CAM)"),
     refine: Optional[str] = typer.Option(None, help="none | guided (edge-aware refinement of each map)"),
+    contrast: Optional[bool] = typer.Option(None, "--contrast/--no-contrast", help="explain logit(finding) - "
+                                            "logit(background) instead of the finding's logit (default: as the "
+                                            "run chose)"),
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="dense-CRF refinement of the fused map "
                                        "(default: as the run chose; needs pixelvote[crf])"),
     segmenter: Optional[Path] = typer.Option(None, help="masks from a `pixelvote segment train` folder"),
@@ -137,7 +140,8 @@ def annotate(
                                          threshold=threshold).items() if v is not None}
     if crf is not None:
         overrides["refine"] = "crf" if crf else "none"
-    maps: dict = {k_: v for k_, v in dict(layer_fusion=layer_fusion, refine=refine).items() if v is not None}
+    maps: dict = {k_: v for k_, v in dict(layer_fusion=layer_fusion, refine=refine, contrast=contrast).items()
+                  if v is not None}
     if tta is not None:
         maps.update(tta_flip=tta, tta_scales=(0.75, 1.0, 1.25) if tta else (1.0,))
     if engine not in ("local", "ray"):
