@@ -339,7 +339,7 @@ def list_models_cmd() -> None:
 
     for name in list_models():
         s = get_spec(name)
-        typer.echo(f"{name:20s} {s.source:12s} CAM layer {s.cam_layer}")
+        typer.echo(f"{name:24s} {s.source:12s} CAM layer {s.cam_layer}")
     for p, names in PRESETS.items():
         typer.echo(f"preset {p}: {', '.join(names)}")
 
