@@ -36,16 +36,19 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
                             max_map_cost=max_cost, min_masks_to_choose=1, val_fraction=0.4))
     sel = json.loads((run / "calibration.json").read_text())["selection"]
     cands = sel["candidates"]
-    # TTA (6 passes) could never be chosen, so it is not tried; flip (2) only within a limit of 2
-    assert sel["not_tried_over_cost"] == ({"tta": 6.0} if max_cost >= 2.0 else {"flip": 2.0, "tta": 6.0})
+    # TTA (6 passes) fits neither limit (annotation, and pseudo-labels at 2.5), so it is not tried
+    assert sel["not_tried_over_cost"] == {"tta": 6.0}
     assert not any(k.startswith("tta+") for k in cands)
-    assert ("flip+mean" in cands) is (max_cost >= 2.0)
+    assert cands["flip+mean"]["allowed"] is (max_cost >= 2.0)
     from pixelvote.refine import crf
 
-    if crf.available():  # the CRF variants are tried where they fit the limit, at 0.4 more passes
+    if crf.available():  # the CRF variants are tried where they fit a limit, at 0.4 more passes
         assert cands["plain+mean+crf"]["relative_cost"] == pytest.approx(1.4)
         assert cands["plain+mean+crf"]["allowed"] is True
-        assert "flip+mean+crf" not in cands
+        assert cands["flip+mean+crf"]["allowed"] is False  # 2.4: only for --method best
+    best_within = max(max(c["mean_iou_by_threshold"].values()) for c in cands.values() if c["relative_cost"] <= 2.5)
+    assert sel["best"]["val_mean_iou"] == pytest.approx(best_within, abs=1e-4)
+    assert sel["best"]["val_mean_iou"] >= sel["val_mean_iou"] and sel["best"]["relative_cost"] <= 2.5
     chosen = cands[f"{sel['recipe']}+{sel['fusion']}"]
     assert chosen["allowed"] and chosen["relative_cost"] <= max_cost
     best_allowed = max(max(c["mean_iou_by_threshold"].values()) for c in cands.values() if c["allowed"])
@@ -54,6 +57,9 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     fusion, refine = split_fusion(sel["fusion"])
     assert cfg.consensus.fusion == fusion and cfg.consensus.refine == refine
     assert cfg.maps == RECIPES[sel["recipe"]]
+    assert cfg.best is not None and cfg.best.maps == RECIPES[sel["best"]["recipe"]]
+    assert cfg.best.consensus.threshold == sel["best"]["threshold"]
+    assert cfg.best.consensus.mi_threshold == cfg.consensus.mi_threshold  # the same flags
 
 
 def test_segmenter_rows_are_gated_by_the_diagnosis(tmp_path) -> None:
@@ -98,3 +104,26 @@ def test_segmenter_rows_are_gated_by_the_diagnosis(tmp_path) -> None:
         ious = tables[key].ious
         assert ious.shape[0] == len(paths)
         assert torch.allclose(ious[:, ious.shape[1] // 2], expected, atol=1e-6)
+
+
+def test_method_best_uses_the_runs_best_recipe_and_falls_back_without_one(caplog) -> None:
+    from pixelvote.consensus import ConsensusConfig
+    from pixelvote.engine.annotate import method_recipe, resolve_recipe
+    from pixelvote.errors import ConfigError
+    from pixelvote.explain.analyze import MapConfig
+    from pixelvote.models.checkpoint import MemberConfig, Recipe, RunConfig
+
+    cfg = RunConfig(classes=["lesion", "normal"], background="normal", members=[MemberConfig(name="tiny_cnn_a")],
+                    consensus=ConsensusConfig(fusion="mean", threshold=0.4), maps=MapConfig(contrast=True))
+    assert method_recipe(cfg, "best") == (cfg.consensus, cfg.maps)  # an older run: its own recipe
+    assert "no 'best' recipe" in caplog.text
+    best = Recipe(consensus=ConsensusConfig(fusion="intersection", threshold=0.3),
+                  maps=MapConfig(tta_flip=True, contrast=True))
+    cfg = cfg.model_copy(update={"best": best})
+    c, m, T = resolve_recipe(cfg, "best", {"threshold": 0.35}, None, None)
+    assert (c.fusion, c.threshold, m.tta_flip, T) == ("intersection", 0.35, True, 30)
+    assert method_recipe(cfg, "run") == (cfg.consensus, cfg.maps)
+    paper_c, paper_m = method_recipe(cfg, "paper")
+    assert (paper_c.fusion, paper_c.threshold, paper_m) == ("intersection", 0.5, MapConfig())
+    with pytest.raises(ConfigError, match="Did you mean 'best'"):
+        method_recipe(cfg, "bset")

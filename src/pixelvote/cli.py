@@ -50,6 +50,8 @@ def train(
     cam_layer: Optional[str] = typer.Option(None, help="CAM target layer (default: each backbone's last)"),
     max_map_cost: float = typer.Option(2.0, min=1.0, help="choose only map recipes costing at most this many "
                                        "forward passes per image (TTA costs ~6, the CRF ~1 more)"),
+    max_pseudo_label_cost: float = typer.Option(2.5, min=1.0, help="the costliest recipe `annotate --method "
+                                                "best` may use (pseudo-masks for `segment train`)"),
     crf: bool = typer.Option(True, "--crf/--no-crf", help="try the dense-CRF refinement on validation masks "
                              "(needs pydensecrf2: pip install 'pixelvote[crf]')"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="start from ImageNet weights"),
@@ -79,7 +81,7 @@ def train(
                       group_pattern=group_pattern, val_fraction=val_fraction, patience=patience, augment=augment,
                       mc_variance_weight=mc_variance_weight, mc_samples=mc_samples, cam_layer=cam_layer,
                       pretrained=pretrained, weights_dir=weights, device=device, max_map_cost=max_map_cost,
-                      refine_candidates=["none", "crf"] if crf else ["none"])
+                      max_pseudo_label_cost=max_pseudo_label_cost, refine_candidates=["none", "crf"] if crf else ["none"])
     try:
         run = run_train(cfg, resume=resume)
     except KeyboardInterrupt:
@@ -112,8 +114,9 @@ def annotate(
     fusion: Optional[str] = typer.Option(None, help="intersection | mean | vote"),
     threshold_method: Optional[str] = typer.Option(None, help="fixed | otsu | percentile"),
     threshold: Optional[float] = typer.Option(None, help="fixed threshold as a fraction of each map's max"),
-    method: str = typer.Option("run", help="run: the run's calibrated recipe; paper: plain XGrad-CAM, "
-                               "unanimous intersection at 0.5"),
+    method: str = typer.Option("run", help="run: the run's calibrated recipe; best: the best one on validation "
+                               "within train's --max-pseudo-label-cost (costlier; for masks that train a "
+                               "segmenter); paper: plain XGrad-CAM, unanimous intersection at 0.5"),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="flip + 0.75/1/1.25 scale test-time augmentation"),
     layer_fusion: Optional[str] = typer.Option(None, help="none | mean | geometric (earlier-layer XGrad-CAM)"),
     refine: Optional[str] = typer.Option(None, help="none | guided (edge-aware refinement of each map)"),
@@ -190,7 +193,8 @@ def evaluate(
     split: Optional[str] = typer.Option(None, help="val | test | all (default: val on the run's own data)"),
     mc_samples: Optional[int] = typer.Option(None),
     batch_size: int = typer.Option(8, min=1),
-    method: str = typer.Option("run", help="run (the calibrated recipe) or paper (the paper's fixed rule)"),
+    method: str = typer.Option("run", help="run (the calibrated recipe), best (the best within the pseudo-label "
+                               "cost limit) or paper (the paper's fixed rule)"),
     max_gallery: int = typer.Option(12),
     dataset: Optional[str] = typer.Option(None, help="name shown in the report (busi, fire, tbx11k, ...)"),
     segmenter: Optional[Path] = typer.Option(None, help="also score this `pixelvote segment train` folder's "
@@ -295,6 +299,8 @@ def improve(
     review_fraction: float = typer.Option(0.2, help="share of the most uncertain images reviewed (simulated)"),
     seg_epochs: int = typer.Option(30, min=1),
     seg_decoder: str = typer.Option("light", help="light or full segmenter decoder (see `segment train --decoder`)"),
+    method: str = typer.Option("best", help="the recipe of the consensus masks the first segmenter learns from "
+                               "(see `annotate --method`)"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """The loop a team runs: annotate -> review -> retrain the segmenter -> re-annotate (log IoU per round)."""
@@ -302,7 +308,7 @@ def improve(
     from pixelvote.segment.improve import improve as run_improve
 
     for entry in run_improve(run, images, work, rounds=rounds, truth=truth, review_fraction=review_fraction,
-                             seg_epochs=seg_epochs, device=device, seg_decoder=seg_decoder):
+                             seg_epochs=seg_epochs, device=device, seg_decoder=seg_decoder, method=method):
         typer.echo(json.dumps(entry))
 
 

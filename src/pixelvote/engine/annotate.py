@@ -40,7 +40,7 @@ from pixelvote.data.imageio import (
 from pixelvote.data.transforms import resize_image, resize_uint8, to_tensor
 from pixelvote.engine.inputs import Item, list_inputs
 from pixelvote.engine.render import encode_outputs, output_paths, to_levels
-from pixelvote.errors import ConfigError, DataError
+from pixelvote.errors import ConfigError, DataError, did_you_mean
 from pixelvote.explain.analyze import MapConfig, analyze, upsample
 from pixelvote.models.checkpoint import RunConfig, load_run
 from pixelvote.models.ensemble import Ensemble
@@ -218,16 +218,28 @@ PAPER_METHOD = {"consensus": {"policy": "unanimous", "fusion": "intersection", "
                                "threshold": 0.5, "refine": "none"}, "maps": {}}
 
 
+METHODS = ("run", "best", "paper")
+
+
+def method_recipe(cfg: RunConfig, method: str) -> tuple[ConsensusConfig, MapConfig]:
+    """``run``: the recipe calibration chose within the annotation cost limit; ``best``: the best one within
+    the (higher) pseudo-label cost limit, for masks that train a segmenter (a run without one falls back
+    to ``run``); ``paper``: plain XGrad-CAM, unanimous intersection at 0.5 of each map's maximum."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {did_you_mean(method, list(METHODS))}")
+    if method == "paper":
+        return cfg.consensus.model_copy(update=PAPER_METHOD["consensus"]), MapConfig()
+    if method == "best":
+        if cfg.best is not None:
+            return cfg.best.consensus, cfg.best.maps
+        log.warning("this run has no 'best' recipe (it was trained by an older pixelvote): using its own")
+    return cfg.consensus, cfg.maps
+
+
 def resolve_recipe(cfg: RunConfig, method: str, consensus: dict[str, Any] | None, maps: dict[str, Any] | None,
                    mc_samples: int | None) -> tuple[ConsensusConfig, MapConfig, int]:
     """The consensus and map settings and T that :func:`annotate` uses for ``method`` and the overrides."""
-    if method not in ("run", "paper"):
-        raise ConfigError(f"unknown method {method!r}: expected 'run' or 'paper'")
-    if method == "paper":
-        ccfg = cfg.consensus.model_copy(update=PAPER_METHOD["consensus"])
-        mcfg = MapConfig()
-    else:
-        ccfg, mcfg = cfg.consensus, cfg.maps
+    ccfg, mcfg = method_recipe(cfg, method)
     ccfg = ConsensusConfig.model_validate({**ccfg.model_dump(), **(consensus or {})})
     mcfg = MapConfig.model_validate({**mcfg.model_dump(), **(maps or {})})
     if ccfg.refine == "crf":

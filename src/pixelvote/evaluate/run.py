@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from pixelvote.consensus import ConsensusConfig, ConsensusResult, apply_consensus
 from pixelvote.data.imageio import image_size
 from pixelvote.data.tbx11k import TBMapping
-from pixelvote.errors import ConfigError, DataError
+from pixelvote.errors import DataError
 from pixelvote.evaluate import metrics as M
 from pixelvote.evaluate.extras import append_extras
 from pixelvote.evaluate.gallery import GalleryKeeper, thumbnail_case
@@ -362,16 +362,12 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: s
     ``segmenter``: a `pixelvote segment train` folder whose masks (gated by the ensemble's diagnosis, as
     ``annotate --segmenter`` writes them) are scored beside the CAM rules, also refined by the dense CRF
     where pydensecrf2 is installed."""
-    from pixelvote.engine.annotate import PAPER_METHOD
+    from pixelvote.engine.annotate import method_recipe
 
     t0 = time.time()
     run, data, out = Path(run), Path(data), Path(out)
-    if method not in ("run", "paper"):
-        raise ConfigError(f"unknown method {method!r}: expected 'run' or 'paper'")
     ens, run_cfg = load_run(run, device=device, fold=True)
-    base_c, base_m = run_cfg.consensus, run_cfg.maps
-    if method == "paper":
-        base_c, base_m = base_c.model_copy(update=PAPER_METHOD["consensus"]), MapConfig()
+    base_c, base_m = method_recipe(run_cfg, method)
     cfg = ConsensusConfig.model_validate({**base_c.model_dump(), **(consensus or {})})
     mcfg = MapConfig.model_validate({**base_m.model_dump(), **(maps or {})})
     T = int(mc_samples or run_cfg.mc_samples)

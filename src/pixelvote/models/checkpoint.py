@@ -37,6 +37,14 @@ class MemberConfig(BaseModel):
     file: str = ""
 
 
+class Recipe(BaseModel):
+    """A map recipe with its consensus settings, as calibration chose it."""
+
+    model_config = ConfigDict(extra="forbid")
+    consensus: ConsensusConfig
+    maps: MapConfig
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format_version: int = FORMAT_VERSION
@@ -46,6 +54,9 @@ class RunConfig(BaseModel):
     members: list[MemberConfig]
     consensus: ConsensusConfig = Field(default_factory=ConsensusConfig)
     maps: MapConfig = Field(default_factory=MapConfig)
+    # the best recipe on validation masks within train's --max-pseudo-label-cost (annotate --method best):
+    # costlier than ``maps``/``consensus`` per image, for the one-off pseudo-masks that train a segmenter
+    best: Recipe | None = None
     mc_samples: int = 30
     seed: int = 0
     train: dict[str, Any] = Field(default_factory=dict)

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from pixelvote.consensus import ConsensusConfig, apply_consensus
 from pixelvote.data.imageio import write_json_atomic
 from pixelvote.explain.analyze import MapConfig, analyze
-from pixelvote.models.checkpoint import load_run
+from pixelvote.models.checkpoint import Recipe, load_run
 from pixelvote.train.cache import CachedSet
 from pixelvote.train.config import TrainConfig
 
@@ -36,18 +36,22 @@ def _val_batches(val: CachedSet, bs: int):  # type: ignore[no-untyped-def]
         yield Batch(val.images[i:i + bs], val.labels[i:i + bs], masks, list(range(i, i + len(has))))
 
 
-def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> tuple[MapConfig, dict, dict]:
+def choose_recipe(run_dir: Path, val: CachedSet,
+                  cfg: TrainConfig) -> tuple[MapConfig, dict, dict, MapConfig, dict]:
     """Pick the map recipe, fusion (+ refinement) and threshold with the best mean IoU on validation masks,
-    among those whose cost is within ``cfg.max_map_cost`` plain analyses."""
+    among those whose cost is within ``cfg.max_map_cost`` plain analyses (for annotation), and the best within
+    ``cfg.max_pseudo_label_cost`` (``annotate --method best``). Returns each as its MapConfig and its
+    consensus update, with the summary in between."""
     from pixelvote.evaluate.selection import GRID, RECIPES, best_cell, collect, relative_cost, split_fusion
     from pixelvote.refine import crf
 
     ens, run_cfg = load_run(run_dir, device=cfg.device)
-    # a recipe that costs more than the limit on its own could never be chosen: it is not tried (the
+    limit = max(cfg.max_map_cost, cfg.max_pseudo_label_cost)
+    # a recipe that costs more than both limits on its own could never be chosen: it is not tried (the
     # cheapest one always is, so that there is a choice)
     cheapest = min(cfg.map_candidates, key=lambda k: relative_cost(RECIPES[k]))
     recipes = {k: RECIPES[k] for k in cfg.map_candidates
-               if relative_cost(RECIPES[k]) <= cfg.max_map_cost or k == cheapest}
+               if relative_cost(RECIPES[k]) <= limit or k == cheapest}
     skipped = {k: relative_cost(RECIPES[k]) for k in cfg.map_candidates if k not in recipes}
     fusions = ["intersection", "mean", "vote"]
     crf_fusions: list[str] = []
@@ -57,7 +61,7 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> tuple[MapC
         else:
             log.info("pydensecrf2 is not installed, so the CRF refinement is not tried (%s)", crf.INSTALL_HINT)
     # the CRF runs once per threshold, the costliest step: only where recipe + CRF fits the limit
-    with_crf = {k: r for k, r in recipes.items() if relative_cost(r, "crf") <= cfg.max_map_cost}
+    with_crf = {k: r for k, r in recipes.items() if relative_cost(r, "crf") <= limit}
     groups = [(with_crf, fusions + crf_fusions), ({k: r for k, r in recipes.items() if k not in with_crf}, fusions)]
     bs = max(1, cfg.batch_size)
     tables = {}
@@ -71,21 +75,32 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> tuple[MapC
     allowed = [key for key, c in costs.items() if c <= cfg.max_map_cost] or [min(costs, key=costs.__getitem__)]
     (recipe, fusion), j, score = best_cell(tables, keys=allowed)
     fusion_name, refine = split_fusion(fusion)
+    n = len(next(iter(tables.values())).ious)
+    pseudo = [key for key, c in costs.items() if c <= cfg.max_pseudo_label_cost] or allowed
+    (b_recipe, b_fusion), b_j, b_score = best_cell(tables, keys=pseudo)
+    b_name, b_refine = split_fusion(b_fusion)
+    best_update = {"fusion": b_name, "refine": b_refine, "threshold": GRID[b_j], "threshold_method": "fixed",
+                   "threshold_source": f"validation: {b_recipe} + {b_fusion}, best mean IoU {b_score:.3f} on {n} "
+                                       f"images (cost <= {cfg.max_pseudo_label_cost:g} plain analyses)"}
     summary = {f"{r}+{f}": {"mean_iou_by_threshold": {str(t): round(float(v), 4) for t, v in
                                                       zip(GRID, tab.ious.mean(0))} if len(tab.ious) else {},
                             "seconds_per_image": round(tab.seconds_per_image, 4),
                             "relative_cost": round(costs[(r, f)], 2), "allowed": (r, f) in allowed}
                for (r, f), tab in tables.items()}
-    n = len(next(iter(tables.values())).ious)
     update = {"fusion": fusion_name, "refine": refine, "threshold": GRID[j], "threshold_method": "fixed",
               "threshold_source": f"validation: {recipe} + {fusion}, best mean IoU {score:.3f} on {n} images "
                                   f"(cost <= {cfg.max_map_cost:g} plain analyses)"}
-    return recipes[recipe], update, {"recipe": recipe, "fusion": fusion, "threshold": GRID[j],
-                                     "val_mean_iou": score, "images_with_masks": n, "candidates": summary,
-                                     "not_tried_over_cost": skipped}
+    best = {"recipe": b_recipe, "fusion": b_fusion, "threshold": GRID[b_j], "val_mean_iou": b_score,
+            "relative_cost": costs[(b_recipe, b_fusion)]}
+    summary_out = {"recipe": recipe, "fusion": fusion, "threshold": GRID[j], "val_mean_iou": score,
+                   "images_with_masks": n, "best": best, "candidates": summary, "not_tried_over_cost": skipped}
+    return recipes[recipe], update, summary_out, recipes[b_recipe], best_update
 
 
-def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> tuple[ConsensusConfig, MapConfig]:
+def calibrate(run_dir: Path, val: CachedSet,
+              cfg: TrainConfig) -> tuple[ConsensusConfig, MapConfig, Recipe | None]:
+    """The run's consensus and map settings from the validation split, and the best recipe within the
+    pseudo-label cost limit (None when the validation masks are too few to choose)."""
     ens, run_cfg = load_run(run_dir, device=cfg.device)
     bg = ens.background_index
     base = run_cfg.consensus
@@ -111,8 +126,9 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> tuple[Consensu
     summary: dict = {"val_images": len(val), "val_accuracy": correct / max(len(val), 1),
                      "images_with_masks": n_masked}
     maps = run_cfg.maps
+    best_maps, best_update = None, None
     if n_masked >= cfg.min_masks_to_choose and cfg.map_candidates:
-        maps, chosen, summary["selection"] = choose_recipe(run_dir, val, cfg)
+        maps, chosen, summary["selection"], best_maps, best_update = choose_recipe(run_dir, val, cfg)
         update.update(chosen)
         summary["val_mean_iou"] = summary["selection"]["val_mean_iou"]
     elif n_masked:
@@ -127,8 +143,11 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig) -> tuple[Consensu
         update["mi_threshold"] = float(torch.quantile(torch.cat(mis), q))
         update["variance_threshold"] = float(torch.quantile(torch.cat(variances), q))
     consensus = base.model_copy(update=update)
+    best = None
+    if best_maps is not None and best_update is not None:
+        best = Recipe(consensus=consensus.model_copy(update=best_update), maps=best_maps)
     summary["consensus"] = consensus.model_dump(mode="json")
     summary["maps"] = maps.model_dump(mode="json")
     write_json_atomic(run_dir / "calibration.json", summary)
     log.info("calibration: %s", {k: v for k, v in summary.items() if k not in ("threshold_sweep", "selection")})
-    return consensus, maps
+    return consensus, maps, best

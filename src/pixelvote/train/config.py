@@ -49,6 +49,9 @@ class TrainConfig(BaseModel):
     max_map_cost: float = Field(2.0, ge=1.0, description="only recipes costing at most this many plain "
                                 "analyses (about forward passes) per image are chosen; see "
                                 "pixelvote.evaluate.selection.relative_cost")
+    max_pseudo_label_cost: float = Field(2.5, ge=1.0, description="the costliest recipe `annotate --method "
+                                         "best` may use: pseudo-masks for a segmenter are made once, so they may "
+                                         "cost more per image than everyday annotation")
     min_masks_to_choose: int = Field(4, ge=1, description="validation masks needed before choosing a recipe")
     pretrained: bool = True
     weights_dir: Path | None = None

@@ -186,7 +186,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     from pixelvote.train.calibrate import calibrate
 
-    run_cfg.consensus, run_cfg.maps = calibrate(run_dir, data.val, cfg)
+    run_cfg.consensus, run_cfg.maps, run_cfg.best = calibrate(run_dir, data.val, cfg)
     save_run_config(run_dir, run_cfg)
     return run_dir
 
