@@ -275,6 +275,8 @@ def segment_train(
                                 "256/128: better masks, ~4x slower)"),
     augment: bool = typer.Option(False, "--augment/--no-augment", help="random crops, small rotations and "
                                  "brightness/contrast jitter (else flips only; on BUSI it scored lower)"),
+    crf: bool = typer.Option(False, "--crf/--no-crf", help="annotate refines the segmenter's masks with the "
+                             "dense CRF (needs pixelvote[crf]; compare both rows of `evaluate --segmenter` first)"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
@@ -284,7 +286,7 @@ def segment_train(
 
     mode = "reviewed" if reviewed_only else ("all" if all_images else "confident")
     cfg = SegConfig(encoder=encoder, epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
-                    mode=mode, augment=augment, **decoder_settings(decoder))
+                    mode=mode, augment=augment, crf=crf, **decoder_settings(decoder))
     path = train_segmenter(annotations, out, run=run, cfg=cfg, pretrained=pretrained, device=device)
     typer.echo(f"segmenter saved to {path}; use it with `pixelvote annotate --segmenter {path}`")
 

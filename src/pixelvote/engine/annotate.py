@@ -272,6 +272,11 @@ def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size
         from pixelvote.segment.train import load_segmenter
 
         seg = (*load_segmenter(segmenter, device=ens.device), segmenter_min_iou)
+        from pixelvote.refine import crf
+
+        if seg[1].crf and not crf.available():
+            raise ConfigError("this segmenter refines its masks with the dense CRF, but pydensecrf2 is not "
+                              "installed", path=Path(segmenter), fix=crf.INSTALL_HINT)
     items = list_inputs(images)
     with _exclusive(out):
         return _annotate_locked(ens, run, items, out, ccfg, mcfg, T, batch_size, num_workers, progress, seg)
@@ -365,7 +370,12 @@ def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: fl
     prob = predict(model, x)
     if prob.shape[-2:] != res.margin.shape[-2:]:
         prob = F.interpolate(prob[:, None], size=res.margin.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    seg_margin = prob - scfg.threshold
+    if getattr(scfg, "crf", False):  # as evaluate's "segmenter + dense CRF" row
+        from pixelvote.refine.crf import dense_crf
+
+        seg_margin = dense_crf(prob, x, threshold=scfg.threshold) - 0.5
+    else:
+        seg_margin = prob - scfg.threshold
     cons = res.margin > 0
     segm = seg_margin > 0
     inter = (cons & segm).flatten(1).sum(1).float()

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from pixelvote.data.imageio import read_jsonl, write_json_atomic
-from pixelvote.errors import CheckpointError
+from pixelvote.errors import CheckpointError, ConfigError
 from pixelvote.models.checkpoint import load_module_state, save_weights
 from pixelvote.models.ensemble import default_device
 from pixelvote.segment.data import SegDataset, select_examples
@@ -53,6 +53,8 @@ class SegConfig(BaseModel):
     flip_tta: bool = Field(False, description="average with the flipped image's prediction (2x the cost)")
     augment: bool = Field(False, description="random crops, flips, small rotations and brightness/contrast "
                           "jitter while training (else horizontal flips only)")
+    crf: bool = Field(False, description="annotate refines the probability with the dense CRF (at `threshold`) "
+                      "before taking the mask (the `segmenter + dense CRF` row of `evaluate --segmenter`)")
     background: str = ""
     classes: list[str] = Field(default_factory=list)
     examples: int = 0
@@ -85,6 +87,11 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
     examples = select_examples(annotations, background=cfg.background, mode=cfg.mode,
                                reviewed_weight=cfg.reviewed_weight)
     cfg.examples = len(examples)
+    if cfg.crf:
+        from pixelvote.refine import crf
+
+        if not crf.available():
+            raise ConfigError("--crf needs pydensecrf2, which is not installed", fix=crf.INSTALL_HINT)
     dev = torch.device(device) if device else default_device()
     torch.manual_seed(cfg.seed)
     model = Segmenter(cfg.encoder, pretrained=pretrained, pyramid_channels=cfg.pyramid_channels,
