@@ -155,8 +155,8 @@ def test_bad_image_and_mismatched_mask_are_reported_not_fatal(trained, tmp_path)
     assert v["config"]["consensus"]["fusion"] == "intersection"
     with pytest.raises(ConfigError, match="split"):
         _evaluate(run, copy, tmp_path / "r3", split="train")
-    with pytest.raises(ConfigError, match="method"):
-        _evaluate(run, copy, tmp_path / "r3", method="best")
+    with pytest.raises(ConfigError, match="method.*Did you mean .paper."):
+        _evaluate(run, copy, tmp_path / "r3", method="papr")
     with pytest.raises(DataError, match="test"):  # the run has no test split
         _evaluate(run, copy, tmp_path / "r3", split="test")
 
