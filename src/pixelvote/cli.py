@@ -81,7 +81,8 @@ def train(
                       group_pattern=group_pattern, val_fraction=val_fraction, patience=patience, augment=augment,
                       mc_variance_weight=mc_variance_weight, mc_samples=mc_samples, cam_layer=cam_layer,
                       pretrained=pretrained, weights_dir=weights, device=device, max_map_cost=max_map_cost,
-                      max_pseudo_label_cost=max_pseudo_label_cost, refine_candidates=["none", "crf"] if crf else ["none"])
+                      max_pseudo_label_cost=max_pseudo_label_cost,
+                      refine_candidates=["none", "crf"] if crf else ["none"])
     try:
         run = run_train(cfg, resume=resume)
     except KeyboardInterrupt:

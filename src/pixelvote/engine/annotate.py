@@ -226,7 +226,7 @@ def method_recipe(cfg: RunConfig, method: str) -> tuple[ConsensusConfig, MapConf
     the (higher) pseudo-label cost limit, for masks that train a segmenter (a run without one falls back
     to ``run``); ``paper``: plain XGrad-CAM, unanimous intersection at 0.5 of each map's maximum."""
     if method not in METHODS:
-        raise ConfigError(f"unknown method {did_you_mean(method, list(METHODS))}")
+        raise ConfigError(f"unknown method: {did_you_mean(method, list(METHODS))}")
     if method == "paper":
         return cfg.consensus.model_copy(update=PAPER_METHOD["consensus"]), MapConfig()
     if method == "best":
@@ -370,7 +370,7 @@ def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: fl
     prob = predict(model, x)
     if prob.shape[-2:] != res.margin.shape[-2:]:
         prob = F.interpolate(prob[:, None], size=res.margin.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    if getattr(scfg, "crf", False):  # as evaluate's "segmenter + dense CRF" row
+    if scfg.crf:  # as evaluate's "segmenter + dense CRF" row
         from pixelvote.refine.crf import dense_crf
 
         seg_margin = dense_crf(prob, x, threshold=scfg.threshold) - 0.5
