@@ -4,8 +4,8 @@
 
 For each set it trains the default ensemble (``--preset``) once (or reuses RUNS_DIR/<set>), takes the
 run's validation split (images the models never trained on; fire is split by video), and prints mean IoU on
-validation images with masks for: the centred-box prior; a single member's XGrad-CAM; the paper's intersection at a
-fixed 0.5 threshold; the same with the threshold chosen on validation; each map refinement; each fusion;
+validation images with masks for: the centred-box prior; a single member's XGrad-CAM; the paper's
+intersection at a fixed 0.5 threshold; the same with the threshold chosen on validation; each map refinement; each fusion;
 and the variant chosen by the data. Every "chosen" figure is cross-fitted: chosen on one half of the
 validation images and scored on the other half (both ways), so it is not tuned on what it reports.
 Time per image is the analysis time (all members, CPU unless CUDA is present).

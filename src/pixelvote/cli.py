@@ -31,7 +31,7 @@ def train(
     data: Optional[Path] = typer.Option(None, "--data", help="images/<class>/..., a CSV manifest, or a TBX11K root"),
     out: Path = typer.Option(..., "--out", help="run folder to create (or to continue, with --resume)"),
     preset: str = typer.Option("offline-os16", help="offline-os16 (EfficientNet-Lite0/1/2 at output stride 16: "
-                               "finer CAMs; no internet), offline (the same at stride 32, ~1.3x faster) or paper"),
+                               "finer CAMs; no internet), offline (the same at stride 32, ~1.25x faster) or paper"),
     models: Optional[str] = typer.Option(None, help="comma-separated backbones instead of the preset"),
     epochs: int = typer.Option(8, min=1),
     image_size: int = typer.Option(224, min=32),

@@ -39,7 +39,7 @@ DEFAULT_PRESET = "offline-os16"
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "offline": ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
-    # the same networks and weights at output stride 16: CAMs on a twice finer grid, ~1.3x the forward cost
+    # the same networks and weights at output stride 16: CAMs on a twice finer grid, ~1.25x the forward cost
     "offline-os16": ("efficientnet_lite0_os16", "efficientnet_lite1_os16", "efficientnet_lite2_os16"),
     "paper": ("resnet50", "densenet121", "efficientnet_b0"),
     "tiny": ("tiny_cnn_a", "tiny_cnn_b"),  # random weights, for tests and smoke runs only
@@ -118,7 +118,7 @@ class _TimmFeatures(nn.Module):
         import timm
 
         # output_stride 16 dilates the last stride-2 stage instead of striding: the same weights, a CAM grid
-        # twice as fine (14x14 at 224 px) for about 1.4x the forward cost
+        # twice as fine (14x14 at 224 px) for about 1.25x the forward cost
         net = timm.create_model(name, pretrained=False, output_stride=output_stride)
         _load(net, state)
         net.reset_classifier(0, global_pool="")

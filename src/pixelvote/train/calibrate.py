@@ -73,28 +73,29 @@ def choose_recipe(run_dir: Path, val: CachedSet,
         tables.update(collect(ens, batches, group, fusions=group_fusions))
     costs = {(r, f): relative_cost(RECIPES[r], split_fusion(f)[1]) for (r, f) in tables}
     allowed = [key for key, c in costs.items() if c <= cfg.max_map_cost] or [min(costs, key=costs.__getitem__)]
-    (recipe, fusion), j, score = best_cell(tables, keys=allowed)
-    fusion_name, refine = split_fusion(fusion)
-    n = len(next(iter(tables.values())).ious)
     pseudo = [key for key, c in costs.items() if c <= cfg.max_pseudo_label_cost] or allowed
-    (b_recipe, b_fusion), b_j, b_score = best_cell(tables, keys=pseudo)
-    b_name, b_refine = split_fusion(b_fusion)
-    best_update = {"fusion": b_name, "refine": b_refine, "threshold": GRID[b_j], "threshold_method": "fixed",
-                   "threshold_source": f"validation: {b_recipe} + {b_fusion}, best mean IoU {b_score:.3f} on {n} "
-                                       f"images (cost <= {cfg.max_pseudo_label_cost:g} plain analyses)"}
-    summary = {f"{r}+{f}": {"mean_iou_by_threshold": {str(t): round(float(v), 4) for t, v in
-                                                      zip(GRID, tab.ious.mean(0))} if len(tab.ious) else {},
-                            "seconds_per_image": round(tab.seconds_per_image, 4),
-                            "relative_cost": round(costs[(r, f)], 2), "allowed": (r, f) in allowed}
-               for (r, f), tab in tables.items()}
-    update = {"fusion": fusion_name, "refine": refine, "threshold": GRID[j], "threshold_method": "fixed",
-              "threshold_source": f"validation: {recipe} + {fusion}, best mean IoU {score:.3f} on {n} images "
-                                  f"(cost <= {cfg.max_map_cost:g} plain analyses)"}
-    best = {"recipe": b_recipe, "fusion": b_fusion, "threshold": GRID[b_j], "val_mean_iou": b_score,
-            "relative_cost": costs[(b_recipe, b_fusion)]}
-    summary_out = {"recipe": recipe, "fusion": fusion, "threshold": GRID[j], "val_mean_iou": score,
-                   "images_with_masks": n, "best": best, "candidates": summary, "not_tried_over_cost": skipped}
-    return recipes[recipe], update, summary_out, recipes[b_recipe], best_update
+    n = len(next(iter(tables.values())).ious)
+
+    def pick(keys: list[tuple[str, str]], limit: float) -> tuple[MapConfig, dict, dict]:
+        """The best cell among ``keys``: its maps, its consensus update and its summary."""
+        (recipe, fusion), j, score = best_cell(tables, keys=keys)
+        name, refine = split_fusion(fusion)
+        update = {"fusion": name, "refine": refine, "threshold": GRID[j], "threshold_method": "fixed",
+                  "threshold_source": f"validation: {recipe} + {fusion}, best mean IoU {score:.3f} on {n} "
+                                      f"images (cost <= {limit:g} plain analyses)"}
+        return recipes[recipe], update, {"recipe": recipe, "fusion": fusion, "threshold": GRID[j],
+                                         "val_mean_iou": score, "relative_cost": costs[(recipe, fusion)]}
+
+    maps, update, chosen = pick(allowed, cfg.max_map_cost)
+    best_maps, best_update, best = pick(pseudo, cfg.max_pseudo_label_cost)
+    candidates = {f"{r}+{f}": {"mean_iou_by_threshold": {str(t): round(float(v), 4) for t, v in
+                                                         zip(GRID, tab.ious.mean(0))} if len(tab.ious) else {},
+                               "seconds_per_image": round(tab.seconds_per_image, 4),
+                               "relative_cost": round(costs[(r, f)], 2), "allowed": (r, f) in allowed}
+                  for (r, f), tab in tables.items()}
+    summary = {**chosen, "images_with_masks": n, "best": best, "candidates": candidates,
+               "not_tried_over_cost": skipped}
+    return maps, update, summary, best_maps, best_update
 
 
 def calibrate(run_dir: Path, val: CachedSet,
