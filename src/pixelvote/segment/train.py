@@ -18,6 +18,7 @@ from pixelvote.models.checkpoint import load_module_state, save_weights
 from pixelvote.models.ensemble import default_device
 from pixelvote.segment.data import SegDataset, select_examples
 from pixelvote.segment.model import Segmenter
+from pixelvote.segment.selftrain import relabel
 
 log = logging.getLogger(__name__)
 SEG_FORMAT = 1
@@ -53,6 +54,10 @@ class SegConfig(BaseModel):
     flip_tta: bool = Field(False, description="average with the flipped image's prediction (2x the cost)")
     augment: bool = Field(False, description="random crops, flips, small rotations and brightness/contrast "
                           "jitter while training (else horizontal flips only)")
+    self_training: int = Field(0, ge=0, description="rounds in which the segmenter relabels its unreviewed "
+                               "training images and a fresh one is trained on them (each costs a training)")
+    self_training_crf: bool = Field(True, description="self-training refines the relabelled masks with the "
+                                    "dense CRF")
     crf: bool = Field(False, description="annotate refines the probability with the dense CRF (at `threshold`) "
                       "before taking the mask (the `segmenter + dense CRF` row of `evaluate --segmenter`)")
     background: str = ""
@@ -87,22 +92,40 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
     examples = select_examples(annotations, background=cfg.background, mode=cfg.mode,
                                reviewed_weight=cfg.reviewed_weight)
     cfg.examples = len(examples)
-    if cfg.crf:
-        from pixelvote.refine import crf
+    from pixelvote.refine import crf
 
-        if not crf.available():
-            raise ConfigError("--crf needs pydensecrf2, which is not installed", fix=crf.INSTALL_HINT)
+    if cfg.crf and not crf.available():
+        raise ConfigError("--crf needs pydensecrf2, which is not installed", fix=crf.INSTALL_HINT)
+    if cfg.self_training and cfg.self_training_crf and not crf.available():
+        raise ConfigError("self-training refines the relabelled masks with the dense CRF, which needs pydensecrf2",
+                          fix=f"{crf.INSTALL_HINT}, or pass --self-train-no-crf")
     dev = torch.device(device) if device else default_device()
-    torch.manual_seed(cfg.seed)
+    ds = SegDataset(examples, cfg.image_size, augment=cfg.augment)
+    out.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+    model = _fit(ds, cfg, dev, pretrained, history, round_=0)
+    for r in range(1, cfg.self_training + 1):
+        counts = relabel(model, ds, threshold=cfg.threshold, crf=cfg.self_training_crf,
+                         batch_size=cfg.batch_size)
+        history.append({"self_training_round": r, **counts})
+        model = _fit(ds, cfg, dev, pretrained, history, round_=r)
+    save_weights(out / "segmenter.safetensors", model)
+    write_json_atomic(out / "history.json", history)
+    write_json_atomic(out / "segmenter.json", cfg.model_dump(mode="json"))
+    return out
+
+
+def _fit(ds: SegDataset, cfg: SegConfig, dev: torch.device, pretrained: bool, history: list[dict],
+         round_: int) -> Segmenter:
+    """A fresh segmenter trained on ``ds`` for ``cfg.epochs``; appends one entry per epoch to ``history``."""
+    torch.manual_seed(cfg.seed + round_)
     model = Segmenter(cfg.encoder, pretrained=pretrained, pyramid_channels=cfg.pyramid_channels,
                       segmentation_channels=cfg.segmentation_channels, flip_tta=cfg.flip_tta).to(dev)
-    ds = SegDataset(examples, cfg.image_size, augment=cfg.augment)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    out.mkdir(parents=True, exist_ok=True)
-    history = []
-    g = torch.Generator().manual_seed(cfg.seed)
-    for epoch in tqdm(range(cfg.epochs), desc="training segmenter", unit="epoch"):
+    g = torch.Generator().manual_seed(cfg.seed + round_)
+    desc = "training segmenter" + (f" (self-training round {round_})" if round_ else "")
+    for epoch in tqdm(range(cfg.epochs), desc=desc, unit="epoch"):
         t0 = time.time()
         model.train()
         total, n = 0.0, 0
@@ -119,12 +142,10 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
             total += float(loss.detach()) * len(x)
             n += len(x)
         sched.step()
-        history.append({"epoch": epoch + 1, "loss": total / max(n, 1), "seconds": round(time.time() - t0, 2)})
+        entry = {"epoch": epoch + 1, "loss": total / max(n, 1), "seconds": round(time.time() - t0, 2)}
+        history.append({**entry, "round": round_} if round_ else entry)
         log.info("segmenter epoch %d: loss %.4f", epoch + 1, total / max(n, 1))
-    save_weights(out / "segmenter.safetensors", model)
-    write_json_atomic(out / "history.json", history)
-    write_json_atomic(out / "segmenter.json", cfg.model_dump(mode="json"))
-    return out
+    return model
 
 
 def load_segmenter(segrun: str | Path, device: str | torch.device | None = None) -> tuple[Segmenter, SegConfig]:
