@@ -192,3 +192,57 @@ def test_self_training_trains_a_fresh_segmenter_on_relabelled_masks(tmp_path):
     assert len(rounds) == 1 and rounds[0]["relabelled"] + rounds[0]["dropped"] == 2
     assert json.loads((seg / "segmenter.json").read_text())["self_training"] == 1
     load_segmenter(seg, device="cpu")
+
+
+def _lite0_run(tmp_path, name="efficientnet_lite0_os16"):
+    """A run folder whose one member is an EfficientNet-Lite0 (random weights) - a stand-in for a fine-tuned one."""
+    from pixelvote.models.checkpoint import MemberConfig, RunConfig, member_file, save_run_config, save_weights
+    from pixelvote.models.member import build_member
+
+    run = tmp_path / "run"
+    (run / "members").mkdir(parents=True)
+    torch.manual_seed(5)
+    member = build_member(name, 2, pretrained=False)
+    save_weights(run / member_file(0, name), member)
+    save_run_config(run, RunConfig(classes=["lesion", "normal"], background="normal",
+                                   members=[MemberConfig(name=name)]))
+    return run, member
+
+
+def test_the_encoder_starts_from_the_runs_member_of_the_same_network(tmp_path):
+    from pixelvote.segment.model import Segmenter, encoder_from_run
+
+    run, member = _lite0_run(tmp_path)
+    name, state = encoder_from_run(run, "efficientnet_lite0")  # output stride does not change the weights
+    assert name == "efficientnet_lite0_os16"
+    seg = Segmenter("efficientnet_lite0", pretrained=False)
+    seg.load_encoder(state)
+    ref = member.backbone.net.state_dict()
+    enc = seg.net.encoder.model.state_dict()
+    assert len(enc) > 100 and all(torch.equal(v, ref[k]) for k, v in enc.items())
+    assert encoder_from_run(run, "efficientnet_lite1") is None  # no member of that network
+
+    out = _out(tmp_path)  # its annotate.json names no run: --run is what points at the members
+    cfg = SegConfig(epochs=1, image_size=64, batch_size=4, lr=1e-9)  # the weights barely move
+    a = train_segmenter(out, tmp_path / "a", run=run, cfg=cfg, pretrained=False, device="cpu")
+    meta = json.loads((a / "segmenter.json").read_text())
+    assert meta["encoder_from"].startswith("member efficientnet_lite0_os16 of ")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(a / "segmenter.safetensors"))
+    convs = [k for k in ref if k.endswith("conv_pw.weight")]
+    assert convs and all(torch.allclose(saved[f"net.encoder.model.{k}"], ref[k], atol=1e-6) for k in convs)
+    plain = cfg.model_copy(update={"encoder_init": "imagenet"})
+    meta = json.loads((train_segmenter(out, tmp_path / "b", run=run, cfg=plain, pretrained=False,
+                                       device="cpu") / "segmenter.json").read_text())
+    assert meta["encoder_from"] == "random"
+    # without --run, the run recorded in annotate.json is used while it exists
+    ann = json.loads((out / "annotate.json").read_text())
+    (out / "annotate.json").write_text(json.dumps({**ann, "run": str(run)}))
+    meta = json.loads((train_segmenter(out, tmp_path / "c", cfg=cfg, pretrained=False,
+                                       device="cpu") / "segmenter.json").read_text())
+    assert meta["encoder_from"].startswith("member efficientnet_lite0_os16")
+    (out / "annotate.json").write_text(json.dumps({**ann, "run": str(tmp_path / "gone")}))
+    meta = json.loads((train_segmenter(out, tmp_path / "d", cfg=cfg, pretrained=False,
+                                       device="cpu") / "segmenter.json").read_text())
+    assert meta["encoder_from"] == "random"

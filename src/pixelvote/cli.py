@@ -278,6 +278,9 @@ def segment_train(
                                  "brightness/contrast jitter (else flips only; on BUSI it scored lower)"),
     crf: bool = typer.Option(False, "--crf/--no-crf", help="annotate refines the segmenter's masks with the "
                              "dense CRF (needs pixelvote[crf]; compare both rows of `evaluate --segmenter` first)"),
+    encoder_init: str = typer.Option("run", "--encoder-init", help="run: the encoder starts from the run's "
+                                     "fine-tuned member of the same network (--run, or the run that annotated "
+                                     "OUT); imagenet: from ImageNet weights"),
     self_train: int = typer.Option(0, "--self-train", min=0, help="rounds in which the segmenter relabels its "
                                    "unreviewed training images and a fresh one learns from them (each round "
                                    "costs one more training)"),
@@ -292,7 +295,7 @@ def segment_train(
 
     mode = "reviewed" if reviewed_only else ("all" if all_images else "confident")
     cfg = SegConfig(encoder=encoder, epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
-                    mode=mode, augment=augment, crf=crf, self_training=self_train,
+                    mode=mode, augment=augment, crf=crf, encoder_init=encoder_init, self_training=self_train,
                     self_training_crf=self_train_crf, **decoder_settings(decoder))
     path = train_segmenter(annotations, out, run=run, cfg=cfg, pretrained=pretrained, device=device)
     typer.echo(f"segmenter saved to {path}; use it with `pixelvote annotate --segmenter {path}`")

@@ -39,10 +39,32 @@ class Segmenter(nn.Module):
         if pretrained:
             from pixelvote.models.weights import pretrained_state
 
-            full = pretrained_state(spec, weights_dir)
-            enc = self.net.encoder.model
-            own = enc.state_dict()
-            enc.load_state_dict({k: full[k] for k in own if k in full}, strict=True)
+            self.load_encoder(pretrained_state(spec, weights_dir))
+
+    def load_encoder(self, full: dict[str, torch.Tensor]) -> None:
+        """Encoder weights from ``full``, a state dict of the whole timm model (extra keys are ignored)."""
+        enc = self.net.encoder.model
+        own = enc.state_dict()
+        enc.load_state_dict({k: full[k] for k in own if k in full}, strict=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)[:, 0]
+
+
+def encoder_from_run(run: str | Path, encoder: str) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """The fine-tuned weights of ``run``'s first member built on the same timm network as ``encoder`` (e.g.
+    ``efficientnet_lite0_os16`` for ``efficientnet_lite0``: output stride does not change the weights), as
+    ``(member name, timm state dict)``; None when no member matches."""
+    from pixelvote.models.checkpoint import load_member_state, member_file, read_run_config
+    from pixelvote.models.member import build_member
+
+    arch = get_spec(encoder).arch or encoder
+    rc = read_run_config(run)
+    for i, mc in enumerate(rc.members):
+        spec = get_spec(mc.name)
+        if spec.source != "timm" or (spec.arch or spec.name) != arch:
+            continue
+        member = build_member(mc.name, len(rc.classes), dropout=mc.dropout, pretrained=False)
+        load_member_state(member, Path(run) / (mc.file or member_file(i, mc.name)))
+        return mc.name, member.backbone.net.state_dict()
+    return None

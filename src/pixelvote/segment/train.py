@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,10 @@ class SegConfig(BaseModel):
     flip_tta: bool = Field(False, description="average with the flipped image's prediction (2x the cost)")
     augment: bool = Field(False, description="random crops, flips, small rotations and brightness/contrast "
                           "jitter while training (else horizontal flips only)")
+    encoder_init: Literal["run", "imagenet"] = Field(
+        "run", description="run: start the encoder from the run's fine-tuned member of the same network (it "
+        "already tells the findings apart; ImageNet weights where the run has none); imagenet: ImageNet weights")
+    encoder_from: str = Field("", description="where the encoder's initial weights came from (written by training)")
     self_training: int = Field(0, ge=0, description="rounds in which the segmenter relabels its unreviewed "
                                "training images and a fresh one is trained on them (each costs a training)")
     self_training_crf: bool = Field(True, description="self-training refines the relabelled masks with the "
@@ -99,28 +104,53 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
     if cfg.self_training and cfg.self_training_crf and not crf.available():
         raise ConfigError("self-training refines the relabelled masks with the dense CRF, which needs pydensecrf2",
                           fix=f"{crf.INSTALL_HINT}, or pass --self-train-no-crf")
+    init = _initial_encoder(cfg, run, meta.get("run"), annotations, pretrained)
     dev = torch.device(device) if device else default_device()
     ds = SegDataset(examples, cfg.image_size, augment=cfg.augment)
     out.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
-    model = _fit(ds, cfg, dev, pretrained, history, round_=0)
+    model = _fit(ds, cfg, dev, pretrained and init is None, history, round_=0, init=init)
     for r in range(1, cfg.self_training + 1):
         counts = relabel(model, ds, threshold=cfg.threshold, crf=cfg.self_training_crf,
                          batch_size=cfg.batch_size)
         history.append({"self_training_round": r, **counts})
-        model = _fit(ds, cfg, dev, pretrained, history, round_=r)
+        model = _fit(ds, cfg, dev, pretrained and init is None, history, round_=r, init=init)
     save_weights(out / "segmenter.safetensors", model)
     write_json_atomic(out / "history.json", history)
     write_json_atomic(out / "segmenter.json", cfg.model_dump(mode="json"))
     return out
 
 
+def _initial_encoder(cfg: SegConfig, run: str | Path | None, annotated_by: str | None, annotations: Path,
+                     pretrained: bool) -> dict[str, torch.Tensor] | None:
+    """The encoder's starting weights when they come from a run's member (else None: ImageNet or random);
+    records where they came from in ``cfg.encoder_from``."""
+    init = None
+    if cfg.encoder_init == "run":
+        from pixelvote.segment.model import encoder_from_run
+
+        if run is None and annotated_by:  # the run that annotated OUT, when it is still there
+            run = Path(annotated_by) if (Path(annotated_by) / "run.json").exists() else None
+            if run is None:
+                log.warning("the run that made %s (%s) is gone: the segmenter's encoder starts from ImageNet "
+                            "weights; pass --run to start from a run's members", annotations, annotated_by)
+        init = encoder_from_run(run, cfg.encoder) if run is not None else None
+    cfg.encoder_from = (f"member {init[0]} of {Path(run).resolve()}" if init and run is not None
+                        else "ImageNet" if pretrained else "random")
+    log.info("segmenter encoder starts from %s", cfg.encoder_from)
+    return init[1] if init else None
+
+
 def _fit(ds: SegDataset, cfg: SegConfig, dev: torch.device, pretrained: bool, history: list[dict],
-         round_: int) -> Segmenter:
-    """A fresh segmenter trained on ``ds`` for ``cfg.epochs``; appends one entry per epoch to ``history``."""
+         round_: int, init: dict[str, torch.Tensor] | None = None) -> Segmenter:
+    """A fresh segmenter (encoder from ``init`` when given) trained on ``ds`` for ``cfg.epochs``; appends one
+    entry per epoch to ``history``."""
     torch.manual_seed(cfg.seed + round_)
     model = Segmenter(cfg.encoder, pretrained=pretrained, pyramid_channels=cfg.pyramid_channels,
-                      segmentation_channels=cfg.segmentation_channels, flip_tta=cfg.flip_tta).to(dev)
+                      segmentation_channels=cfg.segmentation_channels, flip_tta=cfg.flip_tta)
+    if init is not None:
+        model.load_encoder(init)
+    model = model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     g = torch.Generator().manual_seed(cfg.seed + round_)
