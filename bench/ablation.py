@@ -1,7 +1,7 @@
 """Mask-quality ablation on the real sets in ../shared/data: which map recipe, fusion and threshold help?
 
     python bench/ablation.py --runs-dir runs/bench [--sets busi,fire] [--epochs 6] [--image-size 224]
-        [--stage-two [--seg-method best|run] [--seg-self-train N] [--seg-epochs 30]]
+        [--stage-two [--seg-method best|run] [--seg-epochs 30]]
 
 For each set it trains the default ensemble (``--preset``) once (or reuses RUNS_DIR/<set>), takes the
 run's validation split (images the models never trained on; fire is split by video), and prints mean IoU on
@@ -96,23 +96,20 @@ def centred_box_iou(run: Path, ens: Ensemble) -> float:
     return sum(vals) / max(len(vals), 1)
 
 
-def stage_two(run: Path, runs: Path, epochs: int, size: int, method: str = "best",
-              self_train: int = 0):  # type: ignore[no-untyped-def]
+def stage_two(run: Path, runs: Path, epochs: int, size: int, method: str = "best"):  # type: ignore[no-untyped-def]
     """Annotate the training split with the run's ``method`` recipe (annotate --method), then train the
-    segmenter on those masks (``self_train`` rounds of self-training)."""
+    segmenter on those masks."""
     from pixelvote.engine.annotate import annotate
     from pixelvote.segment.train import SegConfig, load_segmenter, train_segmenter
 
-    suffix = ("" if method == "run" else f"-{method}") + (f"-st{self_train}" if self_train else "")
-    seg_dir = runs / f"{run.name}-segmenter{suffix}"
+    seg_dir = runs / f"{run.name}-segmenter{'' if method == 'run' else '-' + method}"
     if not (seg_dir / "segmenter.json").exists():
         split = json.loads((run / "split.json").read_text())
         csv = runs / f"{run.name}-train.csv"
         csv.write_text("path\n" + "".join(f'"{p}"\n' for p in split["train"]))
         annot = runs / f"{run.name}-train-annotations{'' if method == 'run' else '-' + method}"
         annotate(run, csv, annot, batch_size=8, mc_samples=8, method=method)
-        train_segmenter(annot, seg_dir, run=run, cfg=SegConfig(epochs=epochs, image_size=size,
-                                                               self_training=self_train))
+        train_segmenter(annot, seg_dir, run=run, cfg=SegConfig(epochs=epochs, image_size=size))
     return load_segmenter(seg_dir)[0]
 
 
@@ -132,7 +129,6 @@ def main() -> None:
     ap.add_argument("--seg-epochs", type=int, default=30)
     ap.add_argument("--seg-method", default="best", help="the recipe of the segmenter's pseudo-masks "
                     "(annotate --method: best, run or paper)")
-    ap.add_argument("--seg-self-train", type=int, default=0, help="segment train --self-train")
     args = ap.parse_args()
     results = {}
     for name in args.sets.split(","):
@@ -140,8 +136,8 @@ def main() -> None:
         ens, cfg = load_run(run)
         cal = json.loads((run / "calibration.json").read_text())
         recipes = {k: RECIPES[k] for k in args.recipes.split(",")}
-        seg = (stage_two(run, args.runs_dir, args.seg_epochs, args.image_size, args.seg_method,
-                         args.seg_self_train) if args.stage_two else None)
+        seg = (stage_two(run, args.runs_dir, args.seg_epochs, args.image_size, args.seg_method)
+               if args.stage_two else None)
         fusions = ["intersection", "mean", "vote"] + (["intersection+crf", "mean+crf"] if crf.available() else [])
         tables = collect(ens, val_batches(run, ens), recipes, fusions=fusions, segmenter=seg)
         single = Ensemble(ens.members[:1], ens.classes, ens.background, ens.image_size, device=ens.device)

@@ -142,58 +142,6 @@ def test_augmentation_moves_image_target_and_weight_together(tmp_path):
     assert torch.equal(ds.cache[0][1], plain[1])  # the cached example itself is never changed
 
 
-def test_relabel_replaces_unreviewed_masks_and_drops_disagreements(tmp_path):
-    """Self-training: the segmenter's own mask replaces each unreviewed pseudo-mask (its loss weights follow
-    the new mask); reviewed masks and negatives stay; an image where it disagrees with the old mask goes."""
-    from pixelvote.segment.selftrain import relabel
-
-    out = _out(tmp_path, n=9)
-    ds = SegDataset(select_examples(out, background="normal"), 50)
-    before = {i: ds.base(i) for i in range(len(ds))}
-    unreviewed = [i for i, e in enumerate(ds.examples) if e.mask is not None and not e.reviewed]
-
-    class Fixed(torch.nn.Module):
-        """Predicts the bright square shifted 2 px right, except for one image: an empty mask."""
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, x):
-            logits = torch.full(x.shape[:1] + x.shape[2:], -5.0)
-            logits[:, 10:25, 12:32] = 5.0
-            logits[(x[:, 0] == ds.base(unreviewed[0])[0][0].float() / 255).flatten(1).all(1)] = -5.0
-            return logits
-
-    examples = list(ds.examples)
-    counts = relabel(Fixed(), ds, threshold=0.5, crf=False)
-    assert counts == {"relabelled": len(unreviewed) - 1, "dropped": 1}
-    assert examples[unreviewed[0]] not in ds.examples and len(ds) == len(examples) - 1
-    for n, ex in enumerate(ds.examples):
-        i = examples.index(ex)
-        x, target, weight = ds.base(n)
-        assert torch.equal(x, before[i][0])
-        if i in unreviewed:
-            assert target[10:25, 12:32].all() and target.sum() == 15 * 20  # the segmenter's mask
-            # the ignored band around the edge follows the new mask (it moved 2 px right)
-            assert (before[i][2][20, 9], before[i][2][20, 13]) == (0.0, 1.0)
-            assert (weight[20, 9], weight[20, 13]) == (1.0, 0.0)
-        else:  # reviewed masks and negatives are kept
-            assert torch.equal(target, before[i][1]) and torch.equal(weight, before[i][2])
-
-
-def test_self_training_trains_a_fresh_segmenter_on_relabelled_masks(tmp_path):
-    out = _out(tmp_path)
-    seg = train_segmenter(out, tmp_path / "seg", cfg=SegConfig(epochs=1, image_size=64, batch_size=4,
-                                                               self_training=1, self_training_crf=False),
-                          pretrained=False, device="cpu")
-    history = json.loads((seg / "history.json").read_text())
-    assert [h.get("round", 0) for h in history if "epoch" in h] == [0, 1]
-    rounds = [h for h in history if "self_training_round" in h]
-    assert len(rounds) == 1 and rounds[0]["relabelled"] + rounds[0]["dropped"] == 2
-    assert json.loads((seg / "segmenter.json").read_text())["self_training"] == 1
-    load_segmenter(seg, device="cpu")
-
-
 def _lite0_run(tmp_path, name="efficientnet_lite0_os16"):
     """A run folder whose one member is an EfficientNet-Lite0 (random weights) - a stand-in for a fine-tuned one."""
     from pixelvote.models.checkpoint import MemberConfig, RunConfig, member_file, save_run_config, save_weights

@@ -281,11 +281,6 @@ def segment_train(
     encoder_init: str = typer.Option("run", "--encoder-init", help="run: the encoder starts from the run's "
                                      "fine-tuned member of the same network (--run, or the run that annotated "
                                      "OUT); imagenet: from ImageNet weights"),
-    self_train: int = typer.Option(0, "--self-train", min=0, help="rounds in which the segmenter relabels its "
-                                   "unreviewed training images and a fresh one learns from them (each round "
-                                   "costs one more training)"),
-    self_train_crf: bool = typer.Option(True, "--self-train-crf/--self-train-no-crf",
-                                        help="refine the relabelled masks with the dense CRF"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
@@ -295,8 +290,8 @@ def segment_train(
 
     mode = "reviewed" if reviewed_only else ("all" if all_images else "confident")
     cfg = SegConfig(encoder=encoder, epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
-                    mode=mode, augment=augment, crf=crf, encoder_init=encoder_init, self_training=self_train,
-                    self_training_crf=self_train_crf, **decoder_settings(decoder))
+                    mode=mode, augment=augment, crf=crf, encoder_init=encoder_init,
+                    **decoder_settings(decoder))
     path = train_segmenter(annotations, out, run=run, cfg=cfg, pretrained=pretrained, device=device)
     typer.echo(f"segmenter saved to {path}; use it with `pixelvote annotate --segmenter {path}`")
 

@@ -89,27 +89,13 @@ class SegDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, target, weight = self.base(i)
+        if i not in self.cache:
+            self.cache[i] = self._load(self.examples[i])
+        x, target, weight = self.cache[i]
         if self.augment is None:
             return x, target, weight
         x, maps = self.augment(x, torch.stack([target, weight]))
         return x, maps[0], maps[1]
-
-    def base(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Example ``i`` without augmentation."""
-        if i not in self.cache:
-            self.cache[i] = self._load(self.examples[i])
-        return self.cache[i]
-
-    def set_target(self, i: int, target: torch.Tensor) -> None:
-        """Replace example ``i``'s pseudo-mask (self-training); its loss weights follow the new mask."""
-        x = self.base(i)[0]
-        self.cache[i] = (x, target.float(), self._weight(self.examples[i], target.float()))
-
-    def keep(self, indices: list[int]) -> None:
-        """Keep only these examples (in this order)."""
-        self.cache = {n: self.cache[i] for n, i in enumerate(indices) if i in self.cache}
-        self.examples = [self.examples[i] for i in indices]
 
     def _load(self, ex: SegExample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = self.size
@@ -122,15 +108,11 @@ class SegDataset(torch.utils.data.Dataset):
         m = read_mask(ex.mask, (img.shape[1], img.shape[0]))
         target = F.interpolate(torch.from_numpy(m.astype(np.float32))[None, None], size=(s, s),
                                mode="area")[0, 0].gt(0.5).float()
-        return x, target, self._weight(ex, target)
-
-    def _weight(self, ex: SegExample, target: torch.Tensor) -> torch.Tensor:
-        s = self.size
         weight = torch.full((s, s), ex.weight)
-        if not ex.reviewed and ex.mask is not None:
+        if not ex.reviewed:
             weight[_band(target > 0, max(1, round(self.edge_band * s)))] = 0.0
             if ex.uncertainty is not None:
                 unc = torch.from_numpy(read_grey(ex.uncertainty).astype(np.float32) / 255.0)
                 unc = F.interpolate(unc[None, None], size=(s, s), mode="area")[0, 0]
                 weight[(unc > self.uncertainty_ignore) & (target == 0)] = 0.0
-        return weight
+        return x, target, weight

@@ -19,7 +19,6 @@ from pixelvote.models.checkpoint import load_module_state, save_weights
 from pixelvote.models.ensemble import default_device
 from pixelvote.segment.data import SegDataset, select_examples
 from pixelvote.segment.model import Segmenter
-from pixelvote.segment.selftrain import relabel
 
 log = logging.getLogger(__name__)
 SEG_FORMAT = 1
@@ -59,10 +58,6 @@ class SegConfig(BaseModel):
         "run", description="run: start the encoder from the run's fine-tuned member of the same network (it "
         "already tells the findings apart; ImageNet weights where the run has none); imagenet: ImageNet weights")
     encoder_from: str = Field("", description="where the encoder's initial weights came from (written by training)")
-    self_training: int = Field(0, ge=0, description="rounds in which the segmenter relabels its unreviewed "
-                               "training images and a fresh one is trained on them (each costs a training)")
-    self_training_crf: bool = Field(True, description="self-training refines the relabelled masks with the "
-                                    "dense CRF")
     crf: bool = Field(False, description="annotate refines the probability with the dense CRF (at `threshold`) "
                       "before taking the mask (the `segmenter + dense CRF` row of `evaluate --segmenter`)")
     background: str = ""
@@ -97,24 +92,17 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
     examples = select_examples(annotations, background=cfg.background, mode=cfg.mode,
                                reviewed_weight=cfg.reviewed_weight)
     cfg.examples = len(examples)
-    from pixelvote.refine import crf
+    if cfg.crf:
+        from pixelvote.refine import crf
 
-    if cfg.crf and not crf.available():
-        raise ConfigError("--crf needs pydensecrf2, which is not installed", fix=crf.INSTALL_HINT)
-    if cfg.self_training and cfg.self_training_crf and not crf.available():
-        raise ConfigError("self-training refines the relabelled masks with the dense CRF, which needs pydensecrf2",
-                          fix=f"{crf.INSTALL_HINT}, or pass --self-train-no-crf")
+        if not crf.available():
+            raise ConfigError("--crf needs pydensecrf2, which is not installed", fix=crf.INSTALL_HINT)
     init = _initial_encoder(cfg, run, meta.get("run"), annotations, pretrained)
     dev = torch.device(device) if device else default_device()
     ds = SegDataset(examples, cfg.image_size, augment=cfg.augment)
     out.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
-    model = _fit(ds, cfg, dev, pretrained and init is None, history, round_=0, init=init)
-    for r in range(1, cfg.self_training + 1):
-        counts = relabel(model, ds, threshold=cfg.threshold, crf=cfg.self_training_crf,
-                         batch_size=cfg.batch_size)
-        history.append({"self_training_round": r, **counts})
-        model = _fit(ds, cfg, dev, pretrained and init is None, history, round_=r, init=init)
+    model = _fit(ds, cfg, dev, pretrained and init is None, history, init=init)
     save_weights(out / "segmenter.safetensors", model)
     write_json_atomic(out / "history.json", history)
     write_json_atomic(out / "segmenter.json", cfg.model_dump(mode="json"))
@@ -142,10 +130,10 @@ def _initial_encoder(cfg: SegConfig, run: str | Path | None, annotated_by: str |
 
 
 def _fit(ds: SegDataset, cfg: SegConfig, dev: torch.device, pretrained: bool, history: list[dict],
-         round_: int, init: dict[str, torch.Tensor] | None = None) -> Segmenter:
+         init: dict[str, torch.Tensor] | None = None) -> Segmenter:
     """A fresh segmenter (encoder from ``init`` when given) trained on ``ds`` for ``cfg.epochs``; appends one
     entry per epoch to ``history``."""
-    torch.manual_seed(cfg.seed + round_)
+    torch.manual_seed(cfg.seed)
     model = Segmenter(cfg.encoder, pretrained=pretrained, pyramid_channels=cfg.pyramid_channels,
                       segmentation_channels=cfg.segmentation_channels, flip_tta=cfg.flip_tta)
     if init is not None:
@@ -153,9 +141,8 @@ def _fit(ds: SegDataset, cfg: SegConfig, dev: torch.device, pretrained: bool, hi
     model = model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    g = torch.Generator().manual_seed(cfg.seed + round_)
-    desc = "training segmenter" + (f" (self-training round {round_})" if round_ else "")
-    for epoch in tqdm(range(cfg.epochs), desc=desc, unit="epoch"):
+    g = torch.Generator().manual_seed(cfg.seed)
+    for epoch in tqdm(range(cfg.epochs), desc="training segmenter", unit="epoch"):
         t0 = time.time()
         model.train()
         total, n = 0.0, 0
@@ -172,8 +159,7 @@ def _fit(ds: SegDataset, cfg: SegConfig, dev: torch.device, pretrained: bool, hi
             total += float(loss.detach()) * len(x)
             n += len(x)
         sched.step()
-        entry = {"epoch": epoch + 1, "loss": total / max(n, 1), "seconds": round(time.time() - t0, 2)}
-        history.append({**entry, "round": round_} if round_ else entry)
+        history.append({"epoch": epoch + 1, "loss": total / max(n, 1), "seconds": round(time.time() - t0, 2)})
         log.info("segmenter epoch %d: loss %.4f", epoch + 1, total / max(n, 1))
     return model
 
