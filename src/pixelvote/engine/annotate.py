@@ -39,7 +39,6 @@ from pixelvote.data.imageio import (
 )
 from pixelvote.data.transforms import resize_image, resize_uint8, to_tensor
 from pixelvote.engine.inputs import Item, list_inputs
-from pixelvote.engine.prefetch import prefetch
 from pixelvote.engine.render import encode_outputs, output_paths, to_levels
 from pixelvote.errors import ConfigError, DataError, did_you_mean
 from pixelvote.explain.analyze import MapConfig, analyze, upsample
@@ -301,7 +300,7 @@ def _annotate_locked(ens: Ensemble, run: str | Path, items: list[Item], out: Pat
     writer.start()
     bar = tqdm(total=len(pending), desc="annotating", unit="img", disable=not progress)
     try:
-        for batch in (loader if workers else prefetch(loader)):
+        for batch in loader:
             good = [b for b in batch if "error" not in b]
             for b in batch:
                 if "error" in b:
