@@ -184,6 +184,8 @@ def test_the_encoder_starts_from_the_runs_member_of_the_same_network(tmp_path):
     meta = json.loads((train_segmenter(out, tmp_path / "b", run=run, cfg=plain, pretrained=False,
                                        device="cpu") / "segmenter.json").read_text())
     assert meta["encoder_from"] == "random"
+    with pytest.raises(CheckpointError, match="not a pixelvote run"):  # a wrong --run is named, not skipped
+        train_segmenter(out, tmp_path / "e", run=tmp_path, cfg=cfg, pretrained=False, device="cpu")
     # without --run, the run recorded in annotate.json is used while it exists
     ann = json.loads((out / "annotate.json").read_text())
     (out / "annotate.json").write_text(json.dumps({**ann, "run": str(run)}))
