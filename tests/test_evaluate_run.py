@@ -326,8 +326,8 @@ def test_segmenter_rows_score_the_masks_annotate_writes_with_it(trained, tmp_pat
     _, data, run = trained
     annotate(run, data / "images", tmp_path / "pseudo", num_workers=0, progress=False)
     seg = train_segmenter(tmp_path / "pseudo", tmp_path / "seg", run=run,
-                          cfg=SegConfig(epochs=1, image_size=64, batch_size=4, mode="all"), pretrained=False,
-                          device="cpu")
+                          cfg=SegConfig(epochs=1, image_size=64, batch_size=4, mode="all", crf=False),
+                          pretrained=False, device="cpu")
     m = _evaluate(run, data, tmp_path / "report", segmenter=seg)
     rows = {row[0]: row[1:] for row in m["fusion"]["rows"]}
     assert "segmenter (stage two)" in rows and "segmenter (stage two)" in m["pixel"]["segmenter"]

@@ -78,6 +78,21 @@ def test_train_save_load_predict(tmp_path):
         load_segmenter(seg)
 
 
+def test_the_crf_is_on_by_default_where_it_is_installed(tmp_path, monkeypatch):
+    from pixelvote.errors import ConfigError
+    from pixelvote.refine import crf
+
+    out = _out(tmp_path)
+    cfg = SegConfig(epochs=1, image_size=64, batch_size=4)
+    for installed in (True, False):
+        monkeypatch.setattr(crf, "available", lambda installed=installed: installed)
+        seg = train_segmenter(out, tmp_path / f"seg{installed}", cfg=cfg, pretrained=False, device="cpu")
+        assert json.loads((seg / "segmenter.json").read_text())["crf"] is installed
+    with pytest.raises(ConfigError, match="pydensecrf2"):  # asked for explicitly, it is an error
+        train_segmenter(out, tmp_path / "seg", cfg=cfg.model_copy(update={"crf": True}), pretrained=False,
+                        device="cpu")
+
+
 def test_segmenters_saved_before_the_light_decoder_still_load(tmp_path):
     """segmenter.json without the decoder fields means smp's defaults (256/128) and flip averaging."""
     from pixelvote.models.checkpoint import save_weights

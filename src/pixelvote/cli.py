@@ -276,8 +276,9 @@ def segment_train(
                                 "256/128: better masks, ~4x slower)"),
     augment: bool = typer.Option(False, "--augment/--no-augment", help="random crops, small rotations and "
                                  "brightness/contrast jitter (else flips only; on BUSI it scored lower)"),
-    crf: bool = typer.Option(False, "--crf/--no-crf", help="annotate refines the segmenter's masks with the "
-                             "dense CRF (needs pixelvote[crf]; compare both rows of `evaluate --segmenter` first)"),
+    crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="annotate refines the segmenter's masks "
+                                       "with the dense CRF (default: on where pixelvote[crf] is installed; "
+                                       "`evaluate --segmenter` shows both rows)"),
     encoder_init: str = typer.Option("run", "--encoder-init", help="run: the encoder starts from the run's "
                                      "fine-tuned member of the same network (--run, or the run that annotated "
                                      "OUT); imagenet: from ImageNet weights"),
