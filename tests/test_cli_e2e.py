@@ -166,3 +166,65 @@ def test_annotate_contrast_flag_changes_the_maps_not_the_diagnosis(trained, tmp_
     heat = [np.asarray(Image.open(tmp_path / f / "overlays" / (Path(k).stem + ".jpg")), dtype=float)
             for f, k in (("--no-contrast", next(iter(plain))), ("--contrast", next(iter(plain))))]
     assert np.abs(heat[0] - heat[1]).mean() > 0.5  # the overlays show different maps
+
+
+def test_annotate_with_labels_explains_each_images_own_class(trained, tmp_path):
+    _, data, run = trained
+    out = tmp_path / "labelled"
+    # the dataset root: images/<class>/..., and masks/ beside it, which are not inputs
+    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(data), "--out", str(out),
+                            "--mc-samples", "2", "--no-crf", "--labels"])
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(x) for x in (out / "annotations.jsonl").read_text().splitlines()]
+    assert len(recs) == 24  # the 24 images, not the 12 masks
+    for x in recs:
+        truth = Path(x["image"]).parent.name
+        assert x["label"] == truth and x["label_given"] is True
+        assert ("label_disagrees" in x["reasons"]) == (x["diagnosis"] != truth)
+        if truth == "normal":
+            assert x["mask_area"] == 0
+        else:
+            assert x["target_class"] == "lesion"
+    # without --labels the diagnosis is the label
+    plain = tmp_path / "plain"
+    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(data / "images"), "--out", str(plain),
+                            "--mc-samples", "2", "--no-crf"])
+    assert r.exit_code == 0, r.output
+    for x in map(json.loads, (plain / "annotations.jsonl").read_text().splitlines()):
+        assert x["label"] == x["diagnosis"] and x["label_given"] is False
+
+
+def test_annotate_labels_errors_name_the_problem(trained, tmp_path):
+    _, data, run = trained
+    src = sorted((data / "images" / "lesion").glob("*.png"))[0]
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    Image.open(src).save(loose / "x.png")
+    wrong = tmp_path / "wrong" / "tumour"
+    wrong.mkdir(parents=True)
+    Image.open(src).save(wrong / "x.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path\n{src}\n")
+    unlabelled = tmp_path / "u.csv"
+    unlabelled.write_text(f"path,label\n{src},\n")
+    for images, message in ((loose, "not inside a class folder"), (wrong.parent, "not classes of this run"),
+                            (manifest, "no 'label' column"), (unlabelled, "has no label")):
+        r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(images), "--out",
+                                str(tmp_path / "o"), "--labels"])
+        assert r.exit_code != 0
+        assert message in str(r.exception) or message in r.output, (images, r.output, r.exception)
+
+
+def test_annotate_labels_from_a_csv_manifest(trained, tmp_path):
+    _, data, run = trained
+    src = sorted((data / "images" / "lesion").glob("*.png"))[:2]
+    manifest = tmp_path / "m.csv"
+    # the second image is labelled background: it gets no mask whatever the models see
+    manifest.write_text(f"path,label\n{src[0]},lesion\n{src[1]},normal\n")
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(manifest), "--out", str(out),
+                            "--mc-samples", "2", "--no-crf", "--labels"])
+    assert r.exit_code == 0, r.output
+    recs = {Path(x["image"]).name: x for x in map(json.loads, (out / "annotations.jsonl").read_text().splitlines())}
+    assert recs[src[0].name]["label"] == "lesion" and recs[src[1].name]["label"] == "normal"
+    assert recs[src[1].name]["mask_area"] == 0

@@ -92,3 +92,27 @@ def test_fusion_with_no_agreeing_member_is_empty():
     agree = torch.zeros(2, 1, dtype=torch.bool)
     assert (fuse_margins(margins, agree, "intersection", 1) <= 0).all()
     assert policy_met(torch.tensor([[True], [False], [True]]), ConsensusConfig(policy="k-of-n", k=2)).item()
+
+
+def test_given_label_fuses_every_members_map_even_when_none_agrees():
+    # every member calls the image background (class 1), but its label says lesion (class 0)
+    a = _analysis([[A], [B_], [C]], [[[0.2, 0.8]]] * 3)
+    assert not apply_consensus(a, ConsensusConfig(threshold=0.5), 1).mask.any()  # diagnosis decides: no mask
+    a.given = torch.tensor([0])
+    r = apply_consensus(a, ConsensusConfig(threshold=0.5), 1)
+    assert r.mask[0].int().tolist() == [[0, 1, 0], [0, 0, 0]]  # the intersection of all three maps
+    assert bool(r.foreground[0])
+    assert "label_disagrees" in r.reasons[0]
+    mean = apply_consensus(a, ConsensusConfig(fusion="mean", threshold=0.5), 1)
+    assert mean.mask[0].int().tolist() == [[1, 1, 1], [0, 0, 0]]
+
+
+def test_given_background_label_gives_no_mask_and_an_agreeing_label_no_flag():
+    a = _analysis([[A], [B_], [C]], [[LESION]] * 3)
+    a.given = torch.tensor([1])  # labelled background although every member sees a lesion
+    r = apply_consensus(a, ConsensusConfig(threshold=0.5), 1)
+    assert not r.mask.any() and not bool(r.foreground[0])
+    assert r.reasons[0] == ["label_disagrees"]
+    a.given = torch.tensor([0])
+    r = apply_consensus(a, ConsensusConfig(threshold=0.5), 1)
+    assert r.reasons == [[]] and r.mask[0].int().tolist() == [[0, 1, 0], [0, 0, 0]]

@@ -127,6 +127,9 @@ def annotate(
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="dense-CRF refinement of the fused map "
                                        "(default: as the run chose; needs pixelvote[crf])"),
     segmenter: Optional[Path] = typer.Option(None, help="masks from a `pixelvote segment train` folder"),
+    labels: bool = typer.Option(False, "--labels/--no-labels", help="the images are labelled (class folders "
+                                "DIR/<class>/... or DIR/images/<class>/..., or a CSV label column): explain "
+                                "each image's own class and flag where the diagnosis differs"),
     device: Optional[str] = typer.Option(None),
     engine: str = typer.Option("local", "--engine", help="local: this process; ray: Ray workers "
                                "(pip install 'pixelvote[ray]'; see docs/scale-out.md)"),
@@ -155,12 +158,18 @@ def annotate(
     if engine == "ray":
         from pixelvote.engine.ray_engine import annotate_ray
 
+        if labels:
+            from pixelvote.errors import ConfigError
+
+            raise ConfigError("--labels is not available with --engine ray yet",
+                              fix="annotate labelled images with --engine local")
         s = annotate_ray(run, images, out, batch_size=batch_size, mc_samples=mc_samples,
                          num_workers=num_workers, address=address, device=device, consensus=overrides,
                          maps=maps, method=method, segmenter=segmenter)
     else:
         s = run_annotate(run, images, out, batch_size=batch_size, mc_samples=mc_samples, num_workers=workers,
-                         device=device, consensus=overrides, maps=maps, method=method, segmenter=segmenter)
+                         device=device, consensus=overrides, maps=maps, method=method, segmenter=segmenter,
+                         labels=labels)
     typer.echo(f"{s.annotated} annotated, {s.already_done} already done, {s.skipped} skipped, "
                f"{s.flagged} flagged for review; labels {s.labels}")
     typer.echo(f"outputs in {s.out} (annotations.jsonl, masks/, overlays/, uncertainty/)")
@@ -309,6 +318,8 @@ def improve(
     seg_decoder: str = typer.Option("light", help="light or full segmenter decoder (see `segment train --decoder`)"),
     method: str = typer.Option("best", help="the recipe of the consensus masks the first segmenter learns from "
                                "(see `annotate --method`)"),
+    labels: bool = typer.Option(False, "--labels/--no-labels", help="the images are labelled: annotate with "
+                                "their labels (see `annotate --labels`)"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """The loop a team runs: annotate -> review -> retrain the segmenter -> re-annotate (log IoU per round)."""
@@ -316,7 +327,8 @@ def improve(
     from pixelvote.segment.improve import improve as run_improve
 
     for entry in run_improve(run, images, work, rounds=rounds, truth=truth, review_fraction=review_fraction,
-                             seg_epochs=seg_epochs, device=device, seg_decoder=seg_decoder, method=method):
+                             seg_epochs=seg_epochs, device=device, seg_decoder=seg_decoder, method=method,
+                             labels=labels):
         typer.echo(json.dumps(entry))
 
 

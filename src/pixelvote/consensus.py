@@ -24,7 +24,7 @@ ThresholdMethod = Literal["fixed", "otsu", "percentile"]
 Refine = Literal["none", "crf"]
 
 REASONS = ("disagreement", "high_mutual_information", "high_variance", "low_confidence", "empty_mask",
-           "no_agreeing_member")
+           "no_agreeing_member", "label_disagrees")
 
 
 class ConsensusConfig(BaseModel):
@@ -54,7 +54,7 @@ class ConsensusResult:
     uncertainty: torch.Tensor  # (B, S, S) mean MC-CAM std of agreeing members
     agree: torch.Tensor  # (M, B) bool, member agrees with the diagnosis
     agreement: torch.Tensor  # (B,) share of members that agree
-    foreground: torch.Tensor  # (B,) bool, diagnosis is not the background class
+    foreground: torch.Tensor  # (B,) bool, the image's class (given, else the diagnosis) is not background
     reasons: list[list[str]]
     thresholds: torch.Tensor  # (M, B) threshold applied to each member's map
 
@@ -129,25 +129,32 @@ def fuse_margins(margins: torch.Tensor, agree: torch.Tensor, fusion: Fusion, k: 
 
 
 def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: int) -> ConsensusResult:
+    """The mask, display maps and review flags of a batch. Without known labels (``analysis.given`` None) the
+    members that agree with the ensemble's diagnosis are fused and a background diagnosis gets no mask. With
+    known labels the label decides: an image labelled with a finding gets a mask fused from every member's
+    map of that finding (a member that misses the finding still shows where it is), a background-labelled
+    image none, and ``label_disagrees`` flags an image whose diagnosis differs from its label."""
     maps = analysis.maps
     member_labels = torch.stack([s["label"] for s in analysis.stats])
     label = analysis.label
     agree = agreeing_members(member_labels, label)
+    fuse = agree if analysis.given is None else torch.ones_like(agree)
+    decided = label if analysis.given is None else analysis.given
     k = cfg.k if cfg.fusion == "vote" else 1
     if cfg.fusion == "vote" and cfg.policy != "k-of-n":
         k = max(1, math.ceil((maps.shape[0] + 1) / 2))
-    foreground = label != background_index
+    foreground = decided != background_index
     if cfg.refine == "crf":
-        fused, thresholds = _crf_fused(analysis, cfg, agree, k, foreground)
+        fused, thresholds = _crf_fused(analysis, cfg, fuse, k, foreground)
     else:
         thresholds = member_thresholds(maps, cfg)
         margins = maps - thresholds.view(*thresholds.shape, 1, 1)
         # members with no positive evidence at all (raw CAM max 0) have nothing to contribute
         live = (analysis.raw_max > 0).view(*agree.shape, 1, 1)
         margins = torch.where(live, margins, torch.full_like(margins, -1.0))
-        fused = fuse_margins(margins, agree, cfg.fusion, k, maps, thresholds)
+        fused = fuse_margins(margins, fuse, cfg.fusion, k, maps, thresholds)
     fused = torch.where(foreground.view(-1, 1, 1), fused, torch.full_like(fused, -1.0))
-    w = agree.float().view(*agree.shape, 1, 1)
+    w = fuse.float().view(*agree.shape, 1, 1)
     cnt = w.sum(0).clamp_min(1.0)
     heat = (maps * w).sum(0) / cnt
     unc = (analysis.uncertainty * w).sum(0) / cnt
@@ -166,9 +173,10 @@ def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: 
         var > (cfg.variance_threshold if cfg.variance_threshold is not None else nan),
         conf < cfg.min_confidence,
         empty,
+        decided != label,
     ], 1).tolist()  # one transfer from the device for the whole batch
     names = ("no_agreeing_member", "disagreement", "high_mutual_information", "high_variance",
-             "low_confidence", "empty_mask")
+             "low_confidence", "empty_mask", "label_disagrees")
     reasons = [[n for n, hit in zip(names, row) if hit] for row in checks]
     return ConsensusResult(fused, heat, unc, agree, agree.float().mean(0), foreground, reasons, thresholds)
 

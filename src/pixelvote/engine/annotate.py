@@ -214,6 +214,14 @@ def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig
     return {str(rec.get("key")): str(rec.get("image")) for rec in read_jsonl(manifest)}
 
 
+def check_labels(items: list[Item], classes: list[str], images: str | Path) -> None:
+    unknown = sorted({str(it.label) for it in items} - set(classes))
+    if unknown:
+        raise DataError(f"labels {unknown} are not classes of this run ({classes})", path=Path(images),
+                        fix="name the class folders (or the CSV's labels) as the run's classes, or annotate "
+                            "without --labels")
+
+
 PAPER_METHOD = {"consensus": {"policy": "unanimous", "fusion": "intersection", "threshold_method": "fixed",
                                "threshold": 0.5, "refine": "none"}, "maps": {}}
 
@@ -256,14 +264,18 @@ def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size
              mc_samples: int | None = None, num_workers: int | None = None, device: str | None = None,
              consensus: dict[str, Any] | None = None, maps: dict[str, Any] | None = None,
              method: str = "run", segmenter: str | Path | None = None,
-             segmenter_min_iou: float = 0.2, progress: bool = True) -> AnnotateSummary:
+             segmenter_min_iou: float = 0.2, labels: bool = False, progress: bool = True) -> AnnotateSummary:
     """Annotate every image under ``images`` with the run's ensemble into ``out`` (resumable).
 
     ``method="run"`` uses the run's calibrated recipe; ``method="paper"`` the paper's fixed rule (plain
     XGrad-CAM, unanimous intersection at 0.5 of each map's max). ``consensus``/``maps`` override fields.
     With ``segmenter`` (a `pixelvote segment train` folder) masks come from the segmenter; the ensemble still
     gives the diagnosis, the uncertainty and the flags, plus ``segmenter_disagrees`` when the segmenter's
-    mask and the consensus mask overlap less than ``segmenter_min_iou`` (IoU)."""
+    mask and the consensus mask overlap less than ``segmenter_min_iou`` (IoU).
+    With ``labels`` the images' own labels (class folders, or a CSV's ``label`` column) decide which class is
+    explained and whether an image gets a mask; every member's map of that class is fused, and
+    ``label_disagrees`` flags images whose diagnosis differs from their label (see
+    :func:`pixelvote.consensus.apply_consensus`)."""
     out = Path(out)
     ens, cfg = load_run(run, device=device, fold=True)
     ccfg, mcfg, T = resolve_recipe(cfg, method, consensus, maps, mc_samples)
@@ -277,7 +289,9 @@ def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size
         if seg[1].crf and not crf.available():
             raise ConfigError("this segmenter refines its masks with the dense CRF, but pydensecrf2 is not "
                               "installed", path=Path(segmenter), fix=crf.INSTALL_HINT)
-    items = list_inputs(images)
+    items = list_inputs(images, labels=labels)
+    if labels:
+        check_labels(items, ens.classes, images)
     with _exclusive(out):
         return _annotate_locked(ens, run, items, out, ccfg, mcfg, T, batch_size, num_workers, progress, seg)
 
@@ -418,11 +432,13 @@ def batch_results(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int,
     (mask bool; heat and uncertainty as uint8 levels) that :func:`pixelvote.engine.render.encode_outputs`
     turns into its files. Shared by the local and the Ray engine."""
     x = torch.stack([b["input"] for b in batch])
-    a = analyze(ens, x, mc_samples=T, seeds=[b["item"].seed for b in batch], maps=mcfg)
+    classes = ens.classes
+    labelled = [b["item"].label for b in batch]
+    given = None if None in labelled else torch.tensor([classes.index(str(c)) for c in labelled])
+    a = analyze(ens, x, mc_samples=T, seeds=[b["item"].seed for b in batch], maps=mcfg, given=given)
     res = apply_consensus(a, ccfg, ens.background_index)
     if seg is not None:
         _use_segmenter(res, x, *seg)
-    classes = ens.classes
     # the heat and uncertainty maps only ever become 8-bit pictures: quantised before the resize, which
     # then runs on uint8 (on a CPU, cheaper than a float resize and the float -> uint8 pass at full size)
     levels = to_levels(torch.stack([res.heat.clamp(0, 1), res.uncertainty.clamp(0, 1)], 1))
@@ -432,7 +448,8 @@ def batch_results(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int,
         hw = image.shape[:2]
         mask = (upsample(res.margin[j], hw) > 0).cpu().numpy()  # as evaluate scores it
         heat, unc = resize_uint8(levels[j], hw).cpu().numpy()
-        label = int(a.label[j])
+        diagnosis = int(a.label[j])
+        label = diagnosis if given is None else int(given[j])
         area = int(mask.sum())
         members = {}
         for mi, name in enumerate(a.member_names):
@@ -448,7 +465,8 @@ def batch_results(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int,
         record = {
             "image": str(item.path.resolve()), "key": item.key,
             **output_paths(item.key), "width": int(hw[1]), "height": int(hw[0]),
-            "label": classes[label], "label_index": label,
+            "label": classes[label], "label_index": label, "label_given": given is not None,
+            "diagnosis": classes[diagnosis],
             "probability": round(float(a.ensemble_probs[j, label]), 6),
             "probabilities": {c: round(float(a.ensemble_probs[j, k]), 6) for k, c in enumerate(classes)},
             "target_class": classes[int(a.target[j])], "members": members,

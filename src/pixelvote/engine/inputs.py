@@ -17,13 +17,17 @@ from pixelvote.errors import DataError
 class Item:
     path: Path
     key: str  # output key: the stem, or the relative path without extension when stems collide
+    label: str | None = None  # the image-level label, when the inputs are labelled (list_inputs(labels=True))
 
     @property
     def seed(self) -> int:
         return zlib.crc32(self.key.encode("utf-8"))
 
 
-def list_inputs(images: str | Path) -> list[Item]:
+def list_inputs(images: str | Path, *, labels: bool = False) -> list[Item]:
+    """The images under a folder (searched recursively) or in a CSV manifest's ``path`` column. With
+    ``labels`` each item also gets its image-level label: the class folder it sits in (``DIR/<class>/...``
+    or ``DIR/images/<class>/...``) or the manifest's ``label`` column."""
     root = Path(images)
     if not root.exists():
         raise DataError("input not found", path=root, fix="pass a folder of images or a CSV manifest with a path column")
@@ -33,19 +37,30 @@ def list_inputs(images: str | Path) -> list[Item]:
                             fix="pass the folder that holds the images")
         with open(root, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            if not reader.fieldnames or "path" not in [f.strip().lower() for f in reader.fieldnames]:
+            fields = [f.strip().lower() for f in reader.fieldnames or []]
+            if "path" not in fields:
                 raise DataError("CSV manifest has no 'path' column", path=root, fix="add a header line with 'path'")
-            paths = []
-            for row in reader:
+            if labels and "label" not in fields:
+                raise DataError("CSV manifest has no 'label' column, so its images have no labels", path=root,
+                                fix="add a 'label' column with each image's class, or annotate without --labels")
+            given: dict[Path, str] = {}
+            for i, row in enumerate(reader, start=2):
                 row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
                 p = Path(row["path"])
                 # normalised, so that '../x.png' cannot make a key (an output path) with '..' in it
-                paths.append(Path(os.path.abspath(p if p.is_absolute() else root.parent / p)))
-            paths = list(dict.fromkeys(paths))  # an image listed twice is annotated once
+                p = Path(os.path.abspath(p if p.is_absolute() else root.parent / p))
+                if labels and not row.get("label"):
+                    raise DataError(f"line {i} ({row['path']}) has no label", path=root,
+                                    fix="fill in its label, or annotate without --labels")
+                given.setdefault(p, row.get("label", ""))  # an image listed twice is annotated once
+            paths = list(given)
         base = Path(os.path.abspath(root.parent))
     else:
         paths = _walk_images(root)
         base = root
+        if labels:
+            given = _folder_labels(root, paths)
+            paths = [p for p in paths if p in given]
     if not paths:
         raise DataError("no images found (PNG, JPEG, BMP or TIFF, searched recursively)", path=root,
                         fix="check the folder")
@@ -64,8 +79,27 @@ def list_inputs(images: str | Path) -> list[Item]:
             key = rel(p).with_suffix("").as_posix()
             if no_ext[key] > 1:  # same stem in the same folder with another extension
                 key = rel(p).as_posix()
-        items.append(Item(p, key))
+        items.append(Item(p, key, given[p] if labels else None))
     return _unique_keys(items)
+
+
+def _folder_labels(root: Path, paths: list[Path]) -> dict[Path, str]:
+    """Each image's class folder: the first folder under ``root``, or under ``root/images`` (then images
+    elsewhere, such as ``root/masks/...``, are not inputs)."""
+    top = root / "images" if (root / "images").is_dir() else root
+    out = {}
+    for p in paths:
+        parts = p.relative_to(root).parts
+        if top != root:
+            if parts[0] != "images":
+                continue  # e.g. DIR/masks/...: not an input of a labelled images/<class>/ tree
+            parts = parts[1:]
+        if len(parts) < 2:
+            raise DataError("this image is not inside a class folder, so it has no label", path=p,
+                            fix=f"put each image in {top}/<class>/ (the run's class names), or annotate "
+                                "without --labels")
+        out[p] = parts[0]
+    return out
 
 
 def _unique_keys(items: list[Item]) -> list[Item]:
@@ -81,6 +115,6 @@ def _unique_keys(items: list[Item]) -> list[Item]:
         if counts[it.key] > 1:
             n_seen[it.key] += 1
             if n_seen[it.key] > 1:
-                it = Item(it.path, f"{it.key}~{n_seen[it.key]}")
+                it = Item(it.path, f"{it.key}~{n_seen[it.key]}", it.label)
         out.append(it)
     return out

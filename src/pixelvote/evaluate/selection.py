@@ -85,12 +85,15 @@ class VariantTable:
 def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfig], *,
             fusions: Sequence[str] = ("intersection", "mean", "vote"), base: ConsensusConfig | None = None,
             mc_samples: int = 1, grid: Sequence[float] = GRID,
-            segmenter: torch.nn.Module | None = None) -> dict[tuple[str, str], VariantTable]:
+            segmenter: torch.nn.Module | None = None,
+            given_labels: bool = False) -> dict[tuple[str, str], VariantTable]:
     """IoU tables for every recipe x fusion on the images of ``batches`` that have a foreground mask.
     A fusion may carry a refinement, ``"mean+crf"`` (see :func:`split_fusion`); a row's time is the analysis
     plus that consensus. With ``segmenter`` a ("segmenter", "-") row is added: its probability map, gated
     like every other row by the ensemble's diagnosis (a background diagnosis gives an empty mask); and,
-    where pydensecrf2 is installed, ("segmenter", "crf"): that map refined by the dense CRF at 0.5."""
+    where pydensecrf2 is installed, ("segmenter", "crf"): that map refined by the dense CRF at 0.5.
+    ``given_labels``: score masks as ``annotate --labels`` makes them (the batch's labels decide, not the
+    diagnosis)."""
     import time
 
     base = base or ConsensusConfig()
@@ -112,12 +115,13 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
         n_images += len(use)
         imgs = batch.images[use]
         seeds = [batch.seeds[i] for i in use]
-        fg = None
+        given = batch.labels[use] if given_labels else None
+        fg = None if given is None else given != bg
         for rname, rcfg in recipes.items():
             t0 = time.perf_counter()
-            a = analyze(ens, imgs, mc_samples=mc_samples, seeds=seeds, maps=rcfg)
+            a = analyze(ens, imgs, mc_samples=mc_samples, seeds=seeds, maps=rcfg, given=given)
             seconds[rname] += time.perf_counter() - t0
-            fg = a.label != bg
+            fg = (a.label if given is None else given) != bg
             for fusion in fusions:
                 name, refine = split_fusion(fusion)
                 if refine != "none":  # the threshold shapes the refinement: one pass per threshold

@@ -186,20 +186,23 @@ class Analysis:
     uncertainty: torch.Tensor  # (M, B, S, S) std of MC CAMs on the same scale
     raw_max: torch.Tensor  # (M, B) per-image max of each raw CAM (0 = no evidence)
     inputs: torch.Tensor | None = None  # (B, 3, S, S) the analysed images in [0, 1] (for refinements)
+    given: torch.Tensor | None = None  # (B,) image-level labels the user gave, when annotating labelled images
 
 
 def analyze(ensemble: Ensemble, images: torch.Tensor, *, mc_samples: int = 30,
             target: torch.Tensor | None = None, seeds: list[int] | None = None,
-            maps: MapConfig | None = None) -> Analysis:
+            maps: MapConfig | None = None, given: torch.Tensor | None = None) -> Analysis:
     """Analyse a batch of images ``(B, 3, S, S)`` (uint8 or [0,1] float) with every member.
 
     The CAM target is ``target`` when given, else the ensemble's diagnosis, or - for a background diagnosis -
     the most probable non-background class (so a reviewer still sees where the models looked).
+    ``given`` holds the images' known labels: each image with a non-background label is explained for that
+    class (the consensus then fuses every member's map of it, see :func:`pixelvote.consensus.apply_consensus`).
     ``maps`` adds test-time augmentation, layer fusion and refinement of the maps; the diagnosis and the
     MC statistics always come from the plain view."""
     cfg = maps or MapConfig()
     x = ensemble.normalize(images)
-    base = _analyze_view(ensemble, x, mc_samples, target, seeds, cfg)
+    base = _analyze_view(ensemble, x, mc_samples, target, seeds, cfg, given=given)
     if cfg.tta_flip or tuple(cfg.tta_scales) != (1.0,):
         size = tuple(x.shape[-2:])
         total_m, total_u, n = base.maps.clone(), base.uncertainty.clone(), 1
@@ -237,7 +240,8 @@ def _renormalise(maps: torch.Tensor) -> torch.Tensor:
 
 
 def _analyze_view(ensemble: Ensemble, x: torch.Tensor, mc_samples: int, target: torch.Tensor | None,
-                  seeds: list[int] | None, cfg: MapConfig, maps_only: bool = False) -> Analysis:
+                  seeds: list[int] | None, cfg: MapConfig, maps_only: bool = False,
+                  given: torch.Tensor | None = None) -> Analysis:
     size = (x.shape[-2], x.shape[-1])
     outs = []
     T = 1 if maps_only else mc_samples
@@ -254,6 +258,9 @@ def _analyze_view(ensemble: Ensemble, x: torch.Tensor, mc_samples: int, target: 
         fg = ens.clone()
         fg[:, bg] = -1.0
         target = torch.where(label == bg, fg.argmax(-1), label)
+        if given is not None:
+            given = given.to(label.device)
+            target = torch.where(given == bg, target, given)
     against = ensemble.background_index if cfg.contrast else None
     maps, unc, raw_max = [], [], []
     for m, o in zip(ensemble.members, outs):
@@ -269,4 +276,4 @@ def _analyze_view(ensemble: Ensemble, x: torch.Tensor, mc_samples: int, target: 
         unc.append(upsample(std / scale, size).clamp_min_(0.0))
         raw_max.append(mx)
     return Analysis([m.name for m in ensemble.members], probs, stats, ens, label, target,
-                    torch.stack(maps), torch.stack(unc), torch.stack(raw_max))
+                    torch.stack(maps), torch.stack(unc), torch.stack(raw_max), given=given)

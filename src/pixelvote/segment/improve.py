@@ -68,7 +68,7 @@ def score(annotations: Path, truth: Path, background: str) -> dict[str, Any]:
 def improve(run: str | Path, images: str | Path, work: str | Path, *, rounds: int = 1,
             truth: str | Path | None = None, review_fraction: float = 0.2, seg_epochs: int = 30,
             image_size: int | None = None, device: str | None = None,
-            seg_decoder: str = "light", method: str = "best") -> list[dict[str, Any]]:
+            seg_decoder: str = "light", method: str = "best", labels: bool = False) -> list[dict[str, Any]]:
     from pixelvote.engine.annotate import annotate
     from pixelvote.models.checkpoint import read_run_config
     from pixelvote.segment.train import SegConfig, decoder_settings, train_segmenter
@@ -87,7 +87,7 @@ def improve(run: str | Path, images: str | Path, work: str | Path, *, rounds: in
         if not (out / "annotations.jsonl").exists():
             # round 0's consensus masks are what the first segmenter learns from: the best recipe, not the
             # cheapest (later rounds take their masks from the segmenter)
-            annotate(run, images, out, segmenter=segmenter, device=device, method=method)
+            annotate(run, images, out, segmenter=segmenter, device=device, method=method, labels=labels)
             _carry_reviews(out, prev_reviewed)
         entry: dict[str, Any] = {"round": rnd, "masks_from": "segmenter" if segmenter else "consensus"}
         if truth_p is not None:
