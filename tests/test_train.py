@@ -115,3 +115,24 @@ def test_jpeg_recompression_is_lossy_and_follows_the_seed():
     assert a.shape == img.shape and a.dtype == torch.uint8
     assert torch.equal(a, b)
     assert (a.float() - img.float()).abs().mean() > 5  # noise does not survive quality 30-40
+
+
+def test_train_exclude_keeps_matching_images_out_of_training_only(blob_dataset, tmp_path):
+    # "lesion 1", "lesion 10", "lesion 11": a source only the lesion class has
+    run = tmp_path / "run"
+    prep = loop.prepare_data(_cfg(blob_dataset, run, train_exclude=r"^lesion 1"), run.mkdir() or run)
+    plain = loop.prepare_data(_cfg(blob_dataset, tmp_path / "p"), (tmp_path / "p").mkdir() or tmp_path / "p")
+    split = json.loads((run / "split.json").read_text())
+    names = lambda key: sorted(p.rsplit("/", 1)[1] for p in split[key])  # noqa: E731
+    assert split["excluded_from_training"] and all(n.startswith("lesion 1") for n in names("excluded_from_training"))
+    assert not any(n.startswith("lesion 1") for n in names("train"))
+    plain_split = json.loads((tmp_path / "p" / "split.json").read_text())
+    assert split["val"] == plain_split["val"]  # validation is the same split as without the option
+    assert len(prep.train) == len(plain.train) - len(split["excluded_from_training"])
+
+
+def test_train_exclude_errors_name_the_option(blob_dataset, tmp_path):
+    with pytest.raises(DataError, match="--train-exclude"):
+        loop.prepare_data(_cfg(blob_dataset, tmp_path / "a", train_exclude="("), tmp_path)
+    with pytest.raises(DataError, match="loosen --train-exclude"):
+        loop.prepare_data(_cfg(blob_dataset, tmp_path / "b", train_exclude="^lesion"), tmp_path)

@@ -41,6 +41,9 @@ def train(
     seed: int = typer.Option(0),
     background: Optional[str] = typer.Option(None, help="the no-finding class (default: normal/healthy/...)"),
     group_pattern: Optional[str] = typer.Option(None, help=r"regex on file names; group 1 keeps e.g. ^(Video\d+) together"),
+    train_exclude: Optional[str] = typer.Option(None, help=r"regex on file names: leave matching images out "
+                                                "of training, keep them in validation (e.g. ^Video: a source only "
+                                                "one class has; see README)"),
     val_fraction: float = typer.Option(0.2),
     augment: str = typer.Option("standard", help="standard, or robust: + wider crops, blur and JPEG "
                                 "re-compression, against a source shortcut (see README)"),
@@ -78,7 +81,7 @@ def train(
         data = Path(json.loads(saved.read_text(encoding="utf-8"))["data"])
     cfg = TrainConfig(data=data, out=out, preset=preset, models=_csv(models), epochs=epochs, image_size=image_size,
                       batch_size=batch_size, lr=lr, dropout=dropout, seed=seed, background=background,
-                      group_pattern=group_pattern, val_fraction=val_fraction, patience=patience, augment=augment,
+                      group_pattern=group_pattern, train_exclude=train_exclude, val_fraction=val_fraction, patience=patience, augment=augment,
                       mc_variance_weight=mc_variance_weight, mc_samples=mc_samples, cam_layer=cam_layer,
                       pretrained=pretrained, weights_dir=weights, device=device, max_map_cost=max_map_cost,
                       max_pseudo_label_cost=max_pseudo_label_cost,

@@ -93,14 +93,16 @@ def _group_of(path: Path, pattern: re.Pattern[str] | None) -> str:
     return m.group(1) if m.groups() else m.group(0)
 
 
-def _compile(pattern: str | None) -> re.Pattern[str] | None:
-    if not pattern:
-        return None
+def compile_pattern(pattern: str, option: str = "--group-pattern") -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise DataError(f"--group-pattern {pattern!r} is not a valid regular expression ({exc})",
+        raise DataError(f"{option} {pattern!r} is not a valid regular expression ({exc})",
                         fix="use a Python regex such as '^(Video\\d+)'") from exc
+
+
+def _compile(pattern: str | None) -> re.Pattern[str] | None:
+    return compile_pattern(pattern) if pattern else None
 
 
 def _scan_class_tree(images_dir: Path, masks_dir: Path | None, pattern: re.Pattern[str] | None,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pixelvote.data.dataset import Dataset, load_dataset, resolve_background, split
+from pixelvote.data.dataset import Dataset, compile_pattern, load_dataset, resolve_background, split
 from pixelvote.data.imageio import write_bytes_atomic, write_json_atomic
 from pixelvote.errors import CheckpointError, DataError
 from pixelvote.models.checkpoint import (
@@ -58,9 +58,16 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
         train_s, val_s = ds.samples, ds.val
     else:
         train_s, val_s = split(ds.samples, cfg.val_fraction, cfg.seed)
+    excluded = []
+    if cfg.train_exclude:
+        pattern = compile_pattern(cfg.train_exclude, "--train-exclude")
+        excluded = [s for s in train_s if pattern.search(s.path.name)]
+        train_s = [s for s in train_s if not pattern.search(s.path.name)]
+        log.info("--train-exclude %r: %d training image(s) left out", cfg.train_exclude, len(excluded))
     write_json_atomic(run_dir / "split.json", {
         "train": [str(s.path.resolve()) for s in train_s], "val": [str(s.path.resolve()) for s in val_s],
-        "test": [str(s.path.resolve()) for s in ds.test]})
+        "test": [str(s.path.resolve()) for s in ds.test],
+        "excluded_from_training": [str(s.path.resolve()) for s in excluded]})
     train = cache_samples(train_s, ds.classes, cfg.image_size, desc="reading training images", with_masks=False)
     val = cache_samples(val_s, ds.classes, cfg.image_size, desc="reading validation images")
     problems = [{"image": p, "reason": r} for p, r in ds.problems + train.skipped + val.skipped]
@@ -73,7 +80,8 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
     empty = [c for c, n in zip(ds.classes, counts) if n == 0]
     if empty:
         raise DataError(f"no usable training images for class(es) {empty}", path=cfg.data,
-                        fix="add images to those class folders (or remove the folders)")
+                        fix="add images to those class folders (or remove the folders)"
+                            + (f", or loosen --train-exclude {cfg.train_exclude!r}" if cfg.train_exclude else ""))
     if len(val) == 0:
         raise DataError("the validation split holds no usable images", path=cfg.data,
                         fix="add images, lower --val-fraction's granularity, or provide a val/ folder")
