@@ -64,19 +64,29 @@ def choose_recipe(run_dir: Path, val: CachedSet,
     with_crf = {k: r for k, r in recipes.items() if relative_cost(r, "crf") <= limit}
     groups = [(with_crf, fusions + crf_fusions), ({k: r for k, r in recipes.items() if k not in with_crf}, fusions)]
     bs = max(1, cfg.batch_size)
-    tables = {}
-    for group, group_fusions in groups:
-        if not group:
-            continue
-        batches = tqdm(_val_batches(val, bs), total=-(-len(val) // bs), unit="batch", leave=False,
-                       desc=f"choosing the map recipe ({', '.join(group)} x {len(group_fusions)} fusions)")
-        tables.update(collect(ens, batches, group, fusions=group_fusions))
+
+    def scored(given_labels: bool, within: float) -> dict:
+        tables = {}
+        for group, group_fusions in groups:
+            group = {k: r for k, r in group.items() if relative_cost(r) <= within or k == cheapest}
+            if not group:
+                continue
+            what = "labelled pseudo-masks" if given_labels else "the map recipe"
+            batches = tqdm(_val_batches(val, bs), total=-(-len(val) // bs), unit="batch", leave=False,
+                           desc=f"choosing {what} ({', '.join(group)} x {len(group_fusions)} fusions)")
+            tables.update(collect(ens, batches, group, fusions=group_fusions, given_labels=given_labels))
+        return tables
+
+    tables = scored(False, limit)
     costs = {(r, f): relative_cost(RECIPES[r], split_fusion(f)[1]) for (r, f) in tables}
     allowed = [key for key, c in costs.items() if c <= cfg.max_map_cost] or [min(costs, key=costs.__getitem__)]
     pseudo = [key for key, c in costs.items() if c <= cfg.max_pseudo_label_cost] or allowed
+    # `best` makes pseudo-masks of labelled images (annotate --labels): scored as such, every lesion image
+    # explained for its own class, so a recipe is not judged by the images the ensemble misdiagnoses
+    labelled = scored(True, cfg.max_pseudo_label_cost)
     n = len(next(iter(tables.values())).ious)
 
-    def pick(keys: list[tuple[str, str]], limit: float) -> tuple[MapConfig, dict, dict]:
+    def pick(keys: list[tuple[str, str]], limit: float, tables: dict = tables) -> tuple[MapConfig, dict, dict]:
         """The best cell among ``keys``: its maps, its consensus update and its summary."""
         (recipe, fusion), j, score = best_cell(tables, keys=keys)
         name, refine = split_fusion(fusion)
@@ -87,13 +97,16 @@ def choose_recipe(run_dir: Path, val: CachedSet,
                                          "val_mean_iou": score, "relative_cost": costs[(recipe, fusion)]}
 
     maps, update, chosen = pick(allowed, cfg.max_map_cost)
-    best_maps, best_update, best = pick(pseudo, cfg.max_pseudo_label_cost)
+    best_maps, best_update, best = pick([k for k in pseudo if k in labelled], cfg.max_pseudo_label_cost, labelled)
+    best["scored_with"] = "the images' labels (annotate --labels)"
     candidates = {f"{r}+{f}": {"mean_iou_by_threshold": {str(t): round(float(v), 4) for t, v in
                                                          zip(GRID, tab.ious.mean(0))} if len(tab.ious) else {},
                                "seconds_per_image": round(tab.seconds_per_image, 4),
                                "relative_cost": round(costs[(r, f)], 2), "allowed": (r, f) in allowed}
                   for (r, f), tab in tables.items()}
     summary = {**chosen, "images_with_masks": n, "best": best, "candidates": candidates,
+               "labelled_candidates": {f"{r}+{f}": round(float(tab.ious.mean(0).max()), 4) if len(tab.ious) else None
+                                       for (r, f), tab in labelled.items()},
                "not_tried_over_cost": skipped}
     return maps, update, summary, best_maps, best_update
 
