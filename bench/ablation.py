@@ -1,7 +1,7 @@
 """Mask-quality ablation on the real sets in ../shared/data: which map recipe, fusion and threshold help?
 
     python bench/ablation.py --runs-dir runs/bench [--sets busi,fire] [--epochs 6] [--image-size 224]
-        [--stage-two [--seg-method best|run] [--seg-epochs 30]]
+        [--labels] [--stage-two [--seg-method best|run] [--seg-epochs 30]]
 
 For each set it trains the default ensemble (``--preset``) once (or reuses RUNS_DIR/<set>), takes the
 run's validation split (images the models never trained on; fire is split by video), and prints mean IoU on
@@ -10,6 +10,10 @@ intersection at a fixed 0.5 threshold; the same with the threshold chosen on val
 and the variant chosen by the data. Every "chosen" figure is cross-fitted: chosen on one half of the
 validation images and scored on the other half (both ways), so it is not tuned on what it reports.
 Time per image is the analysis time (all members, CPU unless CUDA is present).
+``--labels`` scores the masks as ``annotate --labels`` makes them for labelled images (each image explained
+for its own class; the diagnosis no longer gates the mask); stage two's training split is always annotated
+that way, since its labels are known. Fire trains with ``--train-exclude '^Video'``: the video frames are the
+only fire-only source, so they are kept out of training (see the README).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ DATA = ROOT.parent / "shared" / "data"
 PAPER = {"busi": "(paper: no BUSI figure)", "fire": "paper: accuracy 96.4%, IoU 64.7%"}
 SETS = {
     "busi": dict(background="normal", group_pattern=None),
-    "fire": dict(background="no_fire", group_pattern=r"^(Video\d+)"),
+    "fire": dict(background="no_fire", group_pattern=r"^(Video\d+)", train_exclude=r"^Video"),
 }
 
 
@@ -97,18 +101,19 @@ def centred_box_iou(run: Path, ens: Ensemble) -> float:
 
 
 def stage_two(run: Path, runs: Path, epochs: int, size: int, method: str = "best"):  # type: ignore[no-untyped-def]
-    """Annotate the training split with the run's ``method`` recipe (annotate --method), then train the
-    segmenter on those masks."""
+    """Annotate the training split (with its labels, and the images --train-exclude kept out of training)
+    with the run's ``method`` recipe (annotate --labels --method), then train the segmenter on those masks."""
     from pixelvote.engine.annotate import annotate
     from pixelvote.segment.train import SegConfig, load_segmenter, train_segmenter
 
-    seg_dir = runs / f"{run.name}-segmenter{'' if method == 'run' else '-' + method}"
+    seg_dir = runs / f"{run.name}-segmenter-labelled{'' if method == 'run' else '-' + method}"
     if not (seg_dir / "segmenter.json").exists():
         split = json.loads((run / "split.json").read_text())
-        csv = runs / f"{run.name}-train.csv"
-        csv.write_text("path\n" + "".join(f'"{p}"\n' for p in split["train"]))
-        annot = runs / f"{run.name}-train-annotations{'' if method == 'run' else '-' + method}"
-        annotate(run, csv, annot, batch_size=8, mc_samples=8, method=method)
+        csv = runs / f"{run.name}-train-labelled.csv"
+        train = split["train"] + split.get("excluded_from_training", [])
+        csv.write_text("path,label\n" + "".join(f'"{p}",{Path(p).parent.name}\n' for p in train))
+        annot = runs / f"{run.name}-train-annotations-labelled{'' if method == 'run' else '-' + method}"
+        annotate(run, csv, annot, batch_size=8, mc_samples=8, method=method, labels=True)
         train_segmenter(annot, seg_dir, run=run, cfg=SegConfig(epochs=epochs, image_size=size))
     return load_segmenter(seg_dir)[0]
 
@@ -125,6 +130,8 @@ def main() -> None:
     ap.add_argument("--recipes", default="plain,flip,tta,layers-geo,layers-mean,guided,all")
     ap.add_argument("--max-cost", type=float, default=2.0, help="the default is chosen among recipes costing at "
                     "most this many plain analyses (pixelvote train --max-map-cost)")
+    ap.add_argument("--labels", action="store_true", help="score masks as annotate --labels makes them for "
+                    "labelled images (the diagnosis does not gate them)")
     ap.add_argument("--stage-two", action="store_true", help="also train and score the segmenter (slow on CPU)")
     ap.add_argument("--seg-epochs", type=int, default=30)
     ap.add_argument("--seg-method", default="best", help="the recipe of the segmenter's pseudo-masks "
@@ -139,9 +146,11 @@ def main() -> None:
         seg = (stage_two(run, args.runs_dir, args.seg_epochs, args.image_size, args.seg_method)
                if args.stage_two else None)
         fusions = ["intersection", "mean", "vote"] + (["intersection+crf", "mean+crf"] if crf.available() else [])
-        tables = collect(ens, val_batches(run, ens), recipes, fusions=fusions, segmenter=seg)
+        tables = collect(ens, val_batches(run, ens), recipes, fusions=fusions, segmenter=seg,
+                         given_labels=args.labels)
         single = Ensemble(ens.members[:1], ens.classes, ens.background, ens.image_size, device=ens.device)
-        single_t = collect(single, val_batches(run, ens), {"plain": MapConfig()}, fusions=("intersection",))
+        single_t = collect(single, val_batches(run, ens), {"plain": MapConfig()}, fusions=("intersection",),
+                           given_labels=args.labels)
         i05 = GRID.index(0.5)
         n = len(tables[("plain", "intersection")].ious)
         rows = [("centred box (prior)", centred_box_iou(run, ens), None, 0.0)]
@@ -174,6 +183,7 @@ def main() -> None:
         rows.append((f"default: chosen within cost <= {args.max_cost:g} (cross-fitted): {choices}", cf, None,
                      tables[key].seconds_per_image))
         print(f"\n## {name}: {n} validation images with masks; ensemble val accuracy {cal['val_accuracy']:.3f}; "
+              f"masks {'of labelled images (--labels)' if args.labels else 'gated by the diagnosis'}; "
               f"{PAPER[name]}")
         plain_s = tables[("plain", "intersection")].seconds_per_image
         print(f"{'method':90s} {'mean IoU':>9s} {'s/img':>7s} {'x plain':>7s}")
