@@ -358,3 +358,27 @@ def test_segmenter_rows_score_the_masks_annotate_writes_with_it(trained, tmp_pat
         meta = json.loads((seg / "segmenter.json").read_text())
         (seg / "segmenter.json").write_text(json.dumps({**meta, "crf": True}))
         assert rows["segmenter + dense CRF"][0] == pytest.approx(annotated_iou(tmp_path / "ann-crf"), abs=1e-9)
+
+
+def test_labels_mode_scores_the_masks_annotate_labels_writes(trained, tmp_path):
+    from pixelvote.engine.annotate import annotate
+
+    _, data, run = trained
+    m = _evaluate(run, data, tmp_path / "report", labels=True, split="all")
+    assert m["config"]["masks_from"] == "labels" and any("annotate --labels" in n for n in m["notes"])
+    manifest = tmp_path / "all.csv"
+    with open(manifest, "w", newline="") as fh:
+        csv.writer(fh).writerows([["path", "label"], *([str(data / r["image"]), r["truth"]] for r in m["per_image"])])
+    annotate(run, manifest, tmp_path / "ann", mc_samples=m["config"]["mc_samples"], num_workers=0, progress=False,
+             labels=True)
+    recs = {r["key"]: r for r in map(json.loads, (tmp_path / "ann" / "annotations.jsonl").read_text().splitlines())}
+    scored = 0
+    for r in m["per_image"]:
+        if r["truth"] != "lesion":
+            continue
+        pred = np.asarray(Image.open(tmp_path / "ann" / recs[r["key"]]["mask"])) > 0
+        truth = np.asarray(Image.open(data / "masks" / "lesion" / f"{r['key']}.png")) > 0
+        assert r["iou"] == pytest.approx(_iou(pred, truth), abs=1e-9)
+        scored += 1
+    assert scored == m["pixel"]["consensus"]["images"] == 12
+    assert _evaluate(run, data, tmp_path / "plain", split="all")["config"]["masks_from"] == "diagnosis"

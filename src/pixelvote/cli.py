@@ -212,6 +212,8 @@ def evaluate(
     dataset: Optional[str] = typer.Option(None, help="name shown in the report (busi, fire, tbx11k, ...)"),
     segmenter: Optional[Path] = typer.Option(None, help="also score this `pixelvote segment train` folder's "
                                              "masks (and, with the crf extra, their CRF refinement)"),
+    labels: bool = typer.Option(False, "--labels/--no-labels", help="score masks as `annotate --labels` makes "
+                                "them: each image explained for its true class, not gated by the diagnosis"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Evaluate a run: classification, pixel IoU/Dice (vs the centred-box prior), uncertainty; HTML report."""
@@ -219,7 +221,8 @@ def evaluate(
     from pixelvote.evaluate.run import evaluate_run
 
     m = evaluate_run(run, data, out, split=split, mc_samples=mc_samples, batch_size=batch_size, device=device,
-                     method=method, max_gallery=max_gallery, dataset=dataset, segmenter=segmenter)
+                     method=method, max_gallery=max_gallery, dataset=dataset, segmenter=segmenter,
+                     labels=labels)
     ens = (m.get("classification") or {}).get("ensemble") or {}
     pix = (m.get("pixel") or {}).get("consensus") or {}
     line = f"{m.get('n_images')} images"

@@ -63,7 +63,7 @@ def _member_alone(a: Analysis, m: int, cfg: ConsensusConfig, bg: int) -> Consens
     """Member ``m`` used alone: its own diagnosis gates the mask, its map is binarised like the consensus."""
     st = a.stats[m]
     sub = Analysis([a.member_names[m]], a.probs[m:m + 1], [st], a.probs[m], st["label"], a.target,
-                   a.maps[m:m + 1], a.uncertainty[m:m + 1], a.raw_max[m:m + 1], a.inputs)
+                   a.maps[m:m + 1], a.uncertainty[m:m + 1], a.raw_max[m:m + 1], a.inputs, a.given)
     return apply_consensus(sub, cfg, bg)
 
 
@@ -87,8 +87,9 @@ class _State:
     """Everything accumulated over the images: summable pixel state, per-image scalars, the gallery."""
 
     def __init__(self, ens: Ensemble, cfg: ConsensusConfig, maps: MapConfig, T: int, protocol: str,
-                 max_gallery: int, segmenter: tuple[Any, Any] | None = None) -> None:
+                 max_gallery: int, segmenter: tuple[Any, Any] | None = None, labels: bool = False) -> None:
         self.ens, self.cfg, self.maps, self.T, self.protocol = ens, cfg, maps, T, protocol
+        self.labels = labels
         self.segmenter = segmenter
         self.seg = {k: M.PixelStats() for k in _segmenter_rows(segmenter)}
         self.bg = ens.background_index
@@ -107,7 +108,9 @@ class _State:
     @torch.no_grad()
     def add(self, batch: list[dict[str, Any]]) -> None:
         x = torch.stack([b["input"] for b in batch])
-        a = analyze(self.ens, x, mc_samples=self.T, seeds=[b["item"].seed for b in batch], maps=self.maps)
+        given = torch.tensor([b["item"].label for b in batch]) if self.labels else None
+        a = analyze(self.ens, x, mc_samples=self.T, seeds=[b["item"].seed for b in batch], maps=self.maps,
+                    given=given)
         res = apply_consensus(a, self.cfg, self.bg)
         rules = {k: apply_consensus(a, c, self.bg).margin for k, c in self.rules.items()}
         alone = torch.stack([_member_alone(a, m, self.cfg, self.bg).margin for m in range(len(self.names))])
@@ -348,7 +351,7 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: s
                  consensus: dict[str, Any] | None = None, maps: dict[str, Any] | None = None,
                  method: str = "run", class_map: dict[str, str] | None = None, dataset: str | None = None,
                  num_workers: int | None = None, segmenter: str | Path | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 labels: bool = False, progress: bool = True) -> dict[str, Any]:
     """Evaluate the run at ``run`` on the labelled images in ``data``; write ``out/metrics.json`` and
     ``out/report.html``; return the metrics as written (JSON-ready; NaN as None).
 
@@ -361,7 +364,8 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: s
     ``dataset`` names the data in the report (``"tbx11k"``, ``"fire"``, ``"busi"`` pick the paper's row).
     ``segmenter``: a `pixelvote segment train` folder whose masks (gated by the ensemble's diagnosis, as
     ``annotate --segmenter`` writes them) are scored beside the CAM rules, also refined by the dense CRF
-    where pydensecrf2 is installed."""
+    where pydensecrf2 is installed. ``labels``: score the masks as ``annotate --labels`` makes them (each
+    image explained for its true class, whatever the diagnosis), the figure for annotating labelled images."""
     from pixelvote.engine.annotate import method_recipe
 
     t0 = time.time()
@@ -378,7 +382,7 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: s
         from pixelvote.segment.train import load_segmenter
 
         seg = load_segmenter(segmenter, device=ens.device)
-    state = _State(ens, cfg, mcfg, T, es.protocol, max_gallery, seg)
+    state = _State(ens, cfg, mcfg, T, es.protocol, max_gallery, seg, labels)
     skipped, mask_problems = list(es.skipped), []
     workers = num_workers if num_workers is not None else min(2, max(0, (torch.get_num_threads() or 1) - 1))
     loader = torch.utils.data.DataLoader(DecodeSet(chosen, ens.image_size), batch_size=batch_size,
@@ -436,6 +440,10 @@ def _assemble(state: _State, run: Path, run_cfg: Any, cfg: ConsensusConfig, es: 
                      "images scored here: the IoU is optimistic.")
     if es.protocol != "none" and not any(r["iou"] is not None for r in state.rows):
         notes.append("No evaluated image has a non-empty truth region: no localisation figures.")
+    if state.labels:
+        notes.append("Masks as `annotate --labels` makes them: each image is explained for its true class, "
+                     "whatever the ensemble diagnosed, so a misdiagnosed lesion still gets a mask. This is the "
+                     "figure for annotating labelled images, not for diagnosing new ones.")
     shortcut = _shortcut(es.items)
     if shortcut.get("warning"):
         warnings.append(shortcut["message"])
@@ -446,6 +454,7 @@ def _assemble(state: _State, run: Path, run_cfg: Any, cfg: ConsensusConfig, es: 
         "config": {"split": split, "mc_samples": opts["T"], "batch_size": opts["batch_size"],
                    "device": opts["device"], "image_size": state.ens.image_size, "members": state.names,
                    "background": state.ens.background, "method": opts["method"],
+                   "masks_from": "labels" if state.labels else "diagnosis",
                    "consensus": cfg.model_dump(mode="json"), "maps": state.maps.model_dump(mode="json"),
                    "uncertainty_score": PRIMARY_SCORE},
         "data": {"path": str(data.resolve()), "protocol": es.protocol, "images_listed": len(es.items),
