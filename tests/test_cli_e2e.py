@@ -207,6 +207,9 @@ def test_annotate_labels_errors_name_the_problem(trained, tmp_path):
     manifest.write_text(f"path\n{src}\n")
     unlabelled = tmp_path / "u.csv"
     unlabelled.write_text(f"path,label\n{src},\n")
+    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(data), "--out", str(tmp_path / "o"),
+                            "--labels", "--engine", "ray"])
+    assert r.exit_code != 0 and "not available with --engine ray" in str(r.exception)
     for images, message in ((loose, "not inside a class folder"), (wrong.parent, "not classes of this run"),
                             (manifest, "no 'label' column"), (unlabelled, "has no label")):
         r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(images), "--out",

@@ -158,14 +158,14 @@ def annotate(
         from pixelvote.errors import ConfigError, did_you_mean
 
         raise ConfigError(f"unknown --engine: {did_you_mean(engine, ('local', 'ray'))}")
+    if engine == "ray" and labels:
+        from pixelvote.errors import ConfigError
+
+        raise ConfigError("--labels is not available with --engine ray yet",
+                          fix="annotate labelled images with --engine local")
     if engine == "ray":
         from pixelvote.engine.ray_engine import annotate_ray
 
-        if labels:
-            from pixelvote.errors import ConfigError
-
-            raise ConfigError("--labels is not available with --engine ray yet",
-                              fix="annotate labelled images with --engine local")
         s = annotate_ray(run, images, out, batch_size=batch_size, mc_samples=mc_samples,
                          num_workers=num_workers, address=address, device=device, consensus=overrides,
                          maps=maps, method=method, segmenter=segmenter)
