@@ -51,6 +51,8 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     assert set(labelled) == {k for k, c in cands.items() if c["relative_cost"] <= 2.5}
     assert sel["best"]["val_mean_iou"] == pytest.approx(max(labelled.values()), abs=1e-4)
     assert sel["best"]["relative_cost"] <= 2.5 and sel["best"]["scored_with"].startswith("the images' labels")
+    within = {k: v for k, v in labelled.items() if cands[k]["allowed"]}
+    assert sel["labelled"]["val_mean_iou"] == pytest.approx(max(within.values()), abs=1e-4)
     chosen = cands[f"{sel['recipe']}+{sel['fusion']}"]
     assert chosen["allowed"] and chosen["relative_cost"] <= max_cost
     best_allowed = max(max(c["mean_iou_by_threshold"].values()) for c in cands.values() if c["allowed"])
@@ -62,6 +64,8 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     assert cfg.best is not None and cfg.best.maps == RECIPES[sel["best"]["recipe"]]
     assert cfg.best.consensus.threshold == sel["best"]["threshold"]
     assert cfg.best.consensus.mi_threshold == cfg.consensus.mi_threshold  # the same flags
+    assert cfg.labelled is not None and cfg.labelled.maps == RECIPES[sel["labelled"]["recipe"]]
+    assert cfg.labelled.consensus.threshold == sel["labelled"]["threshold"]
 
 
 def test_segmenter_rows_are_gated_by_the_diagnosis(tmp_path) -> None:
@@ -129,3 +133,10 @@ def test_method_best_uses_the_runs_best_recipe_and_falls_back_without_one(caplog
     assert (paper_c.fusion, paper_c.threshold, paper_m) == ("intersection", 0.5, MapConfig())
     with pytest.raises(ConfigError, match="Did you mean 'best'"):
         method_recipe(cfg, "bset")
+    # annotate --labels: the run's recipe for labelled images, where it has one
+    assert method_recipe(cfg, "run", labels=True) == (cfg.consensus, cfg.maps)
+    labelled = Recipe(consensus=ConsensusConfig(fusion="mean", threshold=0.2, refine="none"), maps=MapConfig())
+    cfg = cfg.model_copy(update={"labelled": labelled})
+    assert method_recipe(cfg, "run", labels=True) == (labelled.consensus, labelled.maps)
+    assert method_recipe(cfg, "run") == (cfg.consensus, cfg.maps)
+    assert method_recipe(cfg, "best", labels=True) == (best.consensus, best.maps)

@@ -229,14 +229,17 @@ PAPER_METHOD = {"consensus": {"policy": "unanimous", "fusion": "intersection", "
 METHODS = ("run", "best", "paper")
 
 
-def method_recipe(cfg: RunConfig, method: str) -> tuple[ConsensusConfig, MapConfig]:
-    """``run``: the recipe calibration chose within the annotation cost limit; ``best``: the best one within
-    the (higher) pseudo-label cost limit, for masks that train a segmenter (a run without one falls back
-    to ``run``); ``paper``: plain XGrad-CAM, unanimous intersection at 0.5 of each map's maximum."""
+def method_recipe(cfg: RunConfig, method: str, labels: bool = False) -> tuple[ConsensusConfig, MapConfig]:
+    """``run``: the recipe calibration chose within the annotation cost limit (with ``labels``, the one it
+    chose for labelled images, where the run has one); ``best``: the best one within the (higher)
+    pseudo-label cost limit, for masks that train a segmenter (a run without one falls back to ``run``);
+    ``paper``: plain XGrad-CAM, unanimous intersection at 0.5 of each map's maximum."""
     if method not in METHODS:
         raise ConfigError(f"unknown method: {did_you_mean(method, list(METHODS))}")
     if method == "paper":
         return cfg.consensus.model_copy(update=PAPER_METHOD["consensus"]), MapConfig()
+    if method == "run" and labels and cfg.labelled is not None:
+        return cfg.labelled.consensus, cfg.labelled.maps
     if method == "best":
         if cfg.best is not None:
             return cfg.best.consensus, cfg.best.maps
@@ -245,9 +248,9 @@ def method_recipe(cfg: RunConfig, method: str) -> tuple[ConsensusConfig, MapConf
 
 
 def resolve_recipe(cfg: RunConfig, method: str, consensus: dict[str, Any] | None, maps: dict[str, Any] | None,
-                   mc_samples: int | None) -> tuple[ConsensusConfig, MapConfig, int]:
+                   mc_samples: int | None, labels: bool = False) -> tuple[ConsensusConfig, MapConfig, int]:
     """The consensus and map settings and T that :func:`annotate` uses for ``method`` and the overrides."""
-    ccfg, mcfg = method_recipe(cfg, method)
+    ccfg, mcfg = method_recipe(cfg, method, labels)
     ccfg = ConsensusConfig.model_validate({**ccfg.model_dump(), **(consensus or {})})
     mcfg = MapConfig.model_validate({**mcfg.model_dump(), **(maps or {})})
     if ccfg.refine == "crf":
@@ -278,7 +281,7 @@ def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size
     :func:`pixelvote.consensus.apply_consensus`)."""
     out = Path(out)
     ens, cfg = load_run(run, device=device, fold=True)
-    ccfg, mcfg, T = resolve_recipe(cfg, method, consensus, maps, mc_samples)
+    ccfg, mcfg, T = resolve_recipe(cfg, method, consensus, maps, mc_samples, labels)
     seg = None
     if segmenter is not None:
         from pixelvote.segment.train import load_segmenter

@@ -371,7 +371,7 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: s
     t0 = time.time()
     run, data, out = Path(run), Path(data), Path(out)
     ens, run_cfg = load_run(run, device=device, fold=True)
-    base_c, base_m = method_recipe(run_cfg, method)
+    base_c, base_m = method_recipe(run_cfg, method, labels)
     cfg = ConsensusConfig.model_validate({**base_c.model_dump(), **(consensus or {})})
     mcfg = MapConfig.model_validate({**base_m.model_dump(), **(maps or {})})
     T = int(mc_samples or run_cfg.mc_samples)

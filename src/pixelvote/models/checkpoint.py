@@ -57,6 +57,8 @@ class RunConfig(BaseModel):
     # the best recipe on validation masks within train's --max-pseudo-label-cost (annotate --method best):
     # costlier than ``maps``/``consensus`` per image, for the one-off pseudo-masks that train a segmenter
     best: Recipe | None = None
+    # the best recipe within --max-map-cost when the images' labels decide (annotate --labels --method run)
+    labelled: Recipe | None = None
     mc_samples: int = 30
     seed: int = 0
     train: dict[str, Any] = Field(default_factory=dict)

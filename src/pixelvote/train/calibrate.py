@@ -37,11 +37,12 @@ def _val_batches(val: CachedSet, bs: int):  # type: ignore[no-untyped-def]
 
 
 def choose_recipe(run_dir: Path, val: CachedSet,
-                  cfg: TrainConfig) -> tuple[MapConfig, dict, dict, MapConfig, dict]:
+                  cfg: TrainConfig) -> tuple[MapConfig, dict, dict, dict[str, tuple[MapConfig, dict]]]:
     """Pick the map recipe, fusion (+ refinement) and threshold with the best mean IoU on validation masks,
     among those whose cost is within ``cfg.max_map_cost`` plain analyses (for annotation), and the best within
-    ``cfg.max_pseudo_label_cost`` (``annotate --method best``). Returns each as its MapConfig and its
-    consensus update, with the summary in between."""
+    ``cfg.max_pseudo_label_cost`` (``annotate --method best``), and the best within ``cfg.max_map_cost``
+    with the images' labels deciding (``annotate --labels``). Returns the first as its MapConfig and its
+    consensus update, the summary, and the other two (``"best"``, ``"labelled"``) likewise."""
     from pixelvote.evaluate.selection import GRID, RECIPES, best_cell, collect, relative_cost, split_fusion
     from pixelvote.refine import crf
 
@@ -99,22 +100,24 @@ def choose_recipe(run_dir: Path, val: CachedSet,
     maps, update, chosen = pick(allowed, cfg.max_map_cost)
     best_maps, best_update, best = pick([k for k in pseudo if k in labelled], cfg.max_pseudo_label_cost, labelled)
     best["scored_with"] = "the images' labels (annotate --labels)"
+    lab_maps, lab_update, lab = pick([k for k in allowed if k in labelled], cfg.max_map_cost, labelled)
     candidates = {f"{r}+{f}": {"mean_iou_by_threshold": {str(t): round(float(v), 4) for t, v in
                                                          zip(GRID, tab.ious.mean(0))} if len(tab.ious) else {},
                                "seconds_per_image": round(tab.seconds_per_image, 4),
                                "relative_cost": round(costs[(r, f)], 2), "allowed": (r, f) in allowed}
                   for (r, f), tab in tables.items()}
-    summary = {**chosen, "images_with_masks": n, "best": best, "candidates": candidates,
+    summary = {**chosen, "images_with_masks": n, "best": best, "labelled": lab, "candidates": candidates,
                "labelled_candidates": {f"{r}+{f}": round(float(tab.ious.mean(0).max()), 4) if len(tab.ious) else None
                                        for (r, f), tab in labelled.items()},
                "not_tried_over_cost": skipped}
-    return maps, update, summary, best_maps, best_update
+    return maps, update, summary, {"best": (best_maps, best_update), "labelled": (lab_maps, lab_update)}
 
 
 def calibrate(run_dir: Path, val: CachedSet,
-              cfg: TrainConfig) -> tuple[ConsensusConfig, MapConfig, Recipe | None]:
-    """The run's consensus and map settings from the validation split, and the best recipe within the
-    pseudo-label cost limit (None when the validation masks are too few to choose)."""
+              cfg: TrainConfig) -> tuple[ConsensusConfig, MapConfig, dict[str, Recipe]]:
+    """The run's consensus and map settings from the validation split, and the other recipes chosen there
+    (``best``: within the pseudo-label cost limit; ``labelled``: for ``annotate --labels``; none when the
+    validation masks are too few to choose)."""
     ens, run_cfg = load_run(run_dir, device=cfg.device)
     bg = ens.background_index
     base = run_cfg.consensus
@@ -140,9 +143,9 @@ def calibrate(run_dir: Path, val: CachedSet,
     summary: dict = {"val_images": len(val), "val_accuracy": correct / max(len(val), 1),
                      "images_with_masks": n_masked}
     maps = run_cfg.maps
-    best_maps, best_update = None, None
+    others: dict[str, tuple[MapConfig, dict]] = {}
     if n_masked >= cfg.min_masks_to_choose and cfg.map_candidates:
-        maps, chosen, summary["selection"], best_maps, best_update = choose_recipe(run_dir, val, cfg)
+        maps, chosen, summary["selection"], others = choose_recipe(run_dir, val, cfg)
         update.update(chosen)
         summary["val_mean_iou"] = summary["selection"]["val_mean_iou"]
     elif n_masked:
@@ -157,11 +160,9 @@ def calibrate(run_dir: Path, val: CachedSet,
         update["mi_threshold"] = float(torch.quantile(torch.cat(mis), q))
         update["variance_threshold"] = float(torch.quantile(torch.cat(variances), q))
     consensus = base.model_copy(update=update)
-    best = None
-    if best_maps is not None and best_update is not None:
-        best = Recipe(consensus=consensus.model_copy(update=best_update), maps=best_maps)
+    recipes = {k: Recipe(consensus=consensus.model_copy(update=u), maps=m) for k, (m, u) in others.items()}
     summary["consensus"] = consensus.model_dump(mode="json")
     summary["maps"] = maps.model_dump(mode="json")
     write_json_atomic(run_dir / "calibration.json", summary)
     log.info("calibration: %s", {k: v for k, v in summary.items() if k not in ("threshold_sweep", "selection")})
-    return consensus, maps, best
+    return consensus, maps, recipes
