@@ -153,3 +153,27 @@ def test_analysis_maps_are_normalised(tiny_ensemble):
     assert a.maps.shape == (2, 2, 64, 64) and a.uncertainty.shape == (2, 2, 64, 64)
     assert a.maps.min() >= 0 and a.maps.max() <= 1
     assert torch.allclose(a.ensemble_probs.sum(-1), torch.ones(2), atol=1e-5)
+
+
+def test_given_labels_choose_the_cam_target(tiny_member):
+    """With known labels: a finding the ensemble sees is explained as diagnosed (benign called malignant
+    stays malignant); a finding it calls background, for its label; a background label changes nothing."""
+    import torch
+
+    from pixelvote.explain.analyze import analyze
+    from pixelvote.models.ensemble import Ensemble
+
+    ens = Ensemble([tiny_member("tiny_cnn_b", k=3, dropout=0.0)], ["benign", "malignant", "normal"], "normal", 32)
+    x = torch.rand(6, 3, 32, 32)
+    with torch.no_grad():
+        m = ens.members[0]
+        m.fc.bias.copy_(torch.tensor([0.0, 0.0, 50.0]))  # everything diagnosed background
+    a = analyze(ens, x, mc_samples=2, given=torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert a.label.tolist() == [2] * 6
+    default = analyze(ens, x, mc_samples=2).target
+    assert a.target.tolist()[:2] == [0, 1] and a.target.tolist()[3:5] == [0, 1]
+    assert a.target[2] == default[2] and a.target[5] == default[5]
+    with torch.no_grad():
+        m.fc.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))  # everything diagnosed malignant
+    a = analyze(ens, x, mc_samples=2, given=torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert a.label.tolist() == [1] * 6 and a.target.tolist() == [1] * 6

@@ -196,8 +196,9 @@ def analyze(ensemble: Ensemble, images: torch.Tensor, *, mc_samples: int = 30,
 
     The CAM target is ``target`` when given, else the ensemble's diagnosis, or - for a background diagnosis -
     the most probable non-background class (so a reviewer still sees where the models looked).
-    ``given`` holds the images' known labels: each image with a non-background label is explained for that
-    class (the consensus then fuses every member's map of it, see :func:`pixelvote.consensus.apply_consensus`).
+    ``given`` holds the images' known labels: an image labelled with a finding that the ensemble diagnoses as
+    background is explained for its label instead (the consensus then decides by the label and fuses every
+    member's map, see :func:`pixelvote.consensus.apply_consensus`).
     ``maps`` adds test-time augmentation, layer fusion and refinement of the maps; the diagnosis and the
     MC statistics always come from the plain view."""
     cfg = maps or MapConfig()
@@ -259,8 +260,10 @@ def _analyze_view(ensemble: Ensemble, x: torch.Tensor, mc_samples: int, target: 
         fg[:, bg] = -1.0
         target = torch.where(label == bg, fg.argmax(-1), label)
         if given is not None:
+            # a finding the ensemble sees is explained as it sees it (a benign lesion called malignant is
+            # still where the lesion is); a finding it misses, for its label
             given = given.to(label.device)
-            target = torch.where(given == bg, target, given)
+            target = torch.where((label == bg) & (given != bg), given, target)
     against = ensemble.background_index if cfg.contrast else None
     maps, unc, raw_max = [], [], []
     for m, o in zip(ensemble.members, outs):
