@@ -136,3 +136,18 @@ def test_train_exclude_errors_name_the_option(blob_dataset, tmp_path):
         loop.prepare_data(_cfg(blob_dataset, tmp_path / "a", train_exclude="("), tmp_path)
     with pytest.raises(DataError, match="loosen --train-exclude"):
         loop.prepare_data(_cfg(blob_dataset, tmp_path / "b", train_exclude="^lesion"), tmp_path)
+
+
+def test_a_group_pattern_matching_one_class_only_warns_with_the_fix(blob_dataset, tmp_path, caplog):
+    from pixelvote.data.dataset import load_dataset
+
+    samples = load_dataset(blob_dataset).samples
+    one_class = _cfg(blob_dataset, tmp_path / "a", group_pattern=r"^(lesion \d)")
+    message = loop.warn_one_class_source(samples, one_class)
+    assert message is not None and "--train-exclude" in message and "'lesion'" in message
+    assert "--train-exclude" in caplog.text
+    # a pattern that matches both classes, or none, or an exclusion already set: no warning
+    assert loop.warn_one_class_source(samples, _cfg(blob_dataset, tmp_path / "b", group_pattern=r"^(\w+) \d")) is None
+    assert loop.warn_one_class_source(samples, _cfg(blob_dataset, tmp_path / "c", group_pattern=r"^(Video\d+)")) is None
+    assert loop.warn_one_class_source(samples, _cfg(blob_dataset, tmp_path / "d", group_pattern=r"^(lesion \d)",
+                                                    train_exclude="^lesion 1")) is None

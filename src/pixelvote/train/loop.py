@@ -58,6 +58,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
         train_s, val_s = ds.samples, ds.val
     else:
         train_s, val_s = split(ds.samples, cfg.val_fraction, cfg.seed)
+    warn_one_class_source(ds.samples, cfg)
     excluded = []
     if cfg.train_exclude:
         pattern = compile_pattern(cfg.train_exclude, "--train-exclude")
@@ -86,6 +87,25 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
         raise DataError("the validation split holds no usable images", path=cfg.data,
                         fix="add images, lower --val-fraction's granularity, or provide a val/ folder")
     return Prepared(ds, background, train, val)
+
+
+def warn_one_class_source(samples: list, cfg: TrainConfig) -> str | None:
+    """Warn when every image that --group-pattern matches (the frames of videos, say) has one class while
+    other classes exist: a source only one class has, which classifiers learn instead of the finding."""
+    if not cfg.group_pattern or cfg.train_exclude:
+        return None
+    pattern = compile_pattern(cfg.group_pattern)
+    matched = [s for s in samples if pattern.search(s.path.name)]
+    classes = {s.label for s in matched}
+    if len(matched) < 2 or len(classes) != 1 or len(classes | {s.label for s in samples}) < 2:
+        return None
+    label = next(iter(classes))
+    message = (f"all {len(matched)} images whose names match --group-pattern {cfg.group_pattern!r} are "
+               f"{label!r}: a source only one class has, which the classifiers can learn instead of the finding. "
+               f"Consider --train-exclude {cfg.group_pattern!r} (they stay in validation; annotate them with "
+               "--labels)")
+    log.warning(message)
+    return message
 
 
 class _Augmented(torch.utils.data.Dataset):
