@@ -100,9 +100,9 @@ def warn_one_class_source(samples: list, cfg: TrainConfig) -> str | None:
     if len(matched) < 2 or len(classes) != 1 or len(classes | {s.label for s in samples}) < 2:
         return None
     label = next(iter(classes))
-    message = (f"all {len(matched)} images whose names match --group-pattern {cfg.group_pattern!r} are "
+    message = (f"all {len(matched)} images whose names match --group-pattern '{cfg.group_pattern}' are "
                f"{label!r}: a source only one class has, which the classifiers can learn instead of the finding. "
-               f"Consider --train-exclude {cfg.group_pattern!r} (they stay in validation; annotate them with "
+               f"Consider --train-exclude '{cfg.group_pattern}' (they stay in validation; annotate them with "
                "--labels)")
     log.warning(message)
     return message
