@@ -231,3 +231,17 @@ def test_annotate_labels_from_a_csv_manifest(trained, tmp_path):
     recs = {Path(x["image"]).name: x for x in map(json.loads, (out / "annotations.jsonl").read_text().splitlines())}
     assert recs[src[0].name]["label"] == "lesion" and recs[src[1].name]["label"] == "normal"
     assert recs[src[1].name]["mask_area"] == 0
+
+
+def test_improve_with_labels_annotates_by_the_labels(trained, tmp_path):
+    _, data, run = trained
+    work = tmp_path / "work"
+    r = runner.invoke(app, ["improve", "--run", str(run), "--images", str(data / "images"), "--out", str(work),
+                            "--truth", str(data), "--review-fraction", "0.5", "--seg-epochs", "1",
+                            "--device", "cpu", "--labels"])
+    assert r.exit_code == 0, r.output
+    for rnd in ("round0", "round1"):
+        recs = [json.loads(x) for x in (work / rnd / "annotations" / "annotations.jsonl").read_text().splitlines()]
+        assert len(recs) == 24
+        assert all(x["label"] == Path(x["image"]).parent.name for x in recs if not x.get("reviewed"))
+        assert all(x["label_given"] for x in recs if not x.get("reviewed"))
