@@ -41,9 +41,9 @@ def train(
     seed: int = typer.Option(0),
     background: Optional[str] = typer.Option(None, help="the no-finding class (default: normal/healthy/...)"),
     group_pattern: Optional[str] = typer.Option(None, help=r"regex on file names; group 1 keeps e.g. ^(Video\d+) together"),
-    train_exclude: Optional[str] = typer.Option(None, help=r"regex on file names: leave matching images out "
-                                                "of training, keep them in validation (e.g. ^Video: a source only "
-                                                "one class has; see README)"),
+    train_exclude: Optional[str] = typer.Option(
+        None, help=r"regex on file names: leave matching images out of training, keep them in validation "
+                   "(e.g. ^Video: a source only one class has; see README)"),
     val_fraction: float = typer.Option(0.2),
     augment: str = typer.Option("standard", help="standard, or robust: + wider crops, blur and JPEG "
                                 "re-compression, against a source shortcut (see README)"),
@@ -81,7 +81,8 @@ def train(
         data = Path(json.loads(saved.read_text(encoding="utf-8"))["data"])
     cfg = TrainConfig(data=data, out=out, preset=preset, models=_csv(models), epochs=epochs, image_size=image_size,
                       batch_size=batch_size, lr=lr, dropout=dropout, seed=seed, background=background,
-                      group_pattern=group_pattern, train_exclude=train_exclude, val_fraction=val_fraction, patience=patience, augment=augment,
+                      group_pattern=group_pattern, train_exclude=train_exclude, val_fraction=val_fraction,
+                      patience=patience, augment=augment,
                       mc_variance_weight=mc_variance_weight, mc_samples=mc_samples, cam_layer=cam_layer,
                       pretrained=pretrained, weights_dir=weights, device=device, max_map_cost=max_map_cost,
                       max_pseudo_label_cost=max_pseudo_label_cost,
@@ -212,8 +213,8 @@ def evaluate(
     dataset: Optional[str] = typer.Option(None, help="name shown in the report (busi, fire, tbx11k, ...)"),
     segmenter: Optional[Path] = typer.Option(None, help="also score this `pixelvote segment train` folder's "
                                              "masks (and, with the crf extra, their CRF refinement)"),
-    labels: bool = typer.Option(False, "--labels/--no-labels", help="score masks as `annotate --labels` makes "
-                                "them: each image explained for its true class, not gated by the diagnosis"),
+    labels: bool = typer.Option(False, "--labels/--no-labels", help="score masks as `annotate --labels` "
+                                "makes them: decided by each image's true class, not gated by the diagnosis"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Evaluate a run: classification, pixel IoU/Dice (vs the centred-box prior), uncertainty; HTML report."""

@@ -42,7 +42,7 @@ def list_inputs(images: str | Path, *, labels: bool = False) -> list[Item]:
                 raise DataError("CSV manifest has no 'path' column", path=root, fix="add a header line with 'path'")
             if labels and "label" not in fields:
                 raise DataError("CSV manifest has no 'label' column, so its images have no labels", path=root,
-                                fix="add a 'label' column with each image's class, or annotate without --labels")
+                                fix="add a 'label' column with each image's class, or drop --labels")
             given: dict[Path, str] = {}
             for i, row in enumerate(reader, start=2):
                 row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}

@@ -441,9 +441,9 @@ def _assemble(state: _State, run: Path, run_cfg: Any, cfg: ConsensusConfig, es: 
     if es.protocol != "none" and not any(r["iou"] is not None for r in state.rows):
         notes.append("No evaluated image has a non-empty truth region: no localisation figures.")
     if state.labels:
-        notes.append("Masks as `annotate --labels` makes them: each image is explained for its true class, "
-                     "whatever the ensemble diagnosed, so a misdiagnosed lesion still gets a mask. This is the "
-                     "figure for annotating labelled images, not for diagnosing new ones.")
+        notes.append("Masks as `annotate --labels` makes them: each image's true class decides whether it "
+                     "gets a mask, whatever the ensemble diagnosed, so a missed lesion still gets one. This "
+                     "is the figure for annotating labelled images, not for diagnosing new ones.")
     shortcut = _shortcut(es.items)
     if shortcut.get("warning"):
         warnings.append(shortcut["message"])

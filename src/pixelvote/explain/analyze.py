@@ -186,7 +186,7 @@ class Analysis:
     uncertainty: torch.Tensor  # (M, B, S, S) std of MC CAMs on the same scale
     raw_max: torch.Tensor  # (M, B) per-image max of each raw CAM (0 = no evidence)
     inputs: torch.Tensor | None = None  # (B, 3, S, S) the analysed images in [0, 1] (for refinements)
-    given: torch.Tensor | None = None  # (B,) image-level labels the user gave, when annotating labelled images
+    given: torch.Tensor | None = None  # (B,) the image-level labels, when annotating labelled images
 
 
 def analyze(ensemble: Ensemble, images: torch.Tensor, *, mc_samples: int = 30,

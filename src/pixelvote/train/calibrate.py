@@ -87,7 +87,8 @@ def choose_recipe(run_dir: Path, val: CachedSet,
     labelled = scored(True, cfg.max_pseudo_label_cost)
     n = len(next(iter(tables.values())).ious)
 
-    def pick(keys: list[tuple[str, str]], limit: float, tables: dict = tables) -> tuple[MapConfig, dict, dict]:
+    def pick(keys: list[tuple[str, str]], limit: float,
+             tables: dict = tables) -> tuple[MapConfig, dict, dict]:
         """The best cell among ``keys``: its maps, its consensus update and its summary."""
         (recipe, fusion), j, score = best_cell(tables, keys=keys)
         name, refine = split_fusion(fusion)
@@ -98,7 +99,8 @@ def choose_recipe(run_dir: Path, val: CachedSet,
                                          "val_mean_iou": score, "relative_cost": costs[(recipe, fusion)]}
 
     maps, update, chosen = pick(allowed, cfg.max_map_cost)
-    best_maps, best_update, best = pick([k for k in pseudo if k in labelled], cfg.max_pseudo_label_cost, labelled)
+    best_maps, best_update, best = pick([k for k in pseudo if k in labelled], cfg.max_pseudo_label_cost,
+                                        labelled)
     best["scored_with"] = "the images' labels (annotate --labels)"
     lab_maps, lab_update, lab = pick([k for k in allowed if k in labelled], cfg.max_map_cost, labelled)
     candidates = {f"{r}+{f}": {"mean_iou_by_threshold": {str(t): round(float(v), 4) for t, v in
@@ -107,8 +109,8 @@ def choose_recipe(run_dir: Path, val: CachedSet,
                                "relative_cost": round(costs[(r, f)], 2), "allowed": (r, f) in allowed}
                   for (r, f), tab in tables.items()}
     summary = {**chosen, "images_with_masks": n, "best": best, "labelled": lab, "candidates": candidates,
-               "labelled_candidates": {f"{r}+{f}": round(float(tab.ious.mean(0).max()), 4) if len(tab.ious) else None
-                                       for (r, f), tab in labelled.items()},
+               "labelled_candidates": {f"{r}+{f}": round(float(tab.ious.mean(0).max()), 4)
+                                       if len(tab.ious) else None for (r, f), tab in labelled.items()},
                "not_tried_over_cost": skipped}
     return maps, update, summary, {"best": (best_maps, best_update), "labelled": (lab_maps, lab_update)}
 

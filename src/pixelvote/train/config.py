@@ -33,8 +33,8 @@ class TrainConfig(BaseModel):
                                 "against classifiers that learn the source (camera, file type) instead of the "
                                 "finding (see pixelvote.data.transforms.train_augment)")
     group_pattern: str | None = None
-    train_exclude: str | None = Field(None, description="regex on file names: matching images are left out of "
-                                      "training but stay in validation (a source only one class has)")
+    train_exclude: str | None = Field(None, description="regex on file names: matching images are left out "
+                                      "of training but stay in validation (a source only one class has)")
     background: str | None = None
     seed: int = 0
     mc_variance_weight: float = Field(0.0, ge=0.0, description="the paper's lambda: loss += lambda * MC variance")

@@ -82,7 +82,8 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
     if empty:
         raise DataError(f"no usable training images for class(es) {empty}", path=cfg.data,
                         fix="add images to those class folders (or remove the folders)"
-                            + (f", or loosen --train-exclude {cfg.train_exclude!r}" if cfg.train_exclude else ""))
+                            + (f", or loosen --train-exclude {cfg.train_exclude!r}"
+                               if cfg.train_exclude else ""))
     if len(val) == 0:
         raise DataError("the validation split holds no usable images", path=cfg.data,
                         fix="add images, lower --val-fraction's granularity, or provide a val/ folder")
@@ -101,7 +102,8 @@ def warn_one_class_source(samples: list, cfg: TrainConfig) -> str | None:
         return None
     label = next(iter(classes))
     message = (f"all {len(matched)} images whose names match --group-pattern '{cfg.group_pattern}' are "
-               f"{label!r}: a source only one class has, which the classifiers can learn instead of the finding. "
+               f"{label!r}: a source only one class has, which the classifiers can learn instead of the "
+               "finding. "
                f"Consider --train-exclude '{cfg.group_pattern}' (they stay in validation; annotate them with "
                "--labels)")
     log.warning(message)
