@@ -72,7 +72,7 @@ def choose_recipe(run_dir: Path, val: CachedSet,
             group = {k: r for k, r in group.items() if relative_cost(r) <= within or k == cheapest}
             if not group:
                 continue
-            what = "labelled pseudo-masks" if given_labels else "the map recipe"
+            what = "the recipes for labelled images" if given_labels else "the map recipe"
             batches = tqdm(_val_batches(val, bs), total=-(-len(val) // bs), unit="batch", leave=False,
                            desc=f"choosing {what} ({', '.join(group)} x {len(group_fusions)} fusions)")
             tables.update(collect(ens, batches, group, fusions=group_fusions, given_labels=given_labels))
