@@ -132,8 +132,9 @@ def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: 
     """The mask, display maps and review flags of a batch. Without known labels (``analysis.given`` None) the
     members that agree with the ensemble's diagnosis are fused and a background diagnosis gets no mask. With
     known labels the label decides: an image labelled with a finding gets a mask fused from every member's
-    map of that finding (a member that misses the finding still shows where it is), a background-labelled
-    image none, and ``label_disagrees`` flags an image whose diagnosis differs from its label."""
+    map (a member that misses the finding still shows where it is; which class the maps explain is
+    :func:`pixelvote.explain.analyze.analyze`'s choice), a background-labelled image none, and
+    ``label_disagrees`` flags an image whose diagnosis differs from its label."""
     maps = analysis.maps
     member_labels = torch.stack([s["label"] for s in analysis.stats])
     label = analysis.label

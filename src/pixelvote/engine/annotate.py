@@ -275,10 +275,9 @@ def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size
     With ``segmenter`` (a `pixelvote segment train` folder) masks come from the segmenter; the ensemble still
     gives the diagnosis, the uncertainty and the flags, plus ``segmenter_disagrees`` when the segmenter's
     mask and the consensus mask overlap less than ``segmenter_min_iou`` (IoU).
-    With ``labels`` the images' own labels (class folders, or a CSV's ``label`` column) decide which class is
-    explained and whether an image gets a mask; every member's map of that class is fused, and
-    ``label_disagrees`` flags images whose diagnosis differs from their label (see
-    :func:`pixelvote.consensus.apply_consensus`)."""
+    With ``labels`` the images' own labels (class folders, or a CSV's ``label`` column) decide whether an
+    image gets a mask and of which class; every member's map is fused, and ``label_disagrees`` flags images
+    whose diagnosis differs from their label (see :func:`pixelvote.consensus.apply_consensus`)."""
     out = Path(out)
     ens, cfg = load_run(run, device=device, fold=True)
     ccfg, mcfg, T = resolve_recipe(cfg, method, consensus, maps, mc_samples, labels)
