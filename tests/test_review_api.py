@@ -104,6 +104,10 @@ def test_queue_filters(client: TestClient) -> None:
     assert keys("flagged=false") == {k for k, v in SPECS.items() if not v[2]}
     assert keys("label=malignant") == {"case 01", "case 05"}
     assert keys("reason=low_confidence") == {"case 01", "case 03"}
+    # every flag annotate can write is a known filter (none of these fired here)
+    for reason in ("label_disagrees", "segmenter_disagrees", "no_agreeing_member"):
+        assert keys(f"reason={reason}") == set()
+        assert reason in client.get("/api/meta").json()["reasons"]
     assert keys("reviewed=true") == set()
     assert post(client, key="case 05", action="relabel", label="benign").status_code == 201
     assert keys("reviewed=true") == {"case 05"}

@@ -24,7 +24,8 @@ from pixelvote.review.store import Decision
 logger = logging.getLogger(__name__)
 
 FILE_KINDS = ("mask", "overlay", "uncertainty")
-REASONS = ("disagreement", "high_mutual_information", "high_variance", "low_confidence", "empty_mask")
+REASONS = ("disagreement", "high_mutual_information", "high_variance", "low_confidence", "empty_mask",
+           "no_agreeing_member", "segmenter_disagrees", "label_disagrees")
 
 
 class OutsideFolderError(DataError):

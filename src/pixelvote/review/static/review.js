@@ -15,6 +15,8 @@ const ACTION_MARK = { accept: "✓", reject: "✗", edit: "✎", relabel: "⇄" 
 const REASON_TEXT = {
   disagreement: "members disagree", high_mutual_information: "high mutual information",
   high_variance: "high variance", low_confidence: "low confidence", empty_mask: "empty mask",
+  no_agreeing_member: "no member agrees", segmenter_disagrees: "segmenter disagrees",
+  label_disagrees: "diagnosis differs from the label",
 };
 
 // ---------------------------------------------------------------- helpers
