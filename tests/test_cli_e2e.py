@@ -187,7 +187,8 @@ def test_annotate_with_labels_explains_each_images_own_class(trained, tmp_path):
             assert x["target_class"] == "lesion"
     # without --labels the diagnosis is the label
     plain = tmp_path / "plain"
-    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(data / "images"), "--out", str(plain),
+    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(data / "images"), "--out",
+                            str(plain),
                             "--mc-samples", "2", "--no-crf"])
     assert r.exit_code == 0, r.output
     for x in map(json.loads, (plain / "annotations.jsonl").read_text().splitlines()):
@@ -207,8 +208,8 @@ def test_annotate_labels_errors_name_the_problem(trained, tmp_path):
     manifest.write_text(f"path\n{src}\n")
     unlabelled = tmp_path / "u.csv"
     unlabelled.write_text(f"path,label\n{src},\n")
-    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(data), "--out", str(tmp_path / "o"),
-                            "--labels", "--engine", "ray"])
+    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(data), "--out",
+                            str(tmp_path / "o"), "--labels", "--engine", "ray"])
     assert r.exit_code != 0 and "not available with --engine ray" in str(r.exception)
     for images, message in ((loose, "not inside a class folder"), (wrong.parent, "not classes of this run"),
                             (manifest, "no 'label' column"), (unlabelled, "has no label")):
@@ -228,7 +229,8 @@ def test_annotate_labels_from_a_csv_manifest(trained, tmp_path):
     r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(manifest), "--out", str(out),
                             "--mc-samples", "2", "--no-crf", "--labels"])
     assert r.exit_code == 0, r.output
-    recs = {Path(x["image"]).name: x for x in map(json.loads, (out / "annotations.jsonl").read_text().splitlines())}
+    lines = (out / "annotations.jsonl").read_text().splitlines()
+    recs = {Path(x["image"]).name: x for x in map(json.loads, lines)}
     assert recs[src[0].name]["label"] == "lesion" and recs[src[1].name]["label"] == "normal"
     assert recs[src[1].name]["mask_area"] == 0
 
@@ -236,12 +238,13 @@ def test_annotate_labels_from_a_csv_manifest(trained, tmp_path):
 def test_improve_with_labels_annotates_by_the_labels(trained, tmp_path):
     _, data, run = trained
     work = tmp_path / "work"
-    r = runner.invoke(app, ["improve", "--run", str(run), "--images", str(data / "images"), "--out", str(work),
-                            "--truth", str(data), "--review-fraction", "0.5", "--seg-epochs", "1",
+    r = runner.invoke(app, ["improve", "--run", str(run), "--images", str(data / "images"), "--out",
+                            str(work), "--truth", str(data), "--review-fraction", "0.5", "--seg-epochs", "1",
                             "--device", "cpu", "--labels"])
     assert r.exit_code == 0, r.output
     for rnd in ("round0", "round1"):
-        recs = [json.loads(x) for x in (work / rnd / "annotations" / "annotations.jsonl").read_text().splitlines()]
+        lines = (work / rnd / "annotations" / "annotations.jsonl").read_text().splitlines()
+        recs = [json.loads(x) for x in lines]
         assert len(recs) == 24
         assert all(x["label"] == Path(x["image"]).parent.name for x in recs if not x.get("reviewed"))
         assert all(x["label_given"] for x in recs if not x.get("reviewed"))

@@ -368,10 +368,12 @@ def test_labels_mode_scores_the_masks_annotate_labels_writes(trained, tmp_path):
     assert m["config"]["masks_from"] == "labels" and any("annotate --labels" in n for n in m["notes"])
     manifest = tmp_path / "all.csv"
     with open(manifest, "w", newline="") as fh:
-        csv.writer(fh).writerows([["path", "label"], *([str(data / r["image"]), r["truth"]] for r in m["per_image"])])
-    annotate(run, manifest, tmp_path / "ann", mc_samples=m["config"]["mc_samples"], num_workers=0, progress=False,
-             labels=True)
-    recs = {r["key"]: r for r in map(json.loads, (tmp_path / "ann" / "annotations.jsonl").read_text().splitlines())}
+        csv.writer(fh).writerows([["path", "label"],
+                                  *([str(data / r["image"]), r["truth"]] for r in m["per_image"])])
+    annotate(run, manifest, tmp_path / "ann", mc_samples=m["config"]["mc_samples"], num_workers=0,
+             progress=False, labels=True)
+    lines = (tmp_path / "ann" / "annotations.jsonl").read_text().splitlines()
+    recs = {r["key"]: r for r in map(json.loads, lines)}
     scored = 0
     for r in m["per_image"]:
         if r["truth"] != "lesion":

@@ -163,7 +163,8 @@ def test_given_labels_choose_the_cam_target(tiny_member):
     from pixelvote.explain.analyze import analyze
     from pixelvote.models.ensemble import Ensemble
 
-    ens = Ensemble([tiny_member("tiny_cnn_b", k=3, dropout=0.0)], ["benign", "malignant", "normal"], "normal", 32)
+    classes = ["benign", "malignant", "normal"]
+    ens = Ensemble([tiny_member("tiny_cnn_b", k=3, dropout=0.0)], classes, "normal", 32)
     x = torch.rand(6, 3, 32, 32)
     with torch.no_grad():
         m = ens.members[0]

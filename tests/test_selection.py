@@ -135,7 +135,8 @@ def test_method_best_uses_the_runs_best_recipe_and_falls_back_without_one(caplog
         method_recipe(cfg, "bset")
     # annotate --labels: the run's recipe for labelled images, where it has one
     assert method_recipe(cfg, "run", labels=True) == (cfg.consensus, cfg.maps)
-    labelled = Recipe(consensus=ConsensusConfig(fusion="mean", threshold=0.2, refine="none"), maps=MapConfig())
+    labelled = Recipe(consensus=ConsensusConfig(fusion="mean", threshold=0.2, refine="none"),
+                      maps=MapConfig())
     cfg = cfg.model_copy(update={"labelled": labelled})
     assert method_recipe(cfg, "run", labels=True) == (labelled.consensus, labelled.maps)
     assert method_recipe(cfg, "run") == (cfg.consensus, cfg.maps)

@@ -124,7 +124,8 @@ def test_train_exclude_keeps_matching_images_out_of_training_only(blob_dataset, 
     plain = loop.prepare_data(_cfg(blob_dataset, tmp_path / "p"), (tmp_path / "p").mkdir() or tmp_path / "p")
     split = json.loads((run / "split.json").read_text())
     names = lambda key: sorted(p.rsplit("/", 1)[1] for p in split[key])  # noqa: E731
-    assert split["excluded_from_training"] and all(n.startswith("lesion 1") for n in names("excluded_from_training"))
+    assert split["excluded_from_training"]
+    assert all(n.startswith("lesion 1") for n in names("excluded_from_training"))
     assert not any(n.startswith("lesion 1") for n in names("train"))
     plain_split = json.loads((tmp_path / "p" / "split.json").read_text())
     assert split["val"] == plain_split["val"]  # validation is the same split as without the option
@@ -147,7 +148,6 @@ def test_a_group_pattern_matching_one_class_only_warns_with_the_fix(blob_dataset
     assert message is not None and "--train-exclude" in message and "'lesion'" in message
     assert "--train-exclude" in caplog.text
     # a pattern that matches both classes, or none, or an exclusion already set: no warning
-    assert loop.warn_one_class_source(samples, _cfg(blob_dataset, tmp_path / "b", group_pattern=r"^(\w+) \d")) is None
-    assert loop.warn_one_class_source(samples, _cfg(blob_dataset, tmp_path / "c", group_pattern=r"^(Video\d+)")) is None
-    assert loop.warn_one_class_source(samples, _cfg(blob_dataset, tmp_path / "d", group_pattern=r"^(lesion \d)",
-                                                    train_exclude="^lesion 1")) is None
+    for kw in (dict(group_pattern=r"^(\w+) \d"), dict(group_pattern=r"^(Video\d+)"),
+               dict(group_pattern=r"^(lesion \d)", train_exclude="^lesion 1")):
+        assert loop.warn_one_class_source(samples, _cfg(blob_dataset, tmp_path / "x", **kw)) is None
