@@ -146,6 +146,8 @@ def main() -> None:
         seg = (stage_two(run, args.runs_dir, args.seg_epochs, args.image_size, args.seg_method)
                if args.stage_two else None)
         fusions = ["intersection", "mean", "vote"] + (["intersection+crf", "mean+crf"] if crf.available() else [])
+        if args.labels:  # which members fuse for labelled images: every one (default) or the agreeing ones
+            fusions += [f"{f}@agreeing" for f in fusions if f.startswith("mean")]
         tables = collect(ens, val_batches(run, ens), recipes, fusions=fusions, segmenter=seg,
                          given_labels=args.labels)
         single = Ensemble(ens.members[:1], ens.classes, ens.background, ens.image_size, device=ens.device)

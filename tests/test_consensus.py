@@ -116,3 +116,16 @@ def test_given_background_label_gives_no_mask_and_an_agreeing_label_no_flag():
     a.given = torch.tensor([0])
     r = apply_consensus(a, ConsensusConfig(threshold=0.5), 1)
     assert r.reasons == [[]] and r.mask[0].int().tolist() == [[0, 1, 0], [0, 0, 0]]
+
+
+def test_labelled_members_agreeing_fuses_the_agreeing_members_where_the_finding_is_seen():
+    # two members see the lesion, one calls it background; a second image all three call background
+    a = _analysis([[A, A], [B_, B_], [C, C]], [[LESION, [0.2, 0.8]], [LESION, [0.2, 0.8]],
+                                               [[0.2, 0.8], [0.2, 0.8]]])
+    a.given = torch.tensor([0, 0])
+    every = apply_consensus(a, ConsensusConfig(threshold=0.5), 1)
+    agreeing = apply_consensus(a, ConsensusConfig(threshold=0.5, labelled_members="agreeing"), 1)
+    assert every.mask[0].int().tolist() == [[0, 1, 0], [0, 0, 0]]  # A, B and C intersected
+    assert agreeing.mask[0].int().tolist() == [[1, 1, 0], [0, 0, 0]]  # A and B only
+    # where the ensemble misses the finding, every member fuses either way
+    assert agreeing.mask[1].int().tolist() == every.mask[1].int().tolist() == [[0, 1, 0], [0, 0, 0]]

@@ -47,11 +47,13 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
         assert cands["plain+mean+crf"]["allowed"] is True
         assert cands["flip+mean+crf"]["allowed"] is False  # 2.4: only for --method best
     # `best` (pseudo-masks of labelled images) is scored as `annotate --labels` makes them, within 2.5
+    # (each mean fusion also with only the agreeing members fused, "@agreeing")
     labelled = sel["labelled_candidates"]
-    assert set(labelled) == {k for k, c in cands.items() if c["relative_cost"] <= 2.5}
+    plain_keys = {k for k, c in cands.items() if c["relative_cost"] <= 2.5}
+    assert set(labelled) == plain_keys | {f"{k}@agreeing" for k in plain_keys if "+mean" in k}
     assert sel["best"]["val_mean_iou"] == pytest.approx(max(labelled.values()), abs=1e-4)
     assert sel["best"]["relative_cost"] <= 2.5 and sel["best"]["scored_with"].startswith("the images' labels")
-    within = {k: v for k, v in labelled.items() if cands[k]["allowed"]}
+    within = {k: v for k, v in labelled.items() if cands[k.partition("@")[0]]["allowed"]}
     assert sel["labelled"]["val_mean_iou"] == pytest.approx(max(within.values()), abs=1e-4)
     chosen = cands[f"{sel['recipe']}+{sel['fusion']}"]
     assert chosen["allowed"] and chosen["relative_cost"] <= max_cost
@@ -66,6 +68,8 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     assert cfg.best.consensus.mi_threshold == cfg.consensus.mi_threshold  # the same flags
     assert cfg.labelled is not None and cfg.labelled.maps == RECIPES[sel["labelled"]["recipe"]]
     assert cfg.labelled.consensus.threshold == sel["labelled"]["threshold"]
+    members = "agreeing" if sel["labelled"]["fusion"].endswith("@agreeing") else "all"
+    assert cfg.labelled.consensus.labelled_members == members
 
 
 def test_segmenter_rows_are_gated_by_the_diagnosis(tmp_path) -> None:
@@ -141,3 +145,12 @@ def test_method_best_uses_the_runs_best_recipe_and_falls_back_without_one(caplog
     assert method_recipe(cfg, "run", labels=True) == (labelled.consensus, labelled.maps)
     assert method_recipe(cfg, "run") == (cfg.consensus, cfg.maps)
     assert method_recipe(cfg, "best", labels=True) == (best.consensus, best.maps)
+
+
+def test_fusion_names_carry_refinement_and_members() -> None:
+    from pixelvote.evaluate.selection import fusion_settings
+
+    assert split_fusion("mean+crf@agreeing") == ("mean", "crf") == split_fusion("mean+crf")
+    assert fusion_settings("mean+crf@agreeing") == {"fusion": "mean", "refine": "crf",
+                                                    "labelled_members": "agreeing"}
+    assert fusion_settings("vote") == {"fusion": "vote", "refine": "none", "labelled_members": "all"}

@@ -42,6 +42,9 @@ class ConsensusConfig(BaseModel):
     mi_threshold: float | None = Field(None, ge=0.0, description="flag when mean mutual information is above")
     variance_threshold: float | None = Field(None, ge=0.0, description="flag when mean MC variance is above")
     min_confidence: float = Field(0.6, ge=0.0, le=1.0, description="flag when the ensemble probability is below")
+    labelled_members: Literal["all", "agreeing"] = Field(
+        "all", description="with known labels (annotate --labels): fuse every member's map, or, where the "
+                           "ensemble diagnoses a finding, only the members that agree with it")
     refine: Refine = Field("none", description="crf: refine the fused soft map with a dense CRF on the image "
                                                "colours, then threshold the CRF's marginal (needs pydensecrf2)")
     crf: CRFConfig = Field(default_factory=CRFConfig)
@@ -133,13 +136,19 @@ def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: 
     members that agree with the ensemble's diagnosis are fused and a background diagnosis gets no mask. With
     known labels the label decides: an image labelled with a finding gets a mask fused from every member's
     map (a member that misses the finding still shows where it is; which class the maps explain is
-    :func:`pixelvote.explain.analyze.analyze`'s choice), a background-labelled image none, and
+    :func:`pixelvote.explain.analyze.analyze`'s choice), or with ``labelled_members="agreeing"`` from the
+    agreeing members' where the ensemble diagnoses a finding; a background-labelled image gets none, and
     ``label_disagrees`` flags an image whose diagnosis differs from its label."""
     maps = analysis.maps
     member_labels = torch.stack([s["label"] for s in analysis.stats])
     label = analysis.label
     agree = agreeing_members(member_labels, label)
-    fuse = agree if analysis.given is None else torch.ones_like(agree)
+    fuse = agree
+    if analysis.given is not None:
+        seen = (label != background_index) & agree.any(0)
+        if cfg.labelled_members == "all":
+            seen = torch.zeros_like(seen)
+        fuse = torch.where(seen.unsqueeze(0), agree, torch.ones_like(agree))
     decided = label if analysis.given is None else analysis.given
     k = cfg.k if cfg.fusion == "vote" else 1
     if cfg.fusion == "vote" and cfg.policy != "k-of-n":

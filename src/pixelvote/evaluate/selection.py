@@ -50,9 +50,17 @@ def relative_cost(maps: MapConfig, refine: str = "none") -> float:
 
 
 def split_fusion(fusion: str) -> tuple[str, str]:
-    """``"mean+crf"`` -> ``("mean", "crf")``; ``"mean"`` -> ``("mean", "none")``."""
-    name, _, refine = fusion.partition("+")
+    """``"mean+crf"`` -> ``("mean", "crf")``; ``"mean"`` -> ``("mean", "none")`` (an ``@members`` suffix,
+    see :func:`fusion_settings`, is dropped)."""
+    name, _, refine = fusion.partition("@")[0].partition("+")
     return name, refine or "none"
+
+
+def fusion_settings(fusion: str) -> dict[str, str]:
+    """The consensus fields a fusion name stands for: ``"mean+crf@agreeing"`` -> fusion mean, refine crf,
+    labelled_members agreeing (which members fuse for labelled images; default all)."""
+    name, refine = split_fusion(fusion)
+    return {"fusion": name, "refine": refine, "labelled_members": fusion.partition("@")[2] or "all"}
 
 
 @dataclass
@@ -123,15 +131,15 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
             seconds[rname] += time.perf_counter() - t0
             fg = (a.label if given is None else given) != bg
             for fusion in fusions:
-                name, refine = split_fusion(fusion)
-                if refine != "none":  # the threshold shapes the refinement: one pass per threshold
+                settings = fusion_settings(fusion)
+                if settings["refine"] != "none":  # the threshold shapes the refinement: one pass per threshold
                     t0 = time.perf_counter()
-                    rows[(rname, fusion)] += _refined_rows(a, base, name, refine, bg, batch, use, grid)
+                    rows[(rname, fusion)] += _refined_rows(a, base.model_copy(update=settings), bg, batch, use,
+                                                           grid)
                     seconds[f"{rname}+{fusion}"] = (seconds.get(f"{rname}+{fusion}", 0.0)
                                                     + (time.perf_counter() - t0) / len(grid))
                     continue
-                cfg = base.model_copy(update={"fusion": name, "refine": refine, "threshold_method": "fixed",
-                                              "threshold": 1e-6})
+                cfg = base.model_copy(update={**settings, "threshold_method": "fixed", "threshold": 1e-6})
                 t0 = time.perf_counter()
                 res = apply_consensus(a, cfg, bg)
                 key = f"{rname}+{fusion}"
@@ -165,13 +173,12 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
     return out
 
 
-def _refined_rows(a: Analysis, base: ConsensusConfig, fusion: str, refine: str, bg: int, batch: Batch,
+def _refined_rows(a: Analysis, base: ConsensusConfig, bg: int, batch: Batch,
                   use: list[int], grid: Sequence[float]) -> list[torch.Tensor]:
-    """IoU rows ``(len(grid),)`` per image when the refinement runs once per threshold."""
+    """IoU rows ``(len(grid),)`` per image when the refinement (``base.refine``) runs once per threshold."""
     per_t = []
     for t in grid:
-        cfg = base.model_copy(update={"fusion": fusion, "refine": refine, "threshold_method": "fixed",
-                                      "threshold": t})
+        cfg = base.model_copy(update={"threshold_method": "fixed", "threshold": t})
         per_t.append(apply_consensus(a, cfg, bg).margin)
     return [torch.stack([iou_over_grid(_at_size(m[j], truth), truth, (0.0,))[0] for m in per_t])
             for j, truth in _truths(batch, use)]

@@ -43,7 +43,15 @@ def choose_recipe(run_dir: Path, val: CachedSet,
     ``cfg.max_pseudo_label_cost`` (``annotate --method best``), and the best within ``cfg.max_map_cost``
     with the images' labels deciding (``annotate --labels``). Returns the first as its MapConfig and its
     consensus update, the summary, and the other two (``"best"``, ``"labelled"``) likewise."""
-    from pixelvote.evaluate.selection import GRID, RECIPES, best_cell, collect, relative_cost, split_fusion
+    from pixelvote.evaluate.selection import (
+        GRID,
+        RECIPES,
+        best_cell,
+        collect,
+        fusion_settings,
+        relative_cost,
+        split_fusion,
+    )
     from pixelvote.refine import crf
 
     ens, run_cfg = load_run(run_dir, device=cfg.device)
@@ -72,6 +80,8 @@ def choose_recipe(run_dir: Path, val: CachedSet,
             group = {k: r for k, r in group.items() if relative_cost(r) <= within or k == cheapest}
             if not group:
                 continue
+            if given_labels:  # which members fuse for labelled images: every one, or the agreeing ones
+                group_fusions = group_fusions + [f"{f}@agreeing" for f in group_fusions if f.startswith("mean")]
             what = "the recipes for labelled images" if given_labels else "the map recipe"
             batches = tqdm(_val_batches(val, bs), total=-(-len(val) // bs), unit="batch", leave=False,
                            desc=f"choosing {what} ({', '.join(group)} x {len(group_fusions)} fusions)")
@@ -79,30 +89,30 @@ def choose_recipe(run_dir: Path, val: CachedSet,
         return tables
 
     tables = scored(False, limit)
-    costs = {(r, f): relative_cost(RECIPES[r], split_fusion(f)[1]) for (r, f) in tables}
-    allowed = [key for key, c in costs.items() if c <= cfg.max_map_cost] or [min(costs, key=costs.__getitem__)]
-    pseudo = [key for key, c in costs.items() if c <= cfg.max_pseudo_label_cost] or allowed
-    # `best` makes pseudo-masks of labelled images (annotate --labels): scored as such, every lesion image
-    # explained for its own class, so a recipe is not judged by the images the ensemble misdiagnoses
     labelled = scored(True, cfg.max_pseudo_label_cost)
+    costs = {(r, f): relative_cost(RECIPES[r], split_fusion(f)[1]) for (r, f) in {**tables, **labelled}}
+    allowed = ([key for key in tables if costs[key] <= cfg.max_map_cost]
+               or [min(tables, key=costs.__getitem__)])
+    # `best` makes pseudo-masks of labelled images (annotate --labels): scored as such, so that a recipe is
+    # not judged by the images the ensemble misdiagnoses
+    pseudo = [key for key in labelled if costs[key] <= cfg.max_pseudo_label_cost] or list(labelled)
     n = len(next(iter(tables.values())).ious)
 
     def pick(keys: list[tuple[str, str]], limit: float,
              tables: dict = tables) -> tuple[MapConfig, dict, dict]:
         """The best cell among ``keys``: its maps, its consensus update and its summary."""
         (recipe, fusion), j, score = best_cell(tables, keys=keys)
-        name, refine = split_fusion(fusion)
-        update = {"fusion": name, "refine": refine, "threshold": GRID[j], "threshold_method": "fixed",
+        update = {**fusion_settings(fusion), "threshold": GRID[j], "threshold_method": "fixed",
                   "threshold_source": f"validation: {recipe} + {fusion}, best mean IoU {score:.3f} on {n} "
                                       f"images (cost <= {limit:g} plain analyses)"}
         return recipes[recipe], update, {"recipe": recipe, "fusion": fusion, "threshold": GRID[j],
                                          "val_mean_iou": score, "relative_cost": costs[(recipe, fusion)]}
 
     maps, update, chosen = pick(allowed, cfg.max_map_cost)
-    best_maps, best_update, best = pick([k for k in pseudo if k in labelled], cfg.max_pseudo_label_cost,
-                                        labelled)
+    best_maps, best_update, best = pick(pseudo, cfg.max_pseudo_label_cost, labelled)
     best["scored_with"] = "the images' labels (annotate --labels)"
-    lab_maps, lab_update, lab = pick([k for k in allowed if k in labelled], cfg.max_map_cost, labelled)
+    lab_keys = [k for k in labelled if costs[k] <= cfg.max_map_cost] or pseudo
+    lab_maps, lab_update, lab = pick(lab_keys, cfg.max_map_cost, labelled)
     candidates = {f"{r}+{f}": {"mean_iou_by_threshold": {str(t): round(float(v), 4) for t, v in
                                                          zip(GRID, tab.ious.mean(0))} if len(tab.ious) else {},
                                "seconds_per_image": round(tab.seconds_per_image, 4),
