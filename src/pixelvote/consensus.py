@@ -145,10 +145,10 @@ def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: 
     agree = agreeing_members(member_labels, label)
     fuse = agree
     if analysis.given is not None:
-        seen = (label != background_index) & agree.any(0)
-        if cfg.labelled_members == "all":
-            seen = torch.zeros_like(seen)
-        fuse = torch.where(seen.unsqueeze(0), agree, torch.ones_like(agree))
+        fuse = torch.ones_like(agree)
+        if cfg.labelled_members == "agreeing":  # where the ensemble sees a finding, its agreeing members
+            seen = (label != background_index) & agree.any(0)
+            fuse = torch.where(seen.unsqueeze(0), agree, fuse)
     decided = label if analysis.given is None else analysis.given
     k = cfg.k if cfg.fusion == "vote" else 1
     if cfg.fusion == "vote" and cfg.policy != "k-of-n":

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from pixelvote.data.dataset import _walk_images
+from pixelvote.data.dataset import _find_images_dir, _walk_images
 from pixelvote.errors import DataError
 
 
@@ -86,7 +86,7 @@ def list_inputs(images: str | Path, *, labels: bool = False) -> list[Item]:
 def _folder_labels(root: Path, paths: list[Path]) -> dict[Path, str]:
     """Each image's class folder: the first folder under ``root``, or under ``root/images`` (then images
     elsewhere, such as ``root/masks/...``, are not inputs)."""
-    top = root / "images" if (root / "images").is_dir() else root
+    top, _ = _find_images_dir(root)
     out = {}
     for p in paths:
         parts = p.relative_to(root).parts
