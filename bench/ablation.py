@@ -1,7 +1,7 @@
 """Mask-quality ablation on the real sets in ../shared/data: which map recipe, fusion and threshold help?
 
     python bench/ablation.py --runs-dir runs/bench [--sets busi,fire] [--epochs 6] [--image-size 224]
-        [--labels] [--stage-two [--seg-method best|run] [--seg-epochs 30]]
+        [--augment robust] [--resize letterbox] [--labels] [--stage-two [--seg-method best|run] [--seg-epochs 30]]
 
 For each set it trains the default ensemble (``--preset``) once (or reuses RUNS_DIR/<set>), takes the
 run's validation split (images the models never trained on; fire is split by video), and prints mean IoU on
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from pixelvote.data.imageio import read_image, read_mask  # noqa: E402
-from pixelvote.data.transforms import resize_image, to_tensor  # noqa: E402
+from pixelvote.data.transforms import fit_image, to_tensor  # noqa: E402
 from pixelvote.evaluate.selection import (  # noqa: E402
     GRID,
     RECIPES,
@@ -55,15 +55,21 @@ SETS = {
 }
 
 
-def ensure_run(name: str, runs: Path, epochs: int, size: int, seed: int, preset: str = DEFAULT_PRESET) -> Path:
-    run = runs / (name if preset == DEFAULT_PRESET else f"{name}-{preset}")
+def ensure_run(name: str, runs: Path, epochs: int, size: int, seed: int, preset: str = DEFAULT_PRESET,
+               **train_options: str) -> Path:
+    """The set's run, trained unless it exists: RUNS/<set>[-<preset>][-<option value>...] (e.g. fire-letterbox
+    for ``resize="letterbox"``; options at their defaults add nothing)."""
+    from pixelvote.train.config import TrainConfig
+
+    defaults = TrainConfig.model_fields
+    suffix = "".join(f"-{v}" for k, v in train_options.items() if v != defaults[k].default)
+    run = runs / ((name if preset == DEFAULT_PRESET else f"{name}-{preset}") + suffix)
     if (run / "calibration.json").exists():
         return run
-    from pixelvote.train.config import TrainConfig
     from pixelvote.train.loop import train
 
     cfg = TrainConfig(data=DATA / name, out=run, epochs=epochs, image_size=size, seed=seed, preset=preset,
-                      **SETS[name])
+                      **SETS[name], **train_options)
     return train(cfg, resume=(run / "train_config.json").exists())
 
 
@@ -79,7 +85,7 @@ def val_batches(run: Path, ens: Ensemble, batch_size: int = 8):  # type: ignore[
         imgs, labels, masks, seeds = [], [], [], []
         for p, lab, mp in chunk:
             img = read_image(p)
-            imgs.append(resize_image(to_tensor(img), ens.image_size))
+            imgs.append(fit_image(to_tensor(img), ens.image_size, ens.resize))
             labels.append(lab)
             masks.append(None if mp is None else torch.from_numpy(read_mask(mp, (img.shape[1], img.shape[0]))))
             seeds.append(zlib.crc32(p.name.encode()))
@@ -127,6 +133,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default=DEFAULT_PRESET, help="the ensemble to train (runs of another preset than "
                     "the default go to RUNS_DIR/<set>-<preset>)")
+    ap.add_argument("--resize", default="squash",
+                    help="train --resize for the runs (letterbox: RUNS_DIR/<set>-letterbox)")
+    ap.add_argument("--augment", default="standard",
+                    help="train --augment for the runs (robust: RUNS_DIR/<set>-robust)")
     ap.add_argument("--recipes", default="plain,flip,tta,layers-geo,layers-mean,guided,all")
     ap.add_argument("--max-cost", type=float, default=2.0, help="the default is chosen among recipes costing at "
                     "most this many plain analyses (pixelvote train --max-map-cost)")
@@ -139,7 +149,8 @@ def main() -> None:
     args = ap.parse_args()
     results = {}
     for name in args.sets.split(","):
-        run = ensure_run(name, args.runs_dir, args.epochs, args.image_size, args.seed, args.preset)
+        run = ensure_run(name, args.runs_dir, args.epochs, args.image_size, args.seed, args.preset,
+                         augment=args.augment, resize=args.resize)
         ens, cfg = load_run(run)
         cal = json.loads((run / "calibration.json").read_text())
         recipes = {k: RECIPES[k] for k in args.recipes.split(",")}
@@ -150,7 +161,8 @@ def main() -> None:
             fusions += [f"{f}@agreeing" for f in fusions if f.startswith("mean")]
         tables = collect(ens, val_batches(run, ens), recipes, fusions=fusions, segmenter=seg,
                          given_labels=args.labels)
-        single = Ensemble(ens.members[:1], ens.classes, ens.background, ens.image_size, device=ens.device)
+        single = Ensemble(ens.members[:1], ens.classes, ens.background, ens.image_size, device=ens.device,
+                          resize=ens.resize)
         single_t = collect(single, val_batches(run, ens), {"plain": MapConfig()}, fusions=("intersection",),
                            given_labels=args.labels)
         i05 = GRID.index(0.5)

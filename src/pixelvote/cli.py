@@ -47,6 +47,8 @@ def train(
     val_fraction: float = typer.Option(0.2),
     augment: str = typer.Option("standard", help="standard, or robust: + wider crops, blur and JPEG "
                                 "re-compression, against a source shortcut (see README)"),
+    resize: str = typer.Option("squash", help="how an image becomes the square model input: squash (stretch) or "
+                               "letterbox (keep the aspect ratio, pad); annotate and evaluate follow the run"),
     patience: int = typer.Option(3, help="early stopping patience (epochs)"),
     mc_variance_weight: float = typer.Option(0.0, help="the paper's lambda x MC-dropout variance in the loss"),
     mc_samples: int = typer.Option(30, help="T, MC samples for calibration and annotation"),
@@ -82,7 +84,7 @@ def train(
     cfg = TrainConfig(data=data, out=out, preset=preset, models=_csv(models), epochs=epochs, image_size=image_size,
                       batch_size=batch_size, lr=lr, dropout=dropout, seed=seed, background=background,
                       group_pattern=group_pattern, train_exclude=train_exclude, val_fraction=val_fraction,
-                      patience=patience, augment=augment,
+                      patience=patience, augment=augment, resize=resize,
                       mc_variance_weight=mc_variance_weight, mc_samples=mc_samples, cam_layer=cam_layer,
                       pretrained=pretrained, weights_dir=weights, device=device, max_map_cost=max_map_cost,
                       max_pseudo_label_cost=max_pseudo_label_cost,

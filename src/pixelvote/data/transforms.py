@@ -34,11 +34,58 @@ def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
     return resize_uint8(image, (size, size))
 
 
-def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
-    """``(H, W) bool`` -> ``(size, size) bool`` (area-weighted, then > 0.5)."""
+def resize_mask(mask: np.ndarray, size: int, mode: str = "squash") -> torch.Tensor:
+    """``(H, W) bool`` -> ``(size, size) bool`` (area-weighted, then > 0.5), placed as :func:`fit_image`
+    places its image."""
+    top, left, h, w = content_box(mask.shape[:2], size, mode)
     x = torch.from_numpy(mask.astype(np.float32))[None, None]
-    y = F.interpolate(x, size=(size, size), mode="area")
-    return (y[0, 0] > 0.5)
+    y = F.interpolate(x, size=(h, w), mode="area")[0, 0] > 0.5
+    if (h, w) == (size, size):
+        return y
+    out = torch.zeros(size, size, dtype=torch.bool)
+    out[top:top + h, left:left + w] = y
+    return out
+
+
+RESIZE_MODES = ("squash", "letterbox")
+# letterbox padding: the ImageNet mean colour, which every member's normalisation takes to about zero
+_PAD = (124, 116, 104)
+
+
+def content_box(hw: tuple[int, int], size: int, mode: str = "squash") -> tuple[int, int, int, int]:
+    """Where an ``hw = (H, W)`` image lies in its ``size x size`` model input: ``(top, left, height, width)``.
+    ``squash`` stretches it over the whole square; ``letterbox`` keeps its aspect ratio, scales its longer
+    side to ``size`` and centres it (the rest is padding)."""
+    if mode == "squash":
+        return 0, 0, size, size
+    if mode != "letterbox":
+        from pixelvote.errors import ConfigError, did_you_mean
+
+        raise ConfigError(f"unknown resize mode: {did_you_mean(mode, list(RESIZE_MODES))}")
+    H, W = int(hw[0]), int(hw[1])
+    scale = size / max(H, W)
+    h, w = max(1, min(size, round(H * scale))), max(1, min(size, round(W * scale)))
+    return (size - h) // 2, (size - w) // 2, h, w
+
+
+def fit_image(image: torch.Tensor, size: int, mode: str = "squash") -> torch.Tensor:
+    """``(3, H, W) uint8`` -> the ``(3, size, size) uint8`` model input, by ``mode`` (see
+    :func:`content_box`)."""
+    if mode == "squash":
+        return resize_image(image, size)
+    top, left, h, w = content_box(tuple(image.shape[-2:]), size, mode)
+    out = torch.tensor(_PAD, dtype=torch.uint8, device=image.device).view(3, 1, 1).repeat(1, size, size)
+    out[:, top:top + h, left:left + w] = resize_uint8(image, (h, w))
+    return out
+
+
+def crop_content(maps: torch.Tensor, hw: tuple[int, int], mode: str = "squash") -> torch.Tensor:
+    """Maps ``(..., S, S)`` on a model input -> the part that covers the ``hw`` image (all of it when
+    squashed), ready to be resized to ``hw``."""
+    if mode == "squash":
+        return maps
+    top, left, h, w = content_box(hw, int(maps.shape[-1]), mode)
+    return maps[..., top:top + h, left:left + w]
 
 
 AUGMENTATIONS = ("standard", "robust")

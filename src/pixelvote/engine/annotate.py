@@ -37,7 +37,7 @@ from pixelvote.data.imageio import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from pixelvote.data.transforms import resize_image, resize_uint8, to_tensor
+from pixelvote.data.transforms import crop_content, fit_image, resize_uint8, to_tensor
 from pixelvote.engine.inputs import Item, list_inputs
 from pixelvote.engine.render import encode_outputs, output_paths, to_levels
 from pixelvote.errors import ConfigError, DataError, did_you_mean
@@ -66,8 +66,8 @@ class AnnotateSummary:
 
 
 class _Decode(torch.utils.data.Dataset):
-    def __init__(self, items: list[Item], size: int) -> None:
-        self.items, self.size = items, size
+    def __init__(self, items: list[Item], size: int, resize: str = "squash") -> None:
+        self.items, self.size, self.resize = items, size, resize
 
     def __len__(self) -> int:
         return len(self.items)
@@ -79,7 +79,7 @@ class _Decode(torch.utils.data.Dataset):
         except DataError as exc:
             return {"item": item, "error": str(exc)}
         t = to_tensor(img)
-        return {"item": item, "image": img, "input": resize_image(t, self.size)}
+        return {"item": item, "image": img, "input": fit_image(t, self.size, self.resize)}
 
 
 def default_workers(device: torch.device) -> int:
@@ -207,7 +207,7 @@ def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig
         "format_version": MANIFEST_VERSION, "classes": ens.classes, "background": ens.background,
         "run": str(Path(run).resolve()), "consensus": consensus.model_dump(mode="json"),
         "maps": maps.model_dump(mode="json"),
-        "image_size": ens.image_size, "members": [m.name for m in ens.members],
+        "image_size": ens.image_size, "resize": ens.resize, "members": [m.name for m in ens.members],
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     manifest = out / "annotations.jsonl"
     repair_jsonl_tail(manifest)
@@ -291,6 +291,9 @@ def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size
         if seg[1].crf and not crf.available():
             raise ConfigError("this segmenter refines its masks with the dense CRF, but pydensecrf2 is not "
                               "installed", path=Path(segmenter), fix=crf.INSTALL_HINT)
+        if seg[1].resize != ens.resize:
+            log.warning("the segmenter %s learned from %s inputs but this run makes %s inputs; its masks may "
+                        "be worse: train it on this run's annotations", segmenter, seg[1].resize, ens.resize)
     items = list_inputs(images, labels=labels)
     if labels:
         check_labels(items, ens.classes, images)
@@ -308,7 +311,7 @@ def _annotate_locked(ens: Ensemble, run: str | Path, items: list[Item], out: Pat
     if not pending:
         return _finish(summary, out)
     workers = num_workers if num_workers is not None else default_workers(ens.device)
-    loader = torch.utils.data.DataLoader(_Decode(pending, ens.image_size), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(_Decode(pending, ens.image_size, ens.resize), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate,
                                          prefetch_factor=2 if workers else None,
                                          worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
@@ -448,8 +451,9 @@ def batch_results(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int,
         item: Item = b["item"]
         image: np.ndarray = b["image"]
         hw = image.shape[:2]
-        mask = (upsample(res.margin[j], hw) > 0).cpu().numpy()  # as evaluate scores it
-        heat, unc = resize_uint8(levels[j], hw).cpu().numpy()
+        # as evaluate scores it
+        mask = (upsample(crop_content(res.margin[j], hw, ens.resize), hw) > 0).cpu().numpy()
+        heat, unc = resize_uint8(crop_content(levels[j], hw, ens.resize).contiguous(), hw).cpu().numpy()
         diagnosis = int(a.label[j])
         label = diagnosis if given is None else int(given[j])
         area = int(mask.sum())

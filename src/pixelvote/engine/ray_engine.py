@@ -34,7 +34,7 @@ from pixelvote.data.imageio import (
     read_image,
     write_bytes_atomic,
 )
-from pixelvote.data.transforms import resize_image, to_tensor
+from pixelvote.data.transforms import fit_image, to_tensor
 from pixelvote.engine.annotate import (
     AnnotateSummary,
     _Decode,
@@ -327,7 +327,7 @@ class _Annotator:
     def _decode(self, row: dict[str, str]) -> dict[str, Any]:
         item = Item(Path(row["path"]), row["key"])
         if self.fs is None:
-            return _Decode([item], self.ens.image_size)[0]
+            return _Decode([item], self.ens.image_size, self.ens.resize)[0]
         try:
             with self.fs.open_input_file(row["path"]) as fh:
                 data = fh.read()
@@ -340,7 +340,8 @@ class _Annotator:
         except OSError as exc:
             return {"item": item, "error": str(DataError(f"cannot read it ({exc})", path=row["id"],
                                                          fix="check that the workers can read this URI"))}
-        return {"item": item, "image": img, "input": resize_image(to_tensor(img), self.ens.image_size)}
+        x = fit_image(to_tensor(img), self.ens.image_size, self.ens.resize)
+        return {"item": item, "image": img, "input": x}
 
 
 def _unpack(files: dict[str, bytes], folder: Path) -> Path:

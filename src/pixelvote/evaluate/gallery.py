@@ -95,8 +95,9 @@ def thumbnail_case(image: np.ndarray, truth: torch.Tensor | None, margin: torch.
     """A gallery case at most ``max_side`` pixels on its long side.
 
     ``image`` ``(H, W, 3)`` uint8 at the original size, ``truth`` ``(H, W)`` bool or None, ``margin`` and
-    ``uncertainty`` ``(S, S)`` at the model's size (the mask is ``margin > 0`` after a bilinear resize, as
-    for the metrics), ``members`` ``{name: (S, S) CAM}``."""
+    ``uncertainty`` on the part of the model input that covers the image
+    (:func:`pixelvote.data.transforms.crop_content`; the mask is ``margin > 0`` after a bilinear resize, as
+    for the metrics), ``members`` ``{name: CAM}`` likewise."""
     h, w = image.shape[:2]
     th, tw = _thumb_size(h, w, max_side)
     img = image

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from pixelvote.consensus import ConsensusConfig, ConsensusResult, apply_consensus
 from pixelvote.data.imageio import image_size
 from pixelvote.data.tbx11k import TBMapping
+from pixelvote.data.transforms import crop_content
 from pixelvote.errors import DataError
 from pixelvote.evaluate import metrics as M
 from pixelvote.evaluate.extras import append_extras
@@ -157,7 +158,9 @@ class _State:
     def _pixels(self, it: EvalItem, truth: torch.Tensor, a: Analysis, res: ConsensusResult, j: int,
                 margins: torch.Tensor, hw: tuple[int, int]) -> tuple[float, float]:
         t = truth.to(margins.device)
-        masks = upsample(margins, hw) > 0  # consensus, each rule, each member alone, the segmenter rows
+        fit = self.ens.resize
+        # consensus, each rule, each member alone, the segmenter rows
+        masks = upsample(crop_content(margins, hw, fit), hw) > 0
         n_rules, names = len(self.rules), self.names
         cons = masks[0]
         n_alone = 1 + n_rules + len(names)
@@ -169,7 +172,7 @@ class _State:
             self.px[key].update(m, t)
         for key, m in zip(self.rules, masks[1:1 + n_rules], strict=True):
             self.fusion[key].update(m, t)
-        soft = upsample(torch.cat([res.heat[j:j + 1], a.maps[:, j]]), hw).clamp_(0, 1)
+        soft = upsample(crop_content(torch.cat([res.heat[j:j + 1], a.maps[:, j]]), hw, fit), hw).clamp_(0, 1)
         centre = torch.zeros(hw)
         centre[hw[0] // 2, hw[1] // 2] = 1.0
         for key, m in zip(("consensus", *names), soft, strict=True):
@@ -196,9 +199,11 @@ class _State:
         truth = None if b["truth"] is None else torch.from_numpy(b["truth"])
 
         def build() -> dict[str, Any]:
-            cams = dict(zip(self.names, a.maps[:, j], strict=True))
-            return thumbnail_case(b["image"], truth, res.margin[j], cams, res.uncertainty[j],
-                                  title=row["image"], caption=caption)
+            hw, fit = b["image"].shape[:2], self.ens.resize
+            cams = dict(zip(self.names, crop_content(a.maps[:, j], hw, fit), strict=True))
+            return thumbnail_case(b["image"], truth, crop_content(res.margin[j], hw, fit), cams,
+                                  crop_content(res.uncertainty[j], hw, fit), title=row["image"],
+                                  caption=caption)
 
         if iou is not None:
             self.gallery.offer("best", iou, build)
@@ -385,7 +390,7 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: s
     state = _State(ens, cfg, mcfg, T, es.protocol, max_gallery, seg, labels)
     skipped, mask_problems = list(es.skipped), []
     workers = num_workers if num_workers is not None else min(2, max(0, (torch.get_num_threads() or 1) - 1))
-    loader = torch.utils.data.DataLoader(DecodeSet(chosen, ens.image_size), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(DecodeSet(chosen, ens.image_size, ens.resize), batch_size=batch_size,
                                          num_workers=workers, collate_fn=list,
                                          prefetch_factor=2 if workers else None)
     with tqdm(total=len(chosen), desc="evaluating", unit="img", disable=not progress) as bar:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pixelvote.consensus import ConsensusConfig, apply_consensus
+from pixelvote.data.transforms import crop_content
 from pixelvote.explain.analyze import Analysis, MapConfig, analyze
 from pixelvote.models.ensemble import Ensemble
 from pixelvote.refine import crf
@@ -135,7 +136,7 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
                 if settings["refine"] != "none":  # the threshold shapes the refinement: one pass per threshold
                     t0 = time.perf_counter()
                     rows[(rname, fusion)] += _refined_rows(a, base.model_copy(update=settings), bg, batch, use,
-                                                           grid)
+                                                           grid, ens.resize)
                     seconds[f"{rname}+{fusion}"] = (seconds.get(f"{rname}+{fusion}", 0.0)
                                                     + (time.perf_counter() - t0) / len(grid))
                     continue
@@ -145,7 +146,8 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
                 key = f"{rname}+{fusion}"
                 seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
                 for j, truth in _truths(batch, use):
-                    rows[(rname, fusion)].append(iou_over_grid(_at_size(res.margin[j], truth), truth, grid))
+                    score = _at_size(res.margin[j], truth, ens.resize)
+                    rows[(rname, fusion)].append(iou_over_grid(score, truth, grid))
         if segmenter is not None:
             from pixelvote.segment.train import predict
 
@@ -161,7 +163,7 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
                 fg = analyze(ens, imgs, mc_samples=1, seeds=seeds).label != bg
             for key, p in probs.items():
                 for j, truth in _truths(batch, use):
-                    score = _at_size(p[j], truth)
+                    score = _at_size(p[j], truth, ens.resize)
                     if not bool(fg[j]):
                         score = torch.zeros_like(score)
                     rows[key].append(iou_over_grid(score, truth, grid))
@@ -174,13 +176,13 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
 
 
 def _refined_rows(a: Analysis, base: ConsensusConfig, bg: int, batch: Batch,
-                  use: list[int], grid: Sequence[float]) -> list[torch.Tensor]:
+                  use: list[int], grid: Sequence[float], resize: str = "squash") -> list[torch.Tensor]:
     """IoU rows ``(len(grid),)`` per image when the refinement (``base.refine``) runs once per threshold."""
     per_t = []
     for t in grid:
         cfg = base.model_copy(update={"threshold_method": "fixed", "threshold": t})
         per_t.append(apply_consensus(a, cfg, bg).margin)
-    return [torch.stack([iou_over_grid(_at_size(m[j], truth), truth, (0.0,))[0] for m in per_t])
+    return [torch.stack([iou_over_grid(_at_size(m[j], truth, resize), truth, (0.0,))[0] for m in per_t])
             for j, truth in _truths(batch, use)]
 
 
@@ -192,9 +194,12 @@ def _truths(batch: Batch, use: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
         yield j, truth
 
 
-def _at_size(score: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """A map ``(h, w)`` resized bilinearly to the truth's (original image) size."""
-    size = tuple(truth.shape)
+def _at_size(score: torch.Tensor, truth: torch.Tensor, resize: str = "squash") -> torch.Tensor:
+    """A map ``(S, S)`` on the model input resized bilinearly to the truth's size: the original image's (the
+    part of the input that covers it, see :func:`pixelvote.data.transforms.crop_content`), or the input's
+    own for a truth already placed on it (train's cached validation masks; nothing is cropped then)."""
+    size = (int(truth.shape[0]), int(truth.shape[1]))
+    score = crop_content(score, size, resize)
     return F.interpolate(score[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
 
 

@@ -20,7 +20,7 @@ import torch
 from pixelvote.data import dataset as _ds
 from pixelvote.data import tbx11k
 from pixelvote.data.imageio import read_image, read_mask
-from pixelvote.data.transforms import resize_image, to_tensor
+from pixelvote.data.transforms import fit_image, to_tensor
 from pixelvote.errors import ConfigError, DataError, did_you_mean
 from pixelvote.evaluate.metrics import boxes_to_mask
 
@@ -267,8 +267,8 @@ def fingerprint(root: Path, items: list[EvalItem]) -> dict[str, object]:
 class DecodeSet(torch.utils.data.Dataset):
     """Decode an image and its truth; errors are returned, never raised (bad files are skipped)."""
 
-    def __init__(self, items: list[EvalItem], size: int) -> None:
-        self.items, self.size = items, size
+    def __init__(self, items: list[EvalItem], size: int, resize: str = "squash") -> None:
+        self.items, self.size, self.resize = items, size, resize
 
     def __len__(self) -> int:
         return len(self.items)
@@ -288,5 +288,5 @@ class DecodeSet(torch.utils.data.Dataset):
                 problem = str(exc)
         elif it.truth == "boxes":
             truth = boxes_to_mask(list(it.boxes), (h, w)).numpy()
-        return {"item": it, "image": img, "input": resize_image(to_tensor(img), self.size), "truth": truth,
-                "problem": problem}
+        x = fit_image(to_tensor(img), self.size, self.resize)
+        return {"item": it, "image": img, "input": x, "truth": truth, "problem": problem}

@@ -14,7 +14,7 @@ import datetime as _dt
 import json
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -51,6 +51,8 @@ class RunConfig(BaseModel):
     classes: list[str]
     background: str
     image_size: int = 224
+    # how images become the square input (pixelvote.data.transforms.fit_image); runs before it: squash
+    resize: Literal["squash", "letterbox"] = "squash"
     members: list[MemberConfig]
     consensus: ConsensusConfig = Field(default_factory=ConsensusConfig)
     maps: MapConfig = Field(default_factory=MapConfig)
@@ -191,7 +193,8 @@ def load_run(run_dir: str | Path, *, device: torch.device | str | None = None,
         if cam_layer:
             member = _with_cam_layer(member, cam_layer)
         members.append(member)
-    ens = Ensemble(members, cfg.classes, cfg.background, cfg.image_size).to(device or default_device()).eval()
+    ens = Ensemble(members, cfg.classes, cfg.background, cfg.image_size, resize=cfg.resize)
+    ens = ens.to(device or default_device()).eval()
     if fold:
         ens.fold_batchnorm()
     return ens, cfg

@@ -20,6 +20,7 @@ class Ensemble:
     background: str
     image_size: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    resize: str = "squash"  # how images become the square input: pixelvote.data.transforms.fit_image
 
     @property
     def background_index(self) -> int:

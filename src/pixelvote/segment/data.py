@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pixelvote.data.imageio import read_image, read_jsonl, read_mask
-from pixelvote.data.transforms import resize_image, to_tensor
+from pixelvote.data.transforms import content_box, fit_image, to_tensor
 from pixelvote.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,13 @@ def _band(mask: torch.Tensor, r: int) -> torch.Tensor:
 
 
 class SegDataset(torch.utils.data.Dataset):
-    """Images, targets and loss weights at ``size x size``; targets: 1 fg, 0 bg; ``weight`` 0 = ignored."""
+    """Images, targets and loss weights at ``size x size``, placed by ``resize`` as the ensemble places its
+    inputs (:func:`pixelvote.data.transforms.fit_image`; letterbox padding counts as background); targets:
+    1 fg, 0 bg; ``weight`` 0 = ignored."""
 
     def __init__(self, examples: list[SegExample], size: int, *, edge_band: float = 0.03,
-                 uncertainty_ignore: float = 0.35, augment: bool = False) -> None:
-        self.examples, self.size = examples, size
+                 uncertainty_ignore: float = 0.35, augment: bool = False, resize: str = "squash") -> None:
+        self.examples, self.size, self.resize = examples, size, resize
         self.edge_band, self.uncertainty_ignore = edge_band, uncertainty_ignore
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.augment = None
@@ -100,19 +102,26 @@ class SegDataset(torch.utils.data.Dataset):
     def _load(self, ex: SegExample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = self.size
         img = read_image(ex.image)
-        x = resize_image(to_tensor(img), s)
+        x = fit_image(to_tensor(img), s, self.resize)
         if ex.mask is None:
             target = torch.zeros(s, s)
             weight = torch.full((s, s), ex.weight)
             return x, target, weight
         m = read_mask(ex.mask, (img.shape[1], img.shape[0]))
-        target = F.interpolate(torch.from_numpy(m.astype(np.float32))[None, None], size=(s, s),
-                               mode="area")[0, 0].gt(0.5).float()
+        target = self._place(torch.from_numpy(m.astype(np.float32))).gt(0.5).float()
         weight = torch.full((s, s), ex.weight)
         if not ex.reviewed:
             weight[_band(target > 0, max(1, round(self.edge_band * s)))] = 0.0
             if ex.uncertainty is not None:
-                unc = torch.from_numpy(read_grey(ex.uncertainty).astype(np.float32) / 255.0)
-                unc = F.interpolate(unc[None, None], size=(s, s), mode="area")[0, 0]
+                unc = self._place(torch.from_numpy(read_grey(ex.uncertainty).astype(np.float32) / 255.0))
                 weight[(unc > self.uncertainty_ignore) & (target == 0)] = 0.0
         return x, target, weight
+
+    def _place(self, values: torch.Tensor) -> torch.Tensor:
+        """An ``(H, W)`` float map of the image -> ``(S, S)`` on the model input (area-weighted; 0 on
+        letterbox padding)."""
+        s = self.size
+        top, left, h, w = content_box(tuple(values.shape), s, self.resize)
+        out = torch.zeros(s, s)
+        out[top:top + h, left:left + w] = F.interpolate(values[None, None], size=(h, w), mode="area")[0, 0]
+        return out

@@ -61,6 +61,9 @@ class SegConfig(BaseModel):
     crf: bool | None = Field(None, description="annotate refines the probability with the dense CRF (at "
                              "`threshold`) before taking the mask (the `segmenter + dense CRF` row of `evaluate "
                              "--segmenter`); None: on where pydensecrf2 is installed (decided when training)")
+    resize: Literal["squash", "letterbox"] = Field(
+        "squash", description="how images become the square input: as the ensemble that annotated the "
+                              "training folder does it (set by training from annotate.json, or from --run)")
     background: str = ""
     classes: list[str] = Field(default_factory=list)
     examples: int = 0
@@ -85,11 +88,13 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     cfg.background = meta.get("background") or cfg.background
     cfg.classes = meta.get("classes") or cfg.classes
-    if run is not None and not cfg.background:
+    if run is not None and (not cfg.background or "resize" not in meta):
         from pixelvote.models.checkpoint import read_run_config
 
         rc = read_run_config(run)
-        cfg.background, cfg.classes = rc.background, rc.classes
+        cfg.background, cfg.classes = cfg.background or rc.background, cfg.classes or rc.classes
+        meta.setdefault("resize", rc.resize)
+    cfg.resize = meta.get("resize", "squash")
     examples = select_examples(annotations, background=cfg.background, mode=cfg.mode,
                                reviewed_weight=cfg.reviewed_weight)
     cfg.examples = len(examples)
@@ -104,7 +109,7 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
         raise ConfigError("--crf needs pydensecrf2, which is not installed", fix=crf.INSTALL_HINT)
     init = _initial_encoder(cfg, run, meta.get("run"), annotations, pretrained)
     dev = torch.device(device) if device else default_device()
-    ds = SegDataset(examples, cfg.image_size, augment=cfg.augment)
+    ds = SegDataset(examples, cfg.image_size, augment=cfg.augment, resize=cfg.resize)
     out.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
     model = _fit(ds, cfg, dev, pretrained and init is None, history, init=init)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from pixelvote.data.dataset import Sample
 from pixelvote.data.imageio import read_image, read_mask
-from pixelvote.data.transforms import resize_image, resize_mask, to_tensor
+from pixelvote.data.transforms import fit_image, resize_mask, to_tensor
 from pixelvote.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,10 @@ class CachedSet:
 
 
 def cache_samples(samples: list[Sample], classes: list[str], size: int, *, desc: str = "reading images",
-                  with_masks: bool = True) -> CachedSet:
+                  with_masks: bool = True, resize: str = "squash") -> CachedSet:
+    """Decode ``samples`` once into model inputs of ``size`` px (placed by ``resize``, see
+    :func:`pixelvote.data.transforms.fit_image`), with their masks placed alike; unreadable ones are skipped
+    and listed."""
     images, labels, masks, has, kept = [], [], [], [], []
     skipped: list[tuple[str, str]] = []
     for s in tqdm(samples, desc=desc, unit="img", leave=False):
@@ -47,9 +50,10 @@ def cache_samples(samples: list[Sample], classes: list[str], size: int, *, desc:
             log.warning("skipped: %s", exc)
             skipped.append((str(s.path if exc.path is None else exc.path), str(exc)))
             continue
-        images.append(resize_image(to_tensor(img), size))
+        images.append(fit_image(to_tensor(img), size, resize))
         labels.append(classes.index(s.label))
-        masks.append(resize_mask(m, size) if m is not None else torch.zeros(size, size, dtype=torch.bool))
+        masks.append(resize_mask(m, size, resize) if m is not None
+                     else torch.zeros(size, size, dtype=torch.bool))
         has.append(m is not None)
         kept.append(s)
     if not kept:

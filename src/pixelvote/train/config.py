@@ -32,6 +32,9 @@ class TrainConfig(BaseModel):
         "standard", description="robust adds wider crops and aspect changes, blur and JPEG re-compression, "
                                 "against classifiers that learn the source (camera, file type) instead of the "
                                 "finding (see pixelvote.data.transforms.train_augment)")
+    resize: Literal["squash", "letterbox"] = Field(
+        "squash", description="how an image becomes the square model input: squash (stretch) or letterbox "
+                              "(keep the aspect ratio, pad); the run keeps it for annotation and evaluation")
     group_pattern: str | None = None
     train_exclude: str | None = Field(None, description="regex on file names: matching images are left out "
                                       "of training but stay in validation (a source only one class has)")

@@ -69,8 +69,10 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
         "train": [str(s.path.resolve()) for s in train_s], "val": [str(s.path.resolve()) for s in val_s],
         "test": [str(s.path.resolve()) for s in ds.test],
         "excluded_from_training": [str(s.path.resolve()) for s in excluded]})
-    train = cache_samples(train_s, ds.classes, cfg.image_size, desc="reading training images", with_masks=False)
-    val = cache_samples(val_s, ds.classes, cfg.image_size, desc="reading validation images")
+    train = cache_samples(train_s, ds.classes, cfg.image_size, desc="reading training images",
+                          with_masks=False, resize=cfg.resize)
+    val = cache_samples(val_s, ds.classes, cfg.image_size, desc="reading validation images",
+                        resize=cfg.resize)
     problems = [{"image": p, "reason": r} for p, r in ds.problems + train.skipped + val.skipped]
     if problems:
         write_bytes_atomic(run_dir / "skipped.jsonl", "".join(json.dumps(p) + "\n" for p in problems).encode())
@@ -197,7 +199,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     norm = Ensemble([], classes, data.background, cfg.image_size, device=device).normalize
     weight = _class_weights(data.train.labels, len(classes)).to(device)
     run_cfg = RunConfig(classes=classes, background=data.background, image_size=cfg.image_size,
-                        members=[], seed=cfg.seed, mc_samples=cfg.mc_samples,
+                        resize=cfg.resize, members=[], seed=cfg.seed, mc_samples=cfg.mc_samples,
                         train=cfg.model_dump(mode="json", exclude={"data", "out"}),
                         data={"root": str(Path(cfg.data).resolve()), "train_images": len(data.train),
                               "val_images": len(data.val), "class_counts": data.dataset.counts()})
