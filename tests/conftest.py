@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +56,17 @@ def write_blob_dataset(root: Path, per_class: int = 10, size: tuple[int, int] = 
 @pytest.fixture
 def blob_dataset(tmp_path: Path) -> Path:
     return write_blob_dataset(tmp_path / "data")
+
+
+def val_manifest(run: Path, path: Path) -> Path:
+    """A CSV manifest (a ``path`` column) of the run's validation split: what ``evaluate`` scores by default,
+    for annotating the same images."""
+    val = json.loads((run / "split.json").read_text())["val"]
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows([["path"], *([p] for p in val)])
+    return path
+
+
+def read_records(out: Path) -> dict[str, dict]:
+    """An annotation folder's records by key."""
+    return {r["key"]: r for r in map(json.loads, (out / "annotations.jsonl").read_text().splitlines())}

@@ -21,7 +21,7 @@ from pixelvote.errors import ConfigError, DataError
 from pixelvote.evaluate.gallery import GalleryKeeper
 from pixelvote.evaluate.run import evaluate_run
 from pixelvote.evaluate.shortcut import shortcut_check
-from tests.conftest import write_blob_dataset
+from tests.conftest import read_records, val_manifest, write_blob_dataset
 
 KEYS = {"format_version", "dataset", "classes", "n_images", "run", "created", "config", "data",
         "classification", "calibration", "risk_coverage", "flags", "uncertainty_scores", "shortcut_check",
@@ -299,13 +299,9 @@ def test_a_crf_run_evaluates_and_annotates_the_same_masks(trained, tmp_path):
     (crf_run / "run.json").write_text(json.dumps(cfg))
     m = _evaluate(crf_run, data, tmp_path / "report")
     assert m["config"]["consensus"]["refine"] == "crf"
-    val = json.loads((crf_run / "split.json").read_text())["val"]
-    manifest = tmp_path / "val.csv"
-    with open(manifest, "w", newline="") as fh:
-        csv.writer(fh).writerows([["path"], *([p] for p in val)])
-    annotate(crf_run, manifest, tmp_path / "ann", mc_samples=m["config"]["mc_samples"], num_workers=0,
-             progress=False)
-    recs = {r["key"]: r for r in map(json.loads, (tmp_path / "ann" / "annotations.jsonl").read_text().splitlines())}
+    annotate(crf_run, val_manifest(crf_run, tmp_path / "val.csv"), tmp_path / "ann",
+             mc_samples=m["config"]["mc_samples"], num_workers=0, progress=False)
+    recs = read_records(tmp_path / "ann")
     scored = 0
     for r in m["per_image"]:
         if r["iou"] is None:
@@ -331,15 +327,12 @@ def test_segmenter_rows_score_the_masks_annotate_writes_with_it(trained, tmp_pat
     m = _evaluate(run, data, tmp_path / "report", segmenter=seg)
     rows = {row[0]: row[1:] for row in m["fusion"]["rows"]}
     assert "segmenter (stage two)" in rows and "segmenter (stage two)" in m["pixel"]["segmenter"]
-    val = json.loads((run / "split.json").read_text())["val"]
-    manifest = tmp_path / "val.csv"
-    with open(manifest, "w", newline="") as fh:
-        csv.writer(fh).writerows([["path"], *([p] for p in val)])
+    manifest = val_manifest(run, tmp_path / "val.csv")
 
     def annotated_iou(ann: Path) -> float:
         annotate(run, manifest, ann, segmenter=seg, mc_samples=m["config"]["mc_samples"], num_workers=0,
                  progress=False)
-        recs = {r["key"]: r for r in map(json.loads, (ann / "annotations.jsonl").read_text().splitlines())}
+        recs = read_records(ann)
         ious = []
         for r in m["per_image"]:
             if r["iou"] is None:

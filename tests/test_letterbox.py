@@ -3,7 +3,6 @@ onto the image from the part of the input that covers it."""
 
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 from pixelvote.data.transforms import content_box, crop_content, fit_image, resize_mask, resize_uint8
 from pixelvote.errors import ConfigError
 from pixelvote.explain.analyze import upsample
-from tests.conftest import write_blob_dataset
+from tests.conftest import read_records, val_manifest, write_blob_dataset
 
 
 def test_content_box_keeps_the_aspect_ratio_and_centres_the_image():
@@ -77,15 +76,11 @@ def test_a_letterbox_run_annotates_and_evaluates_the_same_masks(letterboxed, tmp
     assert json.loads((run / "run.json").read_text())["resize"] == "letterbox"
     assert load_run(run)[0].resize == "letterbox"
     m = evaluate_run(run, data, tmp_path / "report", num_workers=0, progress=False, max_gallery=2)
-    val = json.loads((run / "split.json").read_text())["val"]
-    manifest = tmp_path / "val.csv"
-    with open(manifest, "w", newline="") as fh:
-        csv.writer(fh).writerows([["path"], *([p] for p in val)])
-    annotate(run, manifest, tmp_path / "ann", mc_samples=m["config"]["mc_samples"], num_workers=0,
-             progress=False)
+    annotate(run, val_manifest(run, tmp_path / "val.csv"), tmp_path / "ann",
+             mc_samples=m["config"]["mc_samples"], num_workers=0, progress=False)
     meta = json.loads((tmp_path / "ann" / "annotate.json").read_text())
     assert meta["resize"] == "letterbox"
-    recs = {r["key"]: r for r in map(json.loads, (tmp_path / "ann" / "annotations.jsonl").read_text().splitlines())}
+    recs = read_records(tmp_path / "ann")
     scored = 0
     for row in m["per_image"]:
         if row["iou"] is None:
@@ -107,8 +102,8 @@ def test_the_segmenter_learns_on_the_runs_letterboxed_inputs(letterboxed, tmp_pa
 
     _, data, run = letterboxed
     annotate(run, data / "images", tmp_path / "ann", mc_samples=2, num_workers=0, progress=False, labels=True)
-    seg = train_segmenter(tmp_path / "ann", tmp_path / "seg", cfg=SegConfig(epochs=1, image_size=32, mode="all"),
-                          pretrained=False)
+    seg = train_segmenter(tmp_path / "ann", tmp_path / "seg",
+                          cfg=SegConfig(epochs=1, image_size=32, mode="all"), pretrained=False)
     assert json.loads((seg / "segmenter.json").read_text())["resize"] == "letterbox"
     examples = [e for e in select_examples(tmp_path / "ann", background="normal", mode="all")
                 if e.mask is not None]
@@ -116,7 +111,8 @@ def test_the_segmenter_learns_on_the_runs_letterboxed_inputs(letterboxed, tmp_pa
     x, target, weight = SegDataset(examples, 32, resize="letterbox")[0]
     top, _, h, _ = content_box((40, 72), 32, "letterbox")
     assert top > 0 and not target[:top].any() and not target[top + h:].any()
-    assert torch.equal(x[:, :top], torch.tensor([124, 116, 104], dtype=torch.uint8).view(3, 1, 1).expand(3, top, 32))
+    mean_colour = torch.tensor([124, 116, 104], dtype=torch.uint8).view(3, 1, 1)
+    assert torch.equal(x[:, :top], mean_colour.expand(3, top, 32))
 
 
 def test_a_bad_resize_mode_is_a_clear_error(tmp_path):
