@@ -1,7 +1,8 @@
 """Mask-quality ablation on the real sets in ../shared/data: which map recipe, fusion and threshold help?
 
     python bench/ablation.py --runs-dir runs/bench [--sets busi,fire] [--epochs 6] [--image-size 224]
-        [--augment robust] [--resize letterbox] [--labels] [--stage-two [--seg-method best|run] [--seg-epochs 30]]
+        [--augment robust] [--resize letterbox] [--labels]
+        [--stage-two [--seg-method best|run] [--seg-epochs 30]]
 
 For each set it trains the default ensemble (``--preset``) once (or reuses RUNS_DIR/<set>), takes the
 run's validation split (images the models never trained on; fire is split by video), and prints mean IoU on
