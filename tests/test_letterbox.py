@@ -147,3 +147,30 @@ def test_annotate_maps_the_content_box_onto_the_whole_image(letterboxed, tmp_pat
     expected = np.zeros((40, 72), bool)
     expected[:, :36] = True
     assert (mask & expected).sum() / (mask | expected).sum() > 0.95
+
+
+def test_letterbox_warns_when_the_aspect_ratio_alone_tells_the_classes_apart(tmp_path, caplog):
+    """Fire's case: its fire photos are rarely square and its fire-free images mostly are, so the padding
+    hands the classifiers the class. Training with letterbox there warns with the fix; squash, or classes
+    of the same shapes, do not."""
+    import logging
+
+    import pixelvote.train.loop as loop
+    from pixelvote.data.dataset import load_dataset
+    from pixelvote.train.config import TrainConfig
+
+    same = load_dataset(write_blob_dataset(tmp_path / "same", per_class=6, size=(40, 72))).samples
+    mixed = load_dataset(write_blob_dataset(tmp_path / "mixed", per_class=6, size=(40, 72))).samples
+    for p in (tmp_path / "mixed" / "images" / "normal").iterdir():  # normals square, lesions not
+        Image.fromarray(np.zeros((48, 48), np.uint8)).save(p)
+
+    def cfg(data, resize):
+        return TrainConfig(data=data, out=tmp_path / "run", preset="tiny", resize=resize)
+
+    with caplog.at_level(logging.WARNING, logger="pixelvote.train.loop"):
+        message = loop.warn_aspect_shortcut(mixed, cfg(tmp_path / "mixed", "letterbox"))
+    assert message is not None and "100%" in message and "'normal'" in message
+    assert "--resize squash" in message
+    assert message in caplog.text
+    assert loop.warn_aspect_shortcut(mixed, cfg(tmp_path / "mixed", "squash")) is None
+    assert loop.warn_aspect_shortcut(same, cfg(tmp_path / "same", "letterbox")) is None

@@ -65,6 +65,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
         excluded = [s for s in train_s if pattern.search(s.path.name)]
         train_s = [s for s in train_s if not pattern.search(s.path.name)]
         log.info("--train-exclude %r: %d training image(s) left out", cfg.train_exclude, len(excluded))
+    warn_aspect_shortcut(train_s, cfg)
     write_json_atomic(run_dir / "split.json", {
         "train": [str(s.path.resolve()) for s in train_s], "val": [str(s.path.resolve()) for s in val_s],
         "test": [str(s.path.resolve()) for s in ds.test],
@@ -108,6 +109,38 @@ def warn_one_class_source(samples: list, cfg: TrainConfig) -> str | None:
                "finding. "
                f"Consider --train-exclude '{cfg.group_pattern}' (they stay in validation; annotate them with "
                "--labels)")
+    log.warning(message)
+    return message
+
+
+def warn_aspect_shortcut(samples: list, cfg: TrainConfig) -> str | None:
+    """With ``--resize letterbox`` the padding shows each image's aspect ratio: warn when square vs not square
+    alone tells most training images' classes apart (fire: 219 of 222 fire photos are not square, 174 of 181
+    fire-free images are), since the classifiers then learn the padding instead of the finding."""
+    if cfg.resize != "letterbox" or not samples:
+        return None
+    from collections import Counter
+
+    from pixelvote.data.imageio import image_size
+
+    groups: dict[bool, Counter] = {True: Counter(), False: Counter()}
+    for s in samples:
+        try:
+            w, h = image_size(s.path)
+        except DataError:
+            continue  # reported when the images are read
+        groups[abs(w - h) <= 0.02 * max(w, h)][s.label] += 1
+    total = sum(sum(c.values()) for c in groups.values())
+    if not total or not all(groups.values()):
+        return None
+    by_shape = sum(c.most_common(1)[0][1] for c in groups.values()) / total
+    overall = (groups[True] + groups[False]).most_common(1)[0][1] / total
+    if by_shape < 0.9 or by_shape - overall < 0.2:
+        return None
+    sq, other = (groups[k].most_common(1)[0][0] for k in (True, False))
+    message = (f"--resize letterbox: whether an image is square alone tells {by_shape:.0%} of the training "
+               f"images' classes apart (square: mostly {sq!r}, not square: mostly {other!r}); the padding "
+               "shows it, so the classifiers can learn the shape instead of the finding. Use --resize squash")
     log.warning(message)
     return message
 
