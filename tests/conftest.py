@@ -70,3 +70,22 @@ def val_manifest(run: Path, path: Path) -> Path:
 def read_records(out: Path) -> dict[str, dict]:
     """An annotation folder's records by key."""
     return {r["key"]: r for r in map(json.loads, (out / "annotations.jsonl").read_text().splitlines())}
+
+
+def scored_masks(metrics: dict, ann: Path, data: Path):  # type: ignore[no-untyped-def]
+    """``(row, record, predicted mask, truth mask)`` for each of ``evaluate``'s per-image rows that has an
+    IoU, with the mask PNG that ``annotate`` wrote into ``ann`` for the same image."""
+    recs = read_records(ann)
+    for row in metrics["per_image"]:
+        if row["iou"] is None:
+            continue
+        rec = recs[row["key"]]
+        pred = np.asarray(Image.open(ann / rec["mask"])) > 0
+        truth = np.asarray(Image.open(data / "masks" / row["truth"] / f"{row['key']}.png")) > 0
+        yield row, rec, pred, truth
+
+
+def mask_iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    """IoU of two boolean masks; two empty masks agree fully."""
+    union = (pred | truth).sum()
+    return float((pred & truth).sum() / union) if union else 1.0

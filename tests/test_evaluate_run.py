@@ -21,7 +21,7 @@ from pixelvote.errors import ConfigError, DataError
 from pixelvote.evaluate.gallery import GalleryKeeper
 from pixelvote.evaluate.run import evaluate_run
 from pixelvote.evaluate.shortcut import shortcut_check
-from tests.conftest import read_records, val_manifest, write_blob_dataset
+from tests.conftest import mask_iou, scored_masks, val_manifest, write_blob_dataset
 
 KEYS = {"format_version", "dataset", "classes", "n_images", "run", "created", "config", "data",
         "classification", "calibration", "risk_coverage", "flags", "uncertainty_scores", "shortcut_check",
@@ -301,14 +301,9 @@ def test_a_crf_run_evaluates_and_annotates_the_same_masks(trained, tmp_path):
     assert m["config"]["consensus"]["refine"] == "crf"
     annotate(crf_run, val_manifest(crf_run, tmp_path / "val.csv"), tmp_path / "ann",
              mc_samples=m["config"]["mc_samples"], num_workers=0, progress=False)
-    recs = read_records(tmp_path / "ann")
     scored = 0
-    for r in m["per_image"]:
-        if r["iou"] is None:
-            continue
-        pred = np.asarray(Image.open(tmp_path / "ann" / recs[r["key"]]["mask"])) > 0
-        truth = np.asarray(Image.open(data / "masks" / r["truth"] / f"{r['key']}.png")) > 0
-        assert r["iou"] == pytest.approx(_iou(pred, truth) if (pred | truth).any() else 1.0, abs=1e-9)
+    for r, _, pred, truth in scored_masks(m, tmp_path / "ann", data):
+        assert r["iou"] == pytest.approx(mask_iou(pred, truth), abs=1e-9)
         scored += 1
     assert scored > 0
 
@@ -332,14 +327,7 @@ def test_segmenter_rows_score_the_masks_annotate_writes_with_it(trained, tmp_pat
     def annotated_iou(ann: Path) -> float:
         annotate(run, manifest, ann, segmenter=seg, mc_samples=m["config"]["mc_samples"], num_workers=0,
                  progress=False)
-        recs = read_records(ann)
-        ious = []
-        for r in m["per_image"]:
-            if r["iou"] is None:
-                continue
-            pred = np.asarray(Image.open(ann / recs[r["key"]]["mask"])) > 0
-            truth = np.asarray(Image.open(data / "masks" / r["truth"] / f"{r['key']}.png")) > 0
-            ious.append(_iou(pred, truth) if (pred | truth).any() else 1.0)
+        ious = [mask_iou(pred, truth) for _, _, pred, truth in scored_masks(m, ann, data)]
         assert ious
         return float(np.mean(ious))
 

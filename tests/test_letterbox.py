@@ -13,7 +13,7 @@ from PIL import Image
 from pixelvote.data.transforms import content_box, crop_content, fit_image, resize_mask, resize_uint8
 from pixelvote.errors import ConfigError
 from pixelvote.explain.analyze import upsample
-from tests.conftest import read_records, val_manifest, write_blob_dataset
+from tests.conftest import mask_iou, scored_masks, val_manifest, write_blob_dataset
 
 
 def test_content_box_keeps_the_aspect_ratio_and_centres_the_image():
@@ -80,17 +80,11 @@ def test_a_letterbox_run_annotates_and_evaluates_the_same_masks(letterboxed, tmp
              mc_samples=m["config"]["mc_samples"], num_workers=0, progress=False)
     meta = json.loads((tmp_path / "ann" / "annotate.json").read_text())
     assert meta["resize"] == "letterbox"
-    recs = read_records(tmp_path / "ann")
     scored = 0
-    for row in m["per_image"]:
-        if row["iou"] is None:
-            continue
-        pred = np.asarray(Image.open(tmp_path / "ann" / recs[row["key"]]["mask"])) > 0
-        unc = np.asarray(Image.open(tmp_path / "ann" / recs[row["key"]]["uncertainty"]))
-        truth = np.asarray(Image.open(data / "masks" / row["truth"] / f"{row['key']}.png")) > 0
+    for row, rec, pred, truth in scored_masks(m, tmp_path / "ann", data):
+        unc = np.asarray(Image.open(tmp_path / "ann" / rec["uncertainty"]))
         assert pred.shape == unc.shape == truth.shape == (40, 72)
-        union = (pred | truth).sum()
-        assert row["iou"] == pytest.approx((pred & truth).sum() / union if union else 1.0, abs=1e-9)
+        assert row["iou"] == pytest.approx(mask_iou(pred, truth), abs=1e-9)
         scored += 1
     assert scored > 0
 
