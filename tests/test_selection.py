@@ -154,3 +154,54 @@ def test_fusion_names_carry_refinement_and_members() -> None:
     assert fusion_settings("mean+crf@agreeing") == {"fusion": "mean", "refine": "crf",
                                                     "labelled_members": "agreeing"}
     assert fusion_settings("vote") == {"fusion": "vote", "refine": "none", "labelled_members": "all"}
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_both_ways_of_scoring_share_one_analysis_where_the_explained_classes_agree(tiny_member, monkeypatch,
+                                                                                    k: int) -> None:
+    """collect_modes gives the tables that two collect passes (diagnosis-gated, labels deciding) give, with
+    one analysis per recipe and batch where the labels do not change the explained class (two classes), and
+    a second one where they do (a background diagnosis of an image labelled with the less probable finding)."""
+    import torch
+
+    from pixelvote.evaluate import selection
+    from pixelvote.evaluate.selection import Batch, collect, collect_modes
+    from pixelvote.explain.analyze import MapConfig, analyze
+    from pixelvote.models.ensemble import Ensemble
+
+    classes = ["a", "b", "c"][:k]
+    members = [tiny_member("tiny_cnn_a", k=k), tiny_member("tiny_cnn_b", k=k)]
+    imgs = (torch.rand(6, 3, 48, 48) * 255).to(torch.uint8)
+    # the background is the class diagnosed most often, so that some images are diagnosed as background
+    first = analyze(Ensemble(members, classes, classes[0], 48), imgs, mc_samples=1, seeds=list(range(6)))
+    bg = int(torch.bincount(first.label, minlength=k).argmax())
+    ens = Ensemble(members, classes, classes[bg], 48)
+    a = analyze(ens, imgs, mc_samples=1, seeds=list(range(6)))
+    probs = a.ensemble_probs.clone()
+    probs[:, bg] = 2.0  # the least probable finding of each image
+    labels = torch.where(a.label == bg, probs.argmin(-1), a.label)
+    labels = torch.where(labels == bg, probs.argmin(-1), labels)
+    missed = a.label == bg
+    assert bool(missed.any()) and not bool((labels == bg).any())
+    masks = [torch.rand(30, 40) > 0.6 for _ in range(6)]
+    batch = Batch(imgs, labels, masks, list(range(6)))
+    recipes = {"plain": MapConfig(), "contrast": MapConfig(contrast=True)}
+
+    calls = []
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(kwargs.get("given") is not None)
+        return analyze(*args, **kwargs)
+
+    monkeypatch.setattr(selection, "analyze", counted)
+    both = collect_modes(ens, [batch], recipes, {False: ("mean", "vote"), True: ("mean", "mean@agreeing")})
+    differs = k == 3  # with two classes the least probable finding is the most probable one
+    assert calls == ([True, False, True, False] if differs else [True, True])
+    for mode, fusions in ((False, ("mean", "vote")), (True, ("mean", "mean@agreeing"))):
+        alone = collect(ens, [batch], recipes, fusions=fusions, given_labels=mode)
+        assert set(alone) == set(both[mode])
+        for key, table in alone.items():
+            assert torch.allclose(table.ious, both[mode][key].ious)
+    # the labels change the masks of the missed images, so sharing must not have mixed the two up
+    gated, labelled = both[False][("plain", "mean")].ious, both[True][("plain", "mean")].ious
+    assert not torch.allclose(gated[missed], labelled[missed])

@@ -9,6 +9,7 @@ other).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -103,19 +104,35 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
     where pydensecrf2 is installed, ("segmenter", "crf"): that map refined by the dense CRF at 0.5.
     ``given_labels``: score masks as ``annotate --labels`` makes them (the batch's labels decide, not the
     diagnosis)."""
+    return collect_modes(ens, batches, recipes, {given_labels: fusions}, base=base, mc_samples=mc_samples,
+                         grid=grid, segmenter=segmenter)[given_labels]
+
+
+def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfig],
+                  fusions: dict[bool, Sequence[str]], *, base: ConsensusConfig | None = None,
+                  mc_samples: int = 1, grid: Sequence[float] = GRID,
+                  segmenter: torch.nn.Module | None = None) -> dict[bool, dict[tuple[str, str], VariantTable]]:
+    """:func:`collect` for both ways of scoring masks in one pass: ``fusions`` maps ``given_labels`` (False:
+    gated by the diagnosis; True: as ``annotate --labels`` makes them) to the fusions scored that way. The
+    labels only change which class is explained for an image the ensemble diagnoses as background, and not
+    even then where its label is the finding the ensemble finds most probable (always, with one finding
+    class), so one analysis per recipe and batch usually serves both; the batch is analysed again only
+    where the explained classes differ."""
     import time
 
     base = base or ConsensusConfig()
     bg = ens.background_index
-    rows: dict[tuple[str, str], list[torch.Tensor]] = {(r, f): [] for r in recipes for f in fusions}
-    seconds = dict.fromkeys(recipes, 0.0)
+    rows: dict[tuple[bool, str, str], list[torch.Tensor]] = {
+        (mode, r, f): [] for mode, fs in fusions.items() for r in recipes for f in fs}
+    seconds = {(mode, r): 0.0 for mode in fusions for r in recipes}
     seg_rows = [("segmenter", "-")]
     if segmenter is not None and crf.available():
         seg_rows.append(("segmenter", "crf"))
     if segmenter is not None:
-        for key in seg_rows:
-            rows[key] = []
-        seconds["segmenter"] = 0.0
+        for mode in fusions:
+            for key in seg_rows:
+                rows[(mode, *key)] = []
+            seconds[(mode, "segmenter")] = 0.0
     n_images = 0
     for batch in batches:
         use = [i for i, m in enumerate(batch.masks) if m is not None and int(batch.labels[i]) != bg]
@@ -124,55 +141,77 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
         n_images += len(use)
         imgs = batch.images[use]
         seeds = [batch.seeds[i] for i in use]
-        given = batch.labels[use] if given_labels else None
-        fg = None if given is None else given != bg
+        fg: dict[bool, torch.Tensor] = {}
         for rname, rcfg in recipes.items():
-            t0 = time.perf_counter()
-            a = analyze(ens, imgs, mc_samples=mc_samples, seeds=seeds, maps=rcfg, given=given)
-            seconds[rname] += time.perf_counter() - t0
-            fg = (a.label if given is None else given) != bg
-            for fusion in fusions:
-                settings = fusion_settings(fusion)
-                if settings["refine"] != "none":  # the threshold shapes the refinement: one pass per threshold
+            analyses: dict[bool, Analysis] = {}
+            took = 0.0
+            for mode in sorted(fusions, reverse=True):  # with the labels first: it may serve both
+                if not mode and True in analyses and _same_target(analyses[True], bg):
+                    analyses[mode] = dataclasses.replace(analyses[True], given=None)
+                else:
                     t0 = time.perf_counter()
-                    rows[(rname, fusion)] += _refined_rows(a, base.model_copy(update=settings), bg, batch, use,
-                                                           grid, ens.resize)
-                    seconds[f"{rname}+{fusion}"] = (seconds.get(f"{rname}+{fusion}", 0.0)
-                                                    + (time.perf_counter() - t0) / len(grid))
-                    continue
-                cfg = base.model_copy(update={**settings, "threshold_method": "fixed", "threshold": 1e-6})
-                t0 = time.perf_counter()
-                res = apply_consensus(a, cfg, bg)
-                key = f"{rname}+{fusion}"
-                seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
-                for j, truth in _truths(batch, use):
-                    score = _at_size(res.margin[j], truth, ens.resize)
-                    rows[(rname, fusion)].append(iou_over_grid(score, truth, grid))
+                    given = batch.labels[use] if mode else None
+                    analyses[mode] = analyze(ens, imgs, mc_samples=mc_samples, seeds=seeds, maps=rcfg,
+                                             given=given)
+                    took = time.perf_counter() - t0
+                seconds[(mode, rname)] += took  # a shared analysis costs each way what it cost once
+            for mode, a in analyses.items():
+                fg[mode] = (a.label if not mode else batch.labels[use].to(a.label.device)) != bg
+                for fusion in fusions[mode]:
+                    key = (mode, rname, fusion)
+                    settings = fusion_settings(fusion)
+                    t0 = time.perf_counter()
+                    if settings["refine"] != "none":  # the threshold shapes the refinement: one pass per threshold
+                        rows[key] += _refined_rows(a, base.model_copy(update=settings), bg, batch, use, grid,
+                                                   ens.resize)
+                        seconds[(mode, f"{rname}+{fusion}")] = (seconds.get((mode, f"{rname}+{fusion}"), 0.0)
+                                                                + (time.perf_counter() - t0) / len(grid))
+                        continue
+                    cfg = base.model_copy(update={**settings, "threshold_method": "fixed", "threshold": 1e-6})
+                    res = apply_consensus(a, cfg, bg)
+                    seconds[(mode, f"{rname}+{fusion}")] = (seconds.get((mode, f"{rname}+{fusion}"), 0.0)
+                                                            + time.perf_counter() - t0)
+                    for j, truth in _truths(batch, use):
+                        score = _at_size(res.margin[j], truth, ens.resize)
+                        rows[key].append(iou_over_grid(score, truth, grid))
         if segmenter is not None:
             from pixelvote.segment.train import predict
 
             t0 = time.perf_counter()
             prob = predict(segmenter, imgs)
-            seconds["segmenter"] += time.perf_counter() - t0
+            seg_seconds = time.perf_counter() - t0
             probs = {("segmenter", "-"): prob}
-            if ("segmenter", "crf") in rows:
+            crf_seconds = 0.0
+            if ("segmenter", "crf") in seg_rows:
                 t0 = time.perf_counter()
                 probs[("segmenter", "crf")] = crf.dense_crf(prob, imgs, threshold=0.5)
-                seconds["segmenter+crf"] = seconds.get("segmenter+crf", 0.0) + time.perf_counter() - t0
-            if fg is None:
-                fg = analyze(ens, imgs, mc_samples=1, seeds=seeds).label != bg
-            for key, p in probs.items():
-                for j, truth in _truths(batch, use):
-                    score = _at_size(p[j], truth, ens.resize)
-                    if not bool(fg[j]):
-                        score = torch.zeros_like(score)
-                    rows[key].append(iou_over_grid(score, truth, grid))
-    out = {}
-    for (r, f), lst in rows.items():
+                crf_seconds = time.perf_counter() - t0
+            for mode in fusions:
+                seconds[(mode, "segmenter")] += seg_seconds
+                seconds[(mode, "segmenter+crf")] = seconds.get((mode, "segmenter+crf"), 0.0) + crf_seconds
+                if mode not in fg:
+                    fg[mode] = (batch.labels[use] if mode else
+                                analyze(ens, imgs, mc_samples=1, seeds=seeds).label) != bg
+                for key, p in probs.items():
+                    for j, truth in _truths(batch, use):
+                        score = _at_size(p[j], truth, ens.resize)
+                        if not bool(fg[mode][j]):
+                            score = torch.zeros_like(score)
+                        rows[(mode, *key)].append(iou_over_grid(score, truth, grid))
+    out: dict[bool, dict[tuple[str, str], VariantTable]] = {mode: {} for mode in fusions}
+    for (mode, r, f), lst in rows.items():
         ious = torch.stack(lst) if lst else torch.zeros(0, len(grid))
-        secs = seconds[r] + seconds.get(f"{r}+{f}", 0.0)
-        out[(r, f)] = VariantTable(recipes.get(r, MapConfig()), f, ious, secs / max(n_images, 1))
+        secs = seconds[(mode, r)] + seconds.get((mode, f"{r}+{f}"), 0.0)
+        out[mode][(r, f)] = VariantTable(recipes.get(r, MapConfig()), f, ious, secs / max(n_images, 1))
     return out
+
+
+def _same_target(a: Analysis, bg: int) -> bool:
+    """Whether the classes explained in ``a`` (analysed with the images' labels) are those the diagnosis
+    alone would have chosen (see :func:`pixelvote.explain.analyze.analyze`)."""
+    fg = a.ensemble_probs.clone()
+    fg[:, bg] = -1.0
+    return torch.equal(torch.where(a.label == bg, fg.argmax(-1), a.label), a.target)
 
 
 def _refined_rows(a: Analysis, base: ConsensusConfig, bg: int, batch: Batch,

@@ -47,7 +47,7 @@ def choose_recipe(run_dir: Path, val: CachedSet,
         GRID,
         RECIPES,
         best_cell,
-        collect,
+        collect_modes,
         fusion_settings,
         relative_cost,
         split_fusion,
@@ -74,22 +74,24 @@ def choose_recipe(run_dir: Path, val: CachedSet,
     groups = [(with_crf, fusions + crf_fusions), ({k: r for k, r in recipes.items() if k not in with_crf}, fusions)]
     bs = max(1, cfg.batch_size)
 
-    def scored(given_labels: bool, within: float) -> dict:
-        tables = {}
-        for group, group_fusions in groups:
-            group = {k: r for k, r in group.items() if relative_cost(r) <= within or k == cheapest}
-            if not group:
+    # masks as the diagnosis gates them (annotation) and as `annotate --labels` makes them (`best`, `labelled`,
+    # within the pseudo-label limit), scored in one pass over the validation images
+    for_labels = {k for k in recipes if relative_cost(RECIPES[k]) <= cfg.max_pseudo_label_cost or k == cheapest}
+    tables: dict = {}
+    labelled: dict = {}
+    for group, group_fusions in groups:
+        # which members fuse for labelled images: every one, or the agreeing ones
+        labelled_fusions = group_fusions + [f"{f}@agreeing" for f in group_fusions if f.startswith("mean")]
+        for modes in ({False: group_fusions, True: labelled_fusions}, {False: group_fusions}):
+            part = {k: r for k, r in group.items() if (k in for_labels) == (True in modes)}
+            if not part:
                 continue
-            if given_labels:  # which members fuse for labelled images: every one, or the agreeing ones
-                group_fusions = group_fusions + [f"{f}@agreeing" for f in group_fusions if f.startswith("mean")]
-            what = "the recipes for labelled images" if given_labels else "the map recipe"
             batches = tqdm(_val_batches(val, bs), total=-(-len(val) // bs), unit="batch", leave=False,
-                           desc=f"choosing {what} ({', '.join(group)} x {len(group_fusions)} fusions)")
-            tables.update(collect(ens, batches, group, fusions=group_fusions, given_labels=given_labels))
-        return tables
-
-    tables = scored(False, limit)
-    labelled = scored(True, cfg.max_pseudo_label_cost)
+                           desc=f"choosing the map recipe ({', '.join(part)} x "
+                                f"{sum(len(f) for f in modes.values())} fusions)")
+            scored = collect_modes(ens, batches, part, modes)
+            tables.update(scored[False])
+            labelled.update(scored.get(True, {}))
     costs = {(r, f): relative_cost(RECIPES[r], split_fusion(f)[1]) for (r, f) in {**tables, **labelled}}
     allowed = ([key for key in tables if costs[key] <= cfg.max_map_cost]
                or [min(tables, key=costs.__getitem__)])
