@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import write_blob_dataset
+
 from pixelvote.evaluate.selection import RECIPES, relative_cost, split_fusion
 
 

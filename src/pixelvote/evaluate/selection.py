@@ -111,7 +111,8 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
 def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfig],
                   fusions: dict[bool, Sequence[str]], *, base: ConsensusConfig | None = None,
                   mc_samples: int = 1, grid: Sequence[float] = GRID,
-                  segmenter: torch.nn.Module | None = None) -> dict[bool, dict[tuple[str, str], VariantTable]]:
+                  segmenter: torch.nn.Module | None = None,
+                  ) -> dict[bool, dict[tuple[str, str], VariantTable]]:
     """:func:`collect` for both ways of scoring masks in one pass: ``fusions`` maps ``given_labels`` (False:
     gated by the diagnosis; True: as ``annotate --labels`` makes them) to the fusions scored that way. The
     labels only change which class is explained for an image the ensemble diagnoses as background, and not
@@ -161,19 +162,19 @@ def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, Ma
                     key = (mode, rname, fusion)
                     settings = fusion_settings(fusion)
                     t0 = time.perf_counter()
-                    if settings["refine"] != "none":  # the threshold shapes the refinement: one pass per threshold
+                    if settings["refine"] != "none":  # one pass per threshold
                         rows[key] += _refined_rows(a, base.model_copy(update=settings), bg, batch, use, grid,
                                                    ens.resize)
-                        seconds[(mode, f"{rname}+{fusion}")] = (seconds.get((mode, f"{rname}+{fusion}"), 0.0)
-                                                                + (time.perf_counter() - t0) / len(grid))
-                        continue
-                    cfg = base.model_copy(update={**settings, "threshold_method": "fixed", "threshold": 1e-6})
-                    res = apply_consensus(a, cfg, bg)
-                    seconds[(mode, f"{rname}+{fusion}")] = (seconds.get((mode, f"{rname}+{fusion}"), 0.0)
-                                                            + time.perf_counter() - t0)
-                    for j, truth in _truths(batch, use):
-                        score = _at_size(res.margin[j], truth, ens.resize)
-                        rows[key].append(iou_over_grid(score, truth, grid))
+                        spent = (time.perf_counter() - t0) / len(grid)
+                    else:
+                        at_zero = {**settings, "threshold_method": "fixed", "threshold": 1e-6}
+                        res = apply_consensus(a, base.model_copy(update=at_zero), bg)
+                        spent = time.perf_counter() - t0
+                        for j, truth in _truths(batch, use):
+                            score = _at_size(res.margin[j], truth, ens.resize)
+                            rows[key].append(iou_over_grid(score, truth, grid))
+                    step = (mode, f"{rname}+{fusion}")
+                    seconds[step] = seconds.get(step, 0.0) + spent
         if segmenter is not None:
             from pixelvote.segment.train import predict
 

@@ -74,9 +74,10 @@ def choose_recipe(run_dir: Path, val: CachedSet,
     groups = [(with_crf, fusions + crf_fusions), ({k: r for k, r in recipes.items() if k not in with_crf}, fusions)]
     bs = max(1, cfg.batch_size)
 
-    # masks as the diagnosis gates them (annotation) and as `annotate --labels` makes them (`best`, `labelled`,
-    # within the pseudo-label limit), scored in one pass over the validation images
-    for_labels = {k for k in recipes if relative_cost(RECIPES[k]) <= cfg.max_pseudo_label_cost or k == cheapest}
+    # masks as the diagnosis gates them (annotation) and as `annotate --labels` makes them (`best` and
+    # `labelled`, within the pseudo-label limit), scored in one pass over the validation images
+    for_labels = {k for k in recipes
+                  if relative_cost(RECIPES[k]) <= cfg.max_pseudo_label_cost or k == cheapest}
     tables: dict = {}
     labelled: dict = {}
     for group, group_fusions in groups:
