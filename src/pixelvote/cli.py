@@ -59,6 +59,9 @@ def train(
                                                 "best` may use (pseudo-masks for `segment train`)"),
     crf: bool = typer.Option(True, "--crf/--no-crf", help="try the dense-CRF refinement on validation masks "
                              "(needs pydensecrf2: pip install 'pixelvote[crf]')"),
+    decision: str = typer.Option("validation", help="validation: diagnose a finding where P(not background) "
+                                 "exceeds a threshold chosen by accuracy on the validation images; "
+                                 "most-probable: the most probable class"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="start from ImageNet weights"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="folder of local ImageNet weight files"),
     resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
@@ -88,7 +91,7 @@ def train(
                       mc_variance_weight=mc_variance_weight, mc_samples=mc_samples, cam_layer=cam_layer,
                       pretrained=pretrained, weights_dir=weights, device=device, max_map_cost=max_map_cost,
                       max_pseudo_label_cost=max_pseudo_label_cost,
-                      refine_candidates=["none", "crf"] if crf else ["none"])
+                      refine_candidates=["none", "crf"] if crf else ["none"], decision=decision)
     try:
         run = run_train(cfg, resume=resume)
     except KeyboardInterrupt:
@@ -98,7 +101,10 @@ def train(
     cal = json.loads((run / "calibration.json").read_text())
     typer.echo(f"run saved to {run}")
     skipped = run / "skipped.jsonl"
+    rule = cal.get("decision", {}).get("threshold")
     typer.echo(f"validation: accuracy {cal['val_accuracy']:.3f}"
+               + (f" (a finding where P(any finding) > {rule}; with the most probable class: "
+                  f"{cal['decision']['val_accuracy_most_probable']:.3f})" if rule is not None else "")
                + (f", mean IoU {cal['val_mean_iou']:.3f} at threshold {cal['consensus']['threshold']}"
                   if cal.get("val_mean_iou") is not None else " (no masks: threshold 0.5 of the max)"))
     if skipped.exists() and skipped.stat().st_size:

@@ -690,14 +690,15 @@ def auroc(target: Any, probs: Any) -> float | None:
 
 
 def classification_metrics(
-    target: Any, probs: Any, *, class_names: Sequence[str] | None = None
+    target: Any, probs: Any, *, class_names: Sequence[str] | None = None, preds: Any = None
 ) -> dict[str, Any]:
     """Every classification figure for one model, JSON-ready.
 
     Args:
         target: ``(N,)`` true class indices.
         probs: ``(N, C)`` class probabilities (or ``(N,)`` positive-class probabilities); the
-            prediction is the arg-max.
+            prediction is the arg-max unless ``preds`` is given.
+        preds: optional ``(N,)`` predicted class indices (a run's decision rule); AUROC still uses ``probs``.
         class_names: optional names, one per class.
 
     Returns:
@@ -712,7 +713,7 @@ def classification_metrics(
     _check_label_range(y, c)
     if class_names is not None and len(class_names) != c:
         raise ValueError(f"expected {c} `class_names` (one per class) but got {len(class_names)}")
-    preds = p.argmax(1)
+    preds = p.argmax(1) if preds is None else _check_labels(preds)
     per_class = _auroc_per_class(y.numpy(), p.numpy())
     return {
         "n": len(y),

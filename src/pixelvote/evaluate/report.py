@@ -383,6 +383,11 @@ def _classification_section(m: Mapping[str, Any]) -> str:
     for key, fig in _paper_rows(m.get("dataset")):
         rows.append(("paper", [_e(f"{PAPER_LABEL}, {key}"), "—", _pct(fig["accuracy"]), "—", "—", "—", "—"]))
     out = ["<h2>Classification</h2>", _table(header, rows)]
+    if cls.get("decision_threshold") is not None:
+        rule = _e(cls["decision_threshold"])
+        out.append(f"<p>Diagnosis rule: a finding where P(any finding) &gt; {rule} (chosen by accuracy on "
+                   f"the run's validation images; every model above decides so). With the most probable "
+                   f"class instead the ensemble's accuracy is {_pct(cls.get('accuracy_most_probable'))} %.</p>")
     ens = cls.get("ensemble") or {}
     if ens.get("confusion_matrix"):
         cm = ens["confusion_matrix"]

@@ -33,7 +33,7 @@ from pixelvote.evaluate.gallery import GalleryKeeper, thumbnail_case
 from pixelvote.evaluate.report import write_report
 from pixelvote.evaluate.shortcut import shortcut_check
 from pixelvote.evaluate.sources import DecodeSet, EvalItem, fingerprint, list_items, select_split
-from pixelvote.explain.analyze import Analysis, MapConfig, analyze, upsample
+from pixelvote.explain.analyze import Analysis, MapConfig, analyze, diagnose, upsample
 from pixelvote.models.checkpoint import load_run
 from pixelvote.models.ensemble import Ensemble
 
@@ -225,9 +225,12 @@ class _State:
         correct = torch.tensor([r["correct"] for r in rows])
         flagged = torch.tensor([r["flagged"] for r in rows])
         iou = torch.tensor([math.nan if r["iou"] is None else r["iou"] for r in rows], dtype=torch.float64)
+        bg, rule = self.ens.background_index, self.ens.decision_threshold
         out: dict[str, Any] = {"classification": {
-            "ensemble": M.classification_metrics(y, P, class_names=classes),
-            "members": {n: {**M.classification_metrics(y, MP[m], class_names=classes),
+            "ensemble": M.classification_metrics(y, P, class_names=classes, preds=diagnose(P, bg, rule)),
+            "decision_threshold": rule, "accuracy_most_probable": M.accuracy(y, P.argmax(1)),
+            "members": {n: {**M.classification_metrics(y, MP[m], class_names=classes,
+                                                       preds=diagnose(MP[m], bg, rule)),
                             "ece": M.expected_calibration_error(MP[m], y)}
                         for m, n in enumerate(self.names)}}}
         out["calibration"] = M.reliability_bins(P, y)

@@ -93,6 +93,19 @@ def mc_statistics(probs: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"mean": mean, "label": label, "entropy": entropy, "mutual_information": mi, "variance": var}
 
 
+def diagnose(probs: torch.Tensor, background: int, threshold: float | None = None) -> torch.Tensor:
+    """Class indices from probabilities ``(..., K)``: the most probable class, or with ``threshold`` the most
+    probable finding wherever the probability of any finding, ``1 - P(background)``, exceeds it and the
+    background elsewhere (a classifier that has never seen a camera's images may give its findings there
+    less probability than the validation split shows they deserve: ``train`` chooses the threshold there)."""
+    if threshold is None:
+        return probs.argmax(-1)
+    findings = probs.clone()
+    findings[..., background] = -1.0
+    return torch.where(1.0 - probs[..., background] > threshold, findings.argmax(-1),
+                       torch.full_like(findings[..., 0], background, dtype=torch.long))
+
+
 def _target_score(logits: torch.Tensor, target: torch.Tensor, against: int | None) -> torch.Tensor:
     """The explained score per image: the target's logit, or its margin over class ``against`` (where the
     target is another class)."""
@@ -253,9 +266,12 @@ def _analyze_view(ensemble: Ensemble, x: torch.Tensor, mc_samples: int, target: 
     probs = torch.stack([o.mean_probs for o in outs])
     stats = [mc_statistics(o.probs) for o in outs]
     ens = probs.mean(0)
-    label = ens.argmax(-1)
+    bg = ensemble.background_index
+    label = diagnose(ens, bg, ensemble.decision_threshold)
+    if ensemble.decision_threshold is not None:  # each member decides by the same rule (which ones agree)
+        for st in stats:
+            st["label"] = diagnose(st["mean"], bg, ensemble.decision_threshold)
     if target is None:
-        bg = ensemble.background_index
         fg = ens.clone()
         fg[:, bg] = -1.0
         target = torch.where(label == bg, fg.argmax(-1), label)

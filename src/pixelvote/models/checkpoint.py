@@ -61,6 +61,9 @@ class RunConfig(BaseModel):
     best: Recipe | None = None
     # the best recipe within --max-map-cost when the images' labels decide (annotate --labels --method run)
     labelled: Recipe | None = None
+    # the diagnosis is a finding where P(not background) exceeds this, chosen on the validation images by
+    # accuracy; None (runs before it, or too few validation images): the most probable class
+    decision_threshold: float | None = Field(None, gt=0.0, lt=1.0)
     mc_samples: int = 30
     seed: int = 0
     train: dict[str, Any] = Field(default_factory=dict)
@@ -193,7 +196,8 @@ def load_run(run_dir: str | Path, *, device: torch.device | str | None = None,
         if cam_layer:
             member = _with_cam_layer(member, cam_layer)
         members.append(member)
-    ens = Ensemble(members, cfg.classes, cfg.background, cfg.image_size, resize=cfg.resize)
+    ens = Ensemble(members, cfg.classes, cfg.background, cfg.image_size, resize=cfg.resize,
+                   decision_threshold=cfg.decision_threshold)
     ens = ens.to(device or default_device()).eval()
     if fold:
         ens.fold_batchnorm()

@@ -21,6 +21,9 @@ class Ensemble:
     image_size: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     resize: str = "squash"  # how images become the square input: pixelvote.data.transforms.fit_image
+    # the diagnosis is a finding where P(not background) exceeds this (train chooses it on the validation
+    # images); None: the most probable class (pixelvote.explain.analyze.diagnose)
+    decision_threshold: float | None = None
 
     @property
     def background_index(self) -> int:

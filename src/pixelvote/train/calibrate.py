@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from pixelvote.consensus import ConsensusConfig, apply_consensus
 from pixelvote.data.imageio import write_json_atomic
-from pixelvote.explain.analyze import MapConfig, analyze
+from pixelvote.explain.analyze import MapConfig, analyze, diagnose
 from pixelvote.models.checkpoint import Recipe, load_run
 from pixelvote.train.cache import CachedSet
 from pixelvote.train.config import TrainConfig
@@ -18,6 +18,9 @@ from pixelvote.train.config import TrainConfig
 log = logging.getLogger(__name__)
 
 THRESHOLD_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10 .. 0.90
+# decision thresholds on P(not background): finer near 0, where a classifier that has not seen a camera's
+# images puts its findings there
+DECISION_GRID = (0.02, 0.05, *(round(0.05 * i, 2) for i in range(2, 20)))  # 0.02, 0.05, 0.10 .. 0.95
 
 
 def batch_iou(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -36,8 +39,8 @@ def _val_batches(val: CachedSet, bs: int):  # type: ignore[no-untyped-def]
         yield Batch(val.images[i:i + bs], val.labels[i:i + bs], masks, list(range(i, i + len(has))))
 
 
-def choose_recipe(run_dir: Path, val: CachedSet,
-                  cfg: TrainConfig) -> tuple[MapConfig, dict, dict, dict[str, tuple[MapConfig, dict]]]:
+def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_threshold: float | None = None,
+                  ) -> tuple[MapConfig, dict, dict, dict[str, tuple[MapConfig, dict]]]:
     """Pick the map recipe, fusion (+ refinement) and threshold with the best mean IoU on validation masks,
     among those whose cost is within ``cfg.max_map_cost`` plain analyses (for annotation), and the best within
     ``cfg.max_pseudo_label_cost`` (``annotate --method best``), and the best within ``cfg.max_map_cost``
@@ -55,6 +58,7 @@ def choose_recipe(run_dir: Path, val: CachedSet,
     from pixelvote.refine import crf
 
     ens, run_cfg = load_run(run_dir, device=cfg.device)
+    ens.decision_threshold = decision_threshold  # the masks are gated by the diagnosis the run will make
     limit = max(cfg.max_map_cost, cfg.max_pseudo_label_cost)
     # a recipe that costs more than both limits on its own could never be chosen: it is not tried (the
     # cheapest one always is, so that there is a choice)
@@ -128,42 +132,74 @@ def choose_recipe(run_dir: Path, val: CachedSet,
     return maps, update, summary, {"best": (best_maps, best_update), "labelled": (lab_maps, lab_update)}
 
 
+def choose_decision_threshold(probs: torch.Tensor, labels: torch.Tensor, background: int,
+                              min_per_class: int = 5) -> tuple[float | None, dict]:
+    """The diagnosis rule with the best accuracy on the validation images: the most probable class (None), or
+    a finding wherever ``1 - P(background)`` exceeds a threshold of :data:`DECISION_GRID` (see
+    :func:`pixelvote.explain.analyze.diagnose`). Ties keep the most probable class, then the threshold
+    nearest 0.5; with fewer than ``min_per_class`` validation images of the background or of the findings,
+    nothing is chosen. Returns the threshold and a summary (accuracy by rule)."""
+    fg = labels != background
+    counts = (int((~fg).sum()), int(fg.sum()))
+    if min(counts) < min_per_class:
+        why = (f"too few validation images to choose ({counts[0]} background, {counts[1]} findings; "
+               f"{min_per_class} each needed)")
+        return None, {"threshold": None, "reason": why}
+    rules: list[float | None] = [None, *DECISION_GRID]
+    acc = {t: float((diagnose(probs, background, t) == labels).float().mean()) for t in rules}
+    best = max(acc.values())
+    ties = [t for t in rules if acc[t] >= best - 1e-9]
+    chosen = None if None in ties else min(ties, key=lambda t: (abs(t - 0.5), t))
+    return chosen, {"threshold": chosen, "val_accuracy": acc[chosen], "val_accuracy_most_probable": acc[None],
+                    "accuracy_by_threshold": {str(t): round(v, 4) for t, v in acc.items() if t is not None}}
+
+
 def calibrate(run_dir: Path, val: CachedSet,
-              cfg: TrainConfig) -> tuple[ConsensusConfig, MapConfig, dict[str, Recipe]]:
-    """The run's consensus and map settings from the validation split, and the other recipes chosen there
+              cfg: TrainConfig) -> tuple[ConsensusConfig, MapConfig, dict[str, Recipe], float | None]:
+    """The run's consensus and map settings from the validation split, the other recipes chosen there
     (``best``: within the pseudo-label cost limit; ``labelled``: for ``annotate --labels``; none when the
-    validation masks are too few to choose)."""
+    validation masks are too few to choose), and the decision threshold (:func:`choose_decision_threshold`;
+    None with ``cfg.decision == "most-probable"``)."""
     ens, run_cfg = load_run(run_dir, device=cfg.device)
     bg = ens.background_index
     base = run_cfg.consensus
-    sums = torch.zeros(len(THRESHOLD_GRID))
-    n_masked = 0
-    mis, variances, correct = [], [], 0
+    probs, mis, variances = [], [], []
     bs = max(1, cfg.batch_size)
     for i in tqdm(range(0, len(val), bs), desc="calibrating on validation images", unit="batch", leave=False):
-        images = val.images[i:i + bs]
-        labels = val.labels[i:i + bs]
-        a = analyze(ens, images, mc_samples=cfg.mc_samples)
+        a = analyze(ens, val.images[i:i + bs], mc_samples=cfg.mc_samples)
+        probs.append(a.ensemble_probs.cpu())
         mis.append(torch.stack([s["mutual_information"] for s in a.stats]).mean(0).cpu())
         variances.append(torch.stack([s["variance"] for s in a.stats]).mean(0).cpu())
-        correct += int((a.label.cpu() == labels).sum())
-        use = (val.has_mask[i:i + bs] & (labels != bg))
-        if use.any():
-            truth = val.masks[i:i + bs][use].to(ens.device)
-            for j, t in enumerate(THRESHOLD_GRID):
-                res = apply_consensus(a, base.model_copy(update={"threshold": t, "threshold_method": "fixed"}), bg)
-                sums[j] += float(batch_iou(res.mask[use.to(ens.device)], truth).sum())
-            n_masked += int(use.sum())
+    P = torch.cat(probs) if probs else torch.zeros(0, len(ens.classes))
+    decision: float | None = None
+    decision_summary: dict = {"threshold": None, "reason": "train --decision most-probable"}
+    if cfg.decision == "validation":
+        decision, decision_summary = choose_decision_threshold(P, val.labels, bg)
+    ens.decision_threshold = decision
+    masked = val.has_mask & (val.labels != bg)
+    n_masked = int(masked.sum())
     update: dict = {}
-    summary: dict = {"val_images": len(val), "val_accuracy": correct / max(len(val), 1),
+    accuracy = float((diagnose(P, bg, decision) == val.labels).float().mean()) if len(val) else 0.0
+    summary: dict = {"val_images": len(val), "val_accuracy": accuracy, "decision": decision_summary,
                      "images_with_masks": n_masked}
     maps = run_cfg.maps
     others: dict[str, tuple[MapConfig, dict]] = {}
     if n_masked >= cfg.min_masks_to_choose and cfg.map_candidates:
-        maps, chosen, summary["selection"], others = choose_recipe(run_dir, val, cfg)
+        maps, chosen, summary["selection"], others = choose_recipe(run_dir, val, cfg, decision)
         update.update(chosen)
         summary["val_mean_iou"] = summary["selection"]["val_mean_iou"]
-    elif n_masked:
+    elif n_masked:  # too few masks to choose a recipe: the consensus threshold alone
+        sums = torch.zeros(len(THRESHOLD_GRID))
+        for i in range(0, len(val), bs):
+            use = masked[i:i + bs]
+            if not use.any():
+                continue
+            a = analyze(ens, val.images[i:i + bs], mc_samples=cfg.mc_samples)
+            truth = val.masks[i:i + bs][use].to(ens.device)
+            for j, t in enumerate(THRESHOLD_GRID):
+                fixed = base.model_copy(update={"threshold": t, "threshold_method": "fixed"})
+                mask = apply_consensus(a, fixed, bg).mask[use.to(ens.device)]
+                sums[j] += float(batch_iou(mask, truth).sum())
         means = sums / n_masked
         best = int(means.argmax())
         update.update(threshold=THRESHOLD_GRID[best], threshold_method="fixed",
@@ -179,5 +215,6 @@ def calibrate(run_dir: Path, val: CachedSet,
     summary["consensus"] = consensus.model_dump(mode="json")
     summary["maps"] = maps.model_dump(mode="json")
     write_json_atomic(run_dir / "calibration.json", summary)
-    log.info("calibration: %s", {k: v for k, v in summary.items() if k not in ("threshold_sweep", "selection")})
-    return consensus, maps, recipes
+    log.info("calibration: %s", {k: v for k, v in summary.items()
+                                 if k not in ("threshold_sweep", "selection", "decision")})
+    return consensus, maps, recipes, decision

@@ -58,6 +58,9 @@ class TrainConfig(BaseModel):
                                          "best` may use: pseudo-masks for a segmenter are made once, so they may "
                                          "cost more per image than everyday annotation")
     min_masks_to_choose: int = Field(4, ge=1, description="validation masks needed before choosing a recipe")
+    decision: Literal["validation", "most-probable"] = Field(
+        "validation", description="the diagnosis rule: a threshold on P(not background) chosen by "
+                                  "accuracy on the validation images, or the most probable class")
     pretrained: bool = True
     weights_dir: Path | None = None
     device: str | None = None
