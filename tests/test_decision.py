@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import write_blob_dataset
+from conftest import read_records, write_blob_dataset
 from pixelvote.explain.analyze import analyze, diagnose
 from pixelvote.models.ensemble import Ensemble
 from pixelvote.train.calibrate import choose_decision_threshold
@@ -90,3 +90,10 @@ def test_train_saves_the_chosen_rule_and_evaluate_reports_by_it(tmp_path) -> Non
     assert all(r["label"] == "lesion" for r in m["per_image"])
     assert all(v["accuracy"] == pytest.approx(n_lesion / m["n_images"]) for v in cls["members"].values())
     assert "P(any finding) &gt; 1e-06" in (tmp_path / "eval" / "report.html").read_text()
+    # annotate diagnoses by it too, and says so in annotate.json
+    from pixelvote.engine.annotate import annotate
+
+    annotate(run, data / "images" / "normal", tmp_path / "ann", mc_samples=2, num_workers=0, progress=False)
+    records = read_records(tmp_path / "ann")
+    assert records and all(r["label"] == "lesion" for r in records.values())
+    assert json.loads((tmp_path / "ann" / "annotate.json").read_text())["decision_threshold"] == 1e-6

@@ -207,7 +207,8 @@ def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig
         "format_version": MANIFEST_VERSION, "classes": ens.classes, "background": ens.background,
         "run": str(Path(run).resolve()), "consensus": consensus.model_dump(mode="json"),
         "maps": maps.model_dump(mode="json"),
-        "image_size": ens.image_size, "resize": ens.resize, "members": [m.name for m in ens.members],
+        "image_size": ens.image_size, "resize": ens.resize, "decision_threshold": ens.decision_threshold,
+        "members": [m.name for m in ens.members],
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     manifest = out / "annotations.jsonl"
     repair_jsonl_tail(manifest)
