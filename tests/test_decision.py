@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import read_records, write_blob_dataset
+
 from pixelvote.explain.analyze import analyze, diagnose
 from pixelvote.models.ensemble import Ensemble
 from pixelvote.train.calibrate import choose_decision_threshold
@@ -30,7 +30,7 @@ def test_choose_threshold_by_validation_accuracy() -> None:
     labels = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
     probs = torch.stack([p_finding, 1 - p_finding], 1)
     t, summary = choose_decision_threshold(probs, labels, background=1)
-    # 0.05, 0.1 and 0.15 get 9 of 10 right (0.02 calls two background images findings, 0.2 misses one finding);
+    # 0.05, 0.1 and 0.15 get 9 of 10 right (0.02 calls two background images findings, 0.2 misses a finding);
     # of the tied ones the nearest 0.5 is kept
     assert t == 0.15
     assert summary["val_accuracy"] == pytest.approx(0.9)

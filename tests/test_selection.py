@@ -161,7 +161,8 @@ def test_both_ways_of_scoring_share_one_analysis_where_the_explained_classes_agr
                                                                                     k: int) -> None:
     """collect_modes gives the tables that two collect passes (diagnosis-gated, labels deciding) give, with
     one analysis per recipe and batch where the labels do not change the explained class (two classes), and
-    a second one where they do (a background diagnosis of an image labelled with the less probable finding)."""
+    a second one where they do (a background diagnosis of an image labelled with the less probable
+    finding)."""
     import torch
 
     from pixelvote.evaluate import selection

@@ -387,7 +387,8 @@ def _classification_section(m: Mapping[str, Any]) -> str:
         rule = _e(cls["decision_threshold"])
         out.append(f"<p>Diagnosis rule: a finding where P(any finding) &gt; {rule} (chosen by accuracy on "
                    f"the run's validation images; every model above decides so). With the most probable "
-                   f"class instead the ensemble's accuracy is {_pct(cls.get('accuracy_most_probable'))} %.</p>")
+                   f"class instead the ensemble's accuracy is "
+                   f"{_pct(cls.get('accuracy_most_probable'))} %.</p>")
     ens = cls.get("ensemble") or {}
     if ens.get("confusion_matrix"):
         cm = ens["confusion_matrix"]
