@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pixelvote.consensus import ConsensusConfig, apply_consensus
 from pixelvote.data.transforms import crop_content
-from pixelvote.explain.analyze import Analysis, MapConfig, analyze
+from pixelvote.explain.analyze import Analysis, MapConfig, analyze, explained_class
 from pixelvote.models.ensemble import Ensemble
 from pixelvote.refine import crf
 
@@ -210,9 +210,7 @@ def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, Ma
 def _same_target(a: Analysis, bg: int) -> bool:
     """Whether the classes explained in ``a`` (analysed with the images' labels) are those the diagnosis
     alone would have chosen (see :func:`pixelvote.explain.analyze.analyze`)."""
-    fg = a.ensemble_probs.clone()
-    fg[:, bg] = -1.0
-    return torch.equal(torch.where(a.label == bg, fg.argmax(-1), a.label), a.target)
+    return torch.equal(explained_class(a.ensemble_probs, a.label, bg), a.target)
 
 
 def _refined_rows(a: Analysis, base: ConsensusConfig, bg: int, batch: Batch,

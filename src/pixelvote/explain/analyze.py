@@ -100,10 +100,21 @@ def diagnose(probs: torch.Tensor, background: int, threshold: float | None = Non
     less probability than the validation split shows they deserve: ``train`` chooses the threshold there)."""
     if threshold is None:
         return probs.argmax(-1)
+    return torch.where(1.0 - probs[..., background] > threshold, most_probable_finding(probs, background),
+                       torch.full_like(probs[..., 0], background, dtype=torch.long))
+
+
+def most_probable_finding(probs: torch.Tensor, background: int) -> torch.Tensor:
+    """The most probable class other than the background, from probabilities ``(..., K)``."""
     findings = probs.clone()
     findings[..., background] = -1.0
-    return torch.where(1.0 - probs[..., background] > threshold, findings.argmax(-1),
-                       torch.full_like(findings[..., 0], background, dtype=torch.long))
+    return findings.argmax(-1)
+
+
+def explained_class(probs: torch.Tensor, label: torch.Tensor, background: int) -> torch.Tensor:
+    """The class whose CAMs explain each image without known labels: its diagnosis, or for a background
+    diagnosis the most probable finding (so a reviewer still sees where the models looked)."""
+    return torch.where(label == background, most_probable_finding(probs, background), label)
 
 
 def _target_score(logits: torch.Tensor, target: torch.Tensor, against: int | None) -> torch.Tensor:
@@ -272,9 +283,7 @@ def _analyze_view(ensemble: Ensemble, x: torch.Tensor, mc_samples: int, target: 
         for st in stats:
             st["label"] = diagnose(st["mean"], bg, ensemble.decision_threshold)
     if target is None:
-        fg = ens.clone()
-        fg[:, bg] = -1.0
-        target = torch.where(label == bg, fg.argmax(-1), label)
+        target = explained_class(ens, label, bg)
         if given is not None:
             # a finding the ensemble sees is explained as it sees it (a benign lesion called malignant is
             # still where the lesion is); a finding it misses, for its label
