@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from pixelvote.consensus import ConsensusConfig  # noqa: E402
 from pixelvote.data.imageio import read_image, read_mask  # noqa: E402
 from pixelvote.data.transforms import fit_image, to_tensor  # noqa: E402
 from pixelvote.evaluate.selection import (  # noqa: E402
@@ -143,6 +144,8 @@ def main() -> None:
                     "most this many plain analyses (pixelvote train --max-map-cost)")
     ap.add_argument("--labels", action="store_true", help="score masks as annotate --labels makes them for "
                     "labelled images (the diagnosis does not gate them)")
+    ap.add_argument("--crf-weights", default="10,30", help="the dense CRF's bilateral weights scored (rows "
+                    "mean+crf:W)")
     ap.add_argument("--stage-two", action="store_true", help="also train and score the segmenter (slow on CPU)")
     ap.add_argument("--seg-epochs", type=int, default=30)
     ap.add_argument("--seg-method", default="best", help="the recipe of the segmenter's pseudo-masks "
@@ -157,11 +160,14 @@ def main() -> None:
         recipes = {k: RECIPES[k] for k in args.recipes.split(",")}
         seg = (stage_two(run, args.runs_dir, args.seg_epochs, args.image_size, args.seg_method)
                if args.stage_two else None)
-        fusions = ["intersection", "mean", "vote"] + (["intersection+crf", "mean+crf"] if crf.available() else [])
+        weights = [float(w) for w in args.crf_weights.split(",")]
+        fusions = ["intersection", "mean", "vote"] + ([f"{f}+crf:{w:g}" for f in ("intersection", "mean")
+                                                       for w in weights] if crf.available() else [])
         if args.labels:  # which members fuse for labelled images: every one (default) or the agreeing ones
             fusions += [f"{f}@agreeing" for f in fusions if f.startswith("mean")]
+        # the segmenter's CRF as annotate --segmenter runs it: with the run's CRF settings
         tables = collect(ens, val_batches(run, ens), recipes, fusions=fusions, segmenter=seg,
-                         given_labels=args.labels)
+                         given_labels=args.labels, base=ConsensusConfig(crf=cfg.consensus.crf))
         single = Ensemble(ens.members[:1], ens.classes, ens.background, ens.image_size, device=ens.device,
                           resize=ens.resize)
         single_t = collect(single, val_batches(run, ens), {"plain": MapConfig()}, fusions=("intersection",),

@@ -98,6 +98,12 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "pixelvote.cli", "annotate", "--run", str(tmp_path),
                         "--images", str(tmp_path), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert p.returncode == 2 and "not a pixelvote run" in p.stderr and "Traceback" not in p.stderr
+    for weights, problem in (("10,ten", "not a comma-separated list of numbers"),
+                             ("-1", "must be one or more numbers >= 0")):
+        p = subprocess.run([sys.executable, "-m", "pixelvote.cli", "train", "--data", str(tmp_path), "--out",
+                            str(tmp_path / "r"), f"--crf-weights={weights}"], capture_output=True, text=True)
+        assert p.returncode == 2 and problem in p.stderr and "Traceback" not in p.stderr
+        assert "--crf-weights 10,30" in p.stderr  # the fix
 
 
 def test_segmenter_stage_two_through_the_cli(trained, tmp_path):

@@ -84,3 +84,32 @@ def test_without_pairwise_terms_the_crf_mask_is_the_thresholded_map() -> None:
         cfg = CRFConfig(bilateral_compat=0.0, gaussian_compat=0.0, size=32)
         q = dense_crf(blob[None], img[None], cfg, t)[0]
         assert torch.equal(q > 0.5, blob > t)
+
+
+def test_reuse_gives_held_results_only_for_identical_inputs(monkeypatch) -> None:
+    import pydensecrf.densecrf as dcrf
+
+    from pixelvote.refine import crf
+    from pixelvote.refine.crf import CRFConfig
+
+    built = []
+    real = dcrf.DenseCRF2D
+    monkeypatch.setattr(dcrf, "DenseCRF2D", lambda *a: built.append(a) or real(*a))
+    img, blob, _ = _scene()
+    imgs, soft = torch.stack([img, img.flip(-1)]), torch.stack([blob, blob.flip(-1)])
+    fresh = dense_crf(soft, imgs, threshold=0.4)
+    assert len(built) == 2
+    with crf.reuse(capacity=4):
+        first = dense_crf(soft, imgs, threshold=0.4)
+        again = dense_crf(soft, imgs, threshold=0.4)
+        assert len(built) == 4  # the second call refined nothing
+        torch.testing.assert_close(first, fresh)
+        torch.testing.assert_close(again, fresh)
+        # another threshold, other colours or other settings are refined anew
+        dense_crf(soft, imgs, threshold=0.5)
+        dense_crf(soft, imgs.flip(0), threshold=0.4)
+        stronger = dense_crf(soft, imgs, CRFConfig(bilateral_compat=30.0), threshold=0.4)
+        assert len(built) == 4 + 2 + 2 + 2
+        assert not torch.equal(stronger, fresh)
+    dense_crf(soft, imgs, threshold=0.4)  # outside the block nothing is held
+    assert len(built) == 12

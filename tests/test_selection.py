@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import write_blob_dataset
 
-from pixelvote.evaluate.selection import RECIPES, relative_cost, split_fusion
+from pixelvote.evaluate.selection import RECIPES, consensus_update, crf_weight, relative_cost, split_fusion
+from pixelvote.refine.crf import CRFConfig
 
 
 def test_relative_costs_count_views_and_refinements() -> None:
@@ -22,6 +23,22 @@ def test_relative_costs_count_views_and_refinements() -> None:
 def test_split_fusion() -> None:
     assert split_fusion("mean+crf") == ("mean", "crf")
     assert split_fusion("intersection") == ("intersection", "none")
+    assert split_fusion("mean+crf:30@agreeing") == ("mean", "crf")
+
+
+def test_a_fusion_name_sets_the_crf_weight_and_keeps_the_other_crf_settings() -> None:
+    from pixelvote.consensus import ConsensusConfig
+
+    assert crf_weight("mean+crf:30@agreeing") == 30.0 and crf_weight("mean+crf:2.5") == 2.5
+    assert crf_weight("mean+crf") is None and crf_weight("vote") is None
+    base = ConsensusConfig(crf=CRFConfig(size=96, bilateral_compat=7.0))
+    update = consensus_update(base, "intersection+crf:30@agreeing")
+    assert update["crf"] == CRFConfig(size=96, bilateral_compat=30.0)
+    assert {k: v for k, v in update.items() if k != "crf"} == {"fusion": "intersection", "refine": "crf",
+                                                               "labelled_members": "agreeing"}
+    assert "crf" not in consensus_update(base, "mean+crf")  # the base's own weight (7) applies
+    made = base.model_copy(update=consensus_update(base, "mean+crf:20"))
+    assert made.crf.bilateral_compat == 20.0 and made.crf.size == 96 and base.crf.bilateral_compat == 7.0
 
 
 @pytest.mark.parametrize("max_cost", [1.5, 2.0])
@@ -42,10 +59,13 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     assert cands["flip+mean"]["allowed"] is (max_cost >= 2.0)
     from pixelvote.refine import crf
 
-    if crf.available():  # the CRF variants are tried where they fit a limit, at 0.4 more passes
-        assert cands["plain+mean+crf"]["relative_cost"] == pytest.approx(1.4)
-        assert cands["plain+mean+crf"]["allowed"] is True
-        assert cands["flip+mean+crf"]["allowed"] is False  # 2.4: only for --method best
+    if crf.available():  # the CRF variants are tried where they fit a limit, at 0.4 more passes, with
+        # each bilateral weight of TrainConfig.crf_weights (default 10 and 30)
+        for w in ("10", "30"):
+            assert cands[f"plain+mean+crf:{w}"]["relative_cost"] == pytest.approx(1.4)
+            assert cands[f"plain+mean+crf:{w}"]["allowed"] is True
+            assert cands[f"flip+mean+crf:{w}"]["allowed"] is False  # 2.4: only for --method best
+        assert not any(k.endswith("+crf") for k in cands)
     # `best` (pseudo-masks of labelled images) is scored as `annotate --labels` makes them, within 2.5
     # (each mean fusion also with only the agreeing members fused, "@agreeing")
     labelled = sel["labelled_candidates"]
@@ -70,6 +90,10 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     assert cfg.labelled.consensus.threshold == sel["labelled"]["threshold"]
     members = "agreeing" if sel["labelled"]["fusion"].endswith("@agreeing") else "all"
     assert cfg.labelled.consensus.labelled_members == members
+    # a CRF fusion's weight is the one saved; without the CRF the default stays
+    for consensus, chosen in ((cfg.consensus, sel), (cfg.labelled.consensus, sel["labelled"]),
+                              (cfg.best.consensus, sel["best"])):
+        assert consensus.crf.bilateral_compat == (crf_weight(chosen["fusion"]) or CRFConfig().bilateral_compat)
 
 
 def test_segmenter_rows_are_gated_by_the_diagnosis(tmp_path) -> None:

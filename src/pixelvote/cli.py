@@ -26,6 +26,16 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _numbers(value: str, option: str) -> list[float]:
+    from pixelvote.errors import ConfigError
+
+    try:
+        return [float(v) for v in _csv(value) or []]
+    except ValueError:
+        raise ConfigError(f"{option} {value}: not a comma-separated list of numbers",
+                          fix=f"e.g. {option} 10,30") from None
+
+
 @app.command()
 def train(
     data: Optional[Path] = typer.Option(None, "--data", help="images/<class>/..., a CSV manifest, or a TBX11K root"),
@@ -59,6 +69,8 @@ def train(
                                                 "best` may use (pseudo-masks for `segment train`)"),
     crf: bool = typer.Option(True, "--crf/--no-crf", help="try the dense-CRF refinement on validation masks "
                              "(needs pydensecrf2: pip install 'pixelvote[crf]')"),
+    crf_weights: str = typer.Option("10,30", help="the dense CRF's bilateral (colour) weights to try; the "
+                                    "validation masks choose one"),
     decision: str = typer.Option("validation", help="validation: diagnose a finding where P(not background) "
                                  "exceeds a threshold chosen by accuracy on the validation images; "
                                  "most-probable: the most probable class"),
@@ -91,7 +103,8 @@ def train(
                       mc_variance_weight=mc_variance_weight, mc_samples=mc_samples, cam_layer=cam_layer,
                       pretrained=pretrained, weights_dir=weights, device=device, max_map_cost=max_map_cost,
                       max_pseudo_label_cost=max_pseudo_label_cost,
-                      refine_candidates=["none", "crf"] if crf else ["none"], decision=decision)
+                      refine_candidates=["none", "crf"] if crf else ["none"], decision=decision,
+                      crf_weights=_numbers(crf_weights, "--crf-weights"))
     try:
         run = run_train(cfg, resume=resume)
     except KeyboardInterrupt:

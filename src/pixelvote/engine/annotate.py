@@ -383,8 +383,10 @@ def _drop_fixed(skipped_path: Path, out: Path) -> None:
         write_bytes_atomic(skipped_path, text.encode("utf-8"))
 
 
-def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: float) -> None:
-    """Replace the consensus margin by the segmenter's (probability - threshold) for foreground diagnoses."""
+def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: float,
+                   crf_cfg: Any = None) -> None:
+    """Replace the consensus margin by the segmenter's (probability - threshold) for foreground diagnoses;
+    its dense CRF (where the segmenter has one) uses ``crf_cfg``, the run's consensus.crf."""
     from pixelvote.segment.train import predict
 
     prob = predict(model, x)
@@ -393,7 +395,7 @@ def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: fl
     if scfg.crf:  # as evaluate's "segmenter + dense CRF" row
         from pixelvote.refine.crf import dense_crf
 
-        seg_margin = dense_crf(prob, x, threshold=scfg.threshold) - 0.5
+        seg_margin = dense_crf(prob, x, crf_cfg, threshold=scfg.threshold) - 0.5
     else:
         seg_margin = prob - scfg.threshold
     cons = res.margin > 0
@@ -444,7 +446,7 @@ def batch_results(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int,
     a = analyze(ens, x, mc_samples=T, seeds=[b["item"].seed for b in batch], maps=mcfg, given=given)
     res = apply_consensus(a, ccfg, ens.background_index)
     if seg is not None:
-        _use_segmenter(res, x, *seg)
+        _use_segmenter(res, x, *seg, crf_cfg=ccfg.crf)
     # the heat and uncertainty maps only ever become 8-bit pictures: quantised before the resize, which
     # then runs on uint8 (on a CPU, cheaper than a float resize and the float -> uint8 pass at full size)
     levels = to_levels(torch.stack([res.heat.clamp(0, 1), res.uncertainty.clamp(0, 1)], 1))

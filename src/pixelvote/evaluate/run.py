@@ -115,7 +115,7 @@ class _State:
         res = apply_consensus(a, self.cfg, self.bg)
         rules = {k: apply_consensus(a, c, self.bg).margin for k, c in self.rules.items()}
         alone = torch.stack([_member_alone(a, m, self.cfg, self.bg).margin for m in range(len(self.names))])
-        seg = _segmenter_margins(self.segmenter, x, res.foreground, list(self.seg))
+        seg = _segmenter_margins(self.segmenter, x, res.foreground, list(self.seg), self.cfg.crf)
         p = a.ensemble_probs.double().cpu()
         bin_maps = a.maps >= res.thresholds[..., None, None]
         scores = {
@@ -305,9 +305,10 @@ def _segmenter_rows(segmenter: tuple[Any, Any] | None) -> list[str]:
 
 
 def _segmenter_margins(segmenter: tuple[Any, Any] | None, x: torch.Tensor, foreground: torch.Tensor,
-                       rows: list[str]) -> list[torch.Tensor]:
+                       rows: list[str], crf_cfg: Any = None) -> list[torch.Tensor]:
     """Margins ``(B, S, S)`` (> 0 = mask) per segmenter row, gated like annotate's by the ensemble's
-    diagnosis: an image diagnosed as background gets no mask."""
+    diagnosis: an image diagnosed as background gets no mask. The CRF row uses ``crf_cfg`` (the run's
+    consensus.crf, as annotate does)."""
     if segmenter is None:
         return []
     from pixelvote.segment.train import predict
@@ -320,7 +321,7 @@ def _segmenter_margins(segmenter: tuple[Any, Any] | None, x: torch.Tensor, foreg
     if SEGMENTER_CRF_ROW in rows:
         from pixelvote.refine.crf import dense_crf
 
-        out.append(dense_crf(prob, x, threshold=scfg.threshold) - 0.5)
+        out.append(dense_crf(prob, x, crf_cfg, threshold=scfg.threshold) - 0.5)
     gate = foreground.to(prob.device).view(-1, 1, 1)
     return [torch.where(gate, m, torch.full_like(m, -1.0)) for m in out]
 

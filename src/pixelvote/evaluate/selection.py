@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,17 +53,35 @@ def relative_cost(maps: MapConfig, refine: str = "none") -> float:
 
 
 def split_fusion(fusion: str) -> tuple[str, str]:
-    """``"mean+crf"`` -> ``("mean", "crf")``; ``"mean"`` -> ``("mean", "none")`` (an ``@members`` suffix,
-    see :func:`fusion_settings`, is dropped)."""
+    """``"mean+crf"`` -> ``("mean", "crf")``; ``"mean"`` -> ``("mean", "none")`` (a CRF weight ``:30`` and
+    an ``@members`` suffix, see :func:`fusion_settings`, are dropped)."""
     name, _, refine = fusion.partition("@")[0].partition("+")
-    return name, refine or "none"
+    return name, refine.partition(":")[0] or "none"
+
+
+def crf_weight(fusion: str) -> float | None:
+    """The dense CRF's bilateral (colour) weight a fusion name sets: ``"mean+crf:30"`` -> 30.0; None where it
+    sets none (the consensus's own ``crf.bilateral_compat`` applies)."""
+    weight = fusion.partition("@")[0].partition("+")[2].partition(":")[2]
+    return float(weight) if weight else None
 
 
 def fusion_settings(fusion: str) -> dict[str, str]:
-    """The consensus fields a fusion name stands for: ``"mean+crf@agreeing"`` -> fusion mean, refine crf,
-    labelled_members agreeing (which members fuse for labelled images; default all)."""
+    """The consensus fields a fusion name stands for: ``"mean+crf:30@agreeing"`` -> fusion mean, refine crf,
+    labelled_members agreeing (which members fuse for labelled images; default all); the CRF weight (30) is
+    applied by :func:`consensus_update`."""
     name, refine = split_fusion(fusion)
     return {"fusion": name, "refine": refine, "labelled_members": fusion.partition("@")[2] or "all"}
+
+
+def consensus_update(base: ConsensusConfig, fusion: str) -> dict[str, Any]:
+    """The update of ``base`` that makes masks as ``fusion`` names them: :func:`fusion_settings`, and
+    ``base.crf`` with the bilateral weight of :func:`crf_weight` where the name sets one."""
+    update: dict[str, Any] = dict(fusion_settings(fusion))
+    weight = crf_weight(fusion)
+    if weight is not None:
+        update["crf"] = base.crf.model_copy(update={"bilateral_compat": weight})
+    return update
 
 
 @dataclass
@@ -98,12 +117,12 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
             segmenter: torch.nn.Module | None = None,
             given_labels: bool = False) -> dict[tuple[str, str], VariantTable]:
     """IoU tables for every recipe x fusion on the images of ``batches`` that have a foreground mask.
-    A fusion may carry a refinement, ``"mean+crf"`` (see :func:`split_fusion`); a row's time is the analysis
-    plus that consensus. With ``segmenter`` a ("segmenter", "-") row is added: its probability map, gated
-    like every other row by the ensemble's diagnosis (a background diagnosis gives an empty mask); and,
-    where pydensecrf2 is installed, ("segmenter", "crf"): that map refined by the dense CRF at 0.5.
-    ``given_labels``: score masks as ``annotate --labels`` makes them (the batch's labels decide, not the
-    diagnosis)."""
+    A fusion may carry a refinement, ``"mean+crf"`` or ``"mean+crf:30"`` (see :func:`consensus_update`); a
+    row's time is the analysis plus that consensus. With ``segmenter`` a ("segmenter", "-") row is added:
+    its probability map, gated like every other row by the ensemble's diagnosis (a background diagnosis
+    gives an empty mask); and, where pydensecrf2 is installed, ("segmenter", "crf"): that map refined by
+    the dense CRF (``base.crf``) at 0.5. ``given_labels``: score masks as ``annotate --labels`` makes them
+    (the batch's labels decide, not the diagnosis)."""
     return collect_modes(ens, batches, recipes, {given_labels: fusions}, base=base, mc_samples=mc_samples,
                          grid=grid, segmenter=segmenter)[given_labels]
 
@@ -134,6 +153,10 @@ def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, Ma
             for key in seg_rows:
                 rows[(mode, *key)] = []
             seconds[(mode, "segmenter")] = 0.0
+    # the same fusion in both modes, and a fusion of the agreeing members beside that of all, one after
+    # the other: where they fuse the same maps, crf.reuse() finds the CRF's result still held
+    pairs = sorted(((mode, f) for mode, fs in fusions.items() for f in fs),
+                   key=lambda p: (p[1].partition("@")[0], p[1], p[0]))
     n_images = 0
     for batch in batches:
         use = [i for i, m in enumerate(batch.masks) if m is not None and int(batch.labels[i]) != bg]
@@ -158,23 +181,24 @@ def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, Ma
                 seconds[(mode, rname)] += took  # a shared analysis costs each way what it cost once
             for mode, a in analyses.items():
                 fg[mode] = (a.label if not mode else batch.labels[use].to(a.label.device)) != bg
-                for fusion in fusions[mode]:
-                    key = (mode, rname, fusion)
-                    settings = fusion_settings(fusion)
-                    t0 = time.perf_counter()
-                    if settings["refine"] != "none":  # one pass per threshold
-                        rows[key] += _refined_rows(a, base.model_copy(update=settings), bg, batch, use, grid,
-                                                   ens.resize)
-                        spent = (time.perf_counter() - t0) / len(grid)
-                    else:
-                        at_zero = {**settings, "threshold_method": "fixed", "threshold": 1e-6}
-                        res = apply_consensus(a, base.model_copy(update=at_zero), bg)
-                        spent = time.perf_counter() - t0
-                        for j, truth in _truths(batch, use):
-                            score = _at_size(res.margin[j], truth, ens.resize)
-                            rows[key].append(iou_over_grid(score, truth, grid))
-                    step = (mode, f"{rname}+{fusion}")
-                    seconds[step] = seconds.get(step, 0.0) + spent
+            for mode, fusion in pairs:
+                a = analyses[mode]
+                key = (mode, rname, fusion)
+                settings = consensus_update(base, fusion)
+                t0 = time.perf_counter()
+                if settings["refine"] != "none":  # one pass per threshold
+                    rows[key] += _refined_rows(a, base.model_copy(update=settings), bg, batch, use, grid,
+                                               ens.resize)
+                    spent = (time.perf_counter() - t0) / len(grid)
+                else:
+                    at_zero = {**settings, "threshold_method": "fixed", "threshold": 1e-6}
+                    res = apply_consensus(a, base.model_copy(update=at_zero), bg)
+                    spent = time.perf_counter() - t0
+                    for j, truth in _truths(batch, use):
+                        score = _at_size(res.margin[j], truth, ens.resize)
+                        rows[key].append(iou_over_grid(score, truth, grid))
+                step = (mode, f"{rname}+{fusion}")
+                seconds[step] = seconds.get(step, 0.0) + spent
         if segmenter is not None:
             from pixelvote.segment.train import predict
 
@@ -185,7 +209,7 @@ def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, Ma
             crf_seconds = 0.0
             if ("segmenter", "crf") in seg_rows:
                 t0 = time.perf_counter()
-                probs[("segmenter", "crf")] = crf.dense_crf(prob, imgs, threshold=0.5)
+                probs[("segmenter", "crf")] = crf.dense_crf(prob, imgs, base.crf, threshold=0.5)
                 crf_seconds = time.perf_counter() - t0
             for mode in fusions:
                 seconds[(mode, "segmenter")] += seg_seconds

@@ -9,6 +9,12 @@ the consensus thresholds like any other fused map. Runs on the CPU at the model'
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,6 +36,21 @@ class CRFConfig(BaseModel):
     iterations: int = Field(5, ge=1, le=50)
     confidence: float = Field(0.8, gt=0.0, le=1.0, description="how far the unary trusts the map (1: fully)")
     size: int = Field(128, ge=16, description="the CRF runs at this size (longer side); its output is resized back")
+
+
+_reused: ContextVar[tuple[OrderedDict[bytes, np.ndarray], int] | None] = ContextVar("crf_reused", default=None)
+
+
+@contextmanager
+def reuse(capacity: int = 1024) -> Iterator[None]:
+    """Within the block, :func:`dense_crf` gives an image the result it already computed for the same
+    unary, colours and settings (the last ``capacity`` results are kept, 64 KB each at 128 px): calibration
+    refines many identical fused maps, e.g. of all members and of the agreeing ones where all agree."""
+    token = _reused.set((OrderedDict(), capacity))
+    try:
+        yield
+    finally:
+        _reused.reset(token)
 
 
 def available() -> bool:
@@ -75,7 +96,16 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = 
     rgb = (imgs * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
     sxy = cfg.bilateral_sxy * max(H, W)
     out = np.empty((B, H, W), np.float32)
+    reused = _reused.get()
+    settings = cfg.model_dump_json().encode()
     for b in range(B):
+        key = b""
+        if reused is not None:
+            key = hashlib.blake2b(p[b].tobytes() + rgb[b].tobytes() + settings, digest_size=16).digest()
+            if key in reused[0]:
+                reused[0].move_to_end(key)
+                out[b] = reused[0][key]
+                continue
         unary = -np.log(np.stack([1.0 - p[b], p[b]]).reshape(2, -1))
         d = dcrf.DenseCRF2D(W, H, 2)
         d.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
@@ -83,6 +113,10 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = 
         d.addPairwiseBilateral(sxy=sxy, srgb=cfg.bilateral_srgb, rgbim=np.ascontiguousarray(rgb[b]),
                                compat=cfg.bilateral_compat)
         out[b] = np.asarray(d.inference(cfg.iterations), dtype=np.float32)[1].reshape(H, W)
+        if reused is not None:
+            reused[0][key] = out[b].copy()
+            if len(reused[0]) > reused[1]:
+                reused[0].popitem(last=False)
     q = torch.from_numpy(out).to(soft.device)
     if (H, W) != (H0, W0):
         q = F.interpolate(q[:, None], size=(H0, W0), mode="bilinear", align_corners=False)[:, 0]

@@ -51,7 +51,7 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
         RECIPES,
         best_cell,
         collect_modes,
-        fusion_settings,
+        consensus_update,
         relative_cost,
         split_fusion,
     )
@@ -70,7 +70,7 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
     crf_fusions: list[str] = []
     if "crf" in cfg.refine_candidates:
         if crf.available():
-            crf_fusions = ["intersection+crf", "mean+crf"]
+            crf_fusions = [f"{f}+crf:{w:g}" for f in ("intersection", "mean") for w in cfg.crf_weights]
         else:
             log.info("pydensecrf2 is not installed, so the CRF refinement is not tried (%s)", crf.INSTALL_HINT)
     # the CRF runs once per threshold, the costliest step: only where recipe + CRF fits the limit
@@ -94,7 +94,8 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
             batches = tqdm(_val_batches(val, bs), total=-(-len(val) // bs), unit="batch", leave=False,
                            desc=f"choosing the map recipe ({', '.join(part)} x "
                                 f"{sum(len(f) for f in modes.values())} fusions)")
-            scored = collect_modes(ens, batches, part, modes)
+            with crf.reuse():
+                scored = collect_modes(ens, batches, part, modes)
             tables.update(scored[False])
             labelled.update(scored.get(True, {}))
     costs = {(r, f): relative_cost(RECIPES[r], split_fusion(f)[1]) for (r, f) in {**tables, **labelled}}
@@ -109,7 +110,7 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
              tables: dict = tables) -> tuple[MapConfig, dict, dict]:
         """The best cell among ``keys``: its maps, its consensus update and its summary."""
         (recipe, fusion), j, score = best_cell(tables, keys=keys)
-        update = {**fusion_settings(fusion), "threshold": GRID[j], "threshold_method": "fixed",
+        update = {**consensus_update(run_cfg.consensus, fusion), "threshold": GRID[j], "threshold_method": "fixed",
                   "threshold_source": f"validation: {recipe} + {fusion}, best mean IoU {score:.3f} on {n} "
                                       f"images (cost <= {limit:g} plain analyses)"}
         return recipes[recipe], update, {"recipe": recipe, "fusion": fusion, "threshold": GRID[j],

@@ -51,6 +51,11 @@ class TrainConfig(BaseModel):
         default_factory=lambda: ["none", "crf"],
         description="refinements of the fused map tried on validation masks (crf only where pydensecrf2 is "
                     "installed)")
+    crf_weights: list[float] = Field(
+        default_factory=lambda: [10.0, 30.0],
+        description="bilateral (colour) weights of the dense CRF tried on validation masks: the chosen one "
+                    "is saved in the run's consensus (crf.bilateral_compat); fire's masks want a higher one "
+                    "than BUSI's (README)")
     max_map_cost: float = Field(2.0, ge=1.0, description="only recipes costing at most this many plain "
                                 "analyses (about forward passes) per image are chosen; see "
                                 "pixelvote.evaluate.selection.relative_cost")
@@ -83,6 +88,15 @@ class TrainConfig(BaseModel):
             if name not in RECIPES:
                 raise ConfigError(f"unknown map recipe: {did_you_mean(name, list(RECIPES))}")
         return v
+
+    @field_validator("crf_weights")
+    @classmethod
+    def _crf_weights(cls, v: list[float]) -> list[float]:
+        if not v or any(w < 0 for w in v):
+            raise ConfigError(f"--crf-weights {','.join(f'{w:g}' for w in v) or '(empty)'}: the dense CRF's "
+                              "bilateral weights must be one or more numbers >= 0",
+                              fix="e.g. --crf-weights 10,30 (or --no-crf to leave the CRF out)")
+        return sorted(set(v))
 
     def model_names(self) -> list[str]:
         from pixelvote.models.registry import get_spec, preset_models
