@@ -93,7 +93,8 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     # a CRF fusion's weight is the one saved; without the CRF the default stays
     for consensus, chosen in ((cfg.consensus, sel), (cfg.labelled.consensus, sel["labelled"]),
                               (cfg.best.consensus, sel["best"])):
-        assert consensus.crf.bilateral_compat == (crf_weight(chosen["fusion"]) or CRFConfig().bilateral_compat)
+        expected = crf_weight(chosen["fusion"]) or CRFConfig().bilateral_compat
+        assert consensus.crf.bilateral_compat == expected
 
 
 def test_segmenter_rows_are_gated_by_the_diagnosis(tmp_path) -> None:

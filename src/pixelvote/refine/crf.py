@@ -38,7 +38,8 @@ class CRFConfig(BaseModel):
     size: int = Field(128, ge=16, description="the CRF runs at this size (longer side); its output is resized back")
 
 
-_reused: ContextVar[tuple[OrderedDict[bytes, np.ndarray], int] | None] = ContextVar("crf_reused", default=None)
+_Held = tuple[OrderedDict[bytes, np.ndarray], int]  # results by key, capacity
+_reused: ContextVar[_Held | None] = ContextVar("crf_reused", default=None)
 
 
 @contextmanager

@@ -110,7 +110,8 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
              tables: dict = tables) -> tuple[MapConfig, dict, dict]:
         """The best cell among ``keys``: its maps, its consensus update and its summary."""
         (recipe, fusion), j, score = best_cell(tables, keys=keys)
-        update = {**consensus_update(run_cfg.consensus, fusion), "threshold": GRID[j], "threshold_method": "fixed",
+        update = {**consensus_update(run_cfg.consensus, fusion), "threshold": GRID[j],
+                  "threshold_method": "fixed",
                   "threshold_source": f"validation: {recipe} + {fusion}, best mean IoU {score:.3f} on {n} "
                                       f"images (cost <= {limit:g} plain analyses)"}
         return recipes[recipe], update, {"recipe": recipe, "fusion": fusion, "threshold": GRID[j],
