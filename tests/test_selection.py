@@ -65,6 +65,9 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
             assert cands[f"plain+mean+crf:{w}"]["relative_cost"] == pytest.approx(1.4)
             assert cands[f"plain+mean+crf:{w}"]["allowed"] is True
             assert cands[f"flip+mean+crf:{w}"]["allowed"] is False  # 2.4: only for --method best
+            # one CRF pass per threshold: tried up to 0.6 only
+            assert max(map(float, cands[f"plain+mean+crf:{w}"]["mean_iou_by_threshold"])) == 0.6
+            assert max(map(float, cands["plain+mean"]["mean_iou_by_threshold"])) == 0.95
         assert not any(k.endswith("+crf") for k in cands)
     # `best` (pseudo-masks of labelled images) is scored as `annotate --labels` makes them, within 2.5
     # (each mean fusion also with only the agreeing members fused, "@agreeing")

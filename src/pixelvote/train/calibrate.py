@@ -123,12 +123,13 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
     lab_keys = [k for k in labelled if costs[k] <= cfg.max_map_cost] or pseudo
     lab_maps, lab_update, lab = pick(lab_keys, cfg.max_map_cost, labelled)
     candidates = {f"{r}+{f}": {"mean_iou_by_threshold": {str(t): round(float(v), 4) for t, v in
-                                                         zip(GRID, tab.ious.mean(0))} if len(tab.ious) else {},
+                                                         zip(GRID, tab.ious.mean(0), strict=True)
+                                                         if not v.isnan()} if len(tab.ious) else {},
                                "seconds_per_image": round(tab.seconds_per_image, 4),
                                "relative_cost": round(costs[(r, f)], 2), "allowed": (r, f) in allowed}
                   for (r, f), tab in tables.items()}
     summary = {**chosen, "images_with_masks": n, "best": best, "labelled": lab, "candidates": candidates,
-               "labelled_candidates": {f"{r}+{f}": round(float(tab.ious.mean(0).max()), 4)
+               "labelled_candidates": {f"{r}+{f}": round(float(tab.ious.mean(0).nan_to_num(-1.0).max()), 4)
                                        if len(tab.ious) else None for (r, f), tab in labelled.items()},
                "not_tried_over_cost": skipped}
     return maps, update, summary, {"best": (best_maps, best_update), "labelled": (lab_maps, lab_update)}
