@@ -86,30 +86,40 @@ def test_without_pairwise_terms_the_crf_mask_is_the_thresholded_map() -> None:
         assert torch.equal(q > 0.5, blob > t)
 
 
-def test_reuse_gives_held_results_only_for_identical_inputs(monkeypatch) -> None:
+def test_reuse_gives_the_results_of_fresh_passes_and_builds_each_crf_once(monkeypatch) -> None:
     import pydensecrf.densecrf as dcrf
 
     from pixelvote.refine import crf
     from pixelvote.refine.crf import CRFConfig
 
-    built = []
-    real = dcrf.DenseCRF2D
-    monkeypatch.setattr(dcrf, "DenseCRF2D", lambda *a: built.append(a) or real(*a))
     img, blob, _ = _scene()
     imgs, soft = torch.stack([img, img.flip(-1)]), torch.stack([blob, blob.flip(-1)])
-    fresh = dense_crf(soft, imgs, threshold=0.4)
-    assert len(built) == 2
+    strong = CRFConfig(bilateral_compat=30.0)
+    calls = [(imgs, 0.4, None), (imgs, 0.4, None), (imgs, 0.5, None), (imgs.flip(0), 0.4, None),
+             (imgs, 0.4, strong)]
+    fresh = [dense_crf(soft, i, c, threshold=t) for i, t, c in calls]
+    assert not torch.equal(fresh[0], fresh[2]) and not torch.equal(fresh[0], fresh[4])
+    built, inferred = [], []
+    real = dcrf.DenseCRF2D
+
+    class Counted:
+        def __init__(self, *a: int) -> None:
+            built.append(a)
+            self.crf = real(*a)
+
+        def inference(self, n: int):  # type: ignore[no-untyped-def]
+            inferred.append(n)
+            return self.crf.inference(n)
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(self.crf, name)
+
+    monkeypatch.setattr(dcrf, "DenseCRF2D", Counted)
     with crf.reuse(capacity=4):
-        first = dense_crf(soft, imgs, threshold=0.4)
-        again = dense_crf(soft, imgs, threshold=0.4)
-        assert len(built) == 4  # the second call refined nothing
-        torch.testing.assert_close(first, fresh)
-        torch.testing.assert_close(again, fresh)
-        # another threshold, other colours or other settings are refined anew
-        dense_crf(soft, imgs, threshold=0.5)
-        dense_crf(soft, imgs.flip(0), threshold=0.4)
-        stronger = dense_crf(soft, imgs, CRFConfig(bilateral_compat=30.0), threshold=0.4)
-        assert len(built) == 4 + 2 + 2 + 2
-        assert not torch.equal(stronger, fresh)
-    dense_crf(soft, imgs, threshold=0.4)  # outside the block nothing is held
-    assert len(built) == 12
+        for (i, t, c), expected in zip(calls, fresh, strict=True):
+            torch.testing.assert_close(dense_crf(soft, i, c, threshold=t), expected, rtol=0, atol=0)
+    # built: once per image colours and settings (the flipped batch has the same two images; the stronger
+    # weight is another CRF); inferred: every call but the repeated one
+    assert len(built) == 2 + 2 and len(inferred) == 2 + 0 + 2 + 2 + 2
+    dense_crf(soft, imgs, threshold=0.4)  # outside the block nothing is kept
+    assert len(built) == 6 and len(inferred) == 10

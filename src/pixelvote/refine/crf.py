@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,16 +39,41 @@ class CRFConfig(BaseModel):
     size: int = Field(128, ge=16, description="the CRF runs at this size (longer side); its output is resized back")
 
 
-_Held = tuple[OrderedDict[bytes, np.ndarray], int]  # results by key, capacity
-_reused: ContextVar[_Held | None] = ContextVar("crf_reused", default=None)
+class _Reuse:
+    """What :func:`reuse` keeps: CRF results by (unary, colours, settings), and CRFs whose pairwise terms
+    are built, by (colours, settings), so that another unary (another threshold or map) on the same image
+    skips building the permutohedral lattice (about a third of a pass)."""
+
+    def __init__(self, capacity: int, crfs: int) -> None:
+        self.results: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.crfs: OrderedDict[bytes, Any] = OrderedDict()
+        self.capacity = {"results": capacity, "crfs": crfs}
+
+    def get(self, store: str, key: bytes) -> Any:
+        held: OrderedDict[bytes, Any] = getattr(self, store)
+        if key in held:
+            held.move_to_end(key)
+            return held[key]
+        return None
+
+    def keep(self, store: str, key: bytes, value: Any) -> None:
+        held: OrderedDict[bytes, Any] = getattr(self, store)
+        held[key] = value
+        if len(held) > self.capacity[store]:
+            held.popitem(last=False)
+
+
+_reused: ContextVar[_Reuse | None] = ContextVar("crf_reused", default=None)
 
 
 @contextmanager
-def reuse(capacity: int = 1024) -> Iterator[None]:
+def reuse(capacity: int = 1024, crfs: int = 64) -> Iterator[None]:
     """Within the block, :func:`dense_crf` gives an image the result it already computed for the same
-    unary, colours and settings (the last ``capacity`` results are kept, 64 KB each at 128 px): calibration
-    refines many identical fused maps, e.g. of all members and of the agreeing ones where all agree."""
-    token = _reused.set((OrderedDict(), capacity))
+    unary, colours and settings (the last ``capacity`` results are kept, 64 KB each at 128 px), and runs a
+    new unary on a CRF already built for the image's colours and settings (the last ``crfs``): calibration
+    refines many identical fused maps (e.g. of all members and of the agreeing ones where all agree), and
+    every image once per threshold, fusion and recipe. The results are those of a fresh pass."""
+    token = _reused.set(_Reuse(capacity, crfs))
     try:
         yield
     finally:
@@ -101,23 +127,27 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = 
     settings = cfg.model_dump_json().encode()
     for b in range(B):
         key = b""
+        d = None
         if reused is not None:
             key = hashlib.blake2b(p[b].tobytes() + rgb[b].tobytes() + settings, digest_size=16).digest()
-            if key in reused[0]:
-                reused[0].move_to_end(key)
-                out[b] = reused[0][key]
+            held = reused.get("results", key)
+            if held is not None:
+                out[b] = held
                 continue
+            pairwise_key = hashlib.blake2b(rgb[b].tobytes() + settings, digest_size=16).digest()
+            d = reused.get("crfs", pairwise_key)
+        if d is None:
+            d = dcrf.DenseCRF2D(W, H, 2)
+            d.addPairwiseGaussian(sxy=cfg.gaussian_sxy, compat=cfg.gaussian_compat)
+            d.addPairwiseBilateral(sxy=sxy, srgb=cfg.bilateral_srgb, rgbim=np.ascontiguousarray(rgb[b]),
+                                   compat=cfg.bilateral_compat)
+            if reused is not None:
+                reused.keep("crfs", pairwise_key, d)
         unary = -np.log(np.stack([1.0 - p[b], p[b]]).reshape(2, -1))
-        d = dcrf.DenseCRF2D(W, H, 2)
         d.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
-        d.addPairwiseGaussian(sxy=cfg.gaussian_sxy, compat=cfg.gaussian_compat)
-        d.addPairwiseBilateral(sxy=sxy, srgb=cfg.bilateral_srgb, rgbim=np.ascontiguousarray(rgb[b]),
-                               compat=cfg.bilateral_compat)
         out[b] = np.asarray(d.inference(cfg.iterations), dtype=np.float32)[1].reshape(H, W)
         if reused is not None:
-            reused[0][key] = out[b].copy()
-            if len(reused[0]) > reused[1]:
-                reused[0].popitem(last=False)
+            reused.keep("results", key, out[b].copy())
     q = torch.from_numpy(out).to(soft.device)
     if (H, W) != (H0, W0):
         q = F.interpolate(q[:, None], size=(H0, W0), mode="bilinear", align_corners=False)[:, 0]
