@@ -44,6 +44,24 @@ def test_train_writes_a_self_describing_run(trained):
     assert set(split["train"]).isdisjoint(split["val"]) and len(split["train"]) + len(split["val"]) == 24
 
 
+def test_train_tries_the_crf_weights_given_and_says_what_it_chose(tmp_path):
+    from conftest import write_blob_dataset
+
+    from pixelvote.refine import crf
+
+    data = write_blob_dataset(tmp_path / "data", per_class=12)
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--epochs", "1",
+                            "--image-size", "48", "--no-pretrained", "--mc-samples", "2", "--val-fraction", "0.4",
+                            "--crf-weights", "4,25", "--quiet"])
+    assert r.exit_code == 0, r.output
+    sel = json.loads((run / "calibration.json").read_text())["selection"]
+    assert f"with {sel['recipe']} maps and {sel['fusion']} fusion" in r.output  # what was chosen, said
+    crf_rows = {k.partition("+")[2] for k in sel["candidates"] if "crf" in k}
+    assert crf_rows == ({"intersection+crf:4", "intersection+crf:25", "mean+crf:4", "mean+crf:25"}
+                        if crf.available() else set())
+
+
 def test_existing_run_is_not_overwritten(trained):
     _, data, run = trained
     r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--no-pretrained"])
