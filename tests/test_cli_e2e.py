@@ -51,9 +51,9 @@ def test_train_tries_the_crf_weights_given_and_says_what_it_chose(tmp_path):
 
     data = write_blob_dataset(tmp_path / "data", per_class=12)
     run = tmp_path / "run"
-    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--epochs", "1",
-                            "--image-size", "48", "--no-pretrained", "--mc-samples", "2", "--val-fraction", "0.4",
-                            "--crf-weights", "4,25", "--quiet"])
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny",
+                            "--epochs", "1", "--image-size", "48", "--no-pretrained", "--mc-samples", "2",
+                            "--val-fraction", "0.4", "--crf-weights", "4,25", "--quiet"])
     assert r.exit_code == 0, r.output
     sel = json.loads((run / "calibration.json").read_text())["selection"]
     assert f"with {sel['recipe']} maps and {sel['fusion']} fusion" in r.output  # what was chosen, said

@@ -120,7 +120,8 @@ def train(
                   f"{cal['decision']['val_accuracy_most_probable']:.3f})" if rule is not None else "")
                + (f", mean IoU {cal['val_mean_iou']:.3f} at threshold {cal['consensus']['threshold']}"
                   if cal.get("val_mean_iou") is not None else " (no masks: threshold 0.5 of the max)")
-               + (f" with {sel['recipe']} maps and {sel['fusion']} fusion" if (sel := cal.get("selection")) else ""))
+               + (f" with {sel['recipe']} maps and {sel['fusion']} fusion"
+                  if (sel := cal.get("selection")) else ""))
     if skipped.exists() and skipped.stat().st_size:
         n = len(skipped.read_text(encoding="utf-8").splitlines())
         typer.echo(f"{n} input(s) were skipped; they are listed in {skipped}", err=True)
