@@ -192,7 +192,8 @@ def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, Ma
                 if settings["refine"] != "none":  # one pass per threshold
                     rows[key] += _refined_rows(a, base.model_copy(update=settings), bg, batch, use, grid,
                                                ens.resize)
-                    spent = (time.perf_counter() - t0) / len(grid)
+                    spent = (time.perf_counter() - t0) / max(1, sum(t <= REFINED_MAX_THRESHOLD + 1e-9
+                                                                   for t in grid))
                 else:
                     at_zero = {**settings, "threshold_method": "fixed", "threshold": 1e-6}
                     res = apply_consensus(a, base.model_copy(update=at_zero), bg)

@@ -124,7 +124,7 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = 
     sxy = cfg.bilateral_sxy * max(H, W)
     out = np.empty((B, H, W), np.float32)
     reused = _reused.get()
-    settings = cfg.model_dump_json().encode()
+    settings = cfg.model_dump_json().encode() + f"{H}x{W}".encode()
     for b in range(B):
         key = b""
         d = None
