@@ -39,6 +39,7 @@ from pixelvote.evaluate.selection import (  # noqa: E402
     Batch,
     best_cell,
     collect,
+    crf_fusions,
     cross_fitted,
     relative_cost,
     split_fusion,
@@ -161,8 +162,7 @@ def main() -> None:
         seg = (stage_two(run, args.runs_dir, args.seg_epochs, args.image_size, args.seg_method)
                if args.stage_two else None)
         weights = [float(w) for w in args.crf_weights.split(",")]
-        fusions = ["intersection", "mean", "vote"] + ([f"{f}+crf:{w:g}" for f in ("intersection", "mean")
-                                                       for w in weights] if crf.available() else [])
+        fusions = ["intersection", "mean", "vote"] + (crf_fusions(weights) if crf.available() else [])
         if args.labels:  # which members fuse for labelled images: every one (default) or the agreeing ones
             fusions += [f"{f}@agreeing" for f in fusions if f.startswith("mean")]
         # the segmenter's CRF as annotate --segmenter runs it: with the run's CRF settings

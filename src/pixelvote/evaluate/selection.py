@@ -77,6 +77,11 @@ def fusion_settings(fusion: str) -> dict[str, str]:
     return {"fusion": name, "refine": refine, "labelled_members": fusion.partition("@")[2] or "all"}
 
 
+def crf_fusions(weights: Sequence[float]) -> list[str]:
+    """The CRF-refined fusions tried with each bilateral weight: ``intersection+crf:10``, ``mean+crf:30``..."""
+    return [f"{f}+crf:{w:g}" for f in ("intersection", "mean") for w in weights]
+
+
 def consensus_update(base: ConsensusConfig, fusion: str) -> dict[str, Any]:
     """The update of ``base`` that makes masks as ``fusion`` names them: :func:`fusion_settings`, and
     ``base.crf`` with the bilateral weight of :func:`crf_weight` where the name sets one."""

@@ -52,6 +52,7 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
         best_cell,
         collect_modes,
         consensus_update,
+        crf_fusions,
         relative_cost,
         split_fusion,
     )
@@ -67,15 +68,15 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
                if relative_cost(RECIPES[k]) <= limit or k == cheapest}
     skipped = {k: relative_cost(RECIPES[k]) for k in cfg.map_candidates if k not in recipes}
     fusions = ["intersection", "mean", "vote"]
-    crf_fusions: list[str] = []
+    refined: list[str] = []
     if "crf" in cfg.refine_candidates:
         if crf.available():
-            crf_fusions = [f"{f}+crf:{w:g}" for f in ("intersection", "mean") for w in cfg.crf_weights]
+            refined = crf_fusions(cfg.crf_weights)
         else:
             log.info("pydensecrf2 is not installed, so the CRF refinement is not tried (%s)", crf.INSTALL_HINT)
     # the CRF runs once per threshold, the costliest step: only where recipe + CRF fits the limit
     with_crf = {k: r for k, r in recipes.items() if relative_cost(r, "crf") <= limit}
-    groups = [(with_crf, fusions + crf_fusions), ({k: r for k, r in recipes.items() if k not in with_crf}, fusions)]
+    groups = [(with_crf, fusions + refined), ({k: r for k, r in recipes.items() if k not in with_crf}, fusions)]
     bs = max(1, cfg.batch_size)
 
     # masks as the diagnosis gates them (annotation) and as `annotate --labels` makes them (`best` and
