@@ -44,6 +44,7 @@ from pixelvote.errors import ConfigError, DataError, did_you_mean
 from pixelvote.explain.analyze import MapConfig, analyze, upsample
 from pixelvote.models.checkpoint import RunConfig, load_run
 from pixelvote.models.ensemble import Ensemble
+from pixelvote.refine.crf import CRFConfig
 
 log = logging.getLogger(__name__)
 MANIFEST_VERSION = 1
@@ -384,7 +385,7 @@ def _drop_fixed(skipped_path: Path, out: Path) -> None:
 
 
 def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: float,
-                   crf_cfg: Any = None) -> None:
+                   crf_cfg: CRFConfig | None = None) -> None:
     """Replace the consensus margin by the segmenter's (probability - threshold) for foreground diagnoses;
     its dense CRF (where the segmenter has one) uses ``crf_cfg``, the run's consensus.crf."""
     from pixelvote.segment.train import predict

@@ -36,6 +36,7 @@ from pixelvote.evaluate.sources import DecodeSet, EvalItem, fingerprint, list_it
 from pixelvote.explain.analyze import Analysis, MapConfig, analyze, diagnose, upsample
 from pixelvote.models.checkpoint import load_run
 from pixelvote.models.ensemble import Ensemble
+from pixelvote.refine.crf import CRFConfig
 
 __all__ = ["PRIMARY_SCORE", "SCORES", "evaluate_run"]
 
@@ -305,7 +306,7 @@ def _segmenter_rows(segmenter: tuple[Any, Any] | None) -> list[str]:
 
 
 def _segmenter_margins(segmenter: tuple[Any, Any] | None, x: torch.Tensor, foreground: torch.Tensor,
-                       rows: list[str], crf_cfg: Any = None) -> list[torch.Tensor]:
+                       rows: list[str], crf_cfg: CRFConfig | None = None) -> list[torch.Tensor]:
     """Margins ``(B, S, S)`` (> 0 = mask) per segmenter row, gated like annotate's by the ensemble's
     diagnosis: an image diagnosed as background gets no mask. The CRF row uses ``crf_cfg`` (the run's
     consensus.crf, as annotate does)."""

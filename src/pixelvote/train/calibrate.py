@@ -96,7 +96,8 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
                            desc=f"choosing the map recipe ({', '.join(part)} x "
                                 f"{sum(len(f) for f in modes.values())} fusions)")
             with crf.reuse():
-                scored = collect_modes(ens, batches, part, modes)
+                # scored with the consensus the choice is saved into (its CRF settings, but the weight)
+                scored = collect_modes(ens, batches, part, modes, base=run_cfg.consensus)
             tables.update(scored[False])
             labelled.update(scored.get(True, {}))
     costs = {(r, f): relative_cost(RECIPES[r], split_fusion(f)[1]) for (r, f) in {**tables, **labelled}}
