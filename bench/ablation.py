@@ -168,8 +168,9 @@ def main() -> None:
         # the segmenter's CRF as annotate --segmenter runs it: with the run's CRF settings
         tables = collect(ens, val_batches(run, ens), recipes, fusions=fusions, segmenter=seg,
                          given_labels=args.labels, base=ConsensusConfig(crf=cfg.consensus.crf))
+        # the run's decision threshold too: without it, gated fire frames were mostly called fire-free
         single = Ensemble(ens.members[:1], ens.classes, ens.background, ens.image_size, device=ens.device,
-                          resize=ens.resize)
+                          resize=ens.resize, decision_threshold=ens.decision_threshold)
         single_t = collect(single, val_batches(run, ens), {"plain": MapConfig()}, fusions=("intersection",),
                            given_labels=args.labels)
         i05 = GRID.index(0.5)
