@@ -37,6 +37,8 @@ from pixelvote.evaluate.selection import (  # noqa: E402
     GRID,
     RECIPES,
     Batch,
+    VariantTable,
+    at_size,
     best_cell,
     collect,
     crf_fusions,
@@ -44,7 +46,7 @@ from pixelvote.evaluate.selection import (  # noqa: E402
     relative_cost,
     split_fusion,
 )
-from pixelvote.explain.analyze import MapConfig  # noqa: E402
+from pixelvote.explain.analyze import MapConfig, analyze  # noqa: E402
 from pixelvote.models.checkpoint import load_run  # noqa: E402
 from pixelvote.models.ensemble import Ensemble  # noqa: E402
 from pixelvote.models.registry import DEFAULT_PRESET  # noqa: E402
@@ -113,7 +115,7 @@ def stage_two(run: Path, runs: Path, epochs: int, size: int, method: str = "best
     """Annotate the training split (with its labels, and the images --train-exclude kept out of training)
     with the run's ``method`` recipe (annotate --labels --method), then train the segmenter on those masks."""
     from pixelvote.engine.annotate import annotate
-    from pixelvote.segment.train import SegConfig, load_segmenter, train_segmenter
+    from pixelvote.segment.train import SegConfig, calibrate_segmenter, load_segmenter, train_segmenter
 
     seg_dir = runs / f"{run.name}-segmenter-labelled{'' if method == 'run' else '-' + method}"
     if not (seg_dir / "segmenter.json").exists():
@@ -124,7 +126,29 @@ def stage_two(run: Path, runs: Path, epochs: int, size: int, method: str = "best
         annot = runs / f"{run.name}-train-annotations-labelled{'' if method == 'run' else '-' + method}"
         annotate(run, csv, annot, batch_size=8, mc_samples=8, method=method, labels=True)
         train_segmenter(annot, seg_dir, run=run, cfg=SegConfig(epochs=epochs, image_size=size))
-    return load_segmenter(seg_dir)[0]
+    elif not (seg_dir / "calibration.json").exists():  # trained before segment train chose its thresholds
+        calibrate_segmenter(seg_dir, run)
+    return load_segmenter(seg_dir)
+
+
+def segmenter_crf_table(run: Path, ens: Ensemble, model, crf_cfg, labels: bool):  # type: ignore[no-untyped-def]
+    """IoU of the segmenter's CRF-refined masks at every unary threshold, per validation image (gated by the
+    ensemble's diagnosis unless ``labels``), as segment train scores them: for a cross-fitted choice."""
+    from pixelvote.segment.calibrate import iou_rows
+    from pixelvote.segment.train import predict
+
+    rows = []
+    for batch in val_batches(run, ens):
+        bg = ens.background_index
+        use = [i for i, m in enumerate(batch.masks) if m is not None and int(batch.labels[i]) != bg]
+        if not use:
+            continue
+        imgs = batch.images[use]
+        fg = (batch.labels[use] if labels else analyze(ens, imgs, mc_samples=1).label) != bg
+        _, refined = iou_rows(predict(model, imgs).float().cpu(), imgs, [batch.masks[i] for i in use],
+                              lambda s, t: at_size(s, t, ens.resize), crf_cfg)
+        rows.append(refined * fg.float().view(-1, 1))
+    return {("segmenter", "crf"): VariantTable(MapConfig(), "crf", torch.cat(rows), 0.0)}
 
 
 def main() -> None:
@@ -166,7 +190,9 @@ def main() -> None:
         if args.labels:  # which members fuse for labelled images: every one (default) or the agreeing ones
             fusions += [f"{f}@agreeing" for f in fusions if f.startswith("mean")]
         # the segmenter's CRF as annotate --segmenter runs it: with the run's CRF settings
-        tables = collect(ens, val_batches(run, ens), recipes, fusions=fusions, segmenter=seg,
+        model, seg_cfg = seg if seg else (None, None)
+        tables = collect(ens, val_batches(run, ens), recipes, fusions=fusions, segmenter=model,
+                         segmenter_crf_threshold=seg_cfg.crf_threshold if seg_cfg else 0.5,
                          given_labels=args.labels, base=ConsensusConfig(crf=cfg.consensus.crf))
         # the run's decision threshold too: without it, gated fire frames were mostly called fire-free
         single = Ensemble(ens.members[:1], ens.classes, ens.background, ens.image_size, device=ens.device,
@@ -191,9 +217,17 @@ def main() -> None:
         if ("segmenter", "-") in tables:
             st = tables[("segmenter", "-")]
             rows.append(("segmenter (stage two), t=0.5", float(st.ious[:, i05].mean()), 0.5, st.seconds_per_image))
+            it = GRID.index(seg_cfg.threshold)
+            rows.append((f"segmenter, t={seg_cfg.threshold} (chosen by segment train on these images)",
+                         float(st.ious[:, it].mean()), seg_cfg.threshold, st.seconds_per_image))
         if ("segmenter", "crf") in tables:  # the CRF's output is a probability: its mask is > 0.5
             st = tables[("segmenter", "crf")]
-            rows.append(("segmenter + dense CRF", float(st.ious[:, i05].mean()), 0.5, st.seconds_per_image))
+            rows.append((f"segmenter + dense CRF, unary t={seg_cfg.crf_threshold} (chosen by segment train on "
+                         "these images)", float(st.ious[:, i05].mean()), 0.5, st.seconds_per_image))
+            seg_crf = segmenter_crf_table(run, ens, model, cfg.consensus.crf, args.labels)
+            cf, _ = cross_fitted(seg_crf)
+            rows.append(("segmenter + dense CRF, unary t chosen on val (cross-fitted)", cf, None,
+                         st.seconds_per_image))
         if ("segmenter", "-") in tables:
             best_cam, _ = cross_fitted(tables, cam_keys)
             rows.append(("best CAM variant, chosen on val (cross-fitted)", best_cam, None, 0.0))

@@ -396,7 +396,7 @@ def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: fl
     if scfg.crf:  # as evaluate's "segmenter + dense CRF" row
         from pixelvote.refine.crf import dense_crf
 
-        seg_margin = dense_crf(prob, x, crf_cfg, threshold=scfg.threshold) - 0.5
+        seg_margin = dense_crf(prob, x, crf_cfg, threshold=scfg.crf_threshold) - 0.5
     else:
         seg_margin = prob - scfg.threshold
     cons = res.margin > 0

@@ -322,7 +322,7 @@ def _segmenter_margins(segmenter: tuple[Any, Any] | None, x: torch.Tensor, foreg
     if SEGMENTER_CRF_ROW in rows:
         from pixelvote.refine.crf import dense_crf
 
-        out.append(dense_crf(prob, x, crf_cfg, threshold=scfg.threshold) - 0.5)
+        out.append(dense_crf(prob, x, crf_cfg, threshold=scfg.crf_threshold) - 0.5)
     gate = foreground.to(prob.device).view(-1, 1, 1)
     return [torch.where(gate, m, torch.full_like(m, -1.0)) for m in out]
 

@@ -122,23 +122,25 @@ class VariantTable:
 def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfig], *,
             fusions: Sequence[str] = ("intersection", "mean", "vote"), base: ConsensusConfig | None = None,
             mc_samples: int = 1, grid: Sequence[float] = GRID,
-            segmenter: torch.nn.Module | None = None,
+            segmenter: torch.nn.Module | None = None, segmenter_crf_threshold: float = 0.5,
             given_labels: bool = False) -> dict[tuple[str, str], VariantTable]:
     """IoU tables for every recipe x fusion on the images of ``batches`` that have a foreground mask.
     A fusion may carry a refinement, ``"mean+crf"`` or ``"mean+crf:30"`` (see :func:`consensus_update`); a
     row's time is the analysis plus that consensus. With ``segmenter`` a ("segmenter", "-") row is added:
     its probability map, gated like every other row by the ensemble's diagnosis (a background diagnosis
     gives an empty mask); and, where pydensecrf2 is installed, ("segmenter", "crf"): that map refined by
-    the dense CRF (``base.crf``) at 0.5. ``given_labels``: score masks as ``annotate --labels`` makes them
+    the dense CRF (``base.crf``) with ``segmenter_crf_threshold`` as the undecided probability (the
+    segmenter's ``crf_threshold``). ``given_labels``: score masks as ``annotate --labels`` makes them
     (the batch's labels decide, not the diagnosis)."""
     return collect_modes(ens, batches, recipes, {given_labels: fusions}, base=base, mc_samples=mc_samples,
-                         grid=grid, segmenter=segmenter)[given_labels]
+                         grid=grid, segmenter=segmenter,
+                         segmenter_crf_threshold=segmenter_crf_threshold)[given_labels]
 
 
 def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfig],
                   fusions: dict[bool, Sequence[str]], *, base: ConsensusConfig | None = None,
                   mc_samples: int = 1, grid: Sequence[float] = GRID,
-                  segmenter: torch.nn.Module | None = None,
+                  segmenter: torch.nn.Module | None = None, segmenter_crf_threshold: float = 0.5,
                   ) -> dict[bool, dict[tuple[str, str], VariantTable]]:
     """:func:`collect` for both ways of scoring masks in one pass: ``fusions`` maps ``given_labels`` (False:
     gated by the diagnosis; True: as ``annotate --labels`` makes them) to the fusions scored that way. The
@@ -204,7 +206,7 @@ def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, Ma
                     res = apply_consensus(a, base.model_copy(update=at_zero), bg)
                     spent = time.perf_counter() - t0
                     for j, truth in _truths(batch, use):
-                        score = _at_size(res.margin[j], truth, ens.resize)
+                        score = at_size(res.margin[j], truth, ens.resize)
                         rows[key].append(iou_over_grid(score, truth, grid))
                 step = (mode, f"{rname}+{fusion}")
                 seconds[step] = seconds.get(step, 0.0) + spent
@@ -218,7 +220,7 @@ def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, Ma
             crf_seconds = 0.0
             if ("segmenter", "crf") in seg_rows:
                 t0 = time.perf_counter()
-                probs[("segmenter", "crf")] = crf.dense_crf(prob, imgs, base.crf, threshold=0.5)
+                probs[("segmenter", "crf")] = crf.dense_crf(prob, imgs, base.crf, threshold=segmenter_crf_threshold)
                 crf_seconds = time.perf_counter() - t0
             for mode in fusions:
                 seconds[(mode, "segmenter")] += seg_seconds
@@ -228,7 +230,7 @@ def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, Ma
                                 analyze(ens, imgs, mc_samples=1, seeds=seeds).label) != bg
                 for key, p in probs.items():
                     for j, truth in _truths(batch, use):
-                        score = _at_size(p[j], truth, ens.resize)
+                        score = at_size(p[j], truth, ens.resize)
                         if not bool(fg[mode][j]):
                             score = torch.zeros_like(score)
                         rows[(mode, *key)].append(iou_over_grid(score, truth, grid))
@@ -255,7 +257,7 @@ def _refined_rows(a: Analysis, base: ConsensusConfig, bg: int, batch: Batch,
         cfg = base.model_copy(update={"threshold_method": "fixed", "threshold": t})
         per_t.append(apply_consensus(a, cfg, bg).margin if t <= REFINED_MAX_THRESHOLD + 1e-9 else None)
     nan = torch.tensor(float("nan"))
-    return [torch.stack([nan if m is None else iou_over_grid(_at_size(m[j], truth, resize), truth, (0.0,))[0]
+    return [torch.stack([nan if m is None else iou_over_grid(at_size(m[j], truth, resize), truth, (0.0,))[0]
                          for m in per_t])
             for j, truth in _truths(batch, use)]
 
@@ -268,7 +270,7 @@ def _truths(batch: Batch, use: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
         yield j, truth
 
 
-def _at_size(score: torch.Tensor, truth: torch.Tensor, resize: str = "squash") -> torch.Tensor:
+def at_size(score: torch.Tensor, truth: torch.Tensor, resize: str = "squash") -> torch.Tensor:
     """A map ``(S, S)`` on the model input resized bilinearly to the truth's size: the original image's (the
     part of the input that covers it, see :func:`pixelvote.data.transforms.crop_content`), or the input's
     own for a truth already placed on it (train's cached validation masks; nothing is cropped then)."""

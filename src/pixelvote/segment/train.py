@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from pixelvote.data.imageio import read_jsonl, write_json_atomic
-from pixelvote.errors import CheckpointError, ConfigError
+from pixelvote.errors import CheckpointError, ConfigError, DataError
 from pixelvote.models.checkpoint import load_module_state, save_weights
 from pixelvote.models.ensemble import default_device
 from pixelvote.segment.data import SegDataset, select_examples
@@ -48,7 +48,11 @@ class SegConfig(BaseModel):
     mode: str = "confident"
     reviewed_weight: float = 3.0
     seed: int = 0
-    threshold: float = 0.5
+    threshold: float = Field(0.5, gt=0, lt=1, description="the mask is where the probability exceeds it")
+    crf_threshold: float = Field(0.5, gt=0, lt=1, description="the probability the dense CRF's unary counts "
+                                 "as undecided (its mask is where the refined probability exceeds 0.5)")
+    threshold_source: str = Field("default", description="how the thresholds were set (written by training: "
+                                  "chosen on the run's validation masks, see calibration.json)")
     pyramid_channels: int = Field(64, ge=8, description="FPN decoder width (smp's default is 256)")
     segmentation_channels: int = Field(32, ge=8, description="FPN head width (smp's default is 128)")
     flip_tta: bool = Field(False, description="average with the flipped image's prediction (2x the cost)")
@@ -81,7 +85,11 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> t
 
 
 def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path | None = None,
-                    cfg: SegConfig | None = None, pretrained: bool = True, device: str | None = None) -> Path:
+                    cfg: SegConfig | None = None, pretrained: bool = True, device: str | None = None,
+                    calibrate: bool = True) -> Path:
+    """Fit the segmenter on the annotation folder's masks and save it to ``out``; with ``calibrate``, its
+    thresholds are then chosen on the validation masks of the run (``run``, or the run that annotated the
+    folder), see :func:`calibrate_segmenter`."""
     cfg = (cfg or SegConfig()).model_copy()
     annotations, out = Path(annotations), Path(out)
     meta_path = annotations / "annotate.json"
@@ -107,7 +115,8 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
                      crf.INSTALL_HINT)
     elif cfg.crf and not crf.available():
         raise ConfigError("--crf needs pydensecrf2, which is not installed", fix=crf.INSTALL_HINT)
-    init = _initial_encoder(cfg, run, meta.get("run"), annotations, pretrained)
+    run = run if run is not None else _annotating_run(meta.get("run"), annotations)
+    init = _initial_encoder(cfg, run, pretrained)
     dev = torch.device(device) if device else default_device()
     ds = SegDataset(examples, cfg.image_size, augment=cfg.augment, resize=cfg.resize)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,10 +125,66 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
     save_weights(out / "segmenter.safetensors", model)
     write_json_atomic(out / "history.json", history)
     write_json_atomic(out / "segmenter.json", cfg.model_dump(mode="json"))
+    if calibrate:
+        calibrate_segmenter(out, run, model=model.eval())
     return out
 
 
-def _initial_encoder(cfg: SegConfig, run: str | Path | None, annotated_by: str | None, annotations: Path,
+def calibrate_segmenter(segrun: str | Path, run: str | Path | None, *, model: Segmenter | None = None,
+                        device: str | None = None) -> dict:
+    """Choose the segmenter's ``threshold`` and ``crf_threshold`` by the mean IoU they give on ``run``'s
+    validation images that show a finding and have a mask (the CRF with the run's ``consensus.crf``), and
+    save them into ``segrun``'s segmenter.json, with every threshold's IoU in calibration.json. Without a
+    run, or validation masks, the thresholds stay as they are and the reason is saved instead."""
+    from pixelvote.models.checkpoint import read_run_config
+    from pixelvote.segment.calibrate import choose_thresholds
+
+    segrun = Path(segrun)
+    if model is None:
+        model, cfg = load_segmenter(segrun, device=device)
+    else:
+        cfg = SegConfig.model_validate_json((segrun / "segmenter.json").read_text())
+    summary: dict = {"images": 0}
+    if run is None:
+        reason = "no run to take validation masks from (pass --run)"
+    else:
+        try:
+            crf_cfg = read_run_config(run).consensus.crf if cfg.crf else None
+            summary = choose_thresholds(model, run, image_size=cfg.image_size, resize=cfg.resize,
+                                        crf_cfg=crf_cfg)
+            reason = "the run's validation images have no masks"
+        except DataError as exc:
+            reason = f"the run's validation images cannot be read ({exc})"
+    if summary.get("threshold") is not None:
+        cfg.threshold = summary["threshold"]
+        cfg.crf_threshold = summary.get("crf_threshold") or cfg.crf_threshold
+        cfg.threshold_source = (f"validation masks of {Path(str(run)).resolve()}: best mean IoU on "
+                                f"{summary['images']} images")
+        log.info("segmenter thresholds chosen on %d validation masks: %.2f (IoU %.3f)%s", summary["images"],
+                 cfg.threshold, summary["threshold_iou"],
+                 f", CRF {cfg.crf_threshold:.2f} (IoU {summary['crf_threshold_iou']:.3f})"
+                 if summary.get("crf_threshold") is not None else "")
+    else:
+        cfg.threshold_source = f"kept ({reason})"
+        log.warning("the segmenter's thresholds stay %.2f / %.2f: %s", cfg.threshold, cfg.crf_threshold, reason)
+    summary["source"] = cfg.threshold_source
+    write_json_atomic(segrun / "calibration.json", summary)
+    write_json_atomic(segrun / "segmenter.json", cfg.model_dump(mode="json"))
+    return summary
+
+
+def _annotating_run(annotated_by: str | None, annotations: Path) -> Path | None:
+    """The run that annotated the folder, when it is still there."""
+    if not annotated_by:
+        return None
+    if (Path(annotated_by) / "run.json").exists():
+        return Path(annotated_by)
+    log.warning("the run that made %s (%s) is gone: the segmenter can neither start from its members nor "
+                "choose its thresholds on its validation masks; pass --run", annotations, annotated_by)
+    return None
+
+
+def _initial_encoder(cfg: SegConfig, run: str | Path | None,
                      pretrained: bool) -> dict[str, torch.Tensor] | None:
     """The encoder's starting weights when they come from a run's member (else None: ImageNet or random);
     records where they came from in ``cfg.encoder_from``."""
@@ -127,11 +192,6 @@ def _initial_encoder(cfg: SegConfig, run: str | Path | None, annotated_by: str |
     if cfg.encoder_init == "run":
         from pixelvote.segment.model import encoder_from_run
 
-        if run is None and annotated_by:  # the run that annotated OUT, when it is still there
-            run = Path(annotated_by) if (Path(annotated_by) / "run.json").exists() else None
-            if run is None:
-                log.warning("the run that made %s (%s) is gone: the segmenter's encoder starts from ImageNet "
-                            "weights; pass --run to start from a run's members", annotations, annotated_by)
         init = encoder_from_run(run, cfg.encoder) if run is not None else None
     cfg.encoder_from = (f"member {init[0]} of {Path(run).resolve()}" if init and run is not None
                         else "ImageNet" if pretrained else "random")

@@ -1,0 +1,108 @@
+"""Let the run's validation masks set the segmenter's thresholds, as ``train`` does for the ensemble's.
+
+The segmenter's probability is not calibrated to the truth: on the fire validation frames its own masks
+scored best thresholded at 0.95, and its dense CRF best with 0.15, not 0.5, as the undecided probability.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pixelvote.errors import DataError
+from pixelvote.refine.crf import CRFConfig
+
+
+def iou_rows(prob: torch.Tensor, images: torch.Tensor, truths: list[torch.Tensor],
+             to_truth: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+             crf_cfg: CRFConfig | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-image IoU ``(B, len(GRID))`` of the segmenter's probability ``prob (B, S, S)`` with each truth
+    (the score placed on the truth by ``to_truth(score, truth)``) at each threshold of
+    :data:`pixelvote.evaluate.selection.GRID`; and with ``crf_cfg``, of its dense-CRF refinement with each
+    threshold as the unary's undecided probability (else None). As in calibration, the CRF only runs up to
+    :data:`~pixelvote.evaluate.selection.REFINED_MAX_THRESHOLD` (NaN above: it was never best there)."""
+    from pixelvote.evaluate.selection import GRID, REFINED_MAX_THRESHOLD, iou_over_grid
+
+    plain = torch.stack([iou_over_grid(to_truth(prob[j], t), t, GRID) for j, t in enumerate(truths)])
+    if crf_cfg is None:
+        return plain, None
+    from pixelvote.refine.crf import dense_crf, reuse
+
+    with reuse():  # one CRF per image, every threshold run on it
+        qs = [dense_crf(prob, images, crf_cfg, threshold=t) - 0.5
+              if t <= REFINED_MAX_THRESHOLD + 1e-9 else None for t in GRID]
+    nan = torch.tensor(float("nan"))
+    refined = torch.stack([torch.stack([nan if q is None else iou_over_grid(to_truth(q[j], t), t, (0.0,))[0]
+                                        for q in qs]) for j, t in enumerate(truths)])
+    return plain, refined
+
+
+def validation_samples(run: str | Path) -> tuple[list[Any], list[str], str]:
+    """The run's validation images (with their masks, where the data has them), its classes and background;
+    raises DataError when the run's data cannot be read."""
+    from pixelvote.data.dataset import load_dataset
+    from pixelvote.models.checkpoint import read_run_config
+
+    run = Path(run)
+    rc = read_run_config(run)
+    root = rc.data.get("root")
+    if not root:
+        raise DataError("the run does not say where its data is", path=run / "run.json",
+                        fix="train the run with this version of pixelvote")
+    try:
+        wanted = {str(Path(p).resolve()) for p in json.loads((run / "split.json").read_text())["val"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise DataError("the run has no readable validation list", path=run / "split.json",
+                        fix="train the run again; split.json is written by `pixelvote train`") from None
+    ds = load_dataset(root, group_pattern=rc.train.get("group_pattern"))
+    samples = [s for s in [*ds.samples, *ds.val, *ds.test] if str(s.path.resolve()) in wanted]
+    return samples, rc.classes, rc.background
+
+
+def choose_thresholds(model: Any, run: str | Path, *, image_size: int, resize: str,
+                      crf_cfg: CRFConfig | None, batch_size: int = 16) -> dict[str, Any]:
+    """Score the segmenter on the run's validation images that show a finding and have a mask, as
+    :func:`iou_rows` does. Returns a summary with the best ``threshold`` and ``crf_threshold``
+    (None where there was nothing to score) and the mean IoU per threshold."""
+    from tqdm.auto import tqdm
+
+    from pixelvote.evaluate.selection import GRID, at_size
+    from pixelvote.segment.train import predict
+    from pixelvote.train.cache import cache_samples
+
+    samples, classes, background = validation_samples(run)
+    samples = [s for s in samples if s.mask is not None and s.label != background]
+    summary: dict[str, Any] = {"images": 0, "threshold": None, "crf_threshold": None}
+    if not samples:
+        return summary
+    val = cache_samples(samples, classes, image_size, desc="scoring the segmenter", resize=resize)
+    plain_rows, crf_rows = [], []
+    for imgs, truths in tqdm(_batches(val, batch_size), desc="choosing the segmenter's thresholds",
+                             total=-(-len(val) // batch_size), unit="batch", leave=False):
+        prob = predict(model, imgs).float().cpu()
+        plain, refined = iou_rows(prob, imgs, truths, lambda s, t: at_size(s, t, resize), crf_cfg)
+        plain_rows.append(plain)
+        if refined is not None:
+            crf_rows.append(refined)
+    if not plain_rows:
+        return summary
+    for name, rows, key in (("plain", plain_rows, "threshold"), ("crf", crf_rows, "crf_threshold")):
+        if rows:
+            mean = torch.cat(rows).mean(0).nan_to_num(-1.0)  # NaN: the CRF was not run at that threshold
+            summary.update({name: _by_threshold(GRID, mean), key: GRID[int(mean.argmax())],
+                            f"{key}_iou": round(float(mean.max()), 4)})
+    summary["images"] = len(val)
+    return summary
+
+
+def _by_threshold(grid: tuple[float, ...], ious: torch.Tensor) -> dict[str, float]:
+    return {str(t): round(float(v), 4) for t, v in zip(grid, ious, strict=True) if v >= 0}
+
+
+def _batches(val: Any, bs: int) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    for i in range(0, len(val), bs):
+        yield val.images[i:i + bs], [val.masks[j] for j in range(i, min(i + bs, len(val)))]
