@@ -134,6 +134,18 @@ def test_segmenter_stage_two_through_the_cli(trained, tmp_path):
     r = runner.invoke(app, ["segment", "train", "--annotations", str(out), "--out", str(seg), "--all",
                             "--epochs", "1", "--image-size", "64", "--no-pretrained", "--device", "cpu"])
     assert r.exit_code == 0, r.output
+    # the run that annotated OUT lends its validation masks to choose the thresholds, and the choice is said
+    scfg = json.loads((seg / "segmenter.json").read_text())
+    assert scfg["threshold_source"].startswith(f"validation masks of {run.resolve()}")
+    assert f"mask at {scfg['threshold']} (IoU " in r.output
+    r = runner.invoke(app, ["segment", "calibrate", "--segmenter", str(seg), "--run", str(run)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((seg / "segmenter.json").read_text()) == scfg  # the same choice again
+    for bad, problem in ((["--segmenter", str(out), "--run", str(run)], "not a segmenter run"),
+                         (["--segmenter", str(seg), "--run", str(out)], "not a pixelvote run")):
+        p = subprocess.run([sys.executable, "-m", "pixelvote.cli", "segment", "calibrate", *bad],
+                           capture_output=True, text=True)
+        assert p.returncode == 2 and problem in p.stderr and "Traceback" not in p.stderr, p.stderr
     out2 = tmp_path / "out2"
     r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(data / "images" / "lesion"),
                             "--out", str(out2), "--workers", "0", "--segmenter", str(seg), "--mc-samples", "2"])

@@ -211,3 +211,117 @@ def test_the_encoder_starts_from_the_runs_member_of_the_same_network(tmp_path):
     meta = json.loads((train_segmenter(out, tmp_path / "d", cfg=cfg, pretrained=False,
                                        device="cpu") / "segmenter.json").read_text())
     assert meta["encoder_from"] == "random"
+
+
+class _Brightness(torch.nn.Module):
+    """A stand-in segmenter whose probability is the red channel's brightness."""
+
+    flip_tta = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.logit(x[:, 0].clamp(1e-4, 1 - 1e-4)) * self.scale
+
+
+def _halo_run(tmp_path, n=4):
+    """A run whose validation lesions (red 240) sit in a halo the truth leaves out (red 200) on a dark
+    background (60): the best mask threshold for red brightness lies between 200/255 and 240/255."""
+    from pixelvote.models.checkpoint import MemberConfig, RunConfig, save_run_config
+
+    data = tmp_path / "data"
+    paths = []
+    for label in ("lesion", "normal"):
+        (data / "images" / label).mkdir(parents=True)
+        (data / "masks" / label).mkdir(parents=True)
+        for i in range(n):
+            img = np.full((64, 64, 3), 60, np.uint8)
+            m = np.zeros((64, 64), np.uint8)
+            if label == "lesion":
+                img[12 + i:44 + i, 12:44] = 200
+                img[20 + i:36 + i, 20:36] = 240
+                m[20 + i:36 + i, 20:36] = 255
+            Image.fromarray(img).save(data / "images" / label / f"{label}{i}.png")
+            Image.fromarray(m).save(data / "masks" / label / f"{label}{i}.png")
+            paths.append(str((data / "images" / label / f"{label}{i}.png").resolve()))
+    run = tmp_path / "run"
+    run.mkdir()
+    save_run_config(run, RunConfig(classes=["lesion", "normal"], background="normal", image_size=64,
+                                   members=[MemberConfig(name="tiny_cnn_a")], data={"root": str(data)}))
+    (run / "split.json").write_text(json.dumps({"train": [], "val": paths[1:], "test": []}))
+    return run
+
+
+def test_the_segmenter_thresholds_are_chosen_on_the_runs_validation_masks(tmp_path):
+    from pixelvote.refine import crf
+    from pixelvote.refine.crf import CRFConfig
+    from pixelvote.segment.calibrate import choose_thresholds
+
+    run = _halo_run(tmp_path)
+    crf_cfg = CRFConfig() if crf.available() else None
+    s = choose_thresholds(_Brightness(), run, image_size=64, resize="squash", crf_cfg=crf_cfg)
+    assert s["images"] == 3  # validation lesions with masks: not the normal images, nor lesion0 (training)
+    assert s["threshold"] == 0.8 and s["threshold_iou"] == pytest.approx(1.0)
+    assert s["plain"]["0.5"] == pytest.approx(16 * 16 / (32 * 32))  # the halo counted as lesion
+    if crf_cfg is not None:
+        assert set(s["crf"]) == {str(round(0.05 * i, 2)) for i in range(1, 13)}  # up to 0.6 only
+        assert s["crf_threshold_iou"] == max(s["crf"].values()) == s["crf"][str(s["crf_threshold"])]
+    else:
+        assert s["crf_threshold"] is None
+
+
+def test_segment_train_saves_the_chosen_thresholds_or_says_why_it_kept_them(tmp_path, monkeypatch):
+    from pixelvote.segment import train as seg_train
+
+    run = _halo_run(tmp_path)
+    out = _out(tmp_path)
+    cfg = SegConfig(epochs=1, image_size=64, batch_size=4, encoder_init="imagenet", crf=False)
+    seg = train_segmenter(out, tmp_path / "seg", cfg=cfg, pretrained=False, device="cpu")  # no run known
+    saved = json.loads((seg / "segmenter.json").read_text())
+    assert (saved["threshold"], saved["crf_threshold"]) == (0.5, 0.5)
+    assert saved["threshold_source"] == "kept (no run to take validation masks from (pass --run))"
+
+    monkeypatch.setattr(seg_train, "load_segmenter", lambda *a, **k: (_Brightness(), SegConfig(
+        **{**saved, "threshold_source": "default"})))
+    summary = seg_train.calibrate_segmenter(seg, run)
+    saved = json.loads((seg / "segmenter.json").read_text())
+    assert saved["threshold"] == summary["threshold"] == 0.8
+    assert saved["threshold_source"].startswith("validation masks of ")
+    assert "3 images" in saved["threshold_source"]
+    assert json.loads((seg / "calibration.json").read_text())["plain"]["0.8"] == pytest.approx(1.0)
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "data")  # the run's data moved away: the thresholds stay, and why is saved
+    seg_train.calibrate_segmenter(seg, run)
+    saved = json.loads((seg / "segmenter.json").read_text())
+    assert saved["threshold"] == 0.8
+    assert saved["threshold_source"].startswith("kept (the run's validation images cannot be read (")
+    assert "dataset not found" in saved["threshold_source"]
+
+
+@pytest.mark.skipif("not __import__('pixelvote.refine.crf', fromlist=['x']).available()")
+def test_annotate_and_evaluate_refine_the_segmenter_at_its_chosen_crf_threshold():
+    """A faint region (red 80 of 255: probability 0.31) becomes mask where the segmenter's CRF counts 0.1
+    as undecided, and not where it counts 0.5 - in annotate and in evaluate alike."""
+    from types import SimpleNamespace
+
+    from pixelvote.engine.annotate import _use_segmenter
+    from pixelvote.evaluate.run import SEGMENTER_CRF_ROW, _segmenter_margins
+    from pixelvote.refine.crf import CRFConfig
+
+    x = torch.full((1, 3, 48, 48), 10, dtype=torch.uint8)
+    x[:, 0, 12:36, 12:36] = 80
+    areas = {}
+    for t in (0.1, 0.5):
+        scfg = SegConfig(image_size=48, crf=True, crf_threshold=t)
+        res = SimpleNamespace(margin=torch.full((1, 48, 48), -1.0), foreground=torch.tensor([True]),
+                              reasons=[[]])
+        _use_segmenter(res, x, _Brightness(), scfg, 0.0, CRFConfig())
+        _, refined = _segmenter_margins((_Brightness(), scfg), x, torch.tensor([True]),
+                                        [SEGMENTER_CRF_ROW], CRFConfig())
+        assert torch.equal(res.margin > 0, refined > 0)
+        areas[t] = int((refined > 0).sum())
+    assert areas[0.1] >= 24 * 24 * 0.9 and areas[0.5] == 0

@@ -322,6 +322,8 @@ def segment_train(
                                      "fine-tuned member of the same network (--run, or the run that annotated "
                                      "OUT); imagenet: from ImageNet weights"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="choose the segmenter's mask and "
+                                   "CRF thresholds on the run's validation masks (else 0.5)"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Train a segmenter on unflagged consensus masks (+ reviewed masks, weighted higher)."""
@@ -332,8 +334,40 @@ def segment_train(
     cfg = SegConfig(encoder=encoder, epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
                     mode=mode, augment=augment, crf=crf, encoder_init=encoder_init,
                     **decoder_settings(decoder))
-    path = train_segmenter(annotations, out, run=run, cfg=cfg, pretrained=pretrained, device=device)
+    path = train_segmenter(annotations, out, run=run, cfg=cfg, pretrained=pretrained, device=device,
+                           calibrate=calibrate)
+    if calibrate:
+        _echo_segmenter_thresholds(path)
     typer.echo(f"segmenter saved to {path}; use it with `pixelvote annotate --segmenter {path}`")
+
+
+@segment_app.command("calibrate")
+def segment_calibrate(
+    segmenter: Path = typer.Option(..., "--segmenter", help="a `segment train --out` folder"),
+    run: Path = typer.Option(..., "--run", help="the ensemble run whose validation masks score the thresholds"),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Choose a trained segmenter's mask and CRF thresholds on a run's validation masks (segment train does
+    this itself; use it for a segmenter trained without --run or before this version)."""
+    _setup_logging(True)
+    from pixelvote.models.checkpoint import read_run_config
+    from pixelvote.segment.train import calibrate_segmenter, load_segmenter
+
+    load_segmenter(segmenter, device="cpu")  # a clear error for a folder that is not a segmenter
+    read_run_config(run)
+    calibrate_segmenter(segmenter, run, device=device)
+    _echo_segmenter_thresholds(segmenter)
+
+
+def _echo_segmenter_thresholds(segrun: Path) -> None:
+    summary = json.loads((segrun / "calibration.json").read_text())
+    if summary.get("threshold") is None:
+        typer.echo(f"segmenter thresholds not chosen: {summary['source']}")
+        return
+    crf = (f"; its dense CRF treats {summary['crf_threshold']} as undecided "
+           f"(IoU {summary['crf_threshold_iou']:.3f})" if summary.get("crf_threshold") is not None else "")
+    typer.echo(f"segmenter thresholds chosen on {summary['images']} validation masks: mask at "
+               f"{summary['threshold']} (IoU {summary['threshold_iou']:.3f}){crf}")
 
 
 @app.command()

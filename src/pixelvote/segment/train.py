@@ -153,7 +153,7 @@ def calibrate_segmenter(segrun: str | Path, run: str | Path | None, *, model: Se
             summary = choose_thresholds(model, run, image_size=cfg.image_size, resize=cfg.resize,
                                         crf_cfg=crf_cfg)
             reason = "the run's validation images have no masks"
-        except DataError as exc:
+        except (DataError, CheckpointError) as exc:
             reason = f"the run's validation images cannot be read ({exc})"
     if summary.get("threshold") is not None:
         cfg.threshold = summary["threshold"]
@@ -166,7 +166,8 @@ def calibrate_segmenter(segrun: str | Path, run: str | Path | None, *, model: Se
                  if summary.get("crf_threshold") is not None else "")
     else:
         cfg.threshold_source = f"kept ({reason})"
-        log.warning("the segmenter's thresholds stay %.2f / %.2f: %s", cfg.threshold, cfg.crf_threshold, reason)
+        log.warning("the segmenter's thresholds stay %.2f / %.2f: %s", cfg.threshold, cfg.crf_threshold,
+                    reason)
     summary["source"] = cfg.threshold_source
     write_json_atomic(segrun / "calibration.json", summary)
     write_json_atomic(segrun / "segmenter.json", cfg.model_dump(mode="json"))
