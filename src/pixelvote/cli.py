@@ -344,7 +344,7 @@ def segment_train(
 @segment_app.command("calibrate")
 def segment_calibrate(
     segmenter: Path = typer.Option(..., "--segmenter", help="a `segment train --out` folder"),
-    run: Path = typer.Option(..., "--run", help="the ensemble run whose validation masks score the thresholds"),
+    run: Path = typer.Option(..., "--run", help="the ensemble run whose validation masks score them"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Choose a trained segmenter's mask and CRF thresholds on a run's validation masks (segment train does
