@@ -172,6 +172,10 @@ def test_improve_loop_with_simulated_review(trained, tmp_path):
     log = json.loads((work / "improve_log.json").read_text())
     assert [e["round"] for e in log] == [0, 1]
     assert log[0]["masks_from"] == "consensus" and log[1]["masks_from"] == "segmenter"
+    seg_cfg = json.loads((work / "round0" / "segmenter" / "segmenter.json").read_text())
+    assert log[1]["segmenter_thresholds"] == {k: seg_cfg[k] for k in ("threshold", "crf_threshold",
+                                                                      "threshold_source")}
+    assert seg_cfg["threshold_source"].startswith("validation masks of ")  # the run's, which --truth rescores
     assert log[0]["simulated_reviews"] == 6 and log[0]["reviewed"] == 6
     # the reviewed images are excluded from the score, so both rounds score the same 6 images
     assert log[0]["validation"]["images"] == log[1]["validation"]["images"] == 6

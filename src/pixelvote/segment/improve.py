@@ -90,6 +90,10 @@ def improve(run: str | Path, images: str | Path, work: str | Path, *, rounds: in
             annotate(run, images, out, segmenter=segmenter, device=device, method=method, labels=labels)
             _carry_reviews(out, prev_reviewed)
         entry: dict[str, Any] = {"round": rnd, "masks_from": "segmenter" if segmenter else "consensus"}
+        if segmenter is not None:  # chosen on the run's validation masks, which --truth may score again
+            scfg = json.loads((segmenter / "segmenter.json").read_text())
+            entry["segmenter_thresholds"] = {k: scfg.get(k) for k in ("threshold", "crf_threshold",
+                                                                      "threshold_source")}
         if truth_p is not None:
             entry["validation"] = score(out, truth_p, rc.background)
         history.append(entry)
