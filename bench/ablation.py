@@ -194,7 +194,7 @@ def main() -> None:
         tables = collect(ens, val_batches(run, ens), recipes, fusions=fusions, segmenter=model,
                          segmenter_crf_threshold=seg_cfg.crf_threshold if seg_cfg else 0.5,
                          given_labels=args.labels, base=ConsensusConfig(crf=cfg.consensus.crf))
-        # the run's decision threshold too: without it, gated fire frames were mostly called fire-free
+        # diagnosed with the run's decision threshold, as the ensemble is
         single = Ensemble(ens.members[:1], ens.classes, ens.background, ens.image_size, device=ens.device,
                           resize=ens.resize, decision_threshold=ens.decision_threshold)
         single_t = collect(single, val_batches(run, ens), {"plain": MapConfig()}, fusions=("intersection",),

@@ -353,9 +353,9 @@ def segment_calibrate(
     from pixelvote.models.checkpoint import read_run_config
     from pixelvote.segment.train import calibrate_segmenter, load_segmenter
 
-    load_segmenter(segmenter, device="cpu")  # a clear error for a folder that is not a segmenter
-    read_run_config(run)
-    calibrate_segmenter(segmenter, run, device=device)
+    model, _ = load_segmenter(segmenter, device=device)  # a clear error for a folder that is not one
+    read_run_config(run)  # likewise for a run
+    calibrate_segmenter(segmenter, run, model=model)
     _echo_segmenter_thresholds(segmenter)
 
 

@@ -220,7 +220,8 @@ def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, Ma
             crf_seconds = 0.0
             if ("segmenter", "crf") in seg_rows:
                 t0 = time.perf_counter()
-                probs[("segmenter", "crf")] = crf.dense_crf(prob, imgs, base.crf, threshold=segmenter_crf_threshold)
+                probs[("segmenter", "crf")] = crf.dense_crf(prob, imgs, base.crf,
+                                                            threshold=segmenter_crf_threshold)
                 crf_seconds = time.perf_counter() - t0
             for mode in fusions:
                 seconds[(mode, "segmenter")] += seg_seconds
