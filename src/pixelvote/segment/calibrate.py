@@ -1,7 +1,8 @@
 """Let the run's validation masks set the segmenter's thresholds, as ``train`` does for the ensemble's.
 
 The segmenter's probability is not calibrated to the truth: on the fire validation frames its own masks
-scored best thresholded at 0.95, and its dense CRF best with 0.05, not 0.5, as the undecided probability (on BUSI: 0.3 and 0.05).
+scored best thresholded at 0.95, and its dense CRF best with 0.05, not 0.5, as the undecided probability
+(on BUSI: 0.3 and 0.05).
 """
 
 from __future__ import annotations
