@@ -73,6 +73,16 @@ def test_train_save_load_predict(tmp_path):
     model, scfg = load_segmenter(seg, device="cpu")
     p = predict(model, torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
     assert p.shape == (2, 64, 64) and 0 <= float(p.min()) and float(p.max()) <= 1
+    # an ensemble's input of another size (48 px: the FPN takes multiples of 32 only) is resized to the
+    # segmenter's size and its probability back
+    x48 = torch.randint(0, 255, (2, 3, 48, 48), dtype=torch.uint8)
+    x64 = torch.nn.functional.interpolate(x48.float(), size=(64, 64), mode="bilinear", antialias=True,
+                                          align_corners=False)  # predict takes 0-255 floats too
+    p48 = predict(model, x48)
+    assert p48.shape == (2, 48, 48)
+    back = torch.nn.functional.interpolate(predict(model, x64)[:, None], size=(48, 48), mode="bilinear",
+                                           align_corners=False)[:, 0]
+    assert torch.allclose(p48, back, atol=1e-4)
     (seg / "segmenter.safetensors").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_segmenter(seg)
@@ -316,7 +326,7 @@ def test_annotate_and_evaluate_refine_the_segmenter_at_its_chosen_crf_threshold(
     x[:, 0, 12:36, 12:36] = 80
     areas = {}
     for t in (0.1, 0.5):
-        scfg = SegConfig(image_size=48, crf=True, crf_threshold=t)
+        scfg = SegConfig(image_size=64, crf=True, crf_threshold=t)
         res = SimpleNamespace(margin=torch.full((1, 48, 48), -1.0), foreground=torch.tensor([True]),
                               reasons=[[]])
         _use_segmenter(res, x, _Brightness(), scfg, 0.0, CRFConfig())
@@ -325,3 +335,19 @@ def test_annotate_and_evaluate_refine_the_segmenter_at_its_chosen_crf_threshold(
         assert torch.equal(res.margin > 0, refined > 0)
         areas[t] = int((refined > 0).sum())
     assert areas[0.1] >= 24 * 24 * 0.9 and areas[0.5] == 0
+
+
+def test_segmenter_sizes_that_the_fpn_cannot_take_are_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="multiple of 32"):
+        SegConfig(image_size=48)
+    out = _out(tmp_path)
+    p = subprocess.run([sys.executable, "-m", "pixelvote.cli", "segment", "train", "--annotations", str(out),
+                        "--out", str(tmp_path / "seg"), "--image-size", "100"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--image-size" in p.stderr and "multiple of 32" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "seg").exists()

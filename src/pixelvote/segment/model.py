@@ -34,6 +34,7 @@ class Segmenter(nn.Module):
                            decoder_pyramid_channels=pyramid_channels,
                            decoder_segmentation_channels=segmentation_channels)
         self.flip_tta = flip_tta
+        self.input_size: int | None = None  # the size it was trained at (set on loading), for predict
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         if pretrained:
