@@ -351,3 +351,10 @@ def test_segmenter_sizes_that_the_fpn_cannot_take_are_a_clear_error(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2 and "--image-size" in p.stderr and "multiple of 32" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "seg").exists()
+
+
+def test_improve_trains_its_segmenter_at_the_size_nearest_the_runs_that_the_fpn_takes():
+    from pixelvote.segment.train import segmenter_size
+
+    assert [segmenter_size(s) for s in (224, 48, 300, 20, 512)] == [224, 64, 288, 32, 512]
+    assert all(SegConfig(image_size=segmenter_size(s)).image_size % 32 == 0 for s in range(16, 700, 7))

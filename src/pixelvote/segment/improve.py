@@ -71,13 +71,13 @@ def improve(run: str | Path, images: str | Path, work: str | Path, *, rounds: in
             seg_decoder: str = "light", method: str = "best", labels: bool = False) -> list[dict[str, Any]]:
     from pixelvote.engine.annotate import annotate
     from pixelvote.models.checkpoint import read_run_config
-    from pixelvote.segment.train import SegConfig, decoder_settings, train_segmenter
+    from pixelvote.segment.train import SegConfig, decoder_settings, segmenter_size, train_segmenter
 
     decoder = decoder_settings(seg_decoder)
 
     run, images, work = Path(run), Path(images), Path(work)
     rc = read_run_config(run)
-    size = image_size or rc.image_size
+    size = image_size or segmenter_size(rc.image_size)
     truth_p = Path(truth) if truth else None
     history: list[dict[str, Any]] = []
     segmenter: Path | None = None

@@ -27,6 +27,11 @@ SEG_FORMAT = 1
 DECODERS = {"light": (64, 32), "full": (256, 128)}  # FPN (pyramid, segmentation) channels; full = smp's
 
 
+def segmenter_size(image_size: int) -> int:
+    """The segmenter input size nearest to ``image_size`` that its FPN takes (a multiple of 32)."""
+    return max(32, round(image_size / 32) * 32)
+
+
 def decoder_settings(name: str) -> dict[str, int]:
     """``--seg-decoder light|full`` as SegConfig fields."""
     if name not in DECODERS:
