@@ -28,6 +28,11 @@ GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
 # IoU is NaN (not tried). Its best threshold lay between 0.05 and 0.55 for every recipe on fire and BUSI
 REFINED_MAX_THRESHOLD = 0.6
 
+
+def refined_at(threshold: float) -> bool:
+    """Whether a refined fusion (the dense CRF) is run at ``threshold`` (see REFINED_MAX_THRESHOLD)."""
+    return threshold <= REFINED_MAX_THRESHOLD + 1e-9
+
 RECIPES: dict[str, MapConfig] = {
     "plain": MapConfig(),
     "contrast": MapConfig(contrast=True),
@@ -199,8 +204,7 @@ def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, Ma
                 if settings["refine"] != "none":  # one pass per threshold
                     rows[key] += _refined_rows(a, base.model_copy(update=settings), bg, batch, use, grid,
                                                ens.resize)
-                    spent = (time.perf_counter() - t0) / max(1, sum(t <= REFINED_MAX_THRESHOLD + 1e-9
-                                                                   for t in grid))
+                    spent = (time.perf_counter() - t0) / max(1, sum(map(refined_at, grid)))
                 else:
                     at_zero = {**settings, "threshold_method": "fixed", "threshold": 1e-6}
                     res = apply_consensus(a, base.model_copy(update=at_zero), bg)
@@ -256,7 +260,7 @@ def _refined_rows(a: Analysis, base: ConsensusConfig, bg: int, batch: Batch,
     per_t: list[torch.Tensor | None] = []
     for t in grid:
         cfg = base.model_copy(update={"threshold_method": "fixed", "threshold": t})
-        per_t.append(apply_consensus(a, cfg, bg).margin if t <= REFINED_MAX_THRESHOLD + 1e-9 else None)
+        per_t.append(apply_consensus(a, cfg, bg).margin if refined_at(t) else None)
     nan = torch.tensor(float("nan"))
     return [torch.stack([nan if m is None else iou_over_grid(at_size(m[j], truth, resize), truth, (0.0,))[0]
                          for m in per_t])

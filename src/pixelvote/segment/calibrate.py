@@ -26,7 +26,7 @@ def iou_rows(prob: torch.Tensor, images: torch.Tensor, truths: list[torch.Tensor
     :data:`pixelvote.evaluate.selection.GRID`; and with ``crf_cfg``, of its dense-CRF refinement with each
     threshold as the unary's undecided probability (else None). As in calibration, the CRF only runs up to
     :data:`~pixelvote.evaluate.selection.REFINED_MAX_THRESHOLD` (NaN above: it was never best there)."""
-    from pixelvote.evaluate.selection import GRID, REFINED_MAX_THRESHOLD, iou_over_grid
+    from pixelvote.evaluate.selection import GRID, iou_over_grid, refined_at
 
     plain = torch.stack([iou_over_grid(to_truth(prob[j], t), t, GRID) for j, t in enumerate(truths)])
     if crf_cfg is None:
@@ -34,8 +34,7 @@ def iou_rows(prob: torch.Tensor, images: torch.Tensor, truths: list[torch.Tensor
     from pixelvote.refine.crf import dense_crf, reuse
 
     with reuse():  # one CRF per image, every threshold run on it
-        qs = [dense_crf(prob, images, crf_cfg, threshold=t) - 0.5
-              if t <= REFINED_MAX_THRESHOLD + 1e-9 else None for t in GRID]
+        qs = [dense_crf(prob, images, crf_cfg, threshold=t) - 0.5 if refined_at(t) else None for t in GRID]
     nan = torch.tensor(float("nan"))
     refined = torch.stack([torch.stack([nan if q is None else iou_over_grid(to_truth(q[j], t), t, (0.0,))[0]
                                         for q in qs]) for j, t in enumerate(truths)])
