@@ -121,5 +121,72 @@ def test_reuse_gives_the_results_of_fresh_passes_and_builds_each_crf_once(monkey
     # built: once per image colours and settings (the flipped batch has the same two images; the stronger
     # weight is another CRF); inferred: every call but the repeated one
     assert len(built) == 2 + 2 and len(inferred) == 2 + 0 + 2 + 2 + 2
-    dense_crf(soft, imgs, threshold=0.4)  # outside the block nothing is kept
+    with crf.workers(1):  # counted here, not in worker processes
+        dense_crf(soft, imgs, threshold=0.4)  # outside the block nothing is kept
     assert len(built) == 6 and len(inferred) == 10
+
+
+def _batch(n: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    img, blob, _ = _scene()
+    g = torch.Generator().manual_seed(1)
+    imgs = torch.stack([img.roll(7 * i, -1) for i in range(n)])
+    scale = 0.6 + 0.4 * torch.rand(n, 1, 1, generator=g)
+    soft = torch.stack([blob.roll(5 * i, -2) for i in range(n)]) * scale
+    return imgs, soft
+
+
+def test_workers_give_the_passes_of_this_process_and_run_elsewhere(monkeypatch) -> None:
+    from pixelvote.refine import crf, crf_pass
+
+    imgs, soft = _batch()
+    with crf.workers(1):
+        here = dense_crf(soft, imgs, threshold=0.4)
+    assert crf.worker_count(5) >= 1
+    # a pass in this process now fails: with two workers the batch still comes back, so it ran in them
+    monkeypatch.setattr(crf_pass, "infer", lambda *a: (_ for _ in ()).throw(AssertionError("ran here")))
+    with crf.workers(2):
+        there = dense_crf(soft, imgs, threshold=0.4)
+    torch.testing.assert_close(there, here, rtol=0, atol=0)
+    with crf.workers(1), pytest.raises(AssertionError, match="ran here"):
+        dense_crf(soft, imgs, threshold=0.4)
+
+
+def test_workers_that_fail_fall_back_to_this_process_with_a_warning(monkeypatch, caplog) -> None:
+    import joblib
+
+    from pixelvote.refine import crf
+
+    imgs, soft = _batch(3)
+    with crf.workers(1):
+        expected = dense_crf(soft, imgs)
+
+    def broken(*a, **k):  # type: ignore[no-untyped-def]
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(joblib, "Parallel", broken)
+    monkeypatch.setattr(crf, "_parallel_failed", False)
+    with crf.workers(2), caplog.at_level("WARNING", logger="pixelvote.refine.crf"):
+        got = dense_crf(soft, imgs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert "worker processes failed (OSError: no processes here)" in caplog.text
+    assert crf._parallel_failed  # not tried again in this process
+
+
+def test_worker_count_follows_the_block_then_the_environment_then_the_cores(monkeypatch) -> None:
+    from joblib import cpu_count
+
+    from pixelvote.refine import crf
+
+    monkeypatch.delenv(crf.WORKERS_ENV, raising=False)
+    assert crf.worker_count(64) == min(64, cpu_count()) and crf.worker_count(1) == 1
+    monkeypatch.setenv(crf.WORKERS_ENV, "3")
+    assert crf.worker_count(8) == 3 and crf.worker_count(2) == 2
+    with crf.workers(1):
+        assert crf.worker_count(8) == 1
+    for bad in ("0", "two"):
+        monkeypatch.setenv(crf.WORKERS_ENV, bad)
+        with pytest.raises(ConfigError, match=f"must be a whole number >= 1, not '{bad}'"):
+            crf.worker_count(8)
+    with pytest.raises(ValueError):
+        with crf.workers(0):
+            pass

@@ -337,6 +337,35 @@ def test_annotate_and_evaluate_refine_the_segmenter_at_its_chosen_crf_threshold(
     assert areas[0.1] >= 24 * 24 * 0.9 and areas[0.5] == 0
 
 
+@pytest.mark.skipif("not __import__('pixelvote.refine.crf', fromlist=['x']).available()")
+def test_annotate_refines_only_the_foreground_images_with_the_segmenters_crf(monkeypatch):
+    """A background diagnosis keeps no mask, so its CRF pass would be wasted: the CRF sees the others only,
+    and they get the mask a batch of their own gets."""
+    from types import SimpleNamespace
+
+    from pixelvote.engine.annotate import _use_segmenter
+    from pixelvote.refine import crf
+
+    x = torch.full((3, 3, 48, 48), 10, dtype=torch.uint8)
+    x[:, 0, 12:36, 12:36] = 200
+    scfg = SegConfig(image_size=64, crf=True, crf_threshold=0.3)
+
+    def result(fg: list[bool]) -> SimpleNamespace:
+        return SimpleNamespace(margin=torch.full((len(fg), 48, 48), -1.0), foreground=torch.tensor(fg),
+                               reasons=[[] for _ in fg])
+
+    alone = result([True])
+    _use_segmenter(alone, x[:1], _Brightness(), scfg, 0.0, crf.CRFConfig())
+    seen = []
+    real = crf.dense_crf
+    monkeypatch.setattr(crf, "dense_crf", lambda soft, *a, **k: seen.append(len(soft)) or real(soft, *a, **k))
+    res = result([False, True, False])
+    _use_segmenter(res, x, _Brightness(), scfg, 0.0, crf.CRFConfig())
+    assert seen == [1]
+    assert torch.equal(res.margin[1], alone.margin[0]) and int((alone.margin[0] > 0).sum()) > 400
+    assert bool((res.margin[[0, 2]] == -1).all()) and res.reasons == [[], [], []]
+
+
 def test_segmenter_sizes_that_the_fpn_cannot_take_are_a_clear_error(tmp_path):
     import subprocess
     import sys

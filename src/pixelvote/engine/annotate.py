@@ -393,18 +393,18 @@ def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: fl
     prob = predict(model, x)
     if prob.shape[-2:] != res.margin.shape[-2:]:
         prob = F.interpolate(prob[:, None], size=res.margin.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    if scfg.crf:  # as evaluate's "segmenter + dense CRF" row
+    fg = res.foreground
+    seg_margin = prob - scfg.threshold
+    todo = fg.nonzero().flatten().to(prob.device)
+    if scfg.crf and len(todo):  # as evaluate's "segmenter + dense CRF" row; background images keep no mask
         from pixelvote.refine.crf import dense_crf
 
-        seg_margin = dense_crf(prob, x, crf_cfg, threshold=scfg.crf_threshold) - 0.5
-    else:
-        seg_margin = prob - scfg.threshold
+        seg_margin[todo] = dense_crf(prob[todo], x[todo.to(x.device)], crf_cfg, threshold=scfg.crf_threshold) - 0.5
     cons = res.margin > 0
     segm = seg_margin > 0
     inter = (cons & segm).flatten(1).sum(1).float()
     union = (cons | segm).flatten(1).sum(1).float()
     iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-    fg = res.foreground
     res.margin = torch.where(fg.view(-1, 1, 1), seg_margin, torch.full_like(seg_margin, -1.0))
     for b in range(len(res.reasons)):
         if bool(fg[b]) and float(iou[b]) < min_iou:

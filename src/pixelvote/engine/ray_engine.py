@@ -286,6 +286,7 @@ class _Annotator:
                  ccfg: ConsensusConfig, mcfg: MapConfig, T: int, device: str, threads: int,
                  fs_uri: str | None, fault_marker: str | None = None) -> None:
         torch.set_num_threads(threads)
+        self.threads = threads
         with tempfile.TemporaryDirectory(prefix="pixelvote-run-") as tmp:
             self.ens, _ = load_run(_unpack(run_files, Path(tmp) / "run"), device=device, fold=True)
             self.seg: tuple | None = None
@@ -309,8 +310,11 @@ class _Annotator:
         good = [d for d in decoded if "error" not in d]
         done: dict[str, tuple[dict[str, Any], dict[str, bytes]]] = {}
         results = batch_results(self.ens, self.ccfg, self.mcfg, self.T, good, self.seg) if good else iter(())
-        for record, image, mask, heat, unc in results:
-            done[record["key"]] = record, encode_outputs(image, mask, heat, unc)
+        from pixelvote.refine import crf
+
+        with crf.workers(max(1, self.threads)):  # the CRF's processes stay within this actor's CPUs
+            for record, image, mask, heat, unc in results:
+                done[record["key"]] = record, encode_outputs(image, mask, heat, unc)
         cols: dict[str, list] = {c: [] for c in ("key", "shown", "error", "record", *_FILES)}
         for r, d in zip(rows, decoded, strict=True):
             cols["key"].append(r["key"])

@@ -4,12 +4,15 @@ The fused map ``p`` in [0, 1] is the unary (``-log p`` for the object, ``-log(1-
 Gaussian smoothness kernel and a bilateral (position + colour) kernel pull the labels of similar,
 nearby pixels together, so a blob that covers an object's centre spreads to the object's edges and stops
 there. The output is the object's marginal probability after mean-field inference, again in [0, 1], which
-the consensus thresholds like any other fused map. Runs on the CPU at the model's input size.
+the consensus thresholds like any other fused map. Runs on the CPU at ``CRFConfig.size``, the images of a
+batch in parallel worker processes (:func:`workers`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +25,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from pixelvote.errors import ConfigError
+from pixelvote.refine import crf_pass
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'pixelvote[crf]'  (or: pip install pydensecrf2; it compiles, so it needs a C++ compiler)"
 
@@ -104,7 +110,7 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = 
     the colour ``images (B, 3, H, W)`` (uint8, or float in [0, 1]) -> the object's marginal probability
     ``(B, H, W)`` on ``soft``'s device; the mask is ``> 0.5``."""
     try:
-        import pydensecrf.densecrf as dcrf
+        import pydensecrf.densecrf  # noqa: F401
     except ImportError as exc:
         raise ConfigError("the dense CRF refinement needs pydensecrf2, which is not installed",
                           fix=INSTALL_HINT) from exc
@@ -121,34 +127,98 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = 
         imgs = F.interpolate(imgs, size=(H, W), mode="bilinear", antialias=True, align_corners=False)
     p = prob.clamp(1e-4, 1 - 1e-4).cpu().numpy()
     rgb = (imgs * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
-    sxy = cfg.bilateral_sxy * max(H, W)
-    out = np.empty((B, H, W), np.float32)
+    kernels = {"gaussian_sxy": cfg.gaussian_sxy, "gaussian_compat": cfg.gaussian_compat,
+               "bilateral_sxy": cfg.bilateral_sxy * max(H, W), "bilateral_srgb": cfg.bilateral_srgb,
+               "bilateral_compat": cfg.bilateral_compat, "iterations": cfg.iterations}
     reused = _reused.get()
-    settings = cfg.model_dump_json().encode() + f"{H}x{W}".encode()
-    for b in range(B):
-        key = b""
-        d = None
-        if reused is not None:
-            key = hashlib.blake2b(p[b].tobytes() + rgb[b].tobytes() + settings, digest_size=16).digest()
-            held = reused.get("results", key)
-            if held is not None:
-                out[b] = held
-                continue
-            pairwise_key = hashlib.blake2b(rgb[b].tobytes() + settings, digest_size=16).digest()
-            d = reused.get("crfs", pairwise_key)
-        if d is None:
-            d = dcrf.DenseCRF2D(W, H, 2)
-            d.addPairwiseGaussian(sxy=cfg.gaussian_sxy, compat=cfg.gaussian_compat)
-            d.addPairwiseBilateral(sxy=sxy, srgb=cfg.bilateral_srgb, rgbim=np.ascontiguousarray(rgb[b]),
-                                   compat=cfg.bilateral_compat)
-            if reused is not None:
-                reused.keep("crfs", pairwise_key, d)
-        unary = -np.log(np.stack([1.0 - p[b], p[b]]).reshape(2, -1))
-        d.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
-        out[b] = np.asarray(d.inference(cfg.iterations), dtype=np.float32)[1].reshape(H, W)
-        if reused is not None:
-            reused.keep("results", key, out[b].copy())
+    out = None
+    if reused is None:  # within reuse() the CRFs held in this process are worth more than parallel passes
+        out = _parallel(p, rgb, kernels, worker_count(B))
+    if out is None:
+        out = np.empty((B, H, W), np.float32)
+        settings = cfg.model_dump_json().encode() + f"{H}x{W}".encode()
+        for b in range(B):
+            out[b] = _one(p[b], rgb[b], kernels, reused, settings)
     q = torch.from_numpy(out).to(soft.device)
     if (H, W) != (H0, W0):
         q = F.interpolate(q[:, None], size=(H0, W0), mode="bilinear", align_corners=False)[:, 0]
     return q
+
+
+def _one(p: np.ndarray, rgb: np.ndarray, kernels: dict[str, float], reused: _Reuse | None,
+         settings: bytes) -> np.ndarray:
+    if reused is None:
+        return crf_pass.infer(crf_pass.build(rgb, kernels), p, int(kernels["iterations"]))
+    key = hashlib.blake2b(p.tobytes() + rgb.tobytes() + settings, digest_size=16).digest()
+    held = reused.get("results", key)
+    if held is not None:
+        return held
+    pairwise_key = hashlib.blake2b(rgb.tobytes() + settings, digest_size=16).digest()
+    d = reused.get("crfs", pairwise_key)
+    if d is None:
+        d = crf_pass.build(rgb, kernels)
+        reused.keep("crfs", pairwise_key, d)
+    q = crf_pass.infer(d, p, int(kernels["iterations"]))
+    reused.keep("results", key, q.copy())
+    return q
+
+
+WORKERS_ENV = "PIXELVOTE_CRF_WORKERS"
+_workers: ContextVar[int | None] = ContextVar("crf_workers", default=None)
+_parallel_failed = False
+
+
+@contextmanager
+def workers(n: int) -> Iterator[None]:
+    """Within the block, :func:`dense_crf` runs the images of a batch in at most ``n`` worker processes (1:
+    all in this one). Outside any such block the limit is ``$PIXELVOTE_CRF_WORKERS``, else the number of CPU
+    cores (joblib's count, which respects affinity and container limits). The results are the same."""
+    if n < 1:
+        raise ValueError(f"CRF workers must be >= 1, got {n}")
+    token = _workers.set(n)
+    try:
+        yield
+    finally:
+        _workers.reset(token)
+
+
+def worker_count(batch: int) -> int:
+    """How many worker processes :func:`dense_crf` uses for ``batch`` images (1: none)."""
+    n = _workers.get()
+    if n is None:
+        raw = os.environ.get(WORKERS_ENV, "").strip()
+        if raw:
+            try:
+                n = int(raw)
+                if n < 1:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"${WORKERS_ENV} must be a whole number >= 1, not {raw!r}",
+                                  fix=f"export {WORKERS_ENV}=1 (one process) or unset it (one per core)") from None
+        else:
+            from joblib import cpu_count
+
+            n = cpu_count()
+    return max(1, min(n, batch))
+
+
+def _parallel(p: np.ndarray, rgb: np.ndarray, kernels: dict[str, float], n: int) -> np.ndarray | None:
+    """The CRF passes of ``p``'s images in ``n`` loky processes (joblib's reusable pool: started once, in
+    about half a second, and reused), or None where ``n`` is 1 or the workers cannot run, so that the
+    caller runs them here. loky starts its workers by fork + exec: no ``__main__`` guard is needed in a
+    user's script and no forked copy of torch's threads."""
+    global _parallel_failed
+    if n < 2 or _parallel_failed:
+        return None
+    from joblib import Parallel, delayed
+
+    chunks = [c for c in np.array_split(np.arange(len(p)), n) if len(c)]
+    try:
+        parts = Parallel(n_jobs=len(chunks), backend="loky")(
+            delayed(crf_pass.marginals)(p[c], rgb[c], kernels) for c in chunks)
+    except Exception as exc:  # a worker that cannot start or dies: the same passes, in this process
+        _parallel_failed = True
+        log.warning("the dense CRF's worker processes failed (%s: %s); running it in this process from now "
+                    "on (set %s=1 to skip the workers)", type(exc).__name__, exc, WORKERS_ENV)
+        return None
+    return np.concatenate(parts)
