@@ -399,7 +399,8 @@ def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: fl
     if scfg.crf and len(todo):  # as evaluate's "segmenter + dense CRF" row; background images keep no mask
         from pixelvote.refine.crf import dense_crf
 
-        seg_margin[todo] = dense_crf(prob[todo], x[todo.to(x.device)], crf_cfg, threshold=scfg.crf_threshold) - 0.5
+        refined = dense_crf(prob[todo], x[todo.to(x.device)], crf_cfg, threshold=scfg.crf_threshold)
+        seg_margin[todo] = refined - 0.5
     cons = res.margin > 0
     segm = seg_margin > 0
     inter = (cons & segm).flatten(1).sum(1).float()

@@ -194,7 +194,7 @@ def worker_count(batch: int) -> int:
                     raise ValueError
             except ValueError:
                 raise ConfigError(f"${WORKERS_ENV} must be a whole number >= 1, not {raw!r}",
-                                  fix=f"export {WORKERS_ENV}=1 (one process) or unset it (one per core)") from None
+                                  fix=f"set {WORKERS_ENV}=1 (one process) or unset it (one per core)") from None
         else:
             from joblib import cpu_count
 
