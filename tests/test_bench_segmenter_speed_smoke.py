@@ -30,10 +30,12 @@ def test_segmenter_speed_ends_with_the_ratios_as_json(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(result["ms_per_image"]) == {"ensemble", "plain", "segmenter"}
+    assert set(result["ms_per_image"]) == {"ensemble", "plain", "segmenter", "segmenter_one_process"}
     values = [*result["ms_per_image"].values(), result["ensemble_over_segmenter"],
-              result["plain_over_segmenter"]]
+              result["plain_over_segmenter"], result["one_process_over_workers"]]
     assert all(math.isfinite(v) and v > 0 for v in values)
     assert math.isclose(result["ensemble_over_segmenter"],
                         result["ms_per_image"]["ensemble"] / result["ms_per_image"]["segmenter"])
-    assert "faster than the run's ensemble path" in r.stdout
+    assert math.isclose(result["one_process_over_workers"],
+                        result["ms_per_image"]["segmenter_one_process"] / result["ms_per_image"]["segmenter"])
+    assert "faster than the run's ensemble path" in r.stdout and "in one process" in r.stdout
