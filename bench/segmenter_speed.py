@@ -101,8 +101,8 @@ def main() -> None:
               "plain_over_segmenter": ms["plain"] / ms["segmenter"],
               "one_process_over_workers": ms["segmenter_one_process"] / ms["segmenter"]}
     print(f"segmenter is {ratios['ensemble_over_segmenter']:.2f}x faster than the run's ensemble path and "
-          f"{ratios['plain_over_segmenter']:.2f}x faster than the plain one (target: >= 3x); its CRF's worker "
-          f"processes make it {ratios['one_process_over_workers']:.2f}x faster than in one process")
+          f"{ratios['plain_over_segmenter']:.2f}x faster than the plain one (target: >= 3x); its CRF's "
+          f"worker processes make it {ratios['one_process_over_workers']:.2f}x faster than one process")
     print(json.dumps({"ms_per_image": ms, **ratios}))
 
 

@@ -188,13 +188,10 @@ def worker_count(batch: int) -> int:
     if n is None:
         raw = os.environ.get(WORKERS_ENV, "").strip()
         if raw:
-            try:
-                n = int(raw)
-                if n < 1:
-                    raise ValueError
-            except ValueError:
+            n = int(raw) if raw.isdigit() else 0
+            if n < 1:
                 raise ConfigError(f"${WORKERS_ENV} must be a whole number >= 1, not {raw!r}",
-                                  fix=f"set {WORKERS_ENV}=1 (one process) or unset it (one per core)") from None
+                                  fix=f"set {WORKERS_ENV}=1 (one process) or unset it (one per core)")
         else:
             from joblib import cpu_count
 
