@@ -70,7 +70,7 @@ def main() -> None:
 
     def segmenter(b: torch.Tensor) -> None:
         prob = predict(model, b)
-        if scfg.crf:
+        if scfg.refines:
             dense_crf(prob, b, cfg.consensus.crf, threshold=scfg.crf_threshold)
 
     def segmenter_one_process(b: torch.Tensor) -> None:
@@ -94,7 +94,7 @@ def main() -> None:
     print(f"{'path':70s} {'ms/image':>9s}")
     print(f"{'ensemble: the run recipe (maps + consensus, as annotate)':70s} {ms['ensemble']:9.1f}")
     print(f"{'ensemble: plain maps, paper consensus':70s} {ms['plain']:9.1f}")
-    crf = f" + dense CRF at {scfg.crf_threshold}" if scfg.crf else ""
+    crf = f" + dense CRF at {scfg.crf_threshold}" if scfg.refines else ""
     print(f"{'segmenter' + crf:70s} {ms['segmenter']:9.1f}")
     print(f"{'segmenter' + crf + ' in one process':70s} {ms['segmenter_one_process']:9.1f}")
     ratios = {"ensemble_over_segmenter": ms["ensemble"] / ms["segmenter"],

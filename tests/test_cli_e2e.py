@@ -173,7 +173,7 @@ def test_improve_loop_with_simulated_review(trained, tmp_path):
     assert [e["round"] for e in log] == [0, 1]
     assert log[0]["masks_from"] == "consensus" and log[1]["masks_from"] == "segmenter"
     seg_cfg = json.loads((work / "round0" / "segmenter" / "segmenter.json").read_text())
-    assert log[1]["segmenter_thresholds"] == {k: seg_cfg[k] for k in ("threshold", "crf_threshold",
+    assert log[1]["segmenter_thresholds"] == {k: seg_cfg[k] for k in ("threshold", "crf_threshold", "use_crf",
                                                                       "threshold_source")}
     assert seg_cfg["threshold_source"].startswith("validation masks of ")  # the run's, which --truth rescores
     assert log[0]["simulated_reviews"] == 6 and log[0]["reviewed"] == 6

@@ -313,6 +313,35 @@ def test_segment_train_saves_the_chosen_thresholds_or_says_why_it_kept_them(tmp_
 
 
 @pytest.mark.skipif("not __import__('pixelvote.refine.crf', fromlist=['x']).available()")
+def test_calibration_keeps_the_segmenters_crf_only_where_it_beats_the_plain_mask(tmp_path, monkeypatch):
+    from pixelvote.segment import calibrate as seg_calibrate
+    from pixelvote.segment import train as seg_train
+
+    run = _halo_run(tmp_path)
+    cfg = SegConfig(epochs=1, image_size=64, batch_size=4, encoder_init="imagenet", crf=True)
+    seg = train_segmenter(_out(tmp_path), tmp_path / "seg", cfg=cfg, pretrained=False, device="cpu")
+    saved = json.loads((seg / "segmenter.json").read_text())
+    assert saved["use_crf"] is None and SegConfig(**saved).refines  # no run: nothing chosen, the CRF stays
+    monkeypatch.setattr(seg_train, "load_segmenter", lambda *a, **k: (_Brightness(), SegConfig(**saved)))
+    # the halo run: thresholded at 0.8 the plain mask is exact (IoU 1.0), so no CRF can beat it
+    summary = seg_train.calibrate_segmenter(seg, run)
+    saved = json.loads((seg / "segmenter.json").read_text())
+    assert summary["threshold_iou"] == pytest.approx(1.0) and summary["crf_threshold_iou"] < 0.99
+    assert summary["mask"] == "plain" and saved["use_crf"] is False and not SegConfig(**saved).refines
+    assert json.loads((seg / "calibration.json").read_text())["mask"] == "plain"
+
+    def crf_wins(*a, **k):  # type: ignore[no-untyped-def]
+        return {"images": 3, "threshold": 0.5, "threshold_iou": 0.30, "crf_threshold": 0.05,
+                "crf_threshold_iou": 0.35}
+
+    monkeypatch.setattr(seg_calibrate, "choose_thresholds", crf_wins)
+    summary = seg_train.calibrate_segmenter(seg, run)
+    saved = json.loads((seg / "segmenter.json").read_text())
+    assert summary["mask"] == "crf" and saved["use_crf"] is True and SegConfig(**saved).refines
+    assert not SegConfig(crf=False, use_crf=True).refines  # --no-crf wins over any choice
+
+
+@pytest.mark.skipif("not __import__('pixelvote.refine.crf', fromlist=['x']).available()")
 def test_annotate_and_evaluate_refine_the_segmenter_at_its_chosen_crf_threshold():
     """A faint region (red 80 of 255: probability 0.31) becomes mask where the segmenter's CRF counts 0.1
     as undecided, and not where it counts 0.5 - in annotate and in evaluate alike."""

@@ -365,7 +365,9 @@ def _echo_segmenter_thresholds(segrun: Path) -> None:
         typer.echo(f"segmenter thresholds not chosen: {summary['source']}")
         return
     crf = (f"; its dense CRF treats {summary['crf_threshold']} as undecided "
-           f"(IoU {summary['crf_threshold_iou']:.3f})" if summary.get("crf_threshold") is not None else "")
+           f"(IoU {summary['crf_threshold_iou']:.3f}); annotate takes the "
+           f"{'CRF-refined' if summary.get('mask') == 'crf' else 'plain'} mask"
+           if summary.get("crf_threshold") is not None else "")
     typer.echo(f"segmenter thresholds chosen on {summary['images']} validation masks: mask at "
                f"{summary['threshold']} (IoU {summary['threshold_iou']:.3f}){crf}")
 

@@ -290,7 +290,7 @@ def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size
         seg = (*load_segmenter(segmenter, device=ens.device), segmenter_min_iou)
         from pixelvote.refine import crf
 
-        if seg[1].crf and not crf.available():
+        if seg[1].refines and not crf.available():
             raise ConfigError("this segmenter refines its masks with the dense CRF, but pydensecrf2 is not "
                               "installed", path=Path(segmenter), fix=crf.INSTALL_HINT)
         if seg[1].resize != ens.resize:
@@ -396,7 +396,7 @@ def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: fl
     fg = res.foreground
     seg_margin = prob - scfg.threshold
     todo = fg.nonzero().flatten().to(prob.device)
-    if scfg.crf and len(todo):  # as evaluate's "segmenter + dense CRF" row; background images keep no mask
+    if scfg.refines and len(todo):  # as evaluate's "segmenter + dense CRF" row; background: no mask anyway
         from pixelvote.refine.crf import dense_crf
 
         refined = dense_crf(prob[todo], x[todo.to(x.device)], crf_cfg, threshold=scfg.crf_threshold)

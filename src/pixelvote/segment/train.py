@@ -71,12 +71,20 @@ class SegConfig(BaseModel):
     crf: bool | None = Field(None, description="annotate refines the probability with the dense CRF (at "
                              "`threshold`) before taking the mask (the `segmenter + dense CRF` row of `evaluate "
                              "--segmenter`); None: on where pydensecrf2 is installed (decided when training)")
+    use_crf: bool | None = Field(None, description="whether annotate takes the CRF-refined mask (where `crf` "
+                                 "allows it) or the thresholded probability: the better of the two on the "
+                                 "run's validation masks (written by calibration; None: as `crf`)")
     resize: Literal["squash", "letterbox"] = Field(
         "squash", description="how images become the square input: as the ensemble that annotated the "
                               "training folder does it (set by training from annotate.json, or from --run)")
     background: str = ""
     classes: list[str] = Field(default_factory=list)
     examples: int = 0
+
+    @property
+    def refines(self) -> bool:
+        """Whether annotate refines the segmenter's probability with the dense CRF."""
+        return bool(self.crf) and self.use_crf is not False
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -166,9 +174,15 @@ def calibrate_segmenter(segrun: str | Path, run: str | Path | None, *, model: Se
         cfg.crf_threshold = summary.get("crf_threshold") or cfg.crf_threshold
         cfg.threshold_source = (f"validation masks of {Path(str(run)).resolve()}: best mean IoU on "
                                 f"{summary['images']} images")
+        if summary.get("crf_threshold") is not None:
+            # the CRF only where it beats the plain mask: a segmenter trained on CRF-refined masks may
+            # already follow the edges, and then the CRF costs time and IoU
+            cfg.use_crf = summary["crf_threshold_iou"] > summary["threshold_iou"]
+            summary["mask"] = "crf" if cfg.use_crf else "plain"
         log.info("segmenter thresholds chosen on %d validation masks: %.2f (IoU %.3f)%s", summary["images"],
                  cfg.threshold, summary["threshold_iou"],
-                 f", CRF {cfg.crf_threshold:.2f} (IoU {summary['crf_threshold_iou']:.3f})"
+                 f", CRF {cfg.crf_threshold:.2f} (IoU {summary['crf_threshold_iou']:.3f}); annotate takes the "
+                 f"{'CRF-refined' if cfg.use_crf else 'plain'} mask"
                  if summary.get("crf_threshold") is not None else "")
     else:
         cfg.threshold_source = f"kept ({reason})"
