@@ -179,11 +179,12 @@ def calibrate_segmenter(segrun: str | Path, run: str | Path | None, *, model: Se
             # already follow the edges, and then the CRF costs time and IoU
             cfg.use_crf = summary["crf_threshold_iou"] > summary["threshold_iou"]
             summary["mask"] = "crf" if cfg.use_crf else "plain"
+        crf_part = ""
+        if summary.get("crf_threshold") is not None:
+            crf_part = (f", CRF {cfg.crf_threshold:.2f} (IoU {summary['crf_threshold_iou']:.3f}); annotate "
+                        f"takes the {'CRF-refined' if cfg.use_crf else 'plain'} mask")
         log.info("segmenter thresholds chosen on %d validation masks: %.2f (IoU %.3f)%s", summary["images"],
-                 cfg.threshold, summary["threshold_iou"],
-                 f", CRF {cfg.crf_threshold:.2f} (IoU {summary['crf_threshold_iou']:.3f}); annotate takes the "
-                 f"{'CRF-refined' if cfg.use_crf else 'plain'} mask"
-                 if summary.get("crf_threshold") is not None else "")
+                 cfg.threshold, summary["threshold_iou"], crf_part)
     else:
         cfg.threshold_source = f"kept ({reason})"
         log.warning("the segmenter's thresholds stay %.2f / %.2f: %s", cfg.threshold, cfg.crf_threshold,
