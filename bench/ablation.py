@@ -220,6 +220,8 @@ def main() -> None:
             it = GRID.index(seg_cfg.threshold)
             rows.append((f"segmenter, t={seg_cfg.threshold} (chosen by segment train on these images)",
                          float(st.ious[:, it].mean()), seg_cfg.threshold, st.seconds_per_image))
+            cf, _ = cross_fitted({("segmenter", "-"): st})
+            rows.append(("segmenter, t chosen on val (cross-fitted)", cf, None, st.seconds_per_image))
         if ("segmenter", "crf") in tables:  # the CRF's output is a probability: its mask is > 0.5
             st = tables[("segmenter", "crf")]
             rows.append((f"segmenter + dense CRF, unary t={seg_cfg.crf_threshold} (chosen by segment train on "
