@@ -9,14 +9,14 @@ times per image (median over repeats):
               T MC samples + ``apply_consensus`` with the run's consensus (its CRF included), with the models
               as ``annotate`` loads them (batch norms folded);
 2. plain      the same with the plain maps and the paper's consensus (no CRF): the cheapest ensemble mask;
-3. segmenter  the segmenter's probability, refined by its dense CRF at its ``crf_threshold`` where it has
-              one, as ``annotate --segmenter`` makes the mask (without the ensemble, which ``annotate
+3. segmenter  the segmenter's probability, refined by its dense CRF at its ``crf_threshold`` where its
+              calibration kept the CRF (``refines``), as ``annotate --segmenter`` makes the mask (without the ensemble, which ``annotate
               --segmenter`` still runs for the diagnosis, uncertainty and flags);
 4. segmenter, CRF in one process: the same with ``crf.workers(1)``, the baseline for the CRF's worker
               processes (the ensemble paths use them too).
 
-It prints the table and, as its last line, one JSON object with the ratios ``ensemble_over_segmenter`` and
-``plain_over_segmenter``. Target (issue "Stage two", printed, not asserted): the segmenter >= 3x faster than
+It prints the table and, as its last line, one JSON object with the ratios ``ensemble_over_segmenter``,
+``plain_over_segmenter`` and ``one_process_over_workers``. Target (issue "Stage two", printed, not asserted): the segmenter >= 3x faster than
 the ensemble path on a CPU.
 """
 
