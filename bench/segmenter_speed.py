@@ -10,14 +10,15 @@ times per image (median over repeats):
               as ``annotate`` loads them (batch norms folded);
 2. plain      the same with the plain maps and the paper's consensus (no CRF): the cheapest ensemble mask;
 3. segmenter  the segmenter's probability, refined by its dense CRF at its ``crf_threshold`` where its
-              calibration kept the CRF (``refines``), as ``annotate --segmenter`` makes the mask (without the ensemble, which ``annotate
-              --segmenter`` still runs for the diagnosis, uncertainty and flags);
+              calibration kept the CRF (``refines``), as ``annotate --segmenter`` makes the mask (without
+              the ensemble, which ``annotate --segmenter`` still runs for the diagnosis, uncertainty and
+              flags);
 4. segmenter, CRF in one process: the same with ``crf.workers(1)``, the baseline for the CRF's worker
               processes (the ensemble paths use them too).
 
 It prints the table and, as its last line, one JSON object with the ratios ``ensemble_over_segmenter``,
-``plain_over_segmenter`` and ``one_process_over_workers``. Target (issue "Stage two", printed, not asserted): the segmenter >= 3x faster than
-the ensemble path on a CPU.
+``plain_over_segmenter`` and ``one_process_over_workers``. Target (issue "Stage two", printed, not
+asserted): the segmenter >= 3x faster than the ensemble path on a CPU.
 """
 
 from __future__ import annotations
