@@ -131,24 +131,22 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = 
                "bilateral_sxy": cfg.bilateral_sxy * max(H, W), "bilateral_srgb": cfg.bilateral_srgb,
                "bilateral_compat": cfg.bilateral_compat, "iterations": cfg.iterations}
     reused = _reused.get()
-    out = None
-    if reused is None:  # within reuse() the CRFs held in this process are worth more than parallel passes
+    if reused is None:
         out = _parallel(p, rgb, kernels, worker_count(B))
-    if out is None:
-        out = np.empty((B, H, W), np.float32)
+        if out is None:
+            out = crf_pass.marginals(p, rgb, kernels)
+    else:  # within reuse() the CRFs held in this process are worth more than parallel passes
         settings = cfg.model_dump_json().encode() + f"{H}x{W}".encode()
-        for b in range(B):
-            out[b] = _one(p[b], rgb[b], kernels, reused, settings)
+        out = np.stack([_reused_pass(p[b], rgb[b], kernels, reused, settings) for b in range(B)])
     q = torch.from_numpy(out).to(soft.device)
     if (H, W) != (H0, W0):
         q = F.interpolate(q[:, None], size=(H0, W0), mode="bilinear", align_corners=False)[:, 0]
     return q
 
 
-def _one(p: np.ndarray, rgb: np.ndarray, kernels: dict[str, float], reused: _Reuse | None,
-         settings: bytes) -> np.ndarray:
-    if reused is None:
-        return crf_pass.infer(crf_pass.build(rgb, kernels), p, int(kernels["iterations"]))
+def _reused_pass(p: np.ndarray, rgb: np.ndarray, kernels: dict[str, float], reused: _Reuse,
+                 settings: bytes) -> np.ndarray:
+    """One image's pass within :func:`reuse`: its held result, or a pass on its held (or a new) CRF."""
     key = hashlib.blake2b(p.tobytes() + rgb.tobytes() + settings, digest_size=16).digest()
     held = reused.get("results", key)
     if held is not None:
