@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -436,9 +437,23 @@ def list_models_cmd() -> None:
         typer.echo(f"preset {p}: {', '.join(names)}")
 
 
+# seconds between redraws of a progress bar written to a file rather than a terminal
+LOGGED_PROGRESS_INTERVAL_S = 30
+
+
+def quiet_progress_off_terminal() -> None:
+    """Off a terminal (a log file, a CI job, nohup) every redraw of a tqdm bar is kept, about ten lines a
+    second, and a training log fills with them; there, redraw at most every 30 s. tqdm reads its defaults
+    from ``TQDM_*`` when it is first imported, which no command has done yet; a user's own
+    ``TQDM_MININTERVAL`` (or ``TQDM_DISABLE=1``) wins."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", str(LOGGED_PROGRESS_INTERVAL_S))
+
+
 def main() -> None:
     from pydantic import ValidationError
 
+    quiet_progress_off_terminal()
     try:
         app()
     except PixelvoteError as exc:
