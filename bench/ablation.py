@@ -7,9 +7,10 @@
 For each set it trains the default ensemble (``--preset``) once (or reuses RUNS_DIR/<set>), takes the
 run's validation split (images the models never trained on; fire is split by video), and prints mean IoU on
 validation images with masks for: the centred-box prior; a single member's XGrad-CAM; the paper's
-intersection at a fixed 0.5 threshold; the same with the threshold chosen on validation; each map refinement; each fusion;
-and the variant chosen by the data. Every "chosen" figure is cross-fitted: chosen on one half of the
-validation images and scored on the other half (both ways), so it is not tuned on what it reports.
+intersection at a fixed 0.5 threshold; the same with the threshold chosen on validation; each map
+refinement; each fusion; and the variant chosen by the data. Every "chosen" figure is cross-fitted: chosen
+on one half of the validation images and scored on the other half (both ways), so it is not tuned on what
+it reports.
 Time per image is the analysis time (all members, CPU unless CUDA is present).
 ``--labels`` scores the masks as ``annotate --labels`` makes them for labelled images (each image explained
 for its own class; the diagnosis no longer gates the mask); stage two's training split is always annotated
@@ -20,9 +21,9 @@ only fire-only source, so they are kept out of training (see the README).
 from __future__ import annotations
 
 import argparse
-import zlib
 import json
 import sys
+import zlib
 from pathlib import Path
 
 import torch
@@ -92,7 +93,8 @@ def val_batches(run: Path, ens: Ensemble, batch_size: int = 8):  # type: ignore[
             img = read_image(p)
             imgs.append(fit_image(to_tensor(img), ens.image_size, ens.resize))
             labels.append(lab)
-            masks.append(None if mp is None else torch.from_numpy(read_mask(mp, (img.shape[1], img.shape[0]))))
+            masks.append(None if mp is None
+                         else torch.from_numpy(read_mask(mp, (img.shape[1], img.shape[0]))))
             seeds.append(zlib.crc32(p.name.encode()))
         yield Batch(torch.stack(imgs), torch.tensor(labels), masks, seeds)
 
@@ -100,7 +102,7 @@ def val_batches(run: Path, ens: Ensemble, batch_size: int = 8):  # type: ignore[
 def centred_box_iou(run: Path, ens: Ensemble) -> float:
     vals = []
     for b in val_batches(run, ens):
-        for m, lab in zip(b.masks, b.labels):
+        for m, lab in zip(b.masks, b.labels, strict=True):
             if m is None or int(lab) == ens.background_index:
                 continue
             h, w = m.shape
@@ -158,20 +160,21 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--preset", default=DEFAULT_PRESET, help="the ensemble to train (runs of another preset than "
-                    "the default go to RUNS_DIR/<set>-<preset>)")
+    ap.add_argument("--preset", default=DEFAULT_PRESET, help="the ensemble to train (runs of another preset "
+                    "than the default go to RUNS_DIR/<set>-<preset>)")
     ap.add_argument("--resize", default="squash",
                     help="train --resize for the runs (letterbox: RUNS_DIR/<set>-letterbox)")
     ap.add_argument("--augment", default="standard",
                     help="train --augment for the runs (robust: RUNS_DIR/<set>-robust)")
     ap.add_argument("--recipes", default="plain,flip,tta,layers-geo,layers-mean,guided,all")
-    ap.add_argument("--max-cost", type=float, default=2.0, help="the default is chosen among recipes costing at "
-                    "most this many plain analyses (pixelvote train --max-map-cost)")
+    ap.add_argument("--max-cost", type=float, default=2.0, help="the default is chosen among recipes costing "
+                    "at most this many plain analyses (pixelvote train --max-map-cost)")
     ap.add_argument("--labels", action="store_true", help="score masks as annotate --labels makes them for "
                     "labelled images (the diagnosis does not gate them)")
     ap.add_argument("--crf-weights", default="10,30", help="the dense CRF's bilateral weights scored (rows "
                     "mean+crf:W)")
-    ap.add_argument("--stage-two", action="store_true", help="also train and score the segmenter (slow on CPU)")
+    ap.add_argument("--stage-two", action="store_true",
+                    help="also train and score the segmenter (slow on CPU)")
     ap.add_argument("--seg-epochs", type=int, default=30)
     ap.add_argument("--seg-method", default="best", help="the recipe of the segmenter's pseudo-masks "
                     "(annotate --method: best, run or paper)")
@@ -216,7 +219,8 @@ def main() -> None:
             rows.append((f"{r} + {f}, t chosen on val", cf, None, t.seconds_per_image))
         if ("segmenter", "-") in tables:
             st = tables[("segmenter", "-")]
-            rows.append(("segmenter (stage two), t=0.5", float(st.ious[:, i05].mean()), 0.5, st.seconds_per_image))
+            rows.append(("segmenter (stage two), t=0.5", float(st.ious[:, i05].mean()), 0.5,
+                         st.seconds_per_image))
             it = GRID.index(seg_cfg.threshold)
             rows.append((f"segmenter, t={seg_cfg.threshold} (chosen by segment train on these images)",
                          float(st.ious[:, it].mean()), seg_cfg.threshold, st.seconds_per_image))
@@ -224,8 +228,8 @@ def main() -> None:
             rows.append(("segmenter, t chosen on val (cross-fitted)", cf, None, st.seconds_per_image))
         if ("segmenter", "crf") in tables:  # the CRF's output is a probability: its mask is > 0.5
             st = tables[("segmenter", "crf")]
-            rows.append((f"segmenter + dense CRF, unary t={seg_cfg.crf_threshold} (chosen by segment train on "
-                         "these images)", float(st.ious[:, i05].mean()), 0.5, st.seconds_per_image))
+            rows.append((f"segmenter + dense CRF, unary t={seg_cfg.crf_threshold} (chosen by segment train "
+                         "on these images)", float(st.ious[:, i05].mean()), 0.5, st.seconds_per_image))
             seg_crf = segmenter_crf_table(run, ens, model, cfg.consensus.crf, args.labels)
             cf, _ = cross_fitted(seg_crf)
             rows.append(("segmenter + dense CRF, unary t chosen on val (cross-fitted)", cf, None,
@@ -240,7 +244,8 @@ def main() -> None:
         key, j, full = best_cell(tables, keys=cheap)
         rows.append((f"default: chosen within cost <= {args.max_cost:g} (cross-fitted): {choices}", cf, None,
                      tables[key].seconds_per_image))
-        print(f"\n## {name}: {n} validation images with masks; ensemble val accuracy {cal['val_accuracy']:.3f}; "
+        print(f"\n## {name}: {n} validation images with masks; "
+              f"ensemble val accuracy {cal['val_accuracy']:.3f}; "
               f"masks {'of labelled images (--labels)' if args.labels else 'gated by the diagnosis'}; "
               f"{PAPER[name]}")
         plain_s = tables[("plain", "intersection")].seconds_per_image
@@ -250,7 +255,8 @@ def main() -> None:
         print(f"default for new runs (all validation images): {key[0]} + {key[1]}, t={GRID[j]} "
               f"(in-sample mean IoU {full:.3f})")
         results[name] = {"n": n, "val_accuracy": cal["val_accuracy"],
-                         "rows": [{"method": r[0], "mean_iou": r[1], "seconds_per_image": r[3]} for r in rows],
+                         "rows": [{"method": r[0], "mean_iou": r[1], "seconds_per_image": r[3]}
+                                  for r in rows],
                          "default": {"recipe": key[0], "fusion": key[1], "threshold": GRID[j]}}
     print(json.dumps(results))
 

@@ -3,9 +3,9 @@
     python bench/quality.py [--runs-dir runs/quality] [--out DIR] [--epochs 8] [--image-size 224]
     python bench/quality.py --quick        # tiny subsets, 1 epoch, 64 px: a smoke test of the whole path
 
-For each trainable set it trains the default offline ensemble with a fixed seed (or reuses RUNS_DIR/<set> when
-it is there), evaluates it with ``pixelvote.evaluate.run.evaluate_run`` on the run's validation split (images the
-models never trained on) and writes REPORT_DIR/<set>/{metrics.json,report.html}:
+For each trainable set it trains the default offline ensemble with a fixed seed (or reuses RUNS_DIR/<set>
+when it is there), evaluates it with ``pixelvote.evaluate.run.evaluate_run`` on the run's validation split
+(images the models never trained on) and writes REPORT_DIR/<set>/{metrics.json,report.html}:
 
 - busi: ``normal`` vs ``lesion`` (benign and malignant merged through a CSV manifest in a temp folder);
 - fire: ``no_fire`` vs ``fire``, split by video (group pattern ``^(Video\\d+)``), so frames of one video

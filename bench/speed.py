@@ -7,8 +7,8 @@ times per image (median over repeats, after a warm-up; random weights, which cos
 
 1. floor      a plain ``torch.inference_mode`` forward of every member (backbone + head), summed over members;
 2. pixelvote  the annotation core, with the models as ``annotate`` runs them (batch norms folded into the
-              convolutions, which the floor does not get): ``analyze`` (all members, XGrad-CAM of the predicted class, T MC samples,
-              per-pixel uncertainty maps) + ``apply_consensus`` (mask, flags);
+              convolutions, which the floor does not get): ``analyze`` (all members, XGrad-CAM of the
+              predicted class, T MC samples, per-pixel uncertainty maps) + ``apply_consensus`` (mask, flags);
 3. naive      the usual way: pytorch-grad-cam's ``XGradCAM`` per member (full backward) + T full forward
               passes per member with dropout on (no per-pixel uncertainty at all: the naive way is favoured);
 4. end to end ``pixelvote.engine.annotate.annotate`` on a folder of real images with a run folder of random
@@ -71,7 +71,8 @@ from pixelvote.models.registry import preset_models  # noqa: E402
 DATA = ROOT.parent / "shared" / "data"
 CLASSES, BACKGROUND = ["lesion", "normal"], "normal"
 # the targets of issue 4 ("Speed"): printed beside the measured ratios, not asserted
-TARGET_CORE_OVER_FLOOR, TARGET_NAIVE_OVER_CORE, TARGET_E2E_OVER_FLOOR, TARGET_MEMORY_GROWTH = 1.15, 20.0, 1.3, 0.10
+TARGET_CORE_OVER_FLOOR, TARGET_NAIVE_OVER_CORE, TARGET_E2E_OVER_FLOOR, TARGET_MEMORY_GROWTH = (
+    1.15, 20.0, 1.3, 0.10)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -473,8 +474,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict[s
             e2e = e2e_ratio = load_s = None
             if not args.no_e2e:
                 run = write_run(ens, tmp / "runs" / key, T)
-                e2e, e2e_ratio, load_s = time_end_to_end(ens, run, e2e_dir, warm_dir, tmp / "work" / key, T, B,
-                                                         args.repeats, device, floor_fn(ens, x), B)
+                e2e, e2e_ratio, load_s = time_end_to_end(ens, run, e2e_dir, warm_dir, tmp / "work" / key,
+                                                         T, B, args.repeats, device, floor_fn(ens, x), B)
             fl, co, na = t["floor"], t["core"], t.get("naive")
             ratios[key] = {"core_over_floor": co / fl, "naive_over_core": None if na is None else na / co,
                            "end_to_end_over_floor": e2e_ratio}
@@ -498,7 +499,8 @@ def print_table(ratios: dict[str, Any], ms: dict[str, Any]) -> None:
               f"{_cell(m['end_to_end'], 8)}   {_cell(r['core_over_floor'], 10, '.2f')} "
               f"{_cell(r['naive_over_core'], 10, '.2f')} {_cell(r['end_to_end_over_floor'], 9, '.2f')}")
     print(f"targets: at 224 px core/floor <= {TARGET_CORE_OVER_FLOOR:g} and naive/core >= "
-          f"{TARGET_NAIVE_OVER_CORE:g}; e2e/floor <= {TARGET_E2E_OVER_FLOOR:g} (decode + write on top of the core)")
+          f"{TARGET_NAIVE_OVER_CORE:g}; e2e/floor <= {TARGET_E2E_OVER_FLOOR:g} "
+          "(decode + write on top of the core)")
     for key, r in ratios.items():
         notes = []
         if key.endswith("@224"):

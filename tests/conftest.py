@@ -32,7 +32,8 @@ def tiny_member():
 
 @pytest.fixture
 def tiny_ensemble(tiny_member) -> Ensemble:
-    return Ensemble([tiny_member("tiny_cnn_a"), tiny_member("tiny_cnn_b")], ["lesion", "normal"], "normal", 64)
+    return Ensemble([tiny_member("tiny_cnn_a"), tiny_member("tiny_cnn_b")], ["lesion", "normal"], "normal",
+                    64)
 
 
 def write_blob_dataset(root: Path, per_class: int = 10, size: tuple[int, int] = (48, 64)) -> Path:

@@ -33,7 +33,7 @@ def test_roundtrip_loads_identical_weights(tmp_path):
     m = _run(tmp_path)
     ens, cfg = load_run(tmp_path, device="cpu")
     assert cfg.classes == ["lesion", "normal"] and not ens.members[0].training
-    for a, b in zip(m.state_dict().values(), ens.members[0].state_dict().values()):
+    for a, b in zip(m.state_dict().values(), ens.members[0].state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -98,7 +98,8 @@ def test_os16_variant_shares_the_weights_and_doubles_the_cam_grid(tmp_path):
 
     fine = build_member("efficientnet_lite0_os16", 2, pretrained=True).eval()
     base = build_member("efficientnet_lite0", 2, pretrained=True).eval()
-    for (n, a), (_, b) in zip(fine.backbone.state_dict().items(), base.backbone.state_dict().items()):
+    for (n, a), (_, b) in zip(fine.backbone.state_dict().items(), base.backbone.state_dict().items(),
+                              strict=True):
         assert torch.equal(a, b), n
     x = torch.rand(1, 3, 64, 64)
     spec = get_spec("efficientnet_lite0_os16")

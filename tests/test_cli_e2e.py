@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +24,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data = write_blob_dataset(root / "data", per_class=12)
     run = root / "run"
-    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--epochs", "2",
-                            "--image-size", "64", "--no-pretrained", "--mc-samples", "4", "--quiet"])
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny",
+                            "--epochs", "2", "--image-size", "64", "--no-pretrained", "--mc-samples", "4",
+                            "--quiet"])
     assert r.exit_code == 0, r.output
     return root, data, run
 
@@ -64,7 +65,8 @@ def test_train_tries_the_crf_weights_given_and_says_what_it_chose(tmp_path):
 
 def test_existing_run_is_not_overwritten(trained):
     _, data, run = trained
-    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny", "--no-pretrained"])
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny",
+                            "--no-pretrained"])
     assert r.exit_code != 0 and "--resume" in str(r.exception)
 
 
@@ -102,7 +104,8 @@ def test_annotate_resume_and_bad_files(trained, tmp_path):
     assert (out / "annotations.jsonl").read_text() == before
     assert len((out / "skipped.jsonl").read_text().splitlines()) == 1
 
-    r = runner.invoke(app, ["export", "--from", str(out), "--format", "coco", "--to", str(tmp_path / "c.json")])
+    r = runner.invoke(app, ["export", "--from", str(out), "--format", "coco",
+                            "--to", str(tmp_path / "c.json")])
     assert r.exit_code == 0, r.output
     coco = json.loads((tmp_path / "c.json").read_text())
     assert len(coco["images"]) == 3
@@ -114,7 +117,8 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     assert p.returncode == 2
     assert "error:" in p.stderr and "dataset not found" in p.stderr and "Traceback" not in p.stderr
     p = subprocess.run([sys.executable, "-m", "pixelvote.cli", "annotate", "--run", str(tmp_path),
-                        "--images", str(tmp_path), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+                        "--images", str(tmp_path), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
     assert p.returncode == 2 and "not a pixelvote run" in p.stderr and "Traceback" not in p.stderr
     for weights, problem in (("10,ten", "not a comma-separated list of numbers"),
                              ("-1", "must be one or more numbers >= 0")):
@@ -127,8 +131,8 @@ def test_cli_reports_errors_without_traceback(tmp_path):
 def test_segmenter_stage_two_through_the_cli(trained, tmp_path):
     _, data, run = trained
     out = tmp_path / "out"
-    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(data / "images"), "--out", str(out),
-                            "--workers", "0", "--mc-samples", "2"])
+    r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(data / "images"),
+                            "--out", str(out), "--workers", "0", "--mc-samples", "2"])
     assert r.exit_code == 0, r.output
     seg = tmp_path / "seg"
     r = runner.invoke(app, ["segment", "train", "--annotations", str(out), "--out", str(seg), "--all",
@@ -148,7 +152,8 @@ def test_segmenter_stage_two_through_the_cli(trained, tmp_path):
         assert p.returncode == 2 and problem in p.stderr and "Traceback" not in p.stderr, p.stderr
     out2 = tmp_path / "out2"
     r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(data / "images" / "lesion"),
-                            "--out", str(out2), "--workers", "0", "--segmenter", str(seg), "--mc-samples", "2"])
+                            "--out", str(out2), "--workers", "0", "--segmenter", str(seg),
+                            "--mc-samples", "2"])
     assert r.exit_code == 0, r.output
     recs = [json.loads(line) for line in (out2 / "annotations.jsonl").read_text().splitlines()]
     assert len(recs) == 12
@@ -165,9 +170,9 @@ def test_segmenter_stage_two_through_the_cli(trained, tmp_path):
 def test_improve_loop_with_simulated_review(trained, tmp_path):
     _, data, run = trained
     work = tmp_path / "work"
-    r = runner.invoke(app, ["improve", "--run", str(run), "--images", str(data / "images"), "--out", str(work),
-                            "--truth", str(data), "--review-fraction", "0.5", "--seg-epochs", "1",
-                            "--device", "cpu"])
+    r = runner.invoke(app, ["improve", "--run", str(run), "--images", str(data / "images"),
+                            "--out", str(work), "--truth", str(data), "--review-fraction", "0.5",
+                            "--seg-epochs", "1", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     log = json.loads((work / "improve_log.json").read_text())
     assert [e["round"] for e in log] == [0, 1]
@@ -179,7 +184,8 @@ def test_improve_loop_with_simulated_review(trained, tmp_path):
     assert log[0]["simulated_reviews"] == 6 and log[0]["reviewed"] == 6
     # the reviewed images are excluded from the score, so both rounds score the same 6 images
     assert log[0]["validation"]["images"] == log[1]["validation"]["images"] == 6
-    recs = [json.loads(x) for x in (work / "round1" / "annotations" / "annotations.jsonl").read_text().splitlines()]
+    recs = [json.loads(x)
+            for x in (work / "round1" / "annotations" / "annotations.jsonl").read_text().splitlines()]
     reviewed = [x for x in recs if x.get("reviewed")]
     assert len(reviewed) == 6
     for x in reviewed:  # reviewed masks carried over: identical to the truth

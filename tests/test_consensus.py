@@ -77,13 +77,15 @@ def test_otsu_splits_a_bimodal_map():
     m = torch.tensor([0.1] * 50 + [0.8] * 50).view(1, 10, 10)
     t = float(otsu_threshold(m))
     assert 0.1 <= t < 0.8
-    r = apply_consensus(_analysis(m.view(1, 1, 10, 10), [[LESION]]), ConsensusConfig(threshold_method="otsu"), 1)
+    r = apply_consensus(_analysis(m.view(1, 1, 10, 10), [[LESION]]), ConsensusConfig(threshold_method="otsu"),
+                        1)
     assert int(r.mask.sum()) == 50
 
 
 def test_percentile_threshold_keeps_the_top_share():
     m = torch.linspace(0, 1, 100).view(1, 1, 10, 10)
-    r = apply_consensus(_analysis(m, [[LESION]]), ConsensusConfig(threshold_method="percentile", percentile=80), 1)
+    r = apply_consensus(_analysis(m, [[LESION]]),
+                        ConsensusConfig(threshold_method="percentile", percentile=80), 1)
     assert 19 <= int(r.mask.sum()) <= 20
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_consensus import LESION, _analysis
 
 from pixelvote.consensus import ConsensusConfig, apply_consensus
 from pixelvote.errors import ConfigError
-from test_consensus import LESION, _analysis
 
 pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is in the test extra")
 
@@ -80,7 +80,8 @@ def test_without_pairwise_terms_the_crf_mask_is_the_thresholded_map() -> None:
     img, blob, _ = _scene(32)
     for t in (0.3, 0.6):
         p = unary_probability(blob, t, 0.8)
-        assert torch.equal(p > 0.5, blob > t) and float(p.min()) >= 0.1 - 1e-6 and float(p.max()) <= 0.9 + 1e-6
+        assert (torch.equal(p > 0.5, blob > t) and float(p.min()) >= 0.1 - 1e-6
+                and float(p.max()) <= 0.9 + 1e-6)
         cfg = CRFConfig(bilateral_compat=0.0, gaussian_compat=0.0, size=32)
         q = dense_crf(blob[None], img[None], cfg, t)[0]
         assert torch.equal(q > 0.5, blob > t)

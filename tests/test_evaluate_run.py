@@ -338,7 +338,8 @@ def test_segmenter_rows_score_the_masks_annotate_writes_with_it(trained, tmp_pat
     if "segmenter + dense CRF" in rows:  # with the crf extra: a segmenter saved with crf=True writes that row
         meta = json.loads((seg / "segmenter.json").read_text())
         (seg / "segmenter.json").write_text(json.dumps({**meta, "crf": True}))
-        assert rows["segmenter + dense CRF"][0] == pytest.approx(annotated_iou(tmp_path / "ann-crf"), abs=1e-9)
+        assert rows["segmenter + dense CRF"][0] == pytest.approx(annotated_iou(tmp_path / "ann-crf"),
+                                                                 abs=1e-9)
 
 
 def test_labels_mode_scores_the_masks_annotate_labels_writes(trained, tmp_path):

@@ -57,7 +57,8 @@ def test_contrast_maps_explain_the_margin_over_the_background(tiny_member):
     v = out.masks * (W[target] - W[0] * (target != 0).float().unsqueeze(1)).unsqueeze(0)
     A = out.activation.detach()
     samples = torch.relu(torch.einsum("tbc,bchw->tbhw", v, A)) / (A.shape[-1] * A.shape[-2])
-    assert torch.allclose(member_cams(m, out, target, against=0)[1], samples.std(0, unbiased=False), atol=1e-6)
+    assert torch.allclose(member_cams(m, out, target, against=0)[1], samples.std(0, unbiased=False),
+                          atol=1e-6)
 
 
 def test_analyze_contrast_recipe_changes_only_the_maps(tiny_ensemble):

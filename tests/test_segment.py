@@ -168,8 +168,15 @@ def test_augmentation_moves_image_target_and_weight_together(tmp_path):
 
 
 def _lite0_run(tmp_path, name="efficientnet_lite0_os16"):
-    """A run folder whose one member is an EfficientNet-Lite0 (random weights) - a stand-in for a fine-tuned one."""
-    from pixelvote.models.checkpoint import MemberConfig, RunConfig, member_file, save_run_config, save_weights
+    """A run folder whose one member is an EfficientNet-Lite0 (random weights) - a stand-in for a
+    fine-tuned one."""
+    from pixelvote.models.checkpoint import (
+        MemberConfig,
+        RunConfig,
+        member_file,
+        save_run_config,
+        save_weights,
+    )
     from pixelvote.models.member import build_member
 
     run = tmp_path / "run"

@@ -136,7 +136,8 @@ def test_segmenter_rows_are_gated_by_the_diagnosis(tmp_path) -> None:
 
     tables = collect(ens, [batch], {"plain": MapConfig()}, fusions=("mean",), segmenter=Everything())
     diagnosed = analyze(ens, imgs, mc_samples=1, seeds=list(range(len(paths)))).label != ens.background_index
-    expected = torch.tensor([float(m.float().mean()) if bool(d) else 0.0 for m, d in zip(masks, diagnosed, strict=True)])
+    expected = torch.tensor([float(m.float().mean()) if bool(d) else 0.0
+                             for m, d in zip(masks, diagnosed, strict=True)])
     keys = [("segmenter", "-")] + ([("segmenter", "crf")] if crf.available() else [])
     for key in keys:
         ious = tables[key].ious
@@ -151,7 +152,8 @@ def test_method_best_uses_the_runs_best_recipe_and_falls_back_without_one(caplog
     from pixelvote.explain.analyze import MapConfig
     from pixelvote.models.checkpoint import MemberConfig, Recipe, RunConfig
 
-    cfg = RunConfig(classes=["lesion", "normal"], background="normal", members=[MemberConfig(name="tiny_cnn_a")],
+    cfg = RunConfig(classes=["lesion", "normal"], background="normal",
+                    members=[MemberConfig(name="tiny_cnn_a")],
                     consensus=ConsensusConfig(fusion="mean", threshold=0.4), maps=MapConfig(contrast=True))
     assert method_recipe(cfg, "best") == (cfg.consensus, cfg.maps)  # an older run: its own recipe
     assert "no 'best' recipe" in caplog.text

@@ -18,7 +18,8 @@ def _cfg(data, out, **kw):
     return TrainConfig(**base)
 
 
-def test_interrupted_run_is_usable_and_resume_matches_an_uninterrupted_run(blob_dataset, tmp_path, monkeypatch):
+def test_interrupted_run_is_usable_and_resume_matches_an_uninterrupted_run(blob_dataset, tmp_path,
+                                                                           monkeypatch):
     full = loop.train(_cfg(blob_dataset, tmp_path / "full"))
     real = loop.evaluate_member
     calls = {"n": 0}
@@ -41,14 +42,15 @@ def test_interrupted_run_is_usable_and_resume_matches_an_uninterrupted_run(blob_
                                                          for e in (1, 2, 3)]
     a, _ = load_run(full)
     b, _ = load_run(tmp_path / "cut")
-    for ma, mb in zip(a.members, b.members):
-        for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
+    for ma, mb in zip(a.members, b.members, strict=True):
+        for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values(), strict=True):
             assert torch.allclose(va.float(), vb.float(), atol=1e-5), k
 
 
 def test_mc_variance_term_changes_training(blob_dataset, tmp_path):
     a = loop.train(_cfg(blob_dataset, tmp_path / "a", epochs=1, models=["tiny_cnn_a"]))
-    b = loop.train(_cfg(blob_dataset, tmp_path / "b", epochs=1, models=["tiny_cnn_a"], mc_variance_weight=5.0))
+    b = loop.train(_cfg(blob_dataset, tmp_path / "b", epochs=1, models=["tiny_cnn_a"],
+                        mc_variance_weight=5.0))
     wa = load_run(a)[0].members[0].fc.weight
     wb = load_run(b)[0].members[0].fc.weight
     assert not torch.allclose(wa, wb)
@@ -99,7 +101,8 @@ def test_robust_augmentation_recompresses_and_blurs():
         aug = train_augment(64, kind)
         outs = [aug(img) for _ in range(40)]
         assert all(o.dtype == torch.uint8 and o.shape == (3, 64, 64) for o in outs)
-        return float(torch.stack([(o.float()[:, :, 1:] - o.float()[:, :, :-1]).abs().mean() for o in outs]).mean())
+        return float(torch.stack([(o.float()[:, :, 1:] - o.float()[:, :, :-1]).abs().mean()
+                                  for o in outs]).mean())
 
     assert detail("robust") < 0.85 * detail("standard")
 

@@ -14,7 +14,8 @@ import typer
 from pixelvote.errors import PixelvoteError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Pixel-level annotations from image-level labels: train an ensemble, annotate, review.")
+                  help="Pixel-level annotations from image-level labels: train an ensemble, annotate, "
+                       "review.")
 log = logging.getLogger("pixelvote")
 
 
@@ -39,10 +40,12 @@ def _numbers(value: str, option: str) -> list[float]:
 
 @app.command()
 def train(
-    data: Optional[Path] = typer.Option(None, "--data", help="images/<class>/..., a CSV manifest, or a TBX11K root"),
+    data: Optional[Path] = typer.Option(None, "--data",
+                                        help="images/<class>/..., a CSV manifest, or a TBX11K root"),
     out: Path = typer.Option(..., "--out", help="run folder to create (or to continue, with --resume)"),
-    preset: str = typer.Option("offline-os16", help="offline-os16 (EfficientNet-Lite0/1/2 at output stride 16: "
-                               "finer CAMs; no internet), offline (the same at stride 32, ~1.25x faster) or paper"),
+    preset: str = typer.Option("offline-os16", help="offline-os16 (EfficientNet-Lite0/1/2 at output stride "
+                               "16: finer CAMs; no internet), offline (the same at stride 32, ~1.25x faster) "
+                               "or paper"),
     models: Optional[str] = typer.Option(None, help="comma-separated backbones instead of the preset"),
     epochs: int = typer.Option(8, min=1),
     image_size: int = typer.Option(224, min=32),
@@ -51,17 +54,20 @@ def train(
     dropout: float = typer.Option(0.3, help="dropout rate of each member's head (MC Dropout)"),
     seed: int = typer.Option(0),
     background: Optional[str] = typer.Option(None, help="the no-finding class (default: normal/healthy/...)"),
-    group_pattern: Optional[str] = typer.Option(None, help=r"regex on file names; group 1 keeps e.g. ^(Video\d+) together"),
+    group_pattern: Optional[str] = typer.Option(
+        None, help=r"regex on file names; group 1 keeps e.g. ^(Video\d+) together"),
     train_exclude: Optional[str] = typer.Option(
         None, help=r"regex on file names: leave matching images out of training, keep them in validation "
                    "(e.g. ^Video: a source only one class has; see README)"),
     val_fraction: float = typer.Option(0.2),
     augment: str = typer.Option("standard", help="standard, or robust: + wider crops, blur and JPEG "
                                 "re-compression, against a source shortcut (see README)"),
-    resize: str = typer.Option("squash", help="how an image becomes the square model input: squash (stretch) or "
-                               "letterbox (keep the aspect ratio, pad); annotate and evaluate follow the run"),
+    resize: str = typer.Option("squash", help="how an image becomes the square model input: squash (stretch) "
+                               "or letterbox (keep the aspect ratio, pad); annotate and evaluate follow the "
+                               "run"),
     patience: int = typer.Option(3, help="early stopping patience (epochs)"),
-    mc_variance_weight: float = typer.Option(0.0, help="the paper's lambda x MC-dropout variance in the loss"),
+    mc_variance_weight: float = typer.Option(0.0,
+                                             help="the paper's lambda x MC-dropout variance in the loss"),
     mc_samples: int = typer.Option(30, help="T, MC samples for calibration and annotation"),
     cam_layer: Optional[str] = typer.Option(None, help="CAM target layer (default: each backbone's last)"),
     max_map_cost: float = typer.Option(2.0, min=1.0, help="choose only map recipes costing at most this many "
@@ -88,7 +94,8 @@ def train(
     from pixelvote.train.loop import train as run_train
 
     if data is None and not resume:
-        raise ConfigError("--data is required to start a run", fix="pass --data DIR, or --resume to continue --out")
+        raise ConfigError("--data is required to start a run",
+                          fix="pass --data DIR, or --resume to continue --out")
     if resume:  # the run's own settings are used; only --out matters
         saved = out / "train_config.json"
         if not saved.exists():
@@ -97,10 +104,10 @@ def train(
             raise CheckpointError("nothing to resume: no train_config.json", path=out,
                                   fix="start a new run with --data (without --resume)")
         data = Path(json.loads(saved.read_text(encoding="utf-8"))["data"])
-    cfg = TrainConfig(data=data, out=out, preset=preset, models=_csv(models), epochs=epochs, image_size=image_size,
-                      batch_size=batch_size, lr=lr, dropout=dropout, seed=seed, background=background,
-                      group_pattern=group_pattern, train_exclude=train_exclude, val_fraction=val_fraction,
-                      patience=patience, augment=augment, resize=resize,
+    cfg = TrainConfig(data=data, out=out, preset=preset, models=_csv(models), epochs=epochs,
+                      image_size=image_size, batch_size=batch_size, lr=lr, dropout=dropout, seed=seed,
+                      background=background, group_pattern=group_pattern, train_exclude=train_exclude,
+                      val_fraction=val_fraction, patience=patience, augment=augment, resize=resize,
                       mc_variance_weight=mc_variance_weight, mc_samples=mc_samples, cam_layer=cam_layer,
                       pretrained=pretrained, weights_dir=weights, device=device, max_map_cost=max_map_cost,
                       max_pseudo_label_cost=max_pseudo_label_cost,
@@ -137,21 +144,24 @@ def annotate(
     out: Path = typer.Option(..., "--out", help="output folder (re-running skips finished images)"),
     batch_size: int = typer.Option(8, min=1),
     mc_samples: Optional[int] = typer.Option(None, help="T (default: the run's)"),
-    workers: Optional[int] = typer.Option(None, help="decoding worker processes (default: up to 4 feeding a GPU; on a CPU the cores torch leaves free)"),
+    workers: Optional[int] = typer.Option(None, help="decoding worker processes (default: up to 4 feeding a "
+                                                     "GPU; on a CPU the cores torch leaves free)"),
     policy: Optional[str] = typer.Option(None, help="unanimous | majority | k-of-n"),
     k: Optional[int] = typer.Option(None, help="k for k-of-n"),
     fusion: Optional[str] = typer.Option(None, help="intersection | mean | vote"),
     threshold_method: Optional[str] = typer.Option(None, help="fixed | otsu | percentile"),
     threshold: Optional[float] = typer.Option(None, help="fixed threshold as a fraction of each map's max"),
-    method: str = typer.Option("run", help="run: the run's calibrated recipe; best: the best one on validation "
-                               "within train's --max-pseudo-label-cost (costlier; for masks that train a "
-                               "segmenter); paper: plain XGrad-CAM, unanimous intersection at 0.5"),
-    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="flip + 0.75/1/1.25 scale test-time augmentation"),
-    layer_fusion: Optional[str] = typer.Option(None, help="none | mean | geometric (earlier-layer XGrad-CAM)"),
+    method: str = typer.Option("run", help="run: the run's calibrated recipe; best: the best one on "
+                               "validation within train's --max-pseudo-label-cost (costlier; for masks that "
+                               "train a segmenter); paper: plain XGrad-CAM, unanimous intersection at 0.5"),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta",
+                                       help="flip + 0.75/1/1.25 scale test-time augmentation"),
+    layer_fusion: Optional[str] = typer.Option(None,
+                                               help="none | mean | geometric (earlier-layer XGrad-CAM)"),
     refine: Optional[str] = typer.Option(None, help="none | guided (edge-aware refinement of each map)"),
     contrast: Optional[bool] = typer.Option(None, "--contrast/--no-contrast", help="explain logit(finding) - "
-                                            "logit(background) instead of the finding's logit (default: as the "
-                                            "run chose)"),
+                                            "logit(background) instead of the finding's logit (default: as "
+                                            "the run chose)"),
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="dense-CRF refinement of the fused map "
                                        "(default: as the run chose; needs pixelvote[crf])"),
     segmenter: Optional[Path] = typer.Option(None, help="masks from a `pixelvote segment train` folder"),
@@ -219,8 +229,10 @@ def demo(
 
     r = run_demo(where, epochs=epochs, pretrained=pretrained, preset=preset)
     typer.echo(f"\nannotated {r['images']} new images: accuracy {r['accuracy']:.3f}, "
-               f"mean IoU {r['mean_iou']:.3f} on {r['iou_images']} lesion images, {r['flagged']} flagged for review")
-    typer.echo(f"run: {r['run']}\nannotations: {r['annotations']} (masks/, overlays/, uncertainty/, annotations.jsonl)")
+               f"mean IoU {r['mean_iou']:.3f} on {r['iou_images']} lesion images, {r['flagged']} flagged "
+               "for review")
+    typer.echo(f"run: {r['run']}\nannotations: {r['annotations']} "
+               "(masks/, overlays/, uncertainty/, annotations.jsonl)")
 
 
 @app.command()
@@ -231,8 +243,8 @@ def evaluate(
     split: Optional[str] = typer.Option(None, help="val | test | all (default: val on the run's own data)"),
     mc_samples: Optional[int] = typer.Option(None),
     batch_size: int = typer.Option(8, min=1),
-    method: str = typer.Option("run", help="run (the calibrated recipe), best (the best within the pseudo-label "
-                               "cost limit) or paper (the paper's fixed rule)"),
+    method: str = typer.Option("run", help="run (the calibrated recipe), best (the best within the "
+                               "pseudo-label cost limit) or paper (the paper's fixed rule)"),
     max_gallery: int = typer.Option(12),
     dataset: Optional[str] = typer.Option(None, help="name shown in the report (busi, fire, tbx11k, ...)"),
     segmenter: Optional[Path] = typer.Option(None, help="also score this `pixelvote segment train` folder's "
@@ -264,7 +276,8 @@ def evaluate(
 @app.command()
 def export(
     source: Path = typer.Option(..., "--from", help="an annotation output folder (pixelvote annotate --out)"),
-    fmt: str = typer.Option(..., "--format", help="coco | coco-results | labelstudio | cvat | monailabel | png | nifti"),
+    fmt: str = typer.Option(..., "--format",
+                            help="coco | coco-results | labelstudio | cvat | monailabel | png | nifti"),
     to: Path = typer.Option(..., "--to", help="file or folder to write (see docs/exports.md)"),
 ) -> None:
     """Export masks and flags to an annotation tool's format."""
@@ -302,9 +315,11 @@ app.add_typer(segment_app, name="segment")
 
 @segment_app.command("train")
 def segment_train(
-    annotations: Path = typer.Option(..., "--annotations", help="an annotation output folder (annotate --out)"),
+    annotations: Path = typer.Option(..., "--annotations",
+                                     help="an annotation output folder (annotate --out)"),
     out: Path = typer.Option(..., "--out", help="segmenter folder to write"),
-    run: Optional[Path] = typer.Option(None, "--run", help="the ensemble run (for classes, if OUT lacks them)"),
+    run: Optional[Path] = typer.Option(None, "--run",
+                                       help="the ensemble run (for classes, if OUT lacks them)"),
     reviewed_only: bool = typer.Option(False, "--reviewed-only", help="train on reviewed masks only"),
     all_images: bool = typer.Option(False, "--all", help="also use flagged, unreviewed images"),
     encoder: str = typer.Option("efficientnet_lite0"),
@@ -320,8 +335,8 @@ def segment_train(
                                        "with the dense CRF (default: on where pixelvote[crf] is installed; "
                                        "`evaluate --segmenter` shows both rows)"),
     encoder_init: str = typer.Option("run", "--encoder-init", help="run: the encoder starts from the run's "
-                                     "fine-tuned member of the same network (--run, or the run that annotated "
-                                     "OUT); imagenet: from ImageNet weights"),
+                                     "fine-tuned member of the same network (--run, or the run that "
+                                     "annotated OUT); imagenet: from ImageNet weights"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="choose the segmenter's mask and "
                                    "CRF thresholds on the run's validation masks (else 0.5)"),
@@ -380,16 +395,18 @@ def improve(
     work: Path = typer.Option(..., "--out", help="working folder: round0/, round1/, ..., improve_log.json"),
     rounds: int = typer.Option(1, min=1),
     truth: Optional[Path] = typer.Option(None, help="DATA root with masks/: simulate reviews and log IoU"),
-    review_fraction: float = typer.Option(0.2, help="share of the most uncertain images reviewed (simulated)"),
+    review_fraction: float = typer.Option(0.2,
+                                          help="share of the most uncertain images reviewed (simulated)"),
     seg_epochs: int = typer.Option(30, min=1),
-    seg_decoder: str = typer.Option("light", help="light or full segmenter decoder (see `segment train --decoder`)"),
-    method: str = typer.Option("best", help="the recipe of the consensus masks the first segmenter learns from "
-                               "(see `annotate --method`)"),
+    seg_decoder: str = typer.Option("light",
+                                    help="light or full segmenter decoder (see `segment train --decoder`)"),
+    method: str = typer.Option("best", help="the recipe of the consensus masks the first segmenter learns "
+                               "from (see `annotate --method`)"),
     labels: bool = typer.Option(False, "--labels/--no-labels", help="the images are labelled: annotate with "
                                 "their labels (see `annotate --labels`)"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
-    """The loop a team runs: annotate -> review -> retrain the segmenter -> re-annotate (log IoU per round)."""
+    """The loop a team runs: annotate -> review -> retrain the segmenter -> re-annotate (log IoU per round)."""  # noqa: E501 - one line: typer shows it as the command's summary
     _setup_logging(True)
     from pixelvote.segment.improve import improve as run_improve
 
@@ -408,8 +425,10 @@ def review(
     token: Optional[str] = typer.Option(None, envvar="PIXELVOTE_REVIEW_TOKEN",
                                         help="secret every request must present; required off loopback"),
     apply_to: Optional[Path] = typer.Option(None, "--apply-to",
-                                            help="write OUT with the decisions applied to this new folder, and exit"),
-    only_reviewed: bool = typer.Option(False, "--only-reviewed", help="with --apply-to: reviewed images only"),
+                                            help="write OUT with the decisions applied to this new folder, "
+                                                 "and exit"),
+    only_reviewed: bool = typer.Option(False, "--only-reviewed",
+                                       help="with --apply-to: reviewed images only"),
     verbose: bool = typer.Option(False, "--verbose/--quiet"),
 ) -> None:
     """Review flagged images in a local web app; every decision goes to OUT/review.sqlite."""

@@ -33,7 +33,8 @@ class ConsensusConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     policy: Policy = "unanimous"
-    k: int = Field(2, ge=1, description="members that must agree (policy k-of-n) / vote for a pixel (fusion vote)")
+    k: int = Field(2, ge=1, description="members that must agree (policy k-of-n) / vote for a pixel "
+                                        "(fusion vote)")
     fusion: Fusion = "intersection"
     threshold_method: ThresholdMethod = "fixed"
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of each map's maximum (fixed)")
@@ -41,12 +42,14 @@ class ConsensusConfig(BaseModel):
     threshold_source: str = "default (0.5 of the max)"
     mi_threshold: float | None = Field(None, ge=0.0, description="flag when mean mutual information is above")
     variance_threshold: float | None = Field(None, ge=0.0, description="flag when mean MC variance is above")
-    min_confidence: float = Field(0.6, ge=0.0, le=1.0, description="flag when the ensemble probability is below")
+    min_confidence: float = Field(0.6, ge=0.0, le=1.0,
+                                  description="flag when the ensemble probability is below")
     labelled_members: Literal["all", "agreeing"] = Field(
         "all", description="with known labels (annotate --labels): fuse every member's map, or, where the "
                            "ensemble diagnoses a finding, only the members that agree with it")
     refine: Refine = Field("none", description="crf: refine the fused soft map with a dense CRF on the image "
-                                               "colours, then threshold the CRF's marginal (needs pydensecrf2)")
+                                               "colours, then threshold the CRF's marginal (needs "
+                                               "pydensecrf2)")
     crf: CRFConfig = Field(default_factory=CRFConfig)
 
 
@@ -187,7 +190,7 @@ def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: 
     ], 1).tolist()  # one transfer from the device for the whole batch
     names = ("no_agreeing_member", "disagreement", "high_mutual_information", "high_variance",
              "low_confidence", "empty_mask", "label_disagrees")
-    reasons = [[n for n, hit in zip(names, row) if hit] for row in checks]
+    reasons = [[n for n, hit in zip(names, row, strict=True) if hit] for row in checks]
     return ConsensusResult(fused, heat, unc, agree, agree.float().mean(0), foreground, reasons, thresholds)
 
 
@@ -200,11 +203,13 @@ def _crf_fused(analysis: Analysis, cfg: ConsensusConfig, agree: torch.Tensor, k:
     from pixelvote.refine.crf import dense_crf
 
     if analysis.inputs is None:
-        raise ConfigError("the CRF refinement needs the analysed images", fix="use analyze(), which keeps them")
+        raise ConfigError("the CRF refinement needs the analysed images",
+                          fix="use analyze(), which keeps them")
     maps = analysis.maps
     live = (analysis.raw_max > 0).view(*agree.shape, 1, 1)
     zero = torch.zeros(maps.shape[:2], device=maps.device)
-    soft = fuse_margins(torch.where(live, maps, torch.full_like(maps, -1.0)), agree, cfg.fusion, k, maps, zero)
+    soft = fuse_margins(torch.where(live, maps, torch.full_like(maps, -1.0)), agree, cfg.fusion, k, maps,
+                        zero)
     soft = soft.clamp(0.0, 1.0)
     if cfg.threshold_method == "fixed":
         t = torch.full(soft.shape[:1], cfg.threshold, device=soft.device)

@@ -217,7 +217,8 @@ def _finish(ds: Dataset) -> Dataset:
                         fix="put images in images/<class>/ (PNG, JPEG, BMP or TIFF) or list them in a CSV")
     if len(ds.classes) < 2:
         raise DataError(f"only one class found ({ds.classes}); a classifier needs at least two",
-                        path=ds.root, fix="add a background class folder (e.g. images/normal/) with negatives")
+                        path=ds.root,
+                        fix="add a background class folder (e.g. images/normal/) with negatives")
     return ds
 
 
@@ -235,7 +236,8 @@ def resolve_background(classes: list[str], background: str | None) -> str:
         return found[0]
     raise DataError(
         f"cannot tell which class is the background (healthy / no finding) among {classes}",
-        fix=f"pass --background CLASS (by default a class named one of {', '.join(BACKGROUND_NAMES)} is used)",
+        fix=f"pass --background CLASS (by default a class named one of {', '.join(BACKGROUND_NAMES)} "
+            "is used)",
     )
 
 
@@ -252,7 +254,8 @@ def split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[S
     counts = Counter(labels.tolist())
     rare = [c for c, n in counts.items() if n < 2]
     if rare:
-        raise DataError(f"class(es) {rare} have a single image, too few to split into training and validation",
+        raise DataError(f"class(es) {rare} have a single image, too few to split into training and "
+                        "validation",
                         fix="add images to those classes, or provide a val/ folder")
     n_splits = max(2, min(round(1.0 / val_fraction), n_groups, min(counts.values())))
     if n_groups < 2:

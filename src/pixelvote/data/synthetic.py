@@ -32,7 +32,8 @@ def _blob(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return r
 
 
-def make_image(rng: np.random.Generator, lesion: bool, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def make_image(rng: np.random.Generator, lesion: bool,
+               size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     h, w = size
     img = _texture(rng, h, w)
     mask = np.zeros((h, w), bool)

@@ -202,8 +202,9 @@ def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig
         except json.JSONDecodeError:
             meta = {}
         if meta.get("classes") not in (None, ens.classes):
-            raise DataError(f"this folder holds annotations of classes {meta.get('classes')}, but the run has "
-                            f"{ens.classes}", path=out, fix="use another --out folder for this run")
+            raise DataError(f"this folder holds annotations of classes {meta.get('classes')}, "
+                            f"but the run has {ens.classes}", path=out,
+                            fix="use another --out folder for this run")
     write_json_atomic(meta_path, {
         "format_version": MANIFEST_VERSION, "classes": ens.classes, "background": ens.background,
         "run": str(Path(run).resolve()), "consensus": consensus.model_dump(mode="json"),
@@ -259,8 +260,8 @@ def resolve_recipe(cfg: RunConfig, method: str, consensus: dict[str, Any] | None
         from pixelvote.refine import crf
 
         if not crf.available():
-            raise ConfigError("this run's masks are refined with a dense CRF (consensus.refine = \"crf\"), but "
-                              "pydensecrf2 is not installed",
+            raise ConfigError("this run's masks are refined with a dense CRF (consensus.refine = \"crf\"), "
+                              "but pydensecrf2 is not installed",
                               fix=f"{crf.INSTALL_HINT}; or annotate without it: --no-crf")
     return ccfg, mcfg, mc_samples or cfg.mc_samples
 
@@ -392,7 +393,8 @@ def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: fl
 
     prob = predict(model, x)
     if prob.shape[-2:] != res.margin.shape[-2:]:
-        prob = F.interpolate(prob[:, None], size=res.margin.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        prob = F.interpolate(prob[:, None], size=res.margin.shape[-2:], mode="bilinear",
+                             align_corners=False)[:, 0]
     fg = res.foreground
     seg_margin = prob - scfg.threshold
     todo = fg.nonzero().flatten().to(prob.device)
@@ -426,8 +428,9 @@ def _finish(summary: AnnotateSummary, out: Path) -> AnnotateSummary:
     return summary
 
 
-def _annotate_batch(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int, batch: list[dict[str, Any]],
-                    writer: _Writer, summary: AnnotateSummary, seg: tuple | None = None) -> None:
+def _annotate_batch(ens: Ensemble, ccfg: ConsensusConfig, mcfg: MapConfig, T: int,
+                    batch: list[dict[str, Any]], writer: _Writer, summary: AnnotateSummary,
+                    seg: tuple | None = None) -> None:
     for job in batch_results(ens, ccfg, mcfg, T, batch, seg):
         writer.put(job)
         summary.annotated += 1

@@ -30,7 +30,8 @@ def list_inputs(images: str | Path, *, labels: bool = False) -> list[Item]:
     or ``DIR/images/<class>/...``) or the manifest's ``label`` column."""
     root = Path(images)
     if not root.exists():
-        raise DataError("input not found", path=root, fix="pass a folder of images or a CSV manifest with a path column")
+        raise DataError("input not found", path=root,
+                        fix="pass a folder of images or a CSV manifest with a path column")
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataError("expected a folder or a .csv manifest", path=root,
@@ -39,7 +40,8 @@ def list_inputs(images: str | Path, *, labels: bool = False) -> list[Item]:
             reader = csv.DictReader(fh)
             fields = [f.strip().lower() for f in reader.fieldnames or []]
             if "path" not in fields:
-                raise DataError("CSV manifest has no 'path' column", path=root, fix="add a header line with 'path'")
+                raise DataError("CSV manifest has no 'path' column", path=root,
+                                fix="add a header line with 'path'")
             if labels and "label" not in fields:
                 raise DataError("CSV manifest has no 'label' column, so its images have no labels", path=root,
                                 fix="add a 'label' column with each image's class, or drop --labels")

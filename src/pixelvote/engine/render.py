@@ -12,7 +12,8 @@ _LUT: np.ndarray | None = None
 
 # record field -> (folder, suffix) of each per-image file. The overlay is only for people, so it is a JPEG:
 # encoding it as PNG cost more than the whole forward pass of the offline ensemble (bench/speed.py).
-OUTPUT_FILES = {"mask": ("masks", ".png"), "overlay": ("overlays", ".jpg"), "uncertainty": ("uncertainty", ".png")}
+OUTPUT_FILES = {"mask": ("masks", ".png"), "overlay": ("overlays", ".jpg"),
+                "uncertainty": ("uncertainty", ".png")}
 OVERLAY_JPEG_QUALITY = 90
 
 
@@ -87,7 +88,8 @@ def _encode(array: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def encode_outputs(image: np.ndarray, mask: np.ndarray, heat: np.ndarray, unc: np.ndarray) -> dict[str, bytes]:
+def encode_outputs(image: np.ndarray, mask: np.ndarray, heat: np.ndarray,
+                   unc: np.ndarray) -> dict[str, bytes]:
     """One image's files as bytes, by the record field that names them, in writing order: the mask (0/255
     PNG), the overlay (JPEG) and the uncertainty map (8-bit PNG). ``heat``/``unc``: uint8 levels or floats
     in [0, 1]."""

@@ -83,7 +83,8 @@ def fusion_settings(fusion: str) -> dict[str, str]:
 
 
 def crf_fusions(weights: Sequence[float]) -> list[str]:
-    """The CRF-refined fusions tried with each bilateral weight: ``intersection+crf:10``, ``mean+crf:30``..."""
+    """The CRF-refined fusions tried with each bilateral weight: ``intersection+crf:10``,
+    ``mean+crf:30``..."""
     return [f"{f}+crf:{w:g}" for f in ("intersection", "mean") for w in weights]
 
 

@@ -247,7 +247,7 @@ def analyze(ensemble: Ensemble, images: torch.Tensor, *, mc_samples: int = 30,
         base.maps = _renormalise(total_m / n)
         base.uncertainty = total_u / n
     if cfg.refine == "guided":
-        from pixelvote.refine.guided import guided_filter, grey
+        from pixelvote.refine.guided import grey, guided_filter
 
         r = max(1, round(cfg.guided_radius * max(x.shape[-2:])))
         base.maps = _renormalise(guided_filter(base.maps, grey(x), r, cfg.guided_eps).clamp_min(0.0))
@@ -291,7 +291,7 @@ def _analyze_view(ensemble: Ensemble, x: torch.Tensor, mc_samples: int, target: 
             target = torch.where((label == bg) & (given != bg), given, target)
     against = ensemble.background_index if cfg.contrast else None
     maps, unc, raw_max = [], [], []
-    for m, o in zip(ensemble.members, outs):
+    for m, o in zip(ensemble.members, outs, strict=True):
         cam, std = member_cams(m, o, target, against=against)
         mx = cam.amax(dim=(-2, -1))
         scale = mx.clamp_min(_EPS).view(-1, 1, 1)

@@ -49,7 +49,8 @@ class ActivationCapture:
 
     def __enter__(self) -> ActivationCapture:
         self._grad_mode = torch.is_grad_enabled()
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in zip(self.names, self.modules)]
+        self._handles = [m.register_forward_hook(self._hook(n))
+                         for n, m in zip(self.names, self.modules, strict=True)]
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -8,14 +8,16 @@ _EPS = 1e-7
 
 
 def xgradcam_weights(activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Channel weights ``(..., C)`` from an activation ``(B, C, h, w)`` and gradients ``(..., B, C, h, w)``."""
+    """Channel weights ``(..., C)`` from an activation ``(B, C, h, w)`` and gradients
+    ``(..., B, C, h, w)``."""
     num = (activation * grad).sum(dim=(-2, -1))
     den = activation.sum(dim=(-2, -1))
     return num / (den + _EPS)
 
 
 def weighted_map(activation: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``ReLU(sum_k w_k A_k)``: activation ``(B, C, h, w)``, weights ``(..., B, C)`` -> raw map ``(..., B, h, w)``."""
+    """``ReLU(sum_k w_k A_k)``: activation ``(B, C, h, w)``, weights ``(..., B, C)`` -> raw map
+    ``(..., B, h, w)``."""
     return torch.relu(torch.einsum("...bc,bchw->...bhw", weights, activation))
 
 

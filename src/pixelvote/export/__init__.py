@@ -92,7 +92,8 @@ def export_annotations(out_dir: str | Path, fmt: str, to: str | Path, *, skip_ba
 
     exporter = _exporter(fmt)
     _check_options(fmt, exporter, options)
-    from pixelvote.review.apply import reviewed_records  # standard library only; no-op without OUT/review.sqlite
+    # standard library only; no-op without OUT/review.sqlite
+    from pixelvote.review.apply import reviewed_records
 
     folder = open_output(out_dir)
     folder.records = reviewed_records(folder.root, folder.records, folder.classes.names)

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pixelvote.consensus import ConsensusConfig
 from pixelvote.data.imageio import write_bytes_atomic, write_json_atomic
-from pixelvote.explain.analyze import MapConfig
 from pixelvote.errors import CheckpointError
+from pixelvote.explain.analyze import MapConfig
 from pixelvote.models.ensemble import Ensemble
 from pixelvote.models.member import Member, build_member
 
@@ -132,7 +132,8 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
         raise CheckpointError("run.json has no format_version", path=path, fix="re-train the run")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"run format {version} was written by a newer pixelvote (this one reads "
-                              f"{FORMAT_VERSION})", path=path, fix="upgrade pixelvote: pip install -U pixelvote")
+                              f"{FORMAT_VERSION})", path=path,
+                              fix="upgrade pixelvote: pip install -U pixelvote")
     if version < FORMAT_VERSION:
         raise CheckpointError(f"run format {version} is older than this pixelvote's ({FORMAT_VERSION})",
                               path=path, fix="re-train the run with this version")
@@ -144,7 +145,8 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
                               fix="restore it, or re-train the run") from None
 
 
-def build_members(cfg: RunConfig, *, pretrained: bool = False, weights_dir: str | Path | None = None) -> list[Member]:
+def build_members(cfg: RunConfig, *, pretrained: bool = False,
+                  weights_dir: str | Path | None = None) -> list[Member]:
     return [build_member(m.name, len(cfg.classes), dropout=m.dropout, pretrained=pretrained,
                          weights_dir=weights_dir, cam_layer=m.cam_layer) for m in cfg.members]
 
@@ -163,7 +165,8 @@ def _state_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tens
 
 
 def load_module_state(module: torch.nn.Module, path: Path, what: str) -> None:
-    """Load safetensors weights into ``module``: names, shapes and finiteness checked, errors name the file."""
+    """Load safetensors weights into ``module``: names, shapes and finiteness checked, errors name the
+    file."""
     state = load_weights(path)
     problem = _state_mismatch(module.state_dict(), state)
     if problem is not None:

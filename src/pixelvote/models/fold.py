@@ -105,7 +105,8 @@ def _fold(model: nn.Module, example: torch.Tensor, keep: set[str] | frozenset[st
         assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
         if bn.running_mean is None or bn.running_var is None:
             continue
-        scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+        scale = ((bn.weight if bn.affine else torch.ones_like(bn.running_var))
+                 / torch.sqrt(bn.running_var + bn.eps))
         shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * scale
         if type(conv) is not nn.Conv2d:  # e.g. timm's Conv2dSame pads in its own forward
             continue

@@ -15,7 +15,8 @@ from pixelvote.models.weights import pretrained_state
 
 
 class Member(nn.Module):
-    """``x (B,3,H,W) in [0,1] -> normalise -> backbone -> A (B,C,h,w) -> mean over h,w -> Dropout(p) -> Linear -> logits (B,K)``."""
+    """``x (B,3,H,W) in [0,1] -> normalise -> backbone -> A (B,C,h,w) -> mean over h,w -> Dropout(p)
+    -> Linear -> logits (B,K)``."""
 
     def __init__(self, name: str, backbone: nn.Module, channels: int, num_classes: int, dropout: float,
                  cam_layer: str) -> None:

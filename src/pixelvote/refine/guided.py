@@ -7,7 +7,6 @@ while keeping their overall extent. Box means are separable cumulative sums (O(1
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def _window_sum(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:

@@ -39,7 +39,8 @@ def select_examples(out: str | Path, *, background: str, mode: str = "confident"
     ``reviewed`` (reviewed only), ``all`` (every record)."""
     out = Path(out)
     if not (out / "annotations.jsonl").exists():
-        raise DataError("no annotations.jsonl here", path=out, fix="pass the --out folder of `pixelvote annotate`")
+        raise DataError("no annotations.jsonl here", path=out,
+                        fix="pass the --out folder of `pixelvote annotate`")
     examples = []
     from pixelvote.review.apply import reviewed_records  # review-desk decisions, when OUT has them
 

@@ -110,8 +110,8 @@ def improve(run: str | Path, images: str | Path, work: str | Path, *, rounds: in
         entry["reviewed"] = len(prev_reviewed)
         segmenter = work / f"round{rnd}" / "segmenter"
         if not (segmenter / "segmenter.json").exists():
-            train_segmenter(out, segmenter, run=run, cfg=SegConfig(epochs=seg_epochs, image_size=size, **decoder),
-                            device=device)
+            train_segmenter(out, segmenter, run=run,
+                            cfg=SegConfig(epochs=seg_epochs, image_size=size, **decoder), device=device)
         write_json_atomic(work / "improve_log.json", history)
     return history
 

@@ -1,4 +1,5 @@
-"""The segmenter: segmentation_models_pytorch FPN on a timm encoder, initialised from offline ImageNet weights."""
+"""The segmenter: segmentation_models_pytorch FPN on a timm encoder, initialised from offline ImageNet
+weights."""
 
 from __future__ import annotations
 

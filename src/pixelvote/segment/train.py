@@ -48,7 +48,8 @@ class SegConfig(BaseModel):
     encoder: str = "efficientnet_lite0"
     image_size: int = Field(224, ge=32, multiple_of=32, description="a multiple of 32 (the FPN's encoder "
                             "halves the image five times)")
-    epochs: int = Field(30, ge=1, description="BUSI validation lesions: 0.271 mean IoU after 30, 0.255 after 12")
+    epochs: int = Field(30, ge=1,
+                        description="BUSI validation lesions: 0.271 mean IoU after 30, 0.255 after 12")
     batch_size: int = Field(8, ge=1)
     lr: float = Field(5e-4, gt=0)
     mode: str = "confident"
@@ -66,11 +67,14 @@ class SegConfig(BaseModel):
                           "jitter while training (else horizontal flips only)")
     encoder_init: Literal["run", "imagenet"] = Field(
         "run", description="run: start the encoder from the run's fine-tuned member of the same network (it "
-        "already tells the findings apart; ImageNet weights where the run has none); imagenet: ImageNet weights")
-    encoder_from: str = Field("", description="where the encoder's initial weights came from (written by training)")
+        "already tells the findings apart; ImageNet weights where the run has none); imagenet: ImageNet "
+        "weights")
+    encoder_from: str = Field("", description="where the encoder's initial weights came from (written by "
+                                              "training)")
     crf: bool | None = Field(None, description="annotate refines the probability with the dense CRF (at "
-                             "`threshold`) before taking the mask (the `segmenter + dense CRF` row of `evaluate "
-                             "--segmenter`); None: on where pydensecrf2 is installed (decided when training)")
+                             "`threshold`) before taking the mask (the `segmenter + dense CRF` row of "
+                             "`evaluate --segmenter`); None: on where pydensecrf2 is installed (decided when "
+                             "training)")
     use_crf: bool | None = Field(None, description="whether annotate takes the CRF-refined mask (where `crf` "
                                  "allows it) or the thresholded probability: the better of the two on the "
                                  "run's validation masks (written by calibration; None: as `crf`)")
@@ -256,7 +260,8 @@ def _fit(ds: SegDataset, cfg: SegConfig, dev: torch.device, pretrained: bool, hi
     return model
 
 
-def load_segmenter(segrun: str | Path, device: str | torch.device | None = None) -> tuple[Segmenter, SegConfig]:
+def load_segmenter(segrun: str | Path,
+                   device: str | torch.device | None = None) -> tuple[Segmenter, SegConfig]:
     segrun = Path(segrun)
     path = segrun / "segmenter.json"
     if not path.exists():
@@ -268,7 +273,8 @@ def load_segmenter(segrun: str | Path, device: str | torch.device | None = None)
             raw.setdefault(key, old)  # segmenters saved before these settings existed
         cfg = SegConfig.model_validate(raw)
     except Exception as exc:
-        raise CheckpointError(f"segmenter.json is invalid ({exc})", path=path, fix="re-train the segmenter") from None
+        raise CheckpointError(f"segmenter.json is invalid ({exc})", path=path,
+                              fix="re-train the segmenter") from None
     if cfg.format_version > SEG_FORMAT:
         raise CheckpointError("segmenter written by a newer pixelvote", path=path, fix="upgrade pixelvote")
     model = Segmenter(cfg.encoder, pretrained=False, pyramid_channels=cfg.pyramid_channels,
@@ -277,7 +283,8 @@ def load_segmenter(segrun: str | Path, device: str | torch.device | None = None)
     from pixelvote.models.fold import fold_batchnorm
 
     model.eval()
-    model.net, _ = fold_batchnorm(model.net, torch.rand(1, 3, cfg.image_size, cfg.image_size))  # inference only
+    # inference only
+    model.net, _ = fold_batchnorm(model.net, torch.rand(1, 3, cfg.image_size, cfg.image_size))
     model.input_size = cfg.image_size
     dev = torch.device(device) if device else default_device()
     return model.to(dev).to(memory_format=torch.channels_last).eval(), cfg

@@ -57,6 +57,8 @@ def cache_samples(samples: list[Sample], classes: list[str], size: int, *, desc:
         has.append(m is not None)
         kept.append(s)
     if not kept:
-        return CachedSet([], torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, dtype=torch.long),
-                         torch.zeros(0, size, size, dtype=torch.bool), torch.zeros(0, dtype=torch.bool), skipped)
-    return CachedSet(kept, torch.stack(images), torch.tensor(labels), torch.stack(masks), torch.tensor(has), skipped)
+        return CachedSet([], torch.zeros(0, 3, size, size, dtype=torch.uint8),
+                         torch.zeros(0, dtype=torch.long), torch.zeros(0, size, size, dtype=torch.bool),
+                         torch.zeros(0, dtype=torch.bool), skipped)
+    return CachedSet(kept, torch.stack(images), torch.tensor(labels), torch.stack(masks), torch.tensor(has),
+                     skipped)

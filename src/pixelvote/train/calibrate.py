@@ -73,10 +73,12 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
         if crf.available():
             refined = crf_fusions(cfg.crf_weights)
         else:
-            log.info("pydensecrf2 is not installed, so the CRF refinement is not tried (%s)", crf.INSTALL_HINT)
+            log.info("pydensecrf2 is not installed, so the CRF refinement is not tried (%s)",
+                     crf.INSTALL_HINT)
     # the CRF runs once per threshold, the costliest step: only where recipe + CRF fits the limit
     with_crf = {k: r for k, r in recipes.items() if relative_cost(r, "crf") <= limit}
-    groups = [(with_crf, fusions + refined), ({k: r for k, r in recipes.items() if k not in with_crf}, fusions)]
+    groups = [(with_crf, fusions + refined),
+              ({k: r for k, r in recipes.items() if k not in with_crf}, fusions)]
     bs = max(1, cfg.batch_size)
 
     # masks as the diagnosis gates them (annotation) and as `annotate --labels` makes them (`best` and
@@ -208,8 +210,10 @@ def calibrate(run_dir: Path, val: CachedSet,
         means = sums / n_masked
         best = int(means.argmax())
         update.update(threshold=THRESHOLD_GRID[best], threshold_method="fixed",
-                      threshold_source=f"validation: best mean IoU {float(means[best]):.3f} on {n_masked} images")
-        summary["threshold_sweep"] = {str(t): round(float(m), 4) for t, m in zip(THRESHOLD_GRID, means)}
+                      threshold_source=f"validation: best mean IoU {float(means[best]):.3f} "
+                                       f"on {n_masked} images")
+        summary["threshold_sweep"] = {str(t): round(float(m), 4)
+                                      for t, m in zip(THRESHOLD_GRID, means, strict=True)}
         summary["val_mean_iou"] = float(means[best])
     if mis:
         q = cfg.flag_quantile

@@ -30,8 +30,8 @@ class TrainConfig(BaseModel):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     augment: Literal["standard", "robust"] = Field(
         "standard", description="robust adds wider crops and aspect changes, blur and JPEG re-compression, "
-                                "against classifiers that learn the source (camera, file type) instead of the "
-                                "finding (see pixelvote.data.transforms.train_augment)")
+                                "against classifiers that learn the source (camera, file type) instead of "
+                                "the finding (see pixelvote.data.transforms.train_augment)")
     resize: Literal["squash", "letterbox"] = Field(
         "squash", description="how an image becomes the square model input: squash (stretch) or letterbox "
                               "(keep the aspect ratio, pad); the run keeps it for annotation and evaluation")
@@ -40,10 +40,12 @@ class TrainConfig(BaseModel):
                                       "of training but stay in validation (a source only one class has)")
     background: str | None = None
     seed: int = 0
-    mc_variance_weight: float = Field(0.0, ge=0.0, description="the paper's lambda: loss += lambda * MC variance")
+    mc_variance_weight: float = Field(0.0, ge=0.0,
+                                      description="the paper's lambda: loss += lambda * MC variance")
     mc_train_samples: int = Field(4, ge=2)
     mc_samples: int = Field(30, ge=1, description="T for calibration and annotation")
-    flag_quantile: float = Field(0.9, gt=0.0, lt=1.0, description="MI/variance flag thresholds: this quantile on val")
+    flag_quantile: float = Field(0.9, gt=0.0, lt=1.0,
+                                 description="MI/variance flag thresholds: this quantile on val")
     map_candidates: list[str] = Field(
         default_factory=lambda: ["plain", "contrast", "flip", "flip-contrast", "tta", "layers-geo", "guided"],
         description="map recipes tried on validation masks (see pixelvote.evaluate.selection.RECIPES)")
@@ -60,8 +62,8 @@ class TrainConfig(BaseModel):
                                 "analyses (about forward passes) per image are chosen; see "
                                 "pixelvote.evaluate.selection.relative_cost")
     max_pseudo_label_cost: float = Field(2.5, ge=1.0, description="the costliest recipe `annotate --method "
-                                         "best` may use: pseudo-masks for a segmenter are made once, so they may "
-                                         "cost more per image than everyday annotation")
+                                         "best` may use: pseudo-masks for a segmenter are made once, so they "
+                                         "may cost more per image than everyday annotation")
     min_masks_to_choose: int = Field(4, ge=1, description="validation masks needed before choosing a recipe")
     decision: Literal["validation", "most-probable"] = Field(
         "validation", description="the diagnosis rule: a threshold on P(not background) chosen by "
@@ -75,7 +77,8 @@ class TrainConfig(BaseModel):
     @classmethod
     def _models(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and not v:
-            raise ConfigError("--models is empty", fix="name at least one model, e.g. --models efficientnet_lite0")
+            raise ConfigError("--models is empty",
+                              fix="name at least one model, e.g. --models efficientnet_lite0")
         return v
 
     @field_validator("map_candidates")

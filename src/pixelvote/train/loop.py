@@ -76,12 +76,13 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
                         resize=cfg.resize)
     problems = [{"image": p, "reason": r} for p, r in ds.problems + train.skipped + val.skipped]
     if problems:
-        write_bytes_atomic(run_dir / "skipped.jsonl", "".join(json.dumps(p) + "\n" for p in problems).encode())
+        write_bytes_atomic(run_dir / "skipped.jsonl",
+                           "".join(json.dumps(p) + "\n" for p in problems).encode())
         log.warning("%d input(s) skipped; see %s", len(problems), run_dir / "skipped.jsonl")
     else:
         (run_dir / "skipped.jsonl").unlink(missing_ok=True)  # inputs fixed since an earlier attempt
     counts = torch.bincount(train.labels, minlength=len(ds.classes)).tolist()
-    empty = [c for c, n in zip(ds.classes, counts) if n == 0]
+    empty = [c for c, n in zip(ds.classes, counts, strict=True) if n == 0]
     if empty:
         raise DataError(f"no usable training images for class(es) {empty}", path=cfg.data,
                         fix="add images to those class folders (or remove the folders)"
@@ -159,7 +160,8 @@ class _Augmented(torch.utils.data.Dataset):
         return self.aug(self.data.images[i]), self.data.labels[i]
 
 
-def _loss(member: Member, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def _loss(member: Member, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+          cfg: TrainConfig) -> torch.Tensor:
     pooled = member.pool(member.features(x))
     logits = member.fc(member.dropout(pooled))
     loss = F.cross_entropy(logits, y, weight=weight)
@@ -241,10 +243,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         key = f"{i}_{name}"
         mstate = state["members"].setdefault(key, {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0,
                                                     "done": False})
-        mcfg = MemberConfig(name=name, dropout=cfg.dropout, cam_layer=cfg.cam_layer, file=member_file(i, name))
+        mcfg = MemberConfig(name=name, dropout=cfg.dropout, cam_layer=cfg.cam_layer,
+                            file=member_file(i, name))
         if not mstate["done"]:
             _train_member(i, name, mcfg, mstate, cfg, data, run_dir, device, norm, weight, state, history,
-                          lambda: _write_partial(run_cfg, done_members, mcfg, run_dir))
+                          lambda mcfg=mcfg: _write_partial(run_cfg, done_members, mcfg, run_dir))
         done_members.append(mcfg)
         run_cfg.members = list(done_members)
         save_run_config(run_dir, run_cfg)
@@ -257,7 +260,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     return run_dir
 
 
-def _write_partial(run_cfg: RunConfig, done: list[MemberConfig], current: MemberConfig, run_dir: Path) -> None:
+def _write_partial(run_cfg: RunConfig, done: list[MemberConfig], current: MemberConfig,
+                   run_dir: Path) -> None:
     """Keep run.json loadable while training: it lists the members that have weights so far."""
     run_cfg.members = [*done, current]
     save_run_config(run_dir, run_cfg)
@@ -287,11 +291,12 @@ def _train_member(i: int, name: str, mcfg: MemberConfig, mstate: dict, cfg: Trai
             sched.load_state_dict(mstate["scheduler"])
         else:  # a checkpoint from before the schedule was saved: put the cosine schedule at `start`
             sched.last_epoch = start
-            for g, base in zip(opt.param_groups, sched.base_lrs):
+            for g, base in zip(opt.param_groups, sched.base_lrs, strict=True):
                 g["lr"] = base * 0.5 * (1 + math.cos(math.pi * start / cfg.epochs))
         log.info("%s: resuming after epoch %d", name, start)
     ds = _Augmented(data.train, cfg.image_size, cfg.augment)
-    bar = tqdm(range(start, cfg.epochs), desc=f"training {name}", unit="epoch", initial=start, total=cfg.epochs)
+    bar = tqdm(range(start, cfg.epochs), desc=f"training {name}", unit="epoch", initial=start,
+               total=cfg.epochs)
     for epoch in bar:
         t0 = time.time()
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + i * 1009 + epoch)
@@ -323,12 +328,13 @@ def _train_member(i: int, name: str, mcfg: MemberConfig, mstate: dict, cfg: Trai
         stop = mstate["bad_epochs"] >= cfg.patience
         mstate["done"] = stop or epoch + 1 >= cfg.epochs
         record = {"member": name, "epoch": epoch + 1, "train_loss": total / max(n, 1), "val_loss": val_loss,
-                  "val_accuracy": val_acc, "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2),
-                  "best": improved}
+                  "val_accuracy": val_acc, "lr": opt.param_groups[0]["lr"],
+                  "seconds": round(time.time() - t0, 2), "best": improved}
         history.append(record)
         log.info("%s epoch %d: train loss %.4f, val loss %.4f, val acc %.3f", name, epoch + 1,
                  record["train_loss"], val_loss, val_acc)
-        bar.set_postfix(train_loss=f"{record['train_loss']:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
+        bar.set_postfix(train_loss=f"{record['train_loss']:.3f}", val_loss=f"{val_loss:.3f}",
+                        val_acc=f"{val_acc:.3f}")
         # the last state, written atomically, so Ctrl-C or a kill loses at most the running epoch
         # weights and optimiser go to per-epoch files, then state.json names the epoch (the commit point):
         # a kill at any moment resumes from a consistent epoch
@@ -339,7 +345,7 @@ def _train_member(i: int, name: str, mcfg: MemberConfig, mstate: dict, cfg: Trai
         for old in (f"{key}.e{epoch}.safetensors", f"{key}.e{epoch}.optim.safetensors"):
             (ckpt_dir / old).unlink(missing_ok=True)
         if stop:
-            log.info("%s: early stop after epoch %d (no better validation loss for %d epochs)", name, epoch + 1,
-                     cfg.patience)
+            log.info("%s: early stop after epoch %d (no better validation loss for %d epochs)", name,
+                     epoch + 1, cfg.patience)
             break
     bar.close()

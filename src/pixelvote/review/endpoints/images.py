@@ -135,7 +135,8 @@ def _png(data: bytes, headers: dict[str, str]) -> Response:
 def _serve_inside(path: Path, headers: dict[str, str] = _CACHE) -> Response:
     if not path.is_file():
         raise HTTPException(404, f"file not found: {path.name}")
-    return Response(path.read_bytes(), media_type=_MEDIA.get(path.suffix.lower(), "image/png"), headers=headers)
+    return Response(path.read_bytes(), media_type=_MEDIA.get(path.suffix.lower(), "image/png"),
+                    headers=headers)
 
 
 FileKind = Literal["image", "overlay", "uncertainty", "mask", "predicted-mask", "cam"]
