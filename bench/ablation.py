@@ -135,11 +135,12 @@ def stage_two(run: Path, runs: Path, epochs: int, size: int, method: str = "best
 
 def segmenter_crf_table(run: Path, ens: Ensemble, model, crf_cfg, labels: bool):  # type: ignore[no-untyped-def]
     """IoU of the segmenter's CRF-refined masks at every unary threshold, per validation image (gated by the
-    ensemble's diagnosis unless ``labels``), as segment train scores them: for a cross-fitted choice."""
-    from pixelvote.segment.calibrate import iou_rows
+    ensemble's diagnosis unless ``labels``), one table per (iterations, cutoff) that segment train tries, as
+    it scores them: for a cross-fitted choice."""
+    from pixelvote.segment.calibrate import CRF_ITERATIONS, iou_rows
     from pixelvote.segment.train import predict
 
-    rows = []
+    rows: dict[tuple[int, float], list[torch.Tensor]] = {}
     for batch in val_batches(run, ens):
         bg = ens.background_index
         use = [i for i, m in enumerate(batch.masks) if m is not None and int(batch.labels[i]) != bg]
@@ -148,9 +149,12 @@ def segmenter_crf_table(run: Path, ens: Ensemble, model, crf_cfg, labels: bool):
         imgs = batch.images[use]
         fg = (batch.labels[use] if labels else analyze(ens, imgs, mc_samples=1).label) != bg
         _, refined = iou_rows(predict(model, imgs).float().cpu(), imgs, [batch.masks[i] for i in use],
-                              lambda s, t: at_size(s, t, ens.resize), crf_cfg)
-        rows.append(refined * fg.float().view(-1, 1))
-    return {("segmenter", "crf"): VariantTable(MapConfig(), "crf", torch.cat(rows), 0.0)}
+                              lambda s, t: at_size(s, t, ens.resize), crf_cfg,
+                              iterations=tuple(sorted({*CRF_ITERATIONS, crf_cfg.iterations})))
+        for key, r in refined.items():
+            rows.setdefault(key, []).append(r * fg.float().view(-1, 1))
+    return {("segmenter", f"crf {n} it, cutoff {c}"): VariantTable(MapConfig(), "crf", torch.cat(r), 0.0)
+            for (n, c), r in rows.items()}
 
 
 def main() -> None:
@@ -196,6 +200,7 @@ def main() -> None:
         model, seg_cfg = seg if seg else (None, None)
         tables = collect(ens, val_batches(run, ens), recipes, fusions=fusions, segmenter=model,
                          segmenter_crf_threshold=seg_cfg.crf_threshold if seg_cfg else 0.5,
+                         segmenter_crf=seg_cfg.crf_settings(cfg.consensus.crf) if seg_cfg else None,
                          given_labels=args.labels, base=ConsensusConfig(crf=cfg.consensus.crf))
         # diagnosed with the run's decision threshold, as the ensemble is
         single = Ensemble(ens.members[:1], ens.classes, ens.background, ens.image_size, device=ens.device,
@@ -226,14 +231,17 @@ def main() -> None:
                          float(st.ious[:, it].mean()), seg_cfg.threshold, st.seconds_per_image))
             cf, _ = cross_fitted({("segmenter", "-"): st})
             rows.append(("segmenter, t chosen on val (cross-fitted)", cf, None, st.seconds_per_image))
-        if ("segmenter", "crf") in tables:  # the CRF's output is a probability: its mask is > 0.5
+        if ("segmenter", "crf") in tables:  # the CRF's output is a probability: its mask is > the cutoff
             st = tables[("segmenter", "crf")]
-            rows.append((f"segmenter + dense CRF, unary t={seg_cfg.crf_threshold} (chosen by segment train "
-                         "on these images)", float(st.ious[:, i05].mean()), 0.5, st.seconds_per_image))
+            ic = GRID.index(seg_cfg.crf_cutoff)
+            rows.append((f"segmenter + dense CRF, unary t={seg_cfg.crf_threshold}, "
+                         f"{seg_cfg.crf_settings(cfg.consensus.crf).iterations} iterations, cutoff "
+                         f"{seg_cfg.crf_cutoff} (chosen by segment train on these images)",
+                         float(st.ious[:, ic].mean()), seg_cfg.crf_cutoff, st.seconds_per_image))
             seg_crf = segmenter_crf_table(run, ens, model, cfg.consensus.crf, args.labels)
-            cf, _ = cross_fitted(seg_crf)
-            rows.append(("segmenter + dense CRF, unary t chosen on val (cross-fitted)", cf, None,
-                         st.seconds_per_image))
+            cf, choices = cross_fitted(seg_crf)
+            rows.append(("segmenter + dense CRF, unary t, iterations and cutoff chosen on val "
+                         f"(cross-fitted): {choices}", cf, None, st.seconds_per_image))
         if ("segmenter", "-") in tables:
             best_cam, _ = cross_fitted(tables, cam_keys)
             rows.append(("best CAM variant, chosen on val (cross-fitted)", best_cam, None, 0.0))

@@ -40,8 +40,8 @@ from pixelvote.data.imageio import read_image  # noqa: E402
 from pixelvote.data.transforms import fit_image, to_tensor  # noqa: E402
 from pixelvote.explain.analyze import MapConfig, analyze  # noqa: E402
 from pixelvote.models.checkpoint import load_run  # noqa: E402
-from pixelvote.refine.crf import dense_crf, workers  # noqa: E402
-from pixelvote.segment.train import load_segmenter, predict  # noqa: E402
+from pixelvote.refine.crf import workers  # noqa: E402
+from pixelvote.segment.train import load_segmenter, predict, refined_margin  # noqa: E402
 
 
 def main() -> None:
@@ -72,7 +72,7 @@ def main() -> None:
     def segmenter(b: torch.Tensor) -> None:
         prob = predict(model, b)
         if scfg.refines:
-            dense_crf(prob, b, cfg.consensus.crf, threshold=scfg.crf_threshold)
+            refined_margin(prob, b, scfg, cfg.consensus.crf)
 
     def segmenter_one_process(b: torch.Tensor) -> None:
         with workers(1):

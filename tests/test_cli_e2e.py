@@ -146,7 +146,11 @@ def test_segmenter_stage_two_through_the_cli(trained, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads((seg / "segmenter.json").read_text()) == scfg  # the same choice again
     for bad, problem in ((["--segmenter", str(out), "--run", str(run)], "not a segmenter run"),
-                         (["--segmenter", str(seg), "--run", str(out)], "not a pixelvote run")):
+                         (["--segmenter", str(seg), "--run", str(out)], "not a pixelvote run"),
+                         (["--segmenter", str(seg), "--run", str(run), "--crf-iterations", "2,0"],
+                          "--crf-iterations 2,0: not whole numbers from 1 to 50"),
+                         (["--segmenter", str(seg), "--run", str(run), "--crf-iterations", "2.5"],
+                          "e.g. --crf-iterations 2,3,5,10")):
         p = subprocess.run([sys.executable, "-m", "pixelvote.cli", "segment", "calibrate", *bad],
                            capture_output=True, text=True)
         assert p.returncode == 2 and problem in p.stderr and "Traceback" not in p.stderr, p.stderr
@@ -178,8 +182,8 @@ def test_improve_loop_with_simulated_review(trained, tmp_path):
     assert [e["round"] for e in log] == [0, 1]
     assert log[0]["masks_from"] == "consensus" and log[1]["masks_from"] == "segmenter"
     seg_cfg = json.loads((work / "round0" / "segmenter" / "segmenter.json").read_text())
-    assert log[1]["segmenter_thresholds"] == {k: seg_cfg[k] for k in ("threshold", "crf_threshold", "use_crf",
-                                                                      "threshold_source")}
+    assert log[1]["segmenter_thresholds"] == {k: seg_cfg[k] for k in (
+        "threshold", "crf_threshold", "crf_iterations", "crf_cutoff", "use_crf", "threshold_source")}
     assert seg_cfg["threshold_source"].startswith("validation masks of ")  # the run's, which --truth rescores
     assert log[0]["simulated_reviews"] == 6 and log[0]["reviewed"] == 6
     # the reviewed images are excluded from the score, so both rounds score the same 6 images

@@ -285,6 +285,11 @@ def test_the_segmenter_thresholds_are_chosen_on_the_runs_validation_masks(tmp_pa
     if crf_cfg is not None:
         assert set(s["crf"]) == {str(round(0.05 * i, 2)) for i in range(1, 13)}  # up to 0.6 only
         assert s["crf_threshold_iou"] == max(s["crf"].values()) == s["crf"][str(s["crf_threshold"])]
+        # every iteration count (2, 3, 5; the run's 5 among them) with every cutoff; the best one is kept
+        assert set(s["crf_settings"]) == {f"{n} iterations, cutoff {c}"
+                                          for n in (2, 3, 5) for c in (0.1, 0.3, 0.5)}
+        chosen = f"{s['crf_iterations']} iterations, cutoff {s['crf_cutoff']}"
+        assert s["crf_threshold_iou"] == max(s["crf_settings"].values()) == s["crf_settings"][chosen]
     else:
         assert s["crf_threshold"] is None
 
@@ -346,6 +351,82 @@ def test_calibration_keeps_the_segmenters_crf_only_where_it_beats_the_plain_mask
     saved = json.loads((seg / "segmenter.json").read_text())
     assert summary["mask"] == "crf" and saved["use_crf"] is True and SegConfig(**saved).refines
     assert not SegConfig(crf=False, use_crf=True).refines  # --no-crf wins over any choice
+
+
+@pytest.mark.skipif("not __import__('pixelvote.refine.crf', fromlist=['x']).available()")
+def test_the_crf_iterations_scored_are_the_ones_annotate_runs(tmp_path):
+    """Each CRF setting calibration scores is the mask the segmenter then makes with it: the run's CRF with
+    the segmenter's iterations, its unary threshold, and the cutoff on the refined probability."""
+    from pixelvote.evaluate.selection import iou_over_grid
+    from pixelvote.refine.crf import CRFConfig, dense_crf
+    from pixelvote.segment.calibrate import iou_rows
+    from pixelvote.segment.train import refined_margin
+
+    x = torch.full((2, 3, 48, 48), 20, dtype=torch.uint8)
+    x[0, 0, 10:30, 8:40] = 90  # faint: probability 0.35, only a low unary threshold keeps it
+    x[1, 0, 16:40, 16:36] = 200
+    truth = torch.zeros(2, 48, 48, dtype=torch.bool)
+    truth[0, 12:28, 10:38] = True
+    truth[1, 18:38, 18:34] = True
+    prob = torch.sigmoid(_Brightness()(x.float() / 255))
+    run_crf = CRFConfig(iterations=5)
+    _, refined = iou_rows(prob, x, list(truth), lambda s, t: s, run_crf, iterations=(1, 5),
+                          cutoffs=(0.3, 0.5))
+    assert set(refined) == {(1, 0.3), (1, 0.5), (5, 0.3), (5, 0.5)}
+    i10 = 1  # GRID[1] = 0.1, the unary threshold
+    for (n, c), rows in refined.items():
+        scfg = SegConfig(crf=True, crf_threshold=0.1, crf_iterations=n, crf_cutoff=c)
+        margin = refined_margin(prob, x, scfg, run_crf)
+        assert scfg.crf_settings(run_crf).iterations == n and run_crf.iterations == 5  # the run's is kept
+        for j in range(2):
+            scored = float(iou_over_grid(margin[j], truth[j], (0.0,))[0])
+            assert float(rows[j, i10]) == pytest.approx(scored)
+    # iterations and cutoff change the masks (one iteration spreads the colour term less than five)
+    m1 = refined_margin(prob, x, SegConfig(crf_threshold=0.1, crf_iterations=1, crf_cutoff=0.5), run_crf)
+    m5 = refined_margin(prob, x, SegConfig(crf_threshold=0.1, crf_iterations=5, crf_cutoff=0.5), run_crf)
+    m1c = refined_margin(prob, x, SegConfig(crf_threshold=0.1, crf_iterations=1, crf_cutoff=0.3), run_crf)
+    assert not torch.equal(m1, m5) and torch.allclose(m1c, m1 + 0.2)
+    # a segmenter calibrated before this version (no iterations, cutoff 0.5) refines as it did: the run's
+    # CRF, its mask above 0.5
+    old = SegConfig.model_validate({"crf_threshold": 0.1})
+    assert (old.crf_iterations, old.crf_cutoff) == (None, 0.5)
+    before = dense_crf(prob, x, run_crf, threshold=0.1) - 0.5
+    assert torch.equal(refined_margin(prob, x, old, run_crf), before)
+
+
+@pytest.mark.skipif("not __import__('pixelvote.refine.crf', fromlist=['x']).available()")
+def test_calibration_saves_the_crf_setting_it_chose_and_annotate_uses_it(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from pixelvote.engine.annotate import _use_segmenter
+    from pixelvote.refine.crf import CRFConfig
+    from pixelvote.segment import train as seg_train
+
+    run = _halo_run(tmp_path)
+    cfg = SegConfig(epochs=1, image_size=64, batch_size=4, encoder_init="imagenet", crf=True)
+    seg = train_segmenter(_out(tmp_path), tmp_path / "seg", cfg=cfg, pretrained=False, device="cpu")
+    saved = json.loads((seg / "segmenter.json").read_text())
+    monkeypatch.setattr(seg_train, "load_segmenter", lambda *a, **k: (_Brightness(), SegConfig(**saved)))
+    summary = seg_train.calibrate_segmenter(seg, run, crf_iterations=(1, 4))
+    saved = json.loads((seg / "segmenter.json").read_text())
+    assert {k.split(" iterations")[0] for k in summary["crf_settings"]} == {"1", "4", "5"}  # + the run's 5
+    best = max(summary["crf_settings"].items(), key=lambda kv: kv[1])[0]
+    assert best == f"{saved['crf_iterations']} iterations, cutoff {saved['crf_cutoff']}"
+    assert json.loads((seg / "calibration.json").read_text())["crf_iterations"] == saved["crf_iterations"]
+    # annotate refines with what was saved
+    scfg = SegConfig(**{**saved, "use_crf": True})
+    seen = []
+    real = seg_train.refined_margin
+
+    def spy(prob, images, s, run_crf):  # type: ignore[no-untyped-def]
+        seen.append((s.crf_settings(run_crf).iterations, s.crf_cutoff, s.crf_threshold))
+        return real(prob, images, s, run_crf)
+
+    monkeypatch.setattr(seg_train, "refined_margin", spy)
+    x = torch.full((1, 3, 48, 48), 10, dtype=torch.uint8)
+    res = SimpleNamespace(margin=torch.full((1, 48, 48), -1.0), foreground=torch.tensor([True]), reasons=[[]])
+    _use_segmenter(res, x, _Brightness(), scfg, 0.0, CRFConfig())
+    assert seen == [(saved["crf_iterations"], saved["crf_cutoff"], saved["crf_threshold"])]
 
 
 @pytest.mark.skipif("not __import__('pixelvote.refine.crf', fromlist=['x']).available()")

@@ -361,17 +361,25 @@ def segment_train(
 def segment_calibrate(
     segmenter: Path = typer.Option(..., "--segmenter", help="a `segment train --out` folder"),
     run: Path = typer.Option(..., "--run", help="the ensemble run whose validation masks score them"),
+    crf_iterations: str = typer.Option(
+        "2,3,5", help="the dense CRF's mean-field iterations to try (with the run's own); more cost more per "
+        "image: fire's masks were best after 10-20, BUSI's after 2 (see README)"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
-    """Choose a trained segmenter's mask and CRF thresholds on a run's validation masks (segment train does
+    """Choose a trained segmenter's mask and CRF settings on a run's validation masks (segment train does
     this itself; use it for a segmenter trained without --run or before this version)."""
     _setup_logging(True)
+    from pixelvote.errors import ConfigError
     from pixelvote.models.checkpoint import read_run_config
     from pixelvote.segment.train import calibrate_segmenter, load_segmenter
 
+    iterations = _numbers(crf_iterations, "--crf-iterations")
+    if not iterations or any(n != int(n) or not 1 <= n <= 50 for n in iterations):
+        raise ConfigError(f"--crf-iterations {crf_iterations}: not whole numbers from 1 to 50",
+                          fix="e.g. --crf-iterations 2,3,5,10")
     model, _ = load_segmenter(segmenter, device=device)  # a clear error for a folder that is not one
     read_run_config(run)  # likewise for a run
-    calibrate_segmenter(segmenter, run, model=model)
+    calibrate_segmenter(segmenter, run, model=model, crf_iterations=tuple(int(n) for n in iterations))
     _echo_segmenter_thresholds(segmenter)
 
 
@@ -380,8 +388,9 @@ def _echo_segmenter_thresholds(segrun: Path) -> None:
     if summary.get("threshold") is None:
         typer.echo(f"segmenter thresholds not chosen: {summary['source']}")
         return
-    crf = (f"; its dense CRF treats {summary['crf_threshold']} as undecided "
-           f"(IoU {summary['crf_threshold_iou']:.3f}); annotate takes the "
+    crf = (f"; its dense CRF treats {summary['crf_threshold']} as undecided, runs "
+           f"{summary.get('crf_iterations')} iterations and keeps what it refines above "
+           f"{summary.get('crf_cutoff')} (IoU {summary['crf_threshold_iou']:.3f}); annotate takes the "
            f"{'CRF-refined' if summary.get('mask') == 'crf' else 'plain'} mask"
            if summary.get("crf_threshold") is not None else "")
     typer.echo(f"segmenter thresholds chosen on {summary['images']} validation masks: mask at "

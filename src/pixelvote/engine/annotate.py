@@ -389,7 +389,7 @@ def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: fl
                    crf_cfg: CRFConfig | None = None) -> None:
     """Replace the consensus margin by the segmenter's (probability - threshold) for foreground diagnoses;
     its dense CRF (where the segmenter has one) uses ``crf_cfg``, the run's consensus.crf."""
-    from pixelvote.segment.train import predict
+    from pixelvote.segment.train import predict, refined_margin
 
     prob = predict(model, x)
     if prob.shape[-2:] != res.margin.shape[-2:]:
@@ -399,10 +399,7 @@ def _use_segmenter(res: Any, x: torch.Tensor, model: Any, scfg: Any, min_iou: fl
     seg_margin = prob - scfg.threshold
     todo = fg.nonzero().flatten().to(prob.device)
     if scfg.refines and len(todo):  # as evaluate's "segmenter + dense CRF" row; background: no mask anyway
-        from pixelvote.refine.crf import dense_crf
-
-        refined = dense_crf(prob[todo], x[todo.to(x.device)], crf_cfg, threshold=scfg.crf_threshold)
-        seg_margin[todo] = refined - 0.5
+        seg_margin[todo] = refined_margin(prob[todo], x[todo.to(x.device)], scfg, crf_cfg)
     cons = res.margin > 0
     segm = seg_margin > 0
     inter = (cons & segm).flatten(1).sum(1).float()

@@ -312,7 +312,7 @@ def _segmenter_margins(segmenter: tuple[Any, Any] | None, x: torch.Tensor, foreg
     consensus.crf, as annotate does)."""
     if segmenter is None:
         return []
-    from pixelvote.segment.train import predict
+    from pixelvote.segment.train import predict, refined_margin
 
     model, scfg = segmenter
     prob = predict(model, x)
@@ -320,9 +320,7 @@ def _segmenter_margins(segmenter: tuple[Any, Any] | None, x: torch.Tensor, foreg
         prob = upsample(prob, (int(x.shape[-2]), int(x.shape[-1])))
     out = [prob - scfg.threshold]
     if SEGMENTER_CRF_ROW in rows:
-        from pixelvote.refine.crf import dense_crf
-
-        out.append(dense_crf(prob, x, crf_cfg, threshold=scfg.crf_threshold) - 0.5)
+        out.append(refined_margin(prob, x, scfg, crf_cfg))
     gate = foreground.to(prob.device).view(-1, 1, 1)
     return [torch.where(gate, m, torch.full_like(m, -1.0)) for m in out]
 

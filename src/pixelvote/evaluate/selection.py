@@ -22,6 +22,7 @@ from pixelvote.data.transforms import crop_content
 from pixelvote.explain.analyze import Analysis, MapConfig, analyze, explained_class
 from pixelvote.models.ensemble import Ensemble
 from pixelvote.refine import crf
+from pixelvote.refine.crf import CRFConfig
 
 GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
 # a refined fusion (the dense CRF) runs once per threshold, so it is scored up to here only: above it, its
@@ -129,24 +130,28 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
             fusions: Sequence[str] = ("intersection", "mean", "vote"), base: ConsensusConfig | None = None,
             mc_samples: int = 1, grid: Sequence[float] = GRID,
             segmenter: torch.nn.Module | None = None, segmenter_crf_threshold: float = 0.5,
+            segmenter_crf: CRFConfig | None = None,
             given_labels: bool = False) -> dict[tuple[str, str], VariantTable]:
     """IoU tables for every recipe x fusion on the images of ``batches`` that have a foreground mask.
     A fusion may carry a refinement, ``"mean+crf"`` or ``"mean+crf:30"`` (see :func:`consensus_update`); a
     row's time is the analysis plus that consensus. With ``segmenter`` a ("segmenter", "-") row is added:
     its probability map, gated like every other row by the ensemble's diagnosis (a background diagnosis
     gives an empty mask); and, where pydensecrf2 is installed, ("segmenter", "crf"): that map refined by
-    the dense CRF (``base.crf``) with ``segmenter_crf_threshold`` as the undecided probability (the
-    segmenter's ``crf_threshold``). ``given_labels``: score masks as ``annotate --labels`` makes them
+    the dense CRF (``segmenter_crf``, else ``base.crf``) with ``segmenter_crf_threshold`` as the undecided
+    probability (the segmenter's ``crf_threshold``), scored over the grid of cutoffs on the refined
+    probability. ``given_labels``: score masks as ``annotate --labels`` makes them
     (the batch's labels decide, not the diagnosis)."""
     return collect_modes(ens, batches, recipes, {given_labels: fusions}, base=base, mc_samples=mc_samples,
                          grid=grid, segmenter=segmenter,
-                         segmenter_crf_threshold=segmenter_crf_threshold)[given_labels]
+                         segmenter_crf_threshold=segmenter_crf_threshold,
+                         segmenter_crf=segmenter_crf)[given_labels]
 
 
 def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfig],
                   fusions: dict[bool, Sequence[str]], *, base: ConsensusConfig | None = None,
                   mc_samples: int = 1, grid: Sequence[float] = GRID,
                   segmenter: torch.nn.Module | None = None, segmenter_crf_threshold: float = 0.5,
+                  segmenter_crf: CRFConfig | None = None,
                   ) -> dict[bool, dict[tuple[str, str], VariantTable]]:
     """:func:`collect` for both ways of scoring masks in one pass: ``fusions`` maps ``given_labels`` (False:
     gated by the diagnosis; True: as ``annotate --labels`` makes them) to the fusions scored that way. The
@@ -225,7 +230,7 @@ def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, Ma
             crf_seconds = 0.0
             if ("segmenter", "crf") in seg_rows:
                 t0 = time.perf_counter()
-                probs[("segmenter", "crf")] = crf.dense_crf(prob, imgs, base.crf,
+                probs[("segmenter", "crf")] = crf.dense_crf(prob, imgs, segmenter_crf or base.crf,
                                                             threshold=segmenter_crf_threshold)
                 crf_seconds = time.perf_counter() - t0
             for mode in fusions:

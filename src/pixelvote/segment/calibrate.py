@@ -17,27 +17,42 @@ import torch
 from pixelvote.errors import DataError
 from pixelvote.refine.crf import CRFConfig
 
+# the segmenter's dense CRF: mean-field iterations tried by default (each is a CRF pass per threshold; none
+# costs more than the consensus CRF's default 5) and cutoffs on the refined probability (free: one pass
+# serves all). BUSI's masks were best after 2 iterations, fire's after 10-20, and both with a cutoff
+# below 0.5 (README, "Results on real data")
+CRF_ITERATIONS = (2, 3, 5)
+CRF_CUTOFFS = (0.1, 0.3, 0.5)
+
 
 def iou_rows(prob: torch.Tensor, images: torch.Tensor, truths: list[torch.Tensor],
-             to_truth: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-             crf_cfg: CRFConfig | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             to_truth: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], crf_cfg: CRFConfig | None,
+             iterations: tuple[int, ...] = CRF_ITERATIONS, cutoffs: tuple[float, ...] = CRF_CUTOFFS,
+             ) -> tuple[torch.Tensor, dict[tuple[int, float], torch.Tensor]]:
     """Per-image IoU ``(B, len(GRID))`` of the segmenter's probability ``prob (B, S, S)`` with each truth
     (the score placed on the truth by ``to_truth(score, truth)``) at each threshold of
-    :data:`pixelvote.evaluate.selection.GRID`; and with ``crf_cfg``, of its dense-CRF refinement with each
-    threshold as the unary's undecided probability (else None). As in calibration, the CRF only runs up to
+    :data:`pixelvote.evaluate.selection.GRID`; and with ``crf_cfg``, by ``(iterations, cutoff)``, of its
+    dense-CRF refinement after that many iterations with each threshold as the unary's undecided
+    probability and the mask where the refined probability exceeds the cutoff (empty without ``crf_cfg``).
+    As in calibration, the CRF only runs up to
     :data:`~pixelvote.evaluate.selection.REFINED_MAX_THRESHOLD` (NaN above: it was never best there)."""
     from pixelvote.evaluate.selection import GRID, iou_over_grid, refined_at
 
     plain = torch.stack([iou_over_grid(to_truth(prob[j], t), t, GRID) for j, t in enumerate(truths)])
     if crf_cfg is None:
-        return plain, None
+        return plain, {}
     from pixelvote.refine.crf import dense_crf, reuse
 
-    with reuse():  # one CRF per image, every threshold run on it
-        qs = [dense_crf(prob, images, crf_cfg, threshold=t) - 0.5 if refined_at(t) else None for t in GRID]
     nan = torch.tensor(float("nan"))
-    refined = torch.stack([torch.stack([nan if q is None else iou_over_grid(to_truth(q[j], t), t, (0.0,))[0]
-                                        for q in qs]) for j, t in enumerate(truths)])
+    refined: dict[tuple[int, float], torch.Tensor] = {}
+    with reuse():  # one CRF per image and iteration count, every threshold run on it
+        for n in iterations:
+            settings = crf_cfg.model_copy(update={"iterations": n})
+            qs = [dense_crf(prob, images, settings, threshold=t) if refined_at(t) else None for t in GRID]
+            for c in cutoffs:
+                refined[(n, c)] = torch.stack([torch.stack([
+                    nan if q is None else iou_over_grid(to_truth(q[j] - c, t), t, (0.0,))[0] for q in qs])
+                    for j, t in enumerate(truths)])
     return plain, refined
 
 
@@ -64,10 +79,13 @@ def validation_samples(run: str | Path) -> tuple[list[Any], list[str], str]:
 
 
 def choose_thresholds(model: Any, run: str | Path, *, image_size: int, resize: str,
-                      crf_cfg: CRFConfig | None, batch_size: int = 16) -> dict[str, Any]:
+                      crf_cfg: CRFConfig | None, batch_size: int = 16,
+                      crf_iterations: tuple[int, ...] = CRF_ITERATIONS) -> dict[str, Any]:
     """Score the segmenter on the run's validation images that show a finding and have a mask, as
-    :func:`iou_rows` does. Returns a summary with the best ``threshold`` and ``crf_threshold``
-    (None where there was nothing to score) and the mean IoU per threshold."""
+    :func:`iou_rows` does (the CRF after each of ``crf_iterations``). Returns a summary with the best
+    ``threshold``; the best CRF setting's ``crf_threshold``, ``crf_iterations`` and ``crf_cutoff`` (None
+    where there was nothing to score); the mean IoU per threshold (``plain``; ``crf``: at the chosen
+    iterations and cutoff) and each CRF setting's best (``crf_settings``)."""
     from tqdm.auto import tqdm
 
     from pixelvote.evaluate.selection import GRID, at_size
@@ -80,21 +98,34 @@ def choose_thresholds(model: Any, run: str | Path, *, image_size: int, resize: s
     if not samples:
         return summary
     val = cache_samples(samples, classes, image_size, desc="scoring the segmenter", resize=resize)
-    plain_rows, crf_rows = [], []
+    # the run's own iteration count is always a candidate
+    iterations = tuple(sorted({*crf_iterations, *([crf_cfg.iterations] if crf_cfg else [])}))
+    plain_rows: list[torch.Tensor] = []
+    crf_rows: dict[tuple[int, float], list[torch.Tensor]] = {}
     for imgs, truths in tqdm(_batches(val, batch_size), desc="choosing the segmenter's thresholds",
                              total=-(-len(val) // batch_size), unit="batch", leave=False):
         prob = predict(model, imgs).float().cpu()
-        plain, refined = iou_rows(prob, imgs, truths, lambda s, t: at_size(s, t, resize), crf_cfg)
+        plain, refined = iou_rows(prob, imgs, truths, lambda s, t: at_size(s, t, resize), crf_cfg,
+                                  iterations=iterations)
         plain_rows.append(plain)
-        if refined is not None:
-            crf_rows.append(refined)
+        for key, rows in refined.items():
+            crf_rows.setdefault(key, []).append(rows)
     if not plain_rows:
         return summary
-    for name, rows, key in (("plain", plain_rows, "threshold"), ("crf", crf_rows, "crf_threshold")):
-        if rows:
-            mean = torch.cat(rows).mean(0).nan_to_num(-1.0)  # NaN: the CRF was not run at that threshold
-            summary.update({name: _by_threshold(GRID, mean), key: GRID[int(mean.argmax())],
-                            f"{key}_iou": round(float(mean.max()), 4)})
+    mean = torch.cat(plain_rows).mean(0)
+    summary.update({"plain": _by_threshold(GRID, mean), "threshold": GRID[int(mean.argmax())],
+                    "threshold_iou": round(float(mean.max()), 4)})
+    if crf_rows:
+        # NaN: the CRF was not run at that threshold. Candidates run from the cheapest (fewest
+        # iterations), so a tie keeps the cheaper setting
+        means = {key: torch.cat(rows).mean(0).nan_to_num(-1.0) for key, rows in crf_rows.items()}
+        best = max(means, key=lambda k: float(means[k].max()))
+        summary.update({"crf": _by_threshold(GRID, means[best]),
+                        "crf_threshold": GRID[int(means[best].argmax())],
+                        "crf_threshold_iou": round(float(means[best].max()), 4), "crf_iterations": best[0],
+                        "crf_cutoff": best[1],
+                        "crf_settings": {f"{n} iterations, cutoff {c}": round(float(m.max()), 4)
+                                         for (n, c), m in means.items()}})
     summary["images"] = len(val)
     return summary
 

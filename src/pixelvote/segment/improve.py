@@ -92,8 +92,8 @@ def improve(run: str | Path, images: str | Path, work: str | Path, *, rounds: in
         entry: dict[str, Any] = {"round": rnd, "masks_from": "segmenter" if segmenter else "consensus"}
         if segmenter is not None:  # chosen on the run's validation masks, which --truth may score again
             scfg = json.loads((segmenter / "segmenter.json").read_text())
-            entry["segmenter_thresholds"] = {k: scfg.get(k) for k in ("threshold", "crf_threshold", "use_crf",
-                                                                      "threshold_source")}
+            entry["segmenter_thresholds"] = {k: scfg.get(k) for k in (
+                "threshold", "crf_threshold", "crf_iterations", "crf_cutoff", "use_crf", "threshold_source")}
         if truth_p is not None:
             entry["validation"] = score(out, truth_p, rc.background)
         history.append(entry)

@@ -17,6 +17,7 @@ from pixelvote.data.imageio import read_jsonl, write_json_atomic
 from pixelvote.errors import CheckpointError, ConfigError, DataError
 from pixelvote.models.checkpoint import load_module_state, save_weights
 from pixelvote.models.ensemble import default_device
+from pixelvote.refine.crf import CRFConfig
 from pixelvote.segment.data import SegDataset, select_examples
 from pixelvote.segment.model import Segmenter
 
@@ -57,7 +58,12 @@ class SegConfig(BaseModel):
     seed: int = 0
     threshold: float = Field(0.5, gt=0, lt=1, description="the mask is where the probability exceeds it")
     crf_threshold: float = Field(0.5, gt=0, lt=1, description="the probability the dense CRF's unary counts "
-                                 "as undecided (its mask is where the refined probability exceeds 0.5)")
+                                 "as undecided (its mask is where the refined probability exceeds "
+                                 "`crf_cutoff`)")
+    crf_iterations: int | None = Field(None, ge=1, le=50, description="mean-field iterations of its dense "
+                                       "CRF (None: the run's consensus.crf.iterations); chosen on validation")
+    crf_cutoff: float = Field(0.5, gt=0, lt=1, description="the CRF-refined mask is where the refined "
+                              "probability exceeds it; chosen on validation")
     threshold_source: str = Field("default", description="how the thresholds were set (written by training: "
                                   "chosen on the run's validation masks, see calibration.json)")
     pyramid_channels: int = Field(64, ge=8, description="FPN decoder width (smp's default is 256)")
@@ -84,6 +90,12 @@ class SegConfig(BaseModel):
     background: str = ""
     classes: list[str] = Field(default_factory=list)
     examples: int = 0
+
+    def crf_settings(self, run_crf: CRFConfig) -> CRFConfig:
+        """The run's dense-CRF settings (``consensus.crf``) with this segmenter's iterations."""
+        if self.crf_iterations is None:
+            return run_crf
+        return run_crf.model_copy(update={"iterations": self.crf_iterations})
 
     @property
     def refines(self) -> bool:
@@ -149,13 +161,15 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
 
 
 def calibrate_segmenter(segrun: str | Path, run: str | Path | None, *, model: Segmenter | None = None,
-                        device: str | None = None) -> dict:
-    """Choose the segmenter's ``threshold`` and ``crf_threshold`` by the mean IoU they give on ``run``'s
-    validation images that show a finding and have a mask (the CRF with the run's ``consensus.crf``), and
-    save them into ``segrun``'s segmenter.json, with every threshold's IoU in calibration.json. Without a
-    run, or validation masks, the thresholds stay as they are and the reason is saved instead."""
+                        device: str | None = None, crf_iterations: tuple[int, ...] | None = None) -> dict:
+    """Choose the segmenter's ``threshold``, and its dense CRF's ``crf_threshold``, ``crf_iterations``
+    (among ``crf_iterations``, default :data:`~pixelvote.segment.calibrate.CRF_ITERATIONS`, and the run's
+    own) and ``crf_cutoff``, by the mean IoU they give on ``run``'s validation images that show a finding
+    and have a mask (the CRF otherwise with the run's ``consensus.crf``), and save them into ``segrun``'s
+    segmenter.json, with every threshold's IoU in calibration.json. Without a run, or validation masks, the
+    thresholds stay as they are and the reason is saved instead."""
     from pixelvote.models.checkpoint import read_run_config
-    from pixelvote.segment.calibrate import choose_thresholds
+    from pixelvote.segment.calibrate import CRF_ITERATIONS, choose_thresholds
 
     segrun = Path(segrun)
     if model is None:
@@ -169,13 +183,15 @@ def calibrate_segmenter(segrun: str | Path, run: str | Path | None, *, model: Se
         try:
             crf_cfg = read_run_config(run).consensus.crf if cfg.crf else None
             summary = choose_thresholds(model, run, image_size=cfg.image_size, resize=cfg.resize,
-                                        crf_cfg=crf_cfg)
+                                        crf_cfg=crf_cfg, crf_iterations=crf_iterations or CRF_ITERATIONS)
             reason = "the run's validation images have no masks"
         except (DataError, CheckpointError) as exc:
             reason = f"the run's validation images cannot be read ({exc})"
     if summary.get("threshold") is not None:
         cfg.threshold = summary["threshold"]
         cfg.crf_threshold = summary.get("crf_threshold") or cfg.crf_threshold
+        if summary.get("crf_iterations") is not None:
+            cfg.crf_iterations, cfg.crf_cutoff = summary["crf_iterations"], summary["crf_cutoff"]
         cfg.threshold_source = (f"validation masks of {Path(str(run)).resolve()}: best mean IoU on "
                                 f"{summary['images']} images")
         if summary.get("crf_threshold") is not None:
@@ -185,8 +201,9 @@ def calibrate_segmenter(segrun: str | Path, run: str | Path | None, *, model: Se
             summary["mask"] = "crf" if cfg.use_crf else "plain"
         crf_part = ""
         if summary.get("crf_threshold") is not None:
-            crf_part = (f", CRF {cfg.crf_threshold:.2f} (IoU {summary['crf_threshold_iou']:.3f}); annotate "
-                        f"takes the {'CRF-refined' if cfg.use_crf else 'plain'} mask")
+            crf_part = (f", CRF {cfg.crf_threshold:.2f} after {cfg.crf_iterations} iterations, cut at "
+                        f"{cfg.crf_cutoff:g} (IoU {summary['crf_threshold_iou']:.3f}); annotate takes the "
+                        f"{'CRF-refined' if cfg.use_crf else 'plain'} mask")
         log.info("segmenter thresholds chosen on %d validation masks: %.2f (IoU %.3f)%s", summary["images"],
                  cfg.threshold, summary["threshold_iou"], crf_part)
     else:
@@ -308,6 +325,17 @@ def predict(model: Segmenter, images: torch.Tensor) -> torch.Tensor:
     if tuple(prob.shape[-2:]) != size:
         prob = F.interpolate(prob[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     return prob
+
+
+def refined_margin(prob: torch.Tensor, images: torch.Tensor, scfg: SegConfig,
+                   run_crf: CRFConfig) -> torch.Tensor:
+    """The segmenter's probability ``prob (B, S, S)`` refined by its dense CRF, as ``(B, S, S)`` margins
+    (> 0: mask): the run's CRF settings with the segmenter's iterations, its ``crf_threshold`` as the
+    unary's undecided probability and its ``crf_cutoff`` on the refined probability."""
+    from pixelvote.refine.crf import dense_crf
+
+    q = dense_crf(prob, images, scfg.crf_settings(run_crf), threshold=scfg.crf_threshold)
+    return q - scfg.crf_cutoff
 
 
 def reviewed_count(annotations: str | Path) -> int:
