@@ -9,8 +9,8 @@ times per image (median over repeats):
               T MC samples + ``apply_consensus`` with the run's consensus (its CRF included), with the models
               as ``annotate`` loads them (batch norms folded);
 2. plain      the same with the plain maps and the paper's consensus (no CRF): the cheapest ensemble mask;
-3. segmenter  the segmenter's probability, refined by its dense CRF at its ``crf_threshold`` where its
-              calibration kept the CRF (``refines``), as ``annotate --segmenter`` makes the mask (without
+3. segmenter  the segmenter's probability, refined by its dense CRF at its ``crf_threshold``, iterations
+              and cutoff where its calibration kept the CRF (``refines``), as ``annotate --segmenter`` makes the mask (without
               the ensemble, which ``annotate --segmenter`` still runs for the diagnosis, uncertainty and
               flags);
 4. segmenter, CRF in one process: the same with ``crf.workers(1)``, the baseline for the CRF's worker
@@ -95,7 +95,8 @@ def main() -> None:
     print(f"{'path':70s} {'ms/image':>9s}")
     print(f"{'ensemble: the run recipe (maps + consensus, as annotate)':70s} {ms['ensemble']:9.1f}")
     print(f"{'ensemble: plain maps, paper consensus':70s} {ms['plain']:9.1f}")
-    crf = f" + dense CRF at {scfg.crf_threshold}" if scfg.refines else ""
+    crf = (f" + dense CRF at {scfg.crf_threshold}, {scfg.crf_settings(cfg.consensus.crf).iterations} "
+           "iterations" if scfg.refines else "")
     print(f"{'segmenter' + crf:70s} {ms['segmenter']:9.1f}")
     print(f"{'segmenter' + crf + ' in one process':70s} {ms['segmenter_one_process']:9.1f}")
     ratios = {"ensemble_over_segmenter": ms["ensemble"] / ms["segmenter"],
