@@ -10,9 +10,9 @@ times per image (median over repeats):
               as ``annotate`` loads them (batch norms folded);
 2. plain      the same with the plain maps and the paper's consensus (no CRF): the cheapest ensemble mask;
 3. segmenter  the segmenter's probability, refined by its dense CRF at its ``crf_threshold``, iterations
-              and cutoff where its calibration kept the CRF (``refines``), as ``annotate --segmenter`` makes the mask (without
-              the ensemble, which ``annotate --segmenter`` still runs for the diagnosis, uncertainty and
-              flags);
+              and cutoff where its calibration kept the CRF (``refines``), as ``annotate --segmenter``
+              makes the mask (without the ensemble, which ``annotate --segmenter`` still runs for the
+              diagnosis, uncertainty and flags);
 4. segmenter, CRF in one process: the same with ``crf.workers(1)``, the baseline for the CRF's worker
               processes (the ensemble paths use them too).
 
