@@ -136,13 +136,18 @@ def test_segmenter_stage_two_through_the_cli(trained, tmp_path):
     assert r.exit_code == 0, r.output
     seg = tmp_path / "seg"
     r = runner.invoke(app, ["segment", "train", "--annotations", str(out), "--out", str(seg), "--all",
-                            "--epochs", "1", "--image-size", "64", "--no-pretrained", "--device", "cpu"])
+                            "--epochs", "1", "--image-size", "64", "--no-pretrained", "--device", "cpu",
+                            "--crf-iterations", "1,2"])
     assert r.exit_code == 0, r.output
+    settings = json.loads((seg / "calibration.json").read_text()).get("crf_settings")
+    if settings is not None:  # pydensecrf2 installed: the iterations asked for, and the run's own (5)
+        assert {k.split(" iterations")[0] for k in settings} == {"1", "2", "5"}
     # the run that annotated OUT lends its validation masks to choose the thresholds, and the choice is said
     scfg = json.loads((seg / "segmenter.json").read_text())
     assert scfg["threshold_source"].startswith(f"validation masks of {run.resolve()}")
     assert f"mask at {scfg['threshold']} (IoU " in r.output
-    r = runner.invoke(app, ["segment", "calibrate", "--segmenter", str(seg), "--run", str(run)])
+    r = runner.invoke(app, ["segment", "calibrate", "--segmenter", str(seg), "--run", str(run),
+                            "--crf-iterations", "1,2"])
     assert r.exit_code == 0, r.output
     assert json.loads((seg / "segmenter.json").read_text()) == scfg  # the same choice again
     for bad, problem in ((["--segmenter", str(out), "--run", str(run)], "not a segmenter run"),
@@ -154,6 +159,11 @@ def test_segmenter_stage_two_through_the_cli(trained, tmp_path):
         p = subprocess.run([sys.executable, "-m", "pixelvote.cli", "segment", "calibrate", *bad],
                            capture_output=True, text=True)
         assert p.returncode == 2 and problem in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = subprocess.run([sys.executable, "-m", "pixelvote.cli", "segment", "train", "--annotations", str(out),
+                        "--out", str(tmp_path / "seg2"), "--crf-iterations", "three"], capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and "--crf-iterations three: not a comma-separated list" in p.stderr, p.stderr
+    assert not (tmp_path / "seg2").exists()  # refused before anything was trained
     out2 = tmp_path / "out2"
     r = runner.invoke(app, ["annotate", "--run", str(run), "--images", str(data / "images" / "lesion"),
                             "--out", str(out2), "--workers", "0", "--segmenter", str(seg),

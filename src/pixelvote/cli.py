@@ -38,6 +38,20 @@ def _numbers(value: str, option: str) -> list[float]:
                           fix=f"e.g. {option} 10,30") from None
 
 
+CRF_ITERATIONS_HELP = ("the segmenter's dense-CRF mean-field iterations to try (with the run's own); more "
+                       "cost more per image: fire's masks were best after 10-20, BUSI's after 2 (see README)")
+
+
+def _crf_iterations(value: str) -> tuple[int, ...]:
+    from pixelvote.errors import ConfigError
+
+    numbers = _numbers(value, "--crf-iterations")
+    if not numbers or any(n != int(n) or not 1 <= n <= 50 for n in numbers):
+        raise ConfigError(f"--crf-iterations {value}: not whole numbers from 1 to 50",
+                          fix="e.g. --crf-iterations 2,3,5,10")
+    return tuple(int(n) for n in numbers)
+
+
 @app.command()
 def train(
     data: Optional[Path] = typer.Option(None, "--data",
@@ -340,18 +354,21 @@ def segment_train(
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="choose the segmenter's mask and "
                                    "CRF thresholds on the run's validation masks (else 0.5)"),
+    crf_iterations: str = typer.Option("2,3,5", help=CRF_ITERATIONS_HELP),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Train a segmenter on unflagged consensus masks (+ reviewed masks, weighted higher)."""
     _setup_logging(True)
     from pixelvote.segment.train import SegConfig, decoder_settings, train_segmenter
 
+    iterations = _crf_iterations(crf_iterations)
+
     mode = "reviewed" if reviewed_only else ("all" if all_images else "confident")
     cfg = SegConfig(encoder=encoder, epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
                     mode=mode, augment=augment, crf=crf, encoder_init=encoder_init,
                     **decoder_settings(decoder))
     path = train_segmenter(annotations, out, run=run, cfg=cfg, pretrained=pretrained, device=device,
-                           calibrate=calibrate)
+                           calibrate=calibrate, crf_iterations=iterations)
     if calibrate:
         _echo_segmenter_thresholds(path)
     typer.echo(f"segmenter saved to {path}; use it with `pixelvote annotate --segmenter {path}`")
@@ -361,25 +378,19 @@ def segment_train(
 def segment_calibrate(
     segmenter: Path = typer.Option(..., "--segmenter", help="a `segment train --out` folder"),
     run: Path = typer.Option(..., "--run", help="the ensemble run whose validation masks score them"),
-    crf_iterations: str = typer.Option(
-        "2,3,5", help="the dense CRF's mean-field iterations to try (with the run's own); more cost more per "
-        "image: fire's masks were best after 10-20, BUSI's after 2 (see README)"),
+    crf_iterations: str = typer.Option("2,3,5", help=CRF_ITERATIONS_HELP),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Choose a trained segmenter's mask and CRF settings on a run's validation masks (segment train does
     this itself; use it for a segmenter trained without --run or before this version)."""
     _setup_logging(True)
-    from pixelvote.errors import ConfigError
     from pixelvote.models.checkpoint import read_run_config
     from pixelvote.segment.train import calibrate_segmenter, load_segmenter
 
-    iterations = _numbers(crf_iterations, "--crf-iterations")
-    if not iterations or any(n != int(n) or not 1 <= n <= 50 for n in iterations):
-        raise ConfigError(f"--crf-iterations {crf_iterations}: not whole numbers from 1 to 50",
-                          fix="e.g. --crf-iterations 2,3,5,10")
+    iterations = _crf_iterations(crf_iterations)
     model, _ = load_segmenter(segmenter, device=device)  # a clear error for a folder that is not one
     read_run_config(run)  # likewise for a run
-    calibrate_segmenter(segmenter, run, model=model, crf_iterations=tuple(int(n) for n in iterations))
+    calibrate_segmenter(segmenter, run, model=model, crf_iterations=iterations)
     _echo_segmenter_thresholds(segmenter)
 
 

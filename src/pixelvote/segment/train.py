@@ -116,7 +116,7 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> t
 
 def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path | None = None,
                     cfg: SegConfig | None = None, pretrained: bool = True, device: str | None = None,
-                    calibrate: bool = True) -> Path:
+                    calibrate: bool = True, crf_iterations: tuple[int, ...] | None = None) -> Path:
     """Fit the segmenter on the annotation folder's masks and save it to ``out``; with ``calibrate``, its
     thresholds are then chosen on the validation masks of the run (``run``, or the run that annotated the
     folder), see :func:`calibrate_segmenter`."""
@@ -156,7 +156,7 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
     write_json_atomic(out / "history.json", history)
     write_json_atomic(out / "segmenter.json", cfg.model_dump(mode="json"))
     if calibrate:
-        calibrate_segmenter(out, run, model=model.eval())
+        calibrate_segmenter(out, run, model=model.eval(), crf_iterations=crf_iterations)
     return out
 
 
