@@ -324,15 +324,21 @@ def test_segment_train_saves_the_chosen_thresholds_or_says_why_it_kept_them(tmp_
     assert "dataset not found" in saved["threshold_source"]
 
 
+def _crf_segmenter_on_halo_run(tmp_path):  # type: ignore[no-untyped-def]
+    """The halo run, and a one-epoch segmenter with the CRF on, trained without a run (nothing chosen yet):
+    ``(run, segmenter folder, its segmenter.json)``."""
+    run = _halo_run(tmp_path)
+    cfg = SegConfig(epochs=1, image_size=64, batch_size=4, encoder_init="imagenet", crf=True)
+    seg = train_segmenter(_out(tmp_path), tmp_path / "seg", cfg=cfg, pretrained=False, device="cpu")
+    return run, seg, json.loads((seg / "segmenter.json").read_text())
+
+
 @pytest.mark.skipif("not __import__('pixelvote.refine.crf', fromlist=['x']).available()")
 def test_calibration_keeps_the_segmenters_crf_only_where_it_beats_the_plain_mask(tmp_path, monkeypatch):
     from pixelvote.segment import calibrate as seg_calibrate
     from pixelvote.segment import train as seg_train
 
-    run = _halo_run(tmp_path)
-    cfg = SegConfig(epochs=1, image_size=64, batch_size=4, encoder_init="imagenet", crf=True)
-    seg = train_segmenter(_out(tmp_path), tmp_path / "seg", cfg=cfg, pretrained=False, device="cpu")
-    saved = json.loads((seg / "segmenter.json").read_text())
+    run, seg, saved = _crf_segmenter_on_halo_run(tmp_path)
     assert saved["use_crf"] is None and SegConfig(**saved).refines  # no run: nothing chosen, the CRF stays
     monkeypatch.setattr(seg_train, "load_segmenter", lambda *a, **k: (_Brightness(), SegConfig(**saved)))
     # the halo run: thresholded at 0.8 the plain mask is exact (IoU 1.0), so no CRF can beat it
@@ -402,10 +408,7 @@ def test_calibration_saves_the_crf_setting_it_chose_and_annotate_uses_it(tmp_pat
     from pixelvote.refine.crf import CRFConfig
     from pixelvote.segment import train as seg_train
 
-    run = _halo_run(tmp_path)
-    cfg = SegConfig(epochs=1, image_size=64, batch_size=4, encoder_init="imagenet", crf=True)
-    seg = train_segmenter(_out(tmp_path), tmp_path / "seg", cfg=cfg, pretrained=False, device="cpu")
-    saved = json.loads((seg / "segmenter.json").read_text())
+    run, seg, saved = _crf_segmenter_on_halo_run(tmp_path)
     monkeypatch.setattr(seg_train, "load_segmenter", lambda *a, **k: (_Brightness(), SegConfig(**saved)))
     summary = seg_train.calibrate_segmenter(seg, run, crf_iterations=(1, 4))
     saved = json.loads((seg / "segmenter.json").read_text())
