@@ -39,7 +39,8 @@ def _numbers(value: str, option: str) -> list[float]:
 
 
 CRF_ITERATIONS_HELP = ("the segmenter's dense-CRF mean-field iterations to try (with the run's own); more "
-                       "cost more per image: fire's masks were best after 10-20, BUSI's after 2 (see README)")
+                       "iterations cost more per image: fire's masks were best after 10-20, BUSI's after 2 "
+                       "(see README)")
 
 
 def _crf_iterations(value: str) -> tuple[int, ...]:
