@@ -137,7 +137,7 @@ def segmenter_crf_table(run: Path, ens: Ensemble, model, crf_cfg, labels: bool):
     """IoU of the segmenter's CRF-refined masks at every unary threshold, per validation image (gated by the
     ensemble's diagnosis unless ``labels``), one table per (iterations, cutoff) that segment train tries, as
     it scores them: for a cross-fitted choice."""
-    from pixelvote.segment.calibrate import CRF_ITERATIONS, iou_rows
+    from pixelvote.segment.calibrate import iou_rows, iteration_candidates
     from pixelvote.segment.train import predict
 
     rows: dict[tuple[int, float], list[torch.Tensor]] = {}
@@ -150,7 +150,7 @@ def segmenter_crf_table(run: Path, ens: Ensemble, model, crf_cfg, labels: bool):
         fg = (batch.labels[use] if labels else analyze(ens, imgs, mc_samples=1).label) != bg
         _, refined = iou_rows(predict(model, imgs).float().cpu(), imgs, [batch.masks[i] for i in use],
                               lambda s, t: at_size(s, t, ens.resize), crf_cfg,
-                              iterations=tuple(sorted({*CRF_ITERATIONS, crf_cfg.iterations})))
+                              iterations=iteration_candidates(crf_cfg))
         for key, r in refined.items():
             rows.setdefault(key, []).append(r * fg.float().view(-1, 1))
     return {("segmenter", f"crf {n} it, cutoff {c}"): VariantTable(MapConfig(), "crf", torch.cat(r), 0.0)

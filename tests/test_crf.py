@@ -127,6 +127,28 @@ def test_reuse_gives_the_results_of_fresh_passes_and_builds_each_crf_once(monkey
     assert len(built) == 6 and len(inferred) == 10
 
 
+
+def test_reuse_builds_one_crf_for_every_iteration_count(monkeypatch) -> None:
+    """Calibration tries several iteration counts on each image: the pairwise terms do not depend on them,
+    so the built CRF is shared, and each count still gives what a fresh pass gives."""
+    import pydensecrf.densecrf as dcrf
+
+    from pixelvote.refine import crf
+    from pixelvote.refine.crf import CRFConfig
+
+    img, blob, _ = _scene()
+    imgs, soft = torch.stack([img, img.flip(-1)]), torch.stack([blob, blob.flip(-1)])
+    settings = [CRFConfig(iterations=n) for n in (2, 5, 10)]
+    fresh = [dense_crf(soft, imgs, c, threshold=0.4) for c in settings]
+    assert not torch.equal(fresh[0], fresh[1])
+    built = []
+    real = dcrf.DenseCRF2D
+    monkeypatch.setattr(dcrf, "DenseCRF2D", lambda *a: built.append(a) or real(*a))
+    with crf.reuse():
+        for c, expected in zip(settings, fresh, strict=True):
+            torch.testing.assert_close(dense_crf(soft, imgs, c, threshold=0.4), expected, rtol=0, atol=0)
+    assert len(built) == 2  # one per image, not one per image and count
+
 def _batch(n: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     img, blob, _ = _scene()
     g = torch.Generator().manual_seed(1)

@@ -140,8 +140,12 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = 
         if out is None:
             out = crf_pass.marginals(p, rgb, kernels)
     else:  # within reuse() the CRFs held in this process are worth more than parallel passes
-        settings = cfg.model_dump_json().encode() + f"{H}x{W}".encode()
-        out = np.stack([_reused_pass(p[b], rgb[b], kernels, reused, settings) for b in range(B)])
+        size = f"{H}x{W}".encode()
+        # the pairwise terms do not depend on the iterations or the unary's confidence: one built CRF
+        # serves every count calibration tries
+        pairwise = cfg.model_dump_json(exclude={"iterations", "confidence"}).encode() + size
+        settings = cfg.model_dump_json().encode() + size
+        out = np.stack([_reused_pass(p[b], rgb[b], kernels, reused, settings, pairwise) for b in range(B)])
     q = torch.from_numpy(out).to(soft.device)
     if (H, W) != (H0, W0):
         q = F.interpolate(q[:, None], size=(H0, W0), mode="bilinear", align_corners=False)[:, 0]
@@ -149,13 +153,13 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = 
 
 
 def _reused_pass(p: np.ndarray, rgb: np.ndarray, kernels: dict[str, float], reused: _Reuse,
-                 settings: bytes) -> np.ndarray:
+                 settings: bytes, pairwise: bytes) -> np.ndarray:
     """One image's pass within :func:`reuse`: its held result, or a pass on its held (or a new) CRF."""
     key = hashlib.blake2b(p.tobytes() + rgb.tobytes() + settings, digest_size=16).digest()
     held = reused.get("results", key)
     if held is not None:
         return held
-    pairwise_key = hashlib.blake2b(rgb.tobytes() + settings, digest_size=16).digest()
+    pairwise_key = hashlib.blake2b(rgb.tobytes() + pairwise, digest_size=16).digest()
     d = reused.get("crfs", pairwise_key)
     if d is None:
         d = crf_pass.build(rgb, kernels)

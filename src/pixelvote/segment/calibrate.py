@@ -25,6 +25,12 @@ CRF_ITERATIONS = (2, 3, 5)
 CRF_CUTOFFS = (0.1, 0.3, 0.5)
 
 
+def iteration_candidates(crf_cfg: CRFConfig | None,
+                         requested: tuple[int, ...] = CRF_ITERATIONS) -> tuple[int, ...]:
+    """The CRF iteration counts calibration tries: ``requested`` and always the run's own."""
+    return tuple(sorted({*requested, *([crf_cfg.iterations] if crf_cfg else [])}))
+
+
 def iou_rows(prob: torch.Tensor, images: torch.Tensor, truths: list[torch.Tensor],
              to_truth: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], crf_cfg: CRFConfig | None,
              iterations: tuple[int, ...] = CRF_ITERATIONS, cutoffs: tuple[float, ...] = CRF_CUTOFFS,
@@ -98,8 +104,7 @@ def choose_thresholds(model: Any, run: str | Path, *, image_size: int, resize: s
     if not samples:
         return summary
     val = cache_samples(samples, classes, image_size, desc="scoring the segmenter", resize=resize)
-    # the run's own iteration count is always a candidate
-    iterations = tuple(sorted({*crf_iterations, *([crf_cfg.iterations] if crf_cfg else [])}))
+    iterations = iteration_candidates(crf_cfg, crf_iterations)
     plain_rows: list[torch.Tensor] = []
     crf_rows: dict[tuple[int, float], list[torch.Tensor]] = {}
     for imgs, truths in tqdm(_batches(val, batch_size), desc="choosing the segmenter's thresholds",
