@@ -44,8 +44,7 @@ from pixelvote.evaluate.selection import (  # noqa: E402
     collect,
     crf_fusions,
     cross_fitted,
-    relative_cost,
-    split_fusion,
+    variant_cost,
 )
 from pixelvote.explain.analyze import MapConfig, analyze  # noqa: E402
 from pixelvote.models.checkpoint import load_run  # noqa: E402
@@ -176,7 +175,9 @@ def main() -> None:
     ap.add_argument("--labels", action="store_true", help="score masks as annotate --labels makes them for "
                     "labelled images (the diagnosis does not gate them)")
     ap.add_argument("--crf-weights", default="10,30", help="the dense CRF's bilateral weights scored (rows "
-                    "mean+crf:W)")
+                    "mean+crf:W:N)")
+    ap.add_argument("--crf-iterations", default="3,5,10", help="the dense CRF's mean-field iterations scored "
+                    "(rows mean+crf:W:N; pixelvote train --crf-iterations)")
     ap.add_argument("--stage-two", action="store_true",
                     help="also train and score the segmenter (slow on CPU)")
     ap.add_argument("--seg-epochs", type=int, default=30)
@@ -193,7 +194,8 @@ def main() -> None:
         seg = (stage_two(run, args.runs_dir, args.seg_epochs, args.image_size, args.seg_method)
                if args.stage_two else None)
         weights = [float(w) for w in args.crf_weights.split(",")]
-        fusions = ["intersection", "mean", "vote"] + (crf_fusions(weights) if crf.available() else [])
+        counts = [int(n) for n in args.crf_iterations.split(",")]
+        fusions = ["intersection", "mean", "vote"] + (crf_fusions(weights, counts) if crf.available() else [])
         if args.labels:  # which members fuse for labelled images: every one (default) or the agreeing ones
             fusions += [f"{f}@agreeing" for f in fusions if f.startswith("mean")]
         # the segmenter's CRF as annotate --segmenter runs it: with the run's CRF settings
@@ -247,7 +249,7 @@ def main() -> None:
             rows.append(("best CAM variant, chosen on val (cross-fitted)", best_cam, None, 0.0))
         cf, choices = cross_fitted(tables, cam_keys)
         rows.append((f"best of all (cross-fitted): {choices}", cf, None, 0.0))
-        cheap = [k for k in cam_keys if relative_cost(RECIPES[k[0]], split_fusion(k[1])[1]) <= args.max_cost]
+        cheap = [k for k in cam_keys if variant_cost(RECIPES[k[0]], k[1], cfg.consensus.crf) <= args.max_cost]
         cf, choices = cross_fitted(tables, cheap)
         key, j, full = best_cell(tables, keys=cheap)
         rows.append((f"default: chosen within cost <= {args.max_cost:g} (cross-fitted): {choices}", cf, None,

@@ -54,13 +54,24 @@ def test_train_tries_the_crf_weights_given_and_says_what_it_chose(tmp_path):
     run = tmp_path / "run"
     r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny",
                             "--epochs", "1", "--image-size", "48", "--no-pretrained", "--mc-samples", "2",
-                            "--val-fraction", "0.4", "--crf-weights", "4,25", "--quiet"])
+                            "--val-fraction", "0.4", "--crf-weights", "4,25", "--crf-iterations", "7,2",
+                            "--quiet"])
     assert r.exit_code == 0, r.output
     sel = json.loads((run / "calibration.json").read_text())["selection"]
     assert f"with {sel['recipe']} maps and {sel['fusion']} fusion" in r.output  # what was chosen, said
     crf_rows = {k.partition("+")[2] for k in sel["candidates"] if "crf" in k}
-    assert crf_rows == ({"intersection+crf:4", "intersection+crf:25", "mean+crf:4", "mean+crf:25"}
-                        if crf.available() else set())
+    tried = {f"{f}+crf:{w}:{n}" for f in ("intersection", "mean") for w in (4, 25) for n in (2, 7)}
+    assert crf_rows == (tried if crf.available() else set())
+
+
+@pytest.mark.parametrize("bad", ["0", "3,x", "2.5", "60"])
+def test_train_refuses_bad_crf_iterations_before_training(tmp_path, bad):
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"),
+                            "--crf-iterations", bad, "--quiet"])
+    assert r.exit_code != 0 and "--crf-iterations" in str(r.exception)
+    assert not (tmp_path / "run").exists()
 
 
 def test_existing_run_is_not_overwritten(trained):

@@ -112,6 +112,10 @@ def test_reuse_gives_the_results_of_fresh_passes_and_builds_each_crf_once(monkey
             inferred.append(n)
             return self.crf.inference(n)
 
+        def startInference(self):  # type: ignore[no-untyped-def]  # noqa: N802 (pydensecrf's name)
+            inferred.append("steps")
+            return self.crf.startInference()
+
         def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
             return getattr(self.crf, name)
 
@@ -148,6 +152,28 @@ def test_reuse_builds_one_crf_for_every_iteration_count(monkeypatch) -> None:
         for c, expected in zip(settings, fresh, strict=True):
             torch.testing.assert_close(dense_crf(soft, imgs, c, threshold=0.4), expected, rtol=0, atol=0)
     assert len(built) == 2  # one per image, not one per image and count
+
+
+def test_reuse_with_steps_runs_each_image_once_for_every_iteration_count(monkeypatch) -> None:
+    """Within reuse(steps=...), the pass for one count runs to the largest and keeps each count's result:
+    the other counts then cost nothing, and every result is what a fresh pass gives."""
+    from pixelvote.refine import crf, crf_pass
+    from pixelvote.refine.crf import CRFConfig
+
+    img, blob, _ = _scene()
+    imgs, soft = torch.stack([img, img.flip(-1)]), torch.stack([blob, blob.flip(-1)])
+    settings = [CRFConfig(iterations=n) for n in (10, 3, 5, 7)]
+    fresh = [dense_crf(soft, imgs, c, threshold=0.4) for c in settings]
+    assert not torch.equal(fresh[0], fresh[1]) and not torch.equal(fresh[1], fresh[2])
+    runs = []
+    real = crf_pass.infer_steps
+    monkeypatch.setattr(crf_pass, "infer_steps", lambda d, p, counts: runs.append(sorted(counts))
+                        or real(d, p, counts))
+    with crf.reuse(steps=(3, 5, 10)):
+        for c, expected in zip(settings, fresh, strict=True):
+            torch.testing.assert_close(dense_crf(soft, imgs, c, threshold=0.4), expected, rtol=0, atol=0)
+    # one run per image for 10, 3 and 5; 7 is not among the steps: a run of its own
+    assert runs == [[3, 5, 10], [3, 5, 10], [7], [7]]
 
 def _batch(n: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     img, blob, _ = _scene()

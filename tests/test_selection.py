@@ -7,7 +7,17 @@ import json
 import pytest
 from conftest import write_blob_dataset
 
-from pixelvote.evaluate.selection import RECIPES, consensus_update, crf_weight, relative_cost, split_fusion
+from pixelvote.evaluate.selection import (
+    RECIPES,
+    consensus_update,
+    crf_fusions,
+    crf_iterations,
+    crf_weight,
+    relative_cost,
+    split_fusion,
+    variant_cost,
+    without_iterations,
+)
 from pixelvote.refine.crf import CRFConfig
 
 
@@ -18,12 +28,40 @@ def test_relative_costs_count_views_and_refinements() -> None:
     assert relative_cost(RECIPES["plain"], "crf") == pytest.approx(1.4)
     assert relative_cost(RECIPES["layers-geo"]) == pytest.approx(1.5)
     assert relative_cost(RECIPES["guided"]) == pytest.approx(1.35)
+    # the CRF: 0.175 to build, 0.045 per mean-field iteration
+    assert relative_cost(RECIPES["plain"], "crf", 10) == pytest.approx(1.625)
+    assert relative_cost(RECIPES["guided"], "crf", 3) == pytest.approx(1.66)
+    assert variant_cost(RECIPES["guided"], "mean+crf:30:10@agreeing") == pytest.approx(1.975)
+    assert variant_cost(RECIPES["plain"], "mean+crf:30") == pytest.approx(1.4)  # the base's 5 iterations
+    assert variant_cost(RECIPES["plain"], "mean+crf:30", CRFConfig(iterations=20)) == pytest.approx(2.075)
+    assert variant_cost(RECIPES["flip"], "vote", CRFConfig(iterations=20)) == 2.0
 
 
 def test_split_fusion() -> None:
     assert split_fusion("mean+crf") == ("mean", "crf")
     assert split_fusion("intersection") == ("intersection", "none")
     assert split_fusion("mean+crf:30@agreeing") == ("mean", "crf")
+    assert split_fusion("mean+crf:30:10@agreeing") == ("mean", "crf")
+
+
+def test_a_fusion_name_sets_the_crf_iterations() -> None:
+    from pixelvote.consensus import ConsensusConfig
+
+    assert crf_iterations("mean+crf:30:10@agreeing") == 10 and crf_weight("mean+crf:30:10") == 30.0
+    assert crf_iterations("mean+crf:30") is None and crf_iterations("mean+crf") is None
+    assert crf_iterations("vote") is None
+    assert without_iterations("mean+crf:30:10@agreeing") == "mean+crf:30@agreeing"
+    assert without_iterations("intersection+crf:2.5:3") == "intersection+crf:2.5"
+    assert without_iterations("vote") == "vote" and without_iterations("mean@agreeing") == "mean@agreeing"
+    assert crf_fusions([10, 30], [3, 10]) == ["intersection+crf:10:3", "intersection+crf:10:10",
+                                              "intersection+crf:30:3", "intersection+crf:30:10",
+                                              "mean+crf:10:3", "mean+crf:10:10", "mean+crf:30:3",
+                                              "mean+crf:30:10"]
+    assert crf_fusions([10]) == ["intersection+crf:10", "mean+crf:10"]
+    base = ConsensusConfig(crf=CRFConfig(size=96, bilateral_compat=7.0, iterations=5))
+    made = base.model_copy(update=consensus_update(base, "mean+crf:30:10"))
+    assert made.crf == CRFConfig(size=96, bilateral_compat=30.0, iterations=10)
+    assert base.crf.iterations == 5
 
 
 def test_a_fusion_name_sets_the_crf_weight_and_keeps_the_other_crf_settings() -> None:
@@ -59,16 +97,20 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     assert cands["flip+mean"]["allowed"] is (max_cost >= 2.0)
     from pixelvote.refine import crf
 
-    if crf.available():  # the CRF variants are tried where they fit a limit, at 0.4 more passes, with
-        # each bilateral weight of TrainConfig.crf_weights (default 10 and 30)
+    if crf.available():  # the CRF variants are tried where they fit a limit, at 0.175 + 0.045 per
+        # iteration more passes, with each bilateral weight and iteration count of TrainConfig (default
+        # 10 and 30; 3, 5 and 10)
         for w in ("10", "30"):
-            assert cands[f"plain+mean+crf:{w}"]["relative_cost"] == pytest.approx(1.4)
-            assert cands[f"plain+mean+crf:{w}"]["allowed"] is True
-            assert cands[f"flip+mean+crf:{w}"]["allowed"] is False  # 2.4: only for --method best
-            # one CRF pass per threshold: tried up to 0.6 only
-            assert max(map(float, cands[f"plain+mean+crf:{w}"]["mean_iou_by_threshold"])) == 0.6
+            for n, cost in ((3, 1.31), (5, 1.4), (10, 1.625)):
+                assert cands[f"plain+mean+crf:{w}:{n}"]["relative_cost"] == pytest.approx(cost)
+                assert cands[f"plain+mean+crf:{w}:{n}"]["allowed"] is (cost <= max_cost)
+                # flip + CRF costs 2.31-2.63: tried for --method best (within 2.5) only, or not at all
+                flip = cands.get(f"flip+mean+crf:{w}:{n}")
+                assert (flip is None) is (cost + 1 > 2.5) and (flip is None or flip["allowed"] is False)
+                # one CRF pass per threshold: tried up to 0.6 only
+                assert max(map(float, cands[f"plain+mean+crf:{w}:{n}"]["mean_iou_by_threshold"])) == 0.6
             assert max(map(float, cands["plain+mean"]["mean_iou_by_threshold"])) == 0.95
-        assert not any(k.endswith("+crf") for k in cands)
+        assert not any(k.endswith("+crf") or k.endswith(f"+crf:{w}") for k in cands for w in ("10", "30"))
     # `best` (pseudo-masks of labelled images) is scored as `annotate --labels` makes them, within 2.5
     # (each mean fusion also with only the agreeing members fused, "@agreeing")
     labelled = sel["labelled_candidates"]
@@ -93,11 +135,11 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     assert cfg.labelled.consensus.threshold == sel["labelled"]["threshold"]
     members = "agreeing" if sel["labelled"]["fusion"].endswith("@agreeing") else "all"
     assert cfg.labelled.consensus.labelled_members == members
-    # a CRF fusion's weight is the one saved; without the CRF the default stays
+    # a CRF fusion's weight and iterations are the ones saved; without the CRF the defaults stay
     for consensus, chosen in ((cfg.consensus, sel), (cfg.labelled.consensus, sel["labelled"]),
                               (cfg.best.consensus, sel["best"])):
-        expected = crf_weight(chosen["fusion"]) or CRFConfig().bilateral_compat
-        assert consensus.crf.bilateral_compat == expected
+        assert consensus.crf.bilateral_compat == crf_weight(chosen["fusion"]) or CRFConfig().bilateral_compat
+        assert consensus.crf.iterations == crf_iterations(chosen["fusion"]) or CRFConfig().iterations
 
 
 def test_segmenter_rows_are_gated_by_the_diagnosis(tmp_path) -> None:

@@ -48,54 +48,94 @@ RECIPES: dict[str, MapConfig] = {
 }
 
 
-def relative_cost(maps: MapConfig, refine: str = "none") -> float:
+CRF_SECONDS = (0.175, 0.045)  # the dense CRF's cost: fixed + per iteration, in plain analyses (see below)
+
+
+def relative_cost(maps: MapConfig, refine: str = "none", crf_iterations: int = 5) -> float:
     """Approximate annotation cost of a recipe relative to the plain one (1.0 ~ one forward pass of the
     members: pixelvote's core costs about that, bench/speed.py). A fixed table rather than a timing, so that
     a run's choice does not depend on how busy the machine was: each extra view (flip, scale) is one more
-    pass; layer fusion makes each pass ~1.5x (a gradient to an earlier layer); the guided filter adds ~35% and
-    the dense CRF (at 128 px) ~40% of the offline ensemble's plain analysis on a CPU (11 and 12 vs 33 ms per
-    image at 224 px, bench/ablation.py)."""
+    pass; layer fusion makes each pass ~1.5x (a gradient to an earlier layer); the guided filter adds ~35% of
+    the offline ensemble's plain analysis on a CPU (11 vs 33 ms per image at 224 px, bench/ablation.py), and
+    the dense CRF (at 128 px) ~17.5% to build plus ~4.5% per mean-field iteration (5 ms + 1.4 ms per
+    iteration on fire and BUSI images: 40% at the default 5 iterations, 63% at 10)."""
     views = len(tuple(maps.tta_scales)) * (2 if maps.tta_flip else 1)
     cost = views * (1.5 if maps.layer_fusion != "none" else 1.0)
     cost += 0.35 if maps.refine == "guided" else 0.0
-    return cost + (0.4 if refine == "crf" else 0.0)
+    fixed, per_iteration = CRF_SECONDS
+    return cost + (fixed + per_iteration * crf_iterations if refine == "crf" else 0.0)
+
+
+def variant_cost(maps: MapConfig, fusion: str, base: CRFConfig | None = None) -> float:
+    """:func:`relative_cost` of ``maps`` + ``fusion``, with the CRF iterations the fusion names (else
+    ``base``'s)."""
+    iterations = crf_iterations(fusion) or (base or CRFConfig()).iterations
+    return relative_cost(maps, split_fusion(fusion)[1], iterations)
 
 
 def split_fusion(fusion: str) -> tuple[str, str]:
-    """``"mean+crf"`` -> ``("mean", "crf")``; ``"mean"`` -> ``("mean", "none")`` (a CRF weight ``:30`` and
-    an ``@members`` suffix, see :func:`fusion_settings`, are dropped)."""
+    """``"mean+crf"`` -> ``("mean", "crf")``; ``"mean"`` -> ``("mean", "none")`` (the CRF's settings
+    ``:30:10`` and an ``@members`` suffix, see :func:`fusion_settings`, are dropped)."""
     name, _, refine = fusion.partition("@")[0].partition("+")
     return name, refine.partition(":")[0] or "none"
 
 
+def _crf_setting(fusion: str, position: int) -> str:
+    parts = fusion.partition("@")[0].partition("+")[2].split(":")
+    return parts[position] if len(parts) > position else ""
+
+
 def crf_weight(fusion: str) -> float | None:
-    """The dense CRF's bilateral (colour) weight a fusion name sets: ``"mean+crf:30"`` -> 30.0; None where it
-    sets none (the consensus's own ``crf.bilateral_compat`` applies)."""
-    weight = fusion.partition("@")[0].partition("+")[2].partition(":")[2]
+    """The dense CRF's bilateral (colour) weight a fusion name sets: ``"mean+crf:30"`` and
+    ``"mean+crf:30:10"`` -> 30.0; None where it sets none (the consensus's own ``crf.bilateral_compat``
+    applies)."""
+    weight = _crf_setting(fusion, 1)
     return float(weight) if weight else None
 
 
+def crf_iterations(fusion: str) -> int | None:
+    """The dense CRF's mean-field iterations a fusion name sets: ``"mean+crf:30:10"`` -> 10; None where it
+    sets none (the consensus's own ``crf.iterations`` applies)."""
+    iterations = _crf_setting(fusion, 2)
+    return int(iterations) if iterations else None
+
+
+def without_iterations(fusion: str) -> str:
+    """The fusion name without its CRF iterations: ``"mean+crf:30:10@agreeing"`` -> ``"mean+crf:30@agreeing"``
+    (the fusions calibration refines in one pass of the CRF)."""
+    head, at, members = fusion.partition("@")
+    name, plus, refine = head.partition("+")
+    return name + plus + ":".join(refine.split(":")[:2]) + at + members
+
+
 def fusion_settings(fusion: str) -> dict[str, str]:
-    """The consensus fields a fusion name stands for: ``"mean+crf:30@agreeing"`` -> fusion mean, refine crf,
-    labelled_members agreeing (which members fuse for labelled images; default all); the CRF weight (30) is
-    applied by :func:`consensus_update`."""
+    """The consensus fields a fusion name stands for: ``"mean+crf:30:10@agreeing"`` -> fusion mean, refine
+    crf, labelled_members agreeing (which members fuse for labelled images; default all); the CRF weight (30)
+    and iterations (10) are applied by :func:`consensus_update`."""
     name, refine = split_fusion(fusion)
     return {"fusion": name, "refine": refine, "labelled_members": fusion.partition("@")[2] or "all"}
 
 
-def crf_fusions(weights: Sequence[float]) -> list[str]:
-    """The CRF-refined fusions tried with each bilateral weight: ``intersection+crf:10``,
-    ``mean+crf:30``..."""
-    return [f"{f}+crf:{w:g}" for f in ("intersection", "mean") for w in weights]
+def crf_fusions(weights: Sequence[float], iterations: Sequence[int] = ()) -> list[str]:
+    """The CRF-refined fusions tried with each bilateral weight (and each iteration count, where given):
+    ``intersection+crf:10``, ``mean+crf:30``..., or ``mean+crf:30:10``..."""
+    settings = ([f"{w:g}:{n}" for w in weights for n in iterations] if iterations
+                else [f"{w:g}" for w in weights])
+    return [f"{f}+crf:{s}" for f in ("intersection", "mean") for s in settings]
 
 
 def consensus_update(base: ConsensusConfig, fusion: str) -> dict[str, Any]:
     """The update of ``base`` that makes masks as ``fusion`` names them: :func:`fusion_settings`, and
-    ``base.crf`` with the bilateral weight of :func:`crf_weight` where the name sets one."""
+    ``base.crf`` with the bilateral weight of :func:`crf_weight` and the iterations of
+    :func:`crf_iterations` where the name sets them."""
     update: dict[str, Any] = dict(fusion_settings(fusion))
-    weight = crf_weight(fusion)
-    if weight is not None:
-        update["crf"] = base.crf.model_copy(update={"bilateral_compat": weight})
+    crf_update: dict[str, Any] = {}
+    if (weight := crf_weight(fusion)) is not None:
+        crf_update["bilateral_compat"] = weight
+    if (iterations := crf_iterations(fusion)) is not None:
+        crf_update["iterations"] = iterations
+    if crf_update:
+        update["crf"] = base.crf.model_copy(update=crf_update)
     return update
 
 
@@ -175,9 +215,13 @@ def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, Ma
                 rows[(mode, *key)] = []
             seconds[(mode, "segmenter")] = 0.0
     # the same fusion in both modes, and a fusion of the agreeing members beside that of all, one after
-    # the other: where they fuse the same maps, crf.reuse() finds the CRF's result still held
-    pairs = sorted(((mode, f) for mode, fs in fusions.items() for f in fs),
-                   key=lambda p: (p[1].partition("@")[0], p[1], p[0]))
+    # the other: where they fuse the same maps, crf.reuse() finds the CRF's result still held; fusions that
+    # differ only in the CRF's iterations are refined together (see _refined_rows)
+    groups: dict[tuple[bool, str], list[str]] = {}
+    for mode, fs in fusions.items():
+        for f in fs:
+            groups.setdefault((mode, without_iterations(f)), []).append(f)
+    ordered = sorted(groups, key=lambda g: (g[1].partition("@")[0], g[1], g[0]))
     n_images = 0
     for batch in batches:
         use = [i for i, m in enumerate(batch.masks) if m is not None and int(batch.labels[i]) != bg]
@@ -202,24 +246,27 @@ def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, Ma
                 seconds[(mode, rname)] += took  # a shared analysis costs each way what it cost once
             for mode, a in analyses.items():
                 fg[mode] = (a.label if not mode else batch.labels[use].to(a.label.device)) != bg
-            for mode, fusion in pairs:
+            for mode, group in ordered:
                 a = analyses[mode]
-                key = (mode, rname, fusion)
-                settings = consensus_update(base, fusion)
-                t0 = time.perf_counter()
-                if settings["refine"] != "none":  # one pass per threshold
-                    rows[key] += _refined_rows(a, base.model_copy(update=settings), bg, batch, use, grid,
-                                               ens.resize)
-                    spent = (time.perf_counter() - t0) / max(1, sum(map(refined_at, grid)))
-                else:
-                    at_zero = {**settings, "threshold_method": "fixed", "threshold": 1e-6}
-                    res = apply_consensus(a, base.model_copy(update=at_zero), bg)
-                    spent = time.perf_counter() - t0
+                # the most iterations first: with crf.reuse(steps=...) its pass serves the others
+                members = sorted(groups[(mode, group)], key=lambda f: -(crf_iterations(f) or 0))
+                configs = [base.model_copy(update=consensus_update(base, f)) for f in members]
+                if configs[0].refine != "none":  # one pass per threshold
+                    refined, spent_by = _refined_rows(a, configs, bg, batch, use, grid, ens.resize)
+                    for fusion, fusion_rows, spent in zip(members, refined, spent_by, strict=True):
+                        rows[(mode, rname, fusion)] += fusion_rows
+                        step = (mode, f"{rname}+{fusion}")
+                        seconds[step] = seconds.get(step, 0.0) + spent / max(1, sum(map(refined_at, grid)))
+                    continue
+                for fusion, settings in zip(members, configs, strict=True):
+                    t0 = time.perf_counter()
+                    at_zero = {"threshold_method": "fixed", "threshold": 1e-6}
+                    res = apply_consensus(a, settings.model_copy(update=at_zero), bg)
+                    step = (mode, f"{rname}+{fusion}")
+                    seconds[step] = seconds.get(step, 0.0) + time.perf_counter() - t0
                     for j, truth in _truths(batch, use):
                         score = at_size(res.margin[j], truth, ens.resize)
-                        rows[key].append(iou_over_grid(score, truth, grid))
-                step = (mode, f"{rname}+{fusion}")
-                seconds[step] = seconds.get(step, 0.0) + spent
+                        rows[(mode, rname, fusion)].append(iou_over_grid(score, truth, grid))
         if segmenter is not None:
             from pixelvote.segment.train import predict
 
@@ -259,18 +306,31 @@ def _same_target(a: Analysis, bg: int) -> bool:
     return torch.equal(explained_class(a.ensemble_probs, a.label, bg), a.target)
 
 
-def _refined_rows(a: Analysis, base: ConsensusConfig, bg: int, batch: Batch,
-                  use: list[int], grid: Sequence[float], resize: str = "squash") -> list[torch.Tensor]:
-    """IoU rows ``(len(grid),)`` per image when the refinement (``base.refine``) runs once per threshold;
-    NaN above :data:`REFINED_MAX_THRESHOLD`."""
-    per_t: list[torch.Tensor | None] = []
+def _refined_rows(a: Analysis, configs: Sequence[ConsensusConfig], bg: int, batch: Batch, use: list[int],
+                  grid: Sequence[float], resize: str = "squash",
+                  ) -> tuple[list[list[torch.Tensor]], list[float]]:
+    """For each consensus of ``configs`` (whose refinement runs once per threshold): the IoU rows
+    ``(len(grid),)`` per image, NaN above :data:`REFINED_MAX_THRESHOLD`, and the seconds its passes took.
+    The configs take turns at each threshold, so that passes on the same fused map follow each other."""
+    import time
+
+    per_t: list[list[torch.Tensor | None]] = [[] for _ in configs]
+    spent = [0.0 for _ in configs]
     for t in grid:
-        cfg = base.model_copy(update={"threshold_method": "fixed", "threshold": t})
-        per_t.append(apply_consensus(a, cfg, bg).margin if refined_at(t) else None)
+        for c, base in enumerate(configs):
+            if not refined_at(t):
+                per_t[c].append(None)
+                continue
+            t0 = time.perf_counter()
+            cfg = base.model_copy(update={"threshold_method": "fixed", "threshold": t})
+            per_t[c].append(apply_consensus(a, cfg, bg).margin)
+            spent[c] += time.perf_counter() - t0
     nan = torch.tensor(float("nan"))
-    return [torch.stack([nan if m is None else iou_over_grid(at_size(m[j], truth, resize), truth, (0.0,))[0]
-                         for m in per_t])
-            for j, truth in _truths(batch, use)]
+    rows = [[torch.stack([nan if m is None else iou_over_grid(at_size(m[j], truth, resize), truth, (0.0,))[0]
+                          for m in margins])
+             for j, truth in _truths(batch, use)]
+            for margins in per_t]
+    return rows, spent
 
 
 def _truths(batch: Batch, use: list[int]) -> Iterator[tuple[int, torch.Tensor]]:

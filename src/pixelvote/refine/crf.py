@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -54,10 +54,11 @@ class _Reuse:
     are built, by (colours, settings), so that another unary (another threshold or map) on the same image
     skips building the permutohedral lattice (about a third of a pass)."""
 
-    def __init__(self, capacity: int, crfs: int) -> None:
+    def __init__(self, capacity: int, crfs: int, steps: tuple[int, ...] = ()) -> None:
         self.results: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self.crfs: OrderedDict[bytes, Any] = OrderedDict()
         self.capacity = {"results": capacity, "crfs": crfs}
+        self.steps = steps
 
     def get(self, store: str, key: bytes) -> Any:
         held: OrderedDict[bytes, Any] = getattr(self, store)
@@ -77,13 +78,15 @@ _reused: ContextVar[_Reuse | None] = ContextVar("crf_reused", default=None)
 
 
 @contextmanager
-def reuse(capacity: int = 1024, crfs: int = 64) -> Iterator[None]:
+def reuse(capacity: int = 1024, crfs: int = 64, steps: Iterable[int] = ()) -> Iterator[None]:
     """Within the block, :func:`dense_crf` gives an image the result it already computed for the same
     unary, colours and settings (the last ``capacity`` results are kept, 64 KB each at 128 px), and runs a
     new unary on a CRF already built for the image's colours and settings (the last ``crfs``): calibration
     refines many identical fused maps (e.g. of all members and of the agreeing ones where all agree), and
-    every image once per threshold, fusion and recipe. The results are those of a fresh pass."""
-    token = _reused.set(_Reuse(capacity, crfs))
+    every image once per threshold, fusion and recipe. A pass for one of the iteration counts ``steps``
+    runs to the largest and keeps the result after each of them, so that the others are found held (ask
+    for them one after the other: each is kept like any result). The results are those of a fresh pass."""
+    token = _reused.set(_Reuse(capacity, crfs, tuple(sorted(set(steps)))))
     try:
         yield
     finally:
@@ -144,8 +147,11 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = 
         # the pairwise terms do not depend on the iterations or the unary's confidence: one built CRF
         # serves every count calibration tries
         pairwise = cfg.model_dump_json(exclude={"iterations", "confidence"}).encode() + size
-        settings = cfg.model_dump_json().encode() + size
-        out = np.stack([_reused_pass(p[b], rgb[b], kernels, reused, settings, pairwise) for b in range(B)])
+        counts = reused.steps if cfg.iterations in reused.steps else (cfg.iterations,)
+        settings = {n: cfg.model_copy(update={"iterations": n}).model_dump_json().encode() + size
+                    for n in counts}
+        out = np.stack([_reused_pass(p[b], rgb[b], kernels, reused, settings, pairwise, cfg.iterations)
+                        for b in range(B)])
     q = torch.from_numpy(out).to(soft.device)
     if (H, W) != (H0, W0):
         q = F.interpolate(q[:, None], size=(H0, W0), mode="bilinear", align_corners=False)[:, 0]
@@ -153,10 +159,12 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = 
 
 
 def _reused_pass(p: np.ndarray, rgb: np.ndarray, kernels: dict[str, float], reused: _Reuse,
-                 settings: bytes, pairwise: bytes) -> np.ndarray:
-    """One image's pass within :func:`reuse`: its held result, or a pass on its held (or a new) CRF."""
-    key = hashlib.blake2b(p.tobytes() + rgb.tobytes() + settings, digest_size=16).digest()
-    held = reused.get("results", key)
+                 settings: dict[int, bytes], pairwise: bytes, iterations: int) -> np.ndarray:
+    """One image's pass within :func:`reuse`: its held result, or a pass on its held (or a new) CRF that
+    keeps its result after each iteration count of ``settings`` (the settings' key for each)."""
+    data = p.tobytes() + rgb.tobytes()
+    keys = {n: hashlib.blake2b(data + key, digest_size=16).digest() for n, key in settings.items()}
+    held = reused.get("results", keys[iterations])
     if held is not None:
         return held
     pairwise_key = hashlib.blake2b(rgb.tobytes() + pairwise, digest_size=16).digest()
@@ -164,9 +172,10 @@ def _reused_pass(p: np.ndarray, rgb: np.ndarray, kernels: dict[str, float], reus
     if d is None:
         d = crf_pass.build(rgb, kernels)
         reused.keep("crfs", pairwise_key, d)
-    q = crf_pass.infer(d, p, int(kernels["iterations"]))
-    reused.keep("results", key, q.copy())
-    return q
+    steps = crf_pass.infer_steps(d, p, keys)
+    for n in sorted(keys, key=lambda n: n == iterations):  # the one asked for is kept last: newest
+        reused.keep("results", keys[n], steps[n])
+    return steps[iterations]
 
 
 WORKERS_ENV = "PIXELVOTE_CRF_WORKERS"

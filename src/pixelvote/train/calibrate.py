@@ -53,8 +53,9 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
         collect_modes,
         consensus_update,
         crf_fusions,
+        crf_iterations,
         relative_cost,
-        split_fusion,
+        variant_cost,
     )
     from pixelvote.refine import crf
 
@@ -71,38 +72,39 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
     refined: list[str] = []
     if "crf" in cfg.refine_candidates:
         if crf.available():
-            refined = crf_fusions(cfg.crf_weights)
+            refined = crf_fusions(cfg.crf_weights, cfg.crf_iterations)
         else:
             log.info("pydensecrf2 is not installed, so the CRF refinement is not tried (%s)",
                      crf.INSTALL_HINT)
-    # the CRF runs once per threshold, the costliest step: only where recipe + CRF fits the limit
-    with_crf = {k: r for k, r in recipes.items() if relative_cost(r, "crf") <= limit}
-    groups = [(with_crf, fusions + refined),
-              ({k: r for k, r in recipes.items() if k not in with_crf}, fusions)]
     bs = max(1, cfg.batch_size)
+    base_crf = run_cfg.consensus.crf
 
     # masks as the diagnosis gates them (annotation) and as `annotate --labels` makes them (`best` and
-    # `labelled`, within the pseudo-label limit), scored in one pass over the validation images
+    # `labelled`, within the pseudo-label limit), scored in one pass over the validation images; the CRF
+    # runs once per threshold, the costliest step: only where recipe + CRF fits the limit
     for_labels = {k for k in recipes
                   if relative_cost(RECIPES[k]) <= cfg.max_pseudo_label_cost or k == cheapest}
     tables: dict = {}
     labelled: dict = {}
-    for group, group_fusions in groups:
-        # which members fuse for labelled images: every one, or the agreeing ones
-        labelled_fusions = group_fusions + [f"{f}@agreeing" for f in group_fusions if f.startswith("mean")]
-        for modes in ({False: group_fusions, True: labelled_fusions}, {False: group_fusions}):
-            part = {k: r for k, r in group.items() if (k in for_labels) == (True in modes)}
-            if not part:
-                continue
-            batches = tqdm(_val_batches(val, bs), total=-(-len(val) // bs), unit="batch", leave=False,
-                           desc=f"choosing the map recipe ({', '.join(part)} x "
-                                f"{sum(len(f) for f in modes.values())} fusions)")
-            with crf.reuse():
-                # scored with the consensus the choice is saved into (its CRF settings, but the weight)
-                scored = collect_modes(ens, batches, part, modes, base=run_cfg.consensus)
-            tables.update(scored[False])
-            labelled.update(scored.get(True, {}))
-    costs = {(r, f): relative_cost(RECIPES[r], split_fusion(f)[1]) for (r, f) in {**tables, **labelled}}
+    for name, maps_cfg in recipes.items():
+        gated = fusions + [f for f in refined if variant_cost(maps_cfg, f, base_crf) <= limit]
+        modes = {False: gated}
+        if name in for_labels:
+            within = [f for f in gated if variant_cost(maps_cfg, f, base_crf) <= cfg.max_pseudo_label_cost
+                      or f in fusions]
+            # which members fuse for labelled images: every one, or the agreeing ones
+            modes[True] = within + [f"{f}@agreeing" for f in within if f.startswith("mean")]
+        n_fusions = sum(len(f) for f in modes.values())
+        batches = tqdm(_val_batches(val, bs), total=-(-len(val) // bs), unit="batch", leave=False,
+                       desc=f"choosing the map recipe ({name} x {n_fusions} fusions)")
+        # one CRF pass per image and threshold serves every iteration count tried with these maps
+        with crf.reuse(steps={crf_iterations(f) or base_crf.iterations for f in gated if f in refined}):
+            # scored with the consensus the choice is saved into (its CRF settings, but the weight and
+            # the iterations)
+            scored = collect_modes(ens, batches, {name: maps_cfg}, modes, base=run_cfg.consensus)
+        tables.update(scored[False])
+        labelled.update(scored.get(True, {}))
+    costs = {(r, f): variant_cost(RECIPES[r], f, run_cfg.consensus.crf) for (r, f) in {**tables, **labelled}}
     allowed = ([key for key in tables if costs[key] <= cfg.max_map_cost]
                or [min(tables, key=costs.__getitem__)])
     # `best` makes pseudo-masks of labelled images (annotate --labels): scored as such, so that a recipe is
@@ -130,7 +132,7 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
                                                          zip(GRID, tab.ious.mean(0), strict=True)
                                                          if not v.isnan()} if len(tab.ious) else {},
                                "seconds_per_image": round(tab.seconds_per_image, 4),
-                               "relative_cost": round(costs[(r, f)], 2), "allowed": (r, f) in allowed}
+                               "relative_cost": round(costs[(r, f)], 3), "allowed": (r, f) in allowed}
                   for (r, f), tab in tables.items()}
     summary = {**chosen, "images_with_masks": n, "best": best, "labelled": lab, "candidates": candidates,
                "labelled_candidates": {f"{r}+{f}": round(float(tab.ious.mean(0).nan_to_num(-1.0).max()), 4)
