@@ -173,8 +173,9 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
             segmenter_crf: CRFConfig | None = None,
             given_labels: bool = False) -> dict[tuple[str, str], VariantTable]:
     """IoU tables for every recipe x fusion on the images of ``batches`` that have a foreground mask.
-    A fusion may carry a refinement, ``"mean+crf"`` or ``"mean+crf:30"`` (see :func:`consensus_update`); a
-    row's time is the analysis plus that consensus. With ``segmenter`` a ("segmenter", "-") row is added:
+    A fusion may carry a refinement, ``"mean+crf"``, ``"mean+crf:30"`` or ``"mean+crf:30:10"`` (see
+    :func:`consensus_update`); a row's time is the analysis plus that consensus (within
+    ``crf.reuse(steps=...)`` the CRF pass that serves several iteration counts is timed for the largest). With ``segmenter`` a ("segmenter", "-") row is added:
     its probability map, gated like every other row by the ensemble's diagnosis (a background diagnosis
     gives an empty mask); and, where pydensecrf2 is installed, ("segmenter", "crf"): that map refined by
     the dense CRF (``segmenter_crf``, else ``base.crf``) with ``segmenter_crf_threshold`` as the undecided

@@ -162,7 +162,7 @@ def _reused_pass(p: np.ndarray, rgb: np.ndarray, kernels: dict[str, float], reus
                  settings: dict[int, bytes], pairwise: bytes, iterations: int) -> np.ndarray:
     """One image's pass within :func:`reuse`: its held result, or a pass on its held (or a new) CRF that
     keeps its result after each iteration count of ``settings`` (the settings' key for each)."""
-    data = p.tobytes() + rgb.tobytes()
+    data = hashlib.blake2b(p.tobytes() + rgb.tobytes(), digest_size=16).digest()
     keys = {n: hashlib.blake2b(data + key, digest_size=16).digest() for n, key in settings.items()}
     held = reused.get("results", keys[iterations])
     if held is not None:
