@@ -175,13 +175,13 @@ def collect(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, MapConfi
     """IoU tables for every recipe x fusion on the images of ``batches`` that have a foreground mask.
     A fusion may carry a refinement, ``"mean+crf"``, ``"mean+crf:30"`` or ``"mean+crf:30:10"`` (see
     :func:`consensus_update`); a row's time is the analysis plus that consensus (within
-    ``crf.reuse(steps=...)`` the CRF pass that serves several iteration counts is timed for the largest). With ``segmenter`` a ("segmenter", "-") row is added:
-    its probability map, gated like every other row by the ensemble's diagnosis (a background diagnosis
-    gives an empty mask); and, where pydensecrf2 is installed, ("segmenter", "crf"): that map refined by
-    the dense CRF (``segmenter_crf``, else ``base.crf``) with ``segmenter_crf_threshold`` as the undecided
-    probability (the segmenter's ``crf_threshold``), scored over the grid of cutoffs on the refined
-    probability. ``given_labels``: score masks as ``annotate --labels`` makes them
-    (the batch's labels decide, not the diagnosis)."""
+    ``crf.reuse(steps=...)`` the CRF pass that serves several iteration counts is timed for the largest).
+    With ``segmenter`` a ("segmenter", "-") row is added: its probability map, gated like every other row
+    by the ensemble's diagnosis (a background diagnosis gives an empty mask); and, where pydensecrf2 is
+    installed, ("segmenter", "crf"): that map refined by the dense CRF (``segmenter_crf``, else
+    ``base.crf``) with ``segmenter_crf_threshold`` as the undecided probability (the segmenter's
+    ``crf_threshold``), scored over the grid of cutoffs on the refined probability. ``given_labels``:
+    score masks as ``annotate --labels`` makes them (the batch's labels decide, not the diagnosis)."""
     return collect_modes(ens, batches, recipes, {given_labels: fusions}, base=base, mc_samples=mc_samples,
                          grid=grid, segmenter=segmenter,
                          segmenter_crf_threshold=segmenter_crf_threshold,
