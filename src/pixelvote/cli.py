@@ -86,7 +86,7 @@ def train(
     mc_samples: int = typer.Option(30, help="T, MC samples for calibration and annotation"),
     cam_layer: Optional[str] = typer.Option(None, help="CAM target layer (default: each backbone's last)"),
     max_map_cost: float = typer.Option(2.0, min=1.0, help="choose only map recipes costing at most this many "
-                                       "forward passes per image (TTA costs ~6, the CRF ~1 more)"),
+                                       "forward passes per image (TTA costs ~6, the CRF 0.3-0.6 more)"),
     max_pseudo_label_cost: float = typer.Option(2.5, min=1.0, help="the costliest recipe `annotate --method "
                                                 "best` may use (pseudo-masks for `segment train`)"),
     crf: bool = typer.Option(True, "--crf/--no-crf", help="try the dense-CRF refinement on validation masks "

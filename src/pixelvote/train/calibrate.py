@@ -104,7 +104,7 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
             scored = collect_modes(ens, batches, {name: maps_cfg}, modes, base=run_cfg.consensus)
         tables.update(scored[False])
         labelled.update(scored.get(True, {}))
-    costs = {(r, f): variant_cost(RECIPES[r], f, run_cfg.consensus.crf) for (r, f) in {**tables, **labelled}}
+    costs = {(r, f): variant_cost(RECIPES[r], f, base_crf) for (r, f) in {**tables, **labelled}}
     allowed = ([key for key in tables if costs[key] <= cfg.max_map_cost]
                or [min(tables, key=costs.__getitem__)])
     # `best` makes pseudo-masks of labelled images (annotate --labels): scored as such, so that a recipe is
