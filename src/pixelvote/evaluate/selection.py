@@ -48,7 +48,7 @@ RECIPES: dict[str, MapConfig] = {
 }
 
 
-CRF_SECONDS = (0.175, 0.045)  # the dense CRF's cost: fixed + per iteration, in plain analyses (see below)
+CRF_COST = (0.175, 0.045)  # the dense CRF's cost: fixed + per iteration, in plain analyses (see below)
 
 
 def relative_cost(maps: MapConfig, refine: str = "none", crf_iterations: int = 5) -> float:
@@ -62,7 +62,7 @@ def relative_cost(maps: MapConfig, refine: str = "none", crf_iterations: int = 5
     views = len(tuple(maps.tta_scales)) * (2 if maps.tta_flip else 1)
     cost = views * (1.5 if maps.layer_fusion != "none" else 1.0)
     cost += 0.35 if maps.refine == "guided" else 0.0
-    fixed, per_iteration = CRF_SECONDS
+    fixed, per_iteration = CRF_COST
     return cost + (fixed + per_iteration * crf_iterations if refine == "crf" else 0.0)
 
 
