@@ -138,8 +138,9 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     # a CRF fusion's weight and iterations are the ones saved; without the CRF the defaults stay
     for consensus, chosen in ((cfg.consensus, sel), (cfg.labelled.consensus, sel["labelled"]),
                               (cfg.best.consensus, sel["best"])):
-        assert consensus.crf.bilateral_compat == crf_weight(chosen["fusion"]) or CRFConfig().bilateral_compat
-        assert consensus.crf.iterations == crf_iterations(chosen["fusion"]) or CRFConfig().iterations
+        default = CRFConfig()
+        assert consensus.crf.bilateral_compat == (crf_weight(chosen["fusion"]) or default.bilateral_compat)
+        assert consensus.crf.iterations == (crf_iterations(chosen["fusion"]) or default.iterations)
 
 
 def test_segmenter_rows_are_gated_by_the_diagnosis(tmp_path) -> None:
