@@ -29,6 +29,7 @@ def test_encoded_files_decode_to_the_arrays() -> None:
     image, mask, heat, unc = _case()
     files = encode_outputs(image, mask, heat, unc)
     assert list(files) == ["mask", "overlay", "uncertainty"]
+    assert all(Image.open(io.BytesIO(files[k])).mode == "L" for k in ("mask", "uncertainty"))  # 8-bit grey
     m = np.asarray(Image.open(io.BytesIO(files["mask"])))
     assert m.dtype == np.uint8 and set(np.unique(m).tolist()) == {0, 255}
     assert np.array_equal(m == 255, mask)  # lossless

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
-
+import cv2
 import numpy as np
 import torch
-from PIL import Image
 
 _LUT: np.ndarray | None = None
 
@@ -15,6 +13,12 @@ _LUT: np.ndarray | None = None
 OUTPUT_FILES = {"mask": ("masks", ".png"), "overlay": ("overlays", ".jpg"),
                 "uncertainty": ("uncertainty", ".png")}
 OVERLAY_JPEG_QUALITY = 90
+OVERLAY_ALPHA = 0.4  # the heat map's weight in the overlay
+# PNGs with the "sub" filter on every row rather than libpng's adaptive choice, at zlib level 1: 2-3x faster
+# to encode than PIL's PNG at level 1 (which tries five filters per row), and smaller for these smooth maps
+# (bench/speed.py); run-length matching for the two-valued masks. Both decode as plain 8-bit grey PNGs.
+_PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
+_MASK_PNG = [*_PNG, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 
 
 def output_paths(key: str) -> dict[str, str]:
@@ -23,11 +27,13 @@ def output_paths(key: str) -> dict[str, str]:
 
 
 def _lut() -> np.ndarray:
+    """The inferno colour map as a (256, 1, 3) BGR table, as OpenCV's ``applyColorMap`` takes it."""
     global _LUT
     if _LUT is None:
         from matplotlib import colormaps
 
-        _LUT = (colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+        rgb = (colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+        _LUT = np.ascontiguousarray(rgb[:, ::-1]).reshape(256, 1, 3)
     return _LUT
 
 
@@ -52,24 +58,20 @@ def _levels(values: np.ndarray) -> np.ndarray:
     return np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """``image (H,W,3) uint8``, ``heat (H,W)`` (uint8 levels, or floats in [0,1]), ``mask (H,W) bool`` -> RGB
-    uint8.
-
-    numpy rather than PIL's faster-looking C loops: this runs in annotate's writer thread, and numpy releases
-    the GIL in its loops while PIL's point/blend do not, which stalled the analysis (end to end 67 vs 51 ms
-    per image in bench/speed.py)."""
-    a = int(round(alpha * 256))
-    out = image.astype(np.uint16)
-    # the colour map pre-weighted, gathered with take (3x faster than fancy indexing)
-    tinted = np.take(_lut().astype(np.uint16) * a, _levels(heat), axis=0)
-    out *= 256 - a
-    out += tinted
-    out >>= 8
-    out = out.astype(np.uint8)
+def _overlay_bgr(image: np.ndarray, heat: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
+    """OpenCV, whose loops release the GIL: this runs in annotate's writer thread beside the analysis."""
+    tinted = cv2.applyColorMap(np.ascontiguousarray(_levels(heat)), _lut())
+    out = cv2.addWeighted(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), 1.0 - alpha, tinted, alpha, 0.0)
     width = max(1, round(max(image.shape[:2]) / 300))
     out[contour(mask, width)] = (0, 255, 0)
     return out
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray,
+            alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """``image (H,W,3) uint8``, ``heat (H,W)`` (uint8 levels, or floats in [0,1]), ``mask (H,W) bool`` -> RGB
+    uint8: the image blended with the heat map's colours, the mask's contour in green."""
+    return np.ascontiguousarray(_overlay_bgr(np.ascontiguousarray(image), heat, mask, alpha)[..., ::-1])
 
 
 def uncertainty_png(unc: np.ndarray) -> np.ndarray:
@@ -78,21 +80,21 @@ def uncertainty_png(unc: np.ndarray) -> np.ndarray:
     return _levels(unc)
 
 
-def _encode(array: np.ndarray, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    img = Image.fromarray(np.ascontiguousarray(array))
-    if fmt == ".jpg":
-        img.save(buf, format="JPEG", quality=OVERLAY_JPEG_QUALITY)
-    else:
-        img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+def _encode(array: np.ndarray, suffix: str, params: list[int]) -> bytes:
+    ok, buf = cv2.imencode(suffix, array, params)
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {array.shape} {array.dtype} array as {suffix}")
+    return buf.tobytes()
 
 
 def encode_outputs(image: np.ndarray, mask: np.ndarray, heat: np.ndarray,
                    unc: np.ndarray) -> dict[str, bytes]:
     """One image's files as bytes, by the record field that names them, in writing order: the mask (0/255
-    PNG), the overlay (JPEG) and the uncertainty map (8-bit PNG). ``heat``/``unc``: uint8 levels or floats
-    in [0, 1]."""
-    arrays = {"mask": mask.astype(np.uint8) * np.uint8(255), "overlay": overlay(image, heat, mask),
-              "uncertainty": uncertainty_png(unc)}
-    return {name: _encode(arrays[name], OUTPUT_FILES[name][1]) for name in OUTPUT_FILES}
+    8-bit PNG), the overlay (JPEG) and the uncertainty map (8-bit PNG). ``heat``/``unc``: uint8 levels or
+    floats in [0, 1]."""
+    return {
+        "mask": _encode(mask.astype(np.uint8) * np.uint8(255), ".png", _MASK_PNG),
+        "overlay": _encode(_overlay_bgr(np.ascontiguousarray(image), heat, mask, OVERLAY_ALPHA), ".jpg",
+                           [cv2.IMWRITE_JPEG_QUALITY, OVERLAY_JPEG_QUALITY]),
+        "uncertainty": _encode(np.ascontiguousarray(uncertainty_png(unc)), ".png", _PNG),
+    }
