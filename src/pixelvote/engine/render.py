@@ -15,8 +15,8 @@ OUTPUT_FILES = {"mask": ("masks", ".png"), "overlay": ("overlays", ".jpg"),
 OVERLAY_JPEG_QUALITY = 90
 OVERLAY_ALPHA = 0.4  # the heat map's weight in the overlay
 # PNGs with the "sub" filter on every row rather than libpng's adaptive choice, at zlib level 1: 2-3x faster
-# to encode than PIL's PNG at level 1 (which tries five filters per row), and smaller for these smooth maps
-# (bench/speed.py); run-length matching for the two-valued masks. Both decode as plain 8-bit grey PNGs.
+# to encode than PIL's PNG at level 1 (which tries five filters per row; bench/speed.py), for uncertainty
+# maps ~23% larger; run-length matching for the two-valued masks (smaller). Both are plain 8-bit grey PNGs.
 _PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
 _MASK_PNG = [*_PNG, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 
