@@ -11,7 +11,7 @@ from pixelvote.errors import ConfigError
 
 pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is in the test extra")
 
-from pixelvote.refine.crf import dense_crf  # noqa: E402
+from pixelvote.refine.crf import CRFConfig, dense_crf  # noqa: E402
 
 
 def _scene(size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -239,3 +239,51 @@ def test_worker_count_follows_the_block_then_the_environment_then_the_cores(monk
     with pytest.raises(ValueError):
         with crf.workers(0):
             pass
+
+
+def test_colours_made_once_give_the_passes_of_the_images_and_must_fit() -> None:
+    from pixelvote.refine import crf
+
+    imgs, soft = _batch(3)
+    big = torch.nn.functional.interpolate(soft[:, None], size=(150, 150), mode="bilinear")[:, 0]
+    big_imgs = torch.nn.functional.interpolate(imgs.float(), size=(150, 150)).round().to(torch.uint8)
+    cfg = crf.CRFConfig(size=100)  # the maps are resized for the CRF, and its marginal back
+    colours = crf.crf_colours(big_imgs, big.shape[-2:], cfg)
+    assert colours.rgb.shape == (3, 100, 100, 3) and len(set(colours.digests)) == 3
+    with crf.workers(1):
+        for t in (0.3, 0.5):
+            expected = dense_crf(big, big_imgs, cfg, threshold=t)
+            got = dense_crf(big, None, cfg, t, colours=colours)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="CRF's size"):
+            dense_crf(big, None, crf.CRFConfig(size=64), 0.5, colours=colours)
+        with pytest.raises(ValueError, match="images or their colours"):
+            dense_crf(big, None, cfg, 0.5)
+
+
+def test_crf_margins_score_every_threshold_as_apply_consensus_does(monkeypatch) -> None:
+    from pixelvote.consensus import crf_margins
+    from pixelvote.refine import crf
+
+    img, blob, _ = _scene()
+    # 3 members x 3 images: all see a lesion; one member calls image 1 normal; image 2 is normal to all
+    maps = torch.stack([torch.stack([blob.roll(3 * m + i, 1) for i in range(3)]) for m in range(3)])
+    probs = [[LESION, LESION, [0.1, 0.9]], [LESION, [0.2, 0.8], [0.1, 0.9]], [LESION, LESION, [0.1, 0.9]]]
+    made = []
+    real = crf.crf_colours
+    monkeypatch.setattr(crf, "crf_colours", lambda *a, **k: made.append(1) or real(*a, **k))
+    for given in (None, torch.tensor([0, 0, 0])):  # gated by the diagnosis, or as annotate --labels
+        a = _analysis(maps, probs)
+        a.inputs = torch.stack([img, img.roll(5, -1), img.roll(9, -2)]).float() / 255.0
+        a.given = given
+        for fusion, members in (("mean", "all"), ("mean", "agreeing"), ("intersection", "all")):
+            base = ConsensusConfig(fusion=fusion, refine="crf", labelled_members=members)
+            cfgs = [base.model_copy(update={"threshold": t, "crf": CRFConfig(bilateral_compat=w)})
+                    for t in (0.2, 0.4, 0.6) for w in (10.0, 30.0)]
+            expected = [apply_consensus(a, cfg, 1).margin for cfg in cfgs]
+            made.clear()
+            fused = crf_margins(a, base, 1)
+            for cfg, want in zip(cfgs, expected, strict=True):
+                torch.testing.assert_close(fused.margin(cfg), want, rtol=0, atol=0)
+            assert len(made) == 1  # the batch's colours once, for the six
+            assert (fused.margin(base)[2] < 0).all() == (given is None)  # normal: no mask unless labelled

@@ -279,3 +279,23 @@ def test_both_ways_of_scoring_share_one_analysis_where_the_explained_classes_agr
     # the labels change the masks of the missed images, so sharing must not have mixed the two up
     gated, labelled = both[False][("plain", "mean")].ious, both[True][("plain", "mean")].ious
     assert not torch.allclose(gated[missed], labelled[missed])
+
+
+@pytest.mark.parametrize("resize", ["squash", "letterbox"])
+def test_an_images_margins_resized_together_score_as_each_alone(resize: str) -> None:
+    import torch
+
+    from pixelvote.evaluate.selection import _margin_ious, at_size, iou_over_grid
+
+    g = torch.Generator().manual_seed(0)
+    margins = [torch.randn(2, 16, 16, generator=g) - 0.3 for _ in range(4)]
+    margins[1] = None  # a threshold not refined
+    truth = torch.zeros(23, 37, dtype=torch.bool)
+    truth[5:15, 10:30] = True
+    for j in range(2):
+        alone = [float("nan") if m is None else
+                 float(iou_over_grid(at_size(m[j], truth, resize), truth, (0.0,))[0]) for m in margins]
+        together = _margin_ious(margins, j, truth, resize).tolist()
+        assert str(together) == str(alone)  # bit-identical, NaN where not refined
+        assert 0 < min(v for v in alone if v == v) < 1
+    assert _margin_ious([None, None], 0, truth).isnan().all()

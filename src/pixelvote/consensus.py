@@ -143,22 +143,11 @@ def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: 
     agreeing members' where the ensemble diagnoses a finding; a background-labelled image gets none, and
     ``label_disagrees`` flags an image whose diagnosis differs from its label."""
     maps = analysis.maps
-    member_labels = torch.stack([s["label"] for s in analysis.stats])
     label = analysis.label
-    agree = agreeing_members(member_labels, label)
-    fuse = agree
-    if analysis.given is not None:
-        fuse = torch.ones_like(agree)
-        if cfg.labelled_members == "agreeing":  # where the ensemble sees a finding, its agreeing members
-            seen = (label != background_index) & agree.any(0)
-            fuse = torch.where(seen.unsqueeze(0), agree, fuse)
+    agree, fuse, k, foreground = _fusion_plan(analysis, cfg, background_index)
     decided = label if analysis.given is None else analysis.given
-    k = cfg.k if cfg.fusion == "vote" else 1
-    if cfg.fusion == "vote" and cfg.policy != "k-of-n":
-        k = max(1, math.ceil((maps.shape[0] + 1) / 2))
-    foreground = decided != background_index
     if cfg.refine == "crf":
-        fused, thresholds = _crf_fused(analysis, cfg, fuse, k, foreground)
+        fused, thresholds = CRFMargins(analysis, cfg, fuse, k, foreground).at(cfg)
     else:
         thresholds = member_thresholds(maps, cfg)
         margins = maps - thresholds.view(*thresholds.shape, 1, 1)
@@ -194,31 +183,81 @@ def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: 
     return ConsensusResult(fused, heat, unc, agree, agree.float().mean(0), foreground, reasons, thresholds)
 
 
-def _crf_fused(analysis: Analysis, cfg: ConsensusConfig, agree: torch.Tensor, k: int,
-               foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused soft map (the fusion at threshold 0), thresholded, refined by the dense CRF: the margin is
-    the CRF's object probability minus 0.5. The threshold (fixed, or Otsu/percentile of the fused map) sets
-    where the unary is undecided. Only images with a foreground diagnosis and an agreeing member are
-    refined (the others get no mask anyway)."""
-    from pixelvote.refine.crf import dense_crf
+def _fusion_plan(analysis: Analysis, cfg: ConsensusConfig, background_index: int,
+                 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """(the members that agree with the diagnosis ``(M, B)``, the members whose maps are fused ``(M, B)``,
+    the k of a vote, the images that get a mask ``(B,)``): see :func:`apply_consensus`."""
+    member_labels = torch.stack([s["label"] for s in analysis.stats])
+    label = analysis.label
+    agree = agreeing_members(member_labels, label)
+    fuse = agree
+    if analysis.given is not None:
+        fuse = torch.ones_like(agree)
+        if cfg.labelled_members == "agreeing":  # where the ensemble sees a finding, its agreeing members
+            seen = (label != background_index) & agree.any(0)
+            fuse = torch.where(seen.unsqueeze(0), agree, fuse)
+    decided = label if analysis.given is None else analysis.given
+    k = cfg.k if cfg.fusion == "vote" else 1
+    if cfg.fusion == "vote" and cfg.policy != "k-of-n":
+        k = max(1, math.ceil((analysis.maps.shape[0] + 1) / 2))
+    return agree, fuse, k, decided != background_index
 
-    if analysis.inputs is None:
-        raise ConfigError("the CRF refinement needs the analysed images",
-                          fix="use analyze(), which keeps them")
-    maps = analysis.maps
-    live = (analysis.raw_max > 0).view(*agree.shape, 1, 1)
-    zero = torch.zeros(maps.shape[:2], device=maps.device)
-    soft = fuse_margins(torch.where(live, maps, torch.full_like(maps, -1.0)), agree, cfg.fusion, k, maps,
-                        zero)
-    soft = soft.clamp(0.0, 1.0)
-    if cfg.threshold_method == "fixed":
-        t = torch.full(soft.shape[:1], cfg.threshold, device=soft.device)
-    else:
-        t = member_thresholds(soft.unsqueeze(0), cfg)[0]
-    margin = soft - t.view(-1, 1, 1)
-    todo = (foreground & agree.any(0)).nonzero().flatten()
-    if len(todo):
-        margin[todo] = dense_crf(soft[todo], analysis.inputs[todo], cfg.crf, t[todo]) - 0.5
-    none = agree.sum(0) == 0
-    fused = torch.where(none.view(-1, 1, 1), torch.full_like(soft, -1.0), margin)
-    return fused, t.unsqueeze(0).expand(maps.shape[0], -1)
+
+class CRFMargins:
+    """The dense-CRF-refined fusion of one batch (``cfg.refine == "crf"``) at any threshold: the fused soft
+    map (the fusion at threshold 0) and the images' colours at the CRF's size are made once, for every
+    threshold (calibration scores a dozen). At a threshold (fixed, or Otsu/percentile of the fused map) the
+    map is the unary, undecided there, and the margin is the CRF's object probability minus 0.5. Only
+    images with a foreground diagnosis and an agreeing member are refined (the others get no mask anyway)."""
+
+    def __init__(self, analysis: Analysis, cfg: ConsensusConfig, fuse: torch.Tensor, k: int,
+                 foreground: torch.Tensor) -> None:
+        from pixelvote.refine.crf import crf_colours
+
+        if analysis.inputs is None:
+            raise ConfigError("the CRF refinement needs the analysed images",
+                              fix="use analyze(), which keeps them")
+        maps = analysis.maps
+        live = (analysis.raw_max > 0).view(*fuse.shape, 1, 1)
+        zero = torch.zeros(maps.shape[:2], device=maps.device)
+        soft = fuse_margins(torch.where(live, maps, torch.full_like(maps, -1.0)), fuse, cfg.fusion, k, maps,
+                            zero)
+        self.soft = soft.clamp(0.0, 1.0)
+        self.members = maps.shape[0]
+        self.none = fuse.sum(0) == 0
+        self.foreground = foreground
+        self.todo = todo = (foreground & fuse.any(0)).nonzero().flatten()
+        self.images = analysis.inputs[todo]
+        self.crf_size = cfg.crf.size
+        self.colours = crf_colours(self.images, self.soft.shape[-2:], cfg.crf) if len(todo) else None
+
+    def at(self, cfg: ConsensusConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fused margin ``(B, H, W)``, thresholds ``(M, B)``) at ``cfg``'s threshold and CRF settings
+        (its fusion must be the one the maps were fused with)."""
+        from pixelvote.refine.crf import dense_crf
+
+        soft = self.soft
+        if cfg.threshold_method == "fixed":
+            t = torch.full(soft.shape[:1], cfg.threshold, device=soft.device)
+        else:
+            t = member_thresholds(soft.unsqueeze(0), cfg)[0]
+        margin = soft - t.view(-1, 1, 1)
+        todo = self.todo
+        if len(todo):
+            colours = self.colours if cfg.crf.size == self.crf_size else None  # else made again
+            margin[todo] = dense_crf(soft[todo], self.images, cfg.crf, t[todo], colours=colours) - 0.5
+        fused = torch.where(self.none.view(-1, 1, 1), torch.full_like(soft, -1.0), margin)
+        return fused, t.unsqueeze(0).expand(self.members, -1)
+
+    def margin(self, cfg: ConsensusConfig) -> torch.Tensor:
+        """:func:`apply_consensus`'s ``margin`` at ``cfg``: the mask is ``> 0``, and none where the image's
+        class is the background."""
+        fused, _ = self.at(cfg)
+        return torch.where(self.foreground.view(-1, 1, 1), fused, torch.full_like(fused, -1.0))
+
+
+def crf_margins(analysis: Analysis, cfg: ConsensusConfig, background_index: int) -> CRFMargins:
+    """The CRF-refined fusion of ``analysis`` with ``cfg``'s fusion, ready to be scored at many thresholds
+    and CRF settings (``.margin(cfg)``, which equals ``apply_consensus(analysis, cfg, ...).margin``)."""
+    _, fuse, k, foreground = _fusion_plan(analysis, cfg, background_index)
+    return CRFMargins(analysis, cfg, fuse, k, foreground)

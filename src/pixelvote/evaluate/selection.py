@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pixelvote.consensus import ConsensusConfig, apply_consensus
+from pixelvote.consensus import ConsensusConfig, apply_consensus, crf_margins
 from pixelvote.data.transforms import crop_content
 from pixelvote.explain.analyze import Analysis, MapConfig, analyze, explained_class
 from pixelvote.models.ensemble import Ensemble
@@ -150,9 +150,12 @@ class Batch:
 def iou_over_grid(score: torch.Tensor, truth: torch.Tensor, grid: Sequence[float]) -> torch.Tensor:
     """IoU of ``score > t`` with ``truth`` for each t; ``(len(grid),)``. Empty vs empty counts as 1."""
     t = torch.tensor(grid, device=score.device).view(-1, 1)
-    s = score.flatten().unsqueeze(0)
-    g = truth.flatten().to(score.device).unsqueeze(0)
-    pred = s > t
+    return _ious(score.flatten().unsqueeze(0) > t, truth)
+
+
+def _ious(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """IoU of each row of ``pred (K, N)`` bool with the flattened ``truth``; ``(K,)``, empty vs empty 1."""
+    g = truth.flatten().to(pred.device).unsqueeze(0)
     inter = (pred & g).sum(1).float()
     union = (pred | g).sum(1).float()
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union)).cpu()
@@ -312,11 +315,18 @@ def _refined_rows(a: Analysis, configs: Sequence[ConsensusConfig], bg: int, batc
                   ) -> tuple[list[list[torch.Tensor]], list[float]]:
     """For each consensus of ``configs`` (whose refinement runs once per threshold): the IoU rows
     ``(len(grid),)`` per image, NaN above :data:`REFINED_MAX_THRESHOLD`, and the seconds its passes took.
-    The configs take turns at each threshold, so that passes on the same fused map follow each other."""
+    Each config's fused map and the images' colours at the CRF's size are made once for every threshold
+    (:func:`pixelvote.consensus.crf_margins`); the configs take turns at each threshold, so that passes on
+    the same fused map follow each other."""
     import time
 
-    per_t: list[list[torch.Tensor | None]] = [[] for _ in configs]
     spent = [0.0 for _ in configs]
+    fused = []
+    for c, cfg in enumerate(configs):
+        t0 = time.perf_counter()
+        fused.append(crf_margins(a, cfg, bg))
+        spent[c] += time.perf_counter() - t0
+    per_t: list[list[torch.Tensor | None]] = [[] for _ in configs]
     for t in grid:
         for c, base in enumerate(configs):
             if not refined_at(t):
@@ -324,14 +334,24 @@ def _refined_rows(a: Analysis, configs: Sequence[ConsensusConfig], bg: int, batc
                 continue
             t0 = time.perf_counter()
             cfg = base.model_copy(update={"threshold_method": "fixed", "threshold": t})
-            per_t[c].append(apply_consensus(a, cfg, bg).margin)
+            per_t[c].append(fused[c].margin(cfg))
             spent[c] += time.perf_counter() - t0
-    nan = torch.tensor(float("nan"))
-    rows = [[torch.stack([nan if m is None else iou_over_grid(at_size(m[j], truth, resize), truth, (0.0,))[0]
-                          for m in margins])
-             for j, truth in _truths(batch, use)]
+    rows = [[_margin_ious(margins, j, truth, resize) for j, truth in _truths(batch, use)]
             for margins in per_t]
     return rows, spent
+
+
+def _margin_ious(margins: list[torch.Tensor | None], j: int, truth: torch.Tensor,
+                 resize: str = "squash") -> torch.Tensor:
+    """The IoU of image ``j``'s mask (``margin > 0``) at each threshold's margin (NaN where None), the
+    margins resized to the truth in one call."""
+    out = torch.full((len(margins),), float("nan"))
+    done = [i for i, m in enumerate(margins) if m is not None]
+    if not done:
+        return out
+    scores = at_size(torch.stack([margins[i][j] for i in done]), truth, resize)
+    out[done] = _ious((scores > 0).flatten(1), truth)
+    return out
 
 
 def _truths(batch: Batch, use: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
@@ -343,11 +363,14 @@ def _truths(batch: Batch, use: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
 
 
 def at_size(score: torch.Tensor, truth: torch.Tensor, resize: str = "squash") -> torch.Tensor:
-    """A map ``(S, S)`` on the model input resized bilinearly to the truth's size: the original image's (the
-    part of the input that covers it, see :func:`pixelvote.data.transforms.crop_content`), or the input's
-    own for a truth already placed on it (train's cached validation masks; nothing is cropped then)."""
+    """A map ``(S, S)`` (or an image's maps ``(K, S, S)``) on the model input resized bilinearly to the
+    truth's size: the original image's (the part of the input that covers it, see
+    :func:`pixelvote.data.transforms.crop_content`), or the input's own for a truth already placed on it
+    (train's cached validation masks; nothing is cropped then)."""
     size = (int(truth.shape[0]), int(truth.shape[1]))
     score = crop_content(score, size, resize)
+    if score.dim() == 3:  # several maps of one image
+        return F.interpolate(score[None], size=size, mode="bilinear", align_corners=False)[0]
     return F.interpolate(score[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
 
 

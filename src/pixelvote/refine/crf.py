@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -111,11 +112,42 @@ def unary_probability(soft: torch.Tensor, threshold: torch.Tensor | float, confi
     return 0.5 + confidence * (p.clamp(0, 1) - 0.5)
 
 
-def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = None,
-              threshold: torch.Tensor | float = 0.5) -> torch.Tensor:
+@dataclass(frozen=True)
+class Colours:
+    """Images as the CRF sees them: ``rgb (B, h, w, 3)`` uint8 at the CRF's size, and a digest of each (what
+    :func:`reuse` keys them by)."""
+
+    rgb: np.ndarray
+    digests: tuple[bytes, ...]
+
+
+def crf_size(hw: tuple[int, int] | torch.Size, cfg: CRFConfig) -> tuple[int, int]:
+    """The size the CRF runs at for maps of size ``hw``: the longer side ``cfg.size`` (never enlarged)."""
+    H0, W0 = int(hw[0]), int(hw[1])
+    scale = min(1.0, cfg.size / max(H0, W0))
+    return max(1, round(H0 * scale)), max(1, round(W0 * scale))
+
+
+def crf_colours(images: torch.Tensor, hw: tuple[int, int] | torch.Size, cfg: CRFConfig) -> Colours:
+    """``images (B, 3, H, W)`` (uint8, or float in [0, 1]) of maps of size ``hw``, as :func:`dense_crf`
+    takes them: made once, they serve every pass on the same images at the same size (calibration runs one
+    per threshold)."""
+    H, W = crf_size(hw, cfg)
+    imgs = images.detach().float()
+    if images.dtype == torch.uint8:
+        imgs = imgs / 255.0
+    if (H, W) != tuple(imgs.shape[-2:]):
+        imgs = F.interpolate(imgs, size=(H, W), mode="bilinear", antialias=True, align_corners=False)
+    rgb = (imgs * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return Colours(rgb, tuple(hashlib.blake2b(im.tobytes(), digest_size=16).digest() for im in rgb))
+
+
+def dense_crf(soft: torch.Tensor, images: torch.Tensor | None, cfg: CRFConfig | None = None,
+              threshold: torch.Tensor | float = 0.5, *, colours: Colours | None = None) -> torch.Tensor:
     """Refine ``soft (B, H, W)`` in [0, 1], thresholded at ``threshold`` (a float or one per image), with
-    the colour ``images (B, 3, H, W)`` (uint8, or float in [0, 1]) -> the object's marginal probability
-    ``(B, H, W)`` on ``soft``'s device; the mask is ``> 0.5``."""
+    the colour ``images (B, 3, H, W)`` (uint8, or float in [0, 1]; or ``colours`` made from them before by
+    :func:`crf_colours`) -> the object's marginal probability ``(B, H, W)`` on ``soft``'s device; the mask is
+    ``> 0.5``."""
     try:
         import pydensecrf.densecrf  # noqa: F401
     except ImportError as exc:
@@ -123,17 +155,18 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = 
                           fix=INSTALL_HINT) from exc
     cfg = cfg or CRFConfig()
     B, H0, W0 = soft.shape
-    scale = min(1.0, cfg.size / max(H0, W0))
-    H, W = max(1, round(H0 * scale)), max(1, round(W0 * scale))
+    H, W = crf_size((H0, W0), cfg)
+    if colours is None:
+        if images is None:
+            raise ValueError("dense_crf needs the images or their colours")
+        colours = crf_colours(images, (H0, W0), cfg)
+    if colours.rgb.shape[:3] != (B, H, W):
+        raise ValueError(f"colours of shape {colours.rgb.shape[:3]} for {B} maps at the CRF's size {(H, W)}")
     prob = unary_probability(soft.detach().float(), threshold, cfg.confidence)
-    imgs = images.detach().float()
-    if images.dtype == torch.uint8:
-        imgs = imgs / 255.0
     if (H, W) != (H0, W0):
         prob = F.interpolate(prob[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
-        imgs = F.interpolate(imgs, size=(H, W), mode="bilinear", antialias=True, align_corners=False)
     p = prob.clamp(1e-4, 1 - 1e-4).cpu().numpy()
-    rgb = (imgs * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    rgb = colours.rgb
     kernels = {"gaussian_sxy": cfg.gaussian_sxy, "gaussian_compat": cfg.gaussian_compat,
                "bilateral_sxy": cfg.bilateral_sxy * max(H, W), "bilateral_srgb": cfg.bilateral_srgb,
                "bilateral_compat": cfg.bilateral_compat, "iterations": cfg.iterations}
@@ -150,7 +183,8 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = 
         counts = reused.steps if cfg.iterations in reused.steps else (cfg.iterations,)
         settings = {n: cfg.model_copy(update={"iterations": n}).model_dump_json().encode() + size
                     for n in counts}
-        out = np.stack([_reused_pass(p[b], rgb[b], kernels, reused, settings, pairwise, cfg.iterations)
+        out = np.stack([_reused_pass(p[b], rgb[b], colours.digests[b], kernels, reused, settings, pairwise,
+                                     cfg.iterations)
                         for b in range(B)])
     q = torch.from_numpy(out).to(soft.device)
     if (H, W) != (H0, W0):
@@ -158,16 +192,16 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor, cfg: CRFConfig | None = 
     return q
 
 
-def _reused_pass(p: np.ndarray, rgb: np.ndarray, kernels: dict[str, float], reused: _Reuse,
-                 settings: dict[int, bytes], pairwise: bytes, iterations: int) -> np.ndarray:
+def _reused_pass(p: np.ndarray, rgb: np.ndarray, rgb_digest: bytes, kernels: dict[str, float],
+                 reused: _Reuse, settings: dict[int, bytes], pairwise: bytes, iterations: int) -> np.ndarray:
     """One image's pass within :func:`reuse`: its held result, or a pass on its held (or a new) CRF that
     keeps its result after each iteration count of ``settings`` (the settings' key for each)."""
-    data = hashlib.blake2b(p.tobytes() + rgb.tobytes(), digest_size=16).digest()
+    data = hashlib.blake2b(p.tobytes() + rgb_digest, digest_size=16).digest()
     keys = {n: hashlib.blake2b(data + key, digest_size=16).digest() for n, key in settings.items()}
     held = reused.get("results", keys[iterations])
     if held is not None:
         return held
-    pairwise_key = hashlib.blake2b(rgb.tobytes() + pairwise, digest_size=16).digest()
+    pairwise_key = hashlib.blake2b(rgb_digest + pairwise, digest_size=16).digest()
     d = reused.get("crfs", pairwise_key)
     if d is None:
         d = crf_pass.build(rgb, kernels)

@@ -47,14 +47,16 @@ def iou_rows(prob: torch.Tensor, images: torch.Tensor, truths: list[torch.Tensor
     plain = torch.stack([iou_over_grid(to_truth(prob[j], t), t, GRID) for j, t in enumerate(truths)])
     if crf_cfg is None:
         return plain, {}
-    from pixelvote.refine.crf import dense_crf, reuse
+    from pixelvote.refine.crf import crf_colours, dense_crf, reuse
 
     nan = torch.tensor(float("nan"))
     refined: dict[tuple[int, float], torch.Tensor] = {}
+    colours = crf_colours(images, prob.shape[-2:], crf_cfg)  # the iterations do not change the CRF's size
     with reuse():  # one CRF per image and iteration count, every threshold run on it
         for n in iterations:
             settings = crf_cfg.model_copy(update={"iterations": n})
-            qs = [dense_crf(prob, images, settings, threshold=t) if refined_at(t) else None for t in GRID]
+            qs = [dense_crf(prob, None, settings, threshold=t, colours=colours) if refined_at(t) else None
+                  for t in GRID]
             for c in cutoffs:
                 refined[(n, c)] = torch.stack([torch.stack([
                     nan if q is None else iou_over_grid(to_truth(q[j] - c, t), t, (0.0,))[0] for q in qs])
