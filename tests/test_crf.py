@@ -286,4 +286,6 @@ def test_crf_margins_score_every_threshold_as_apply_consensus_does(monkeypatch) 
             for cfg, want in zip(cfgs, expected, strict=True):
                 torch.testing.assert_close(fused.margin(cfg), want, rtol=0, atol=0)
             assert len(made) == 1  # the batch's colours once, for the six
+            with pytest.raises(ValueError, match="fused with"):
+                fused.margin(base.model_copy(update={"fusion": "vote"}))
             assert (fused.margin(base)[2] < 0).all() == (given is None)  # normal: no mask unless labelled

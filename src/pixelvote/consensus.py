@@ -223,6 +223,7 @@ class CRFMargins:
         soft = fuse_margins(torch.where(live, maps, torch.full_like(maps, -1.0)), fuse, cfg.fusion, k, maps,
                             zero)
         self.soft = soft.clamp(0.0, 1.0)
+        self.fusion = _fusion_settings(cfg)
         self.members = maps.shape[0]
         self.none = fuse.sum(0) == 0
         self.foreground = foreground
@@ -236,6 +237,8 @@ class CRFMargins:
         (its fusion must be the one the maps were fused with)."""
         from pixelvote.refine.crf import dense_crf
 
+        if _fusion_settings(cfg) != self.fusion:
+            raise ValueError(f"these maps were fused with {self.fusion}, not {_fusion_settings(cfg)}")
         soft = self.soft
         if cfg.threshold_method == "fixed":
             t = torch.full(soft.shape[:1], cfg.threshold, device=soft.device)
@@ -254,6 +257,10 @@ class CRFMargins:
         class is the background."""
         fused, _ = self.at(cfg)
         return torch.where(self.foreground.view(-1, 1, 1), fused, torch.full_like(fused, -1.0))
+
+
+def _fusion_settings(cfg: ConsensusConfig) -> tuple[object, ...]:
+    return cfg.fusion, cfg.k, cfg.policy, cfg.labelled_members
 
 
 def crf_margins(analysis: Analysis, cfg: ConsensusConfig, background_index: int) -> CRFMargins:

@@ -59,7 +59,8 @@ def _levels(values: np.ndarray) -> np.ndarray:
 
 
 def _overlay_bgr(image: np.ndarray, heat: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
-    """OpenCV, whose loops release the GIL: this runs in annotate's writer thread beside the analysis."""
+    """:func:`overlay` in OpenCV's BGR order, which ``imencode`` takes. OpenCV releases the GIL in its loops:
+    this runs in annotate's writer thread beside the analysis."""
     tinted = cv2.applyColorMap(np.ascontiguousarray(_levels(heat)), _lut())
     out = cv2.addWeighted(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), 1.0 - alpha, tinted, alpha, 0.0)
     width = max(1, round(max(image.shape[:2]) / 300))
