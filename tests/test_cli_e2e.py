@@ -139,6 +139,28 @@ def test_cli_reports_errors_without_traceback(tmp_path):
         assert "--crf-weights 10,30" in p.stderr  # the fix
 
 
+def test_annotate_without_a_working_opencv_says_how_to_install_it(trained, tmp_path, monkeypatch):
+    import types
+
+    from pixelvote.engine.annotate import annotate
+    from pixelvote.errors import ConfigError
+
+    root, data, run = trained
+    out = tmp_path / "o"
+    script = ("import sys; sys.modules['cv2'] = None; from pixelvote.cli import main; "
+              f"sys.argv = ['pixelvote', 'annotate', '--run', {str(run)!r}, '--images', {str(data)!r}, "
+              f"'--out', {str(out)!r}]; main()")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "OpenCV (cv2), which writes annotate's files, cannot be imported" in p.stderr
+    assert "pip install --force-reinstall 'opencv-python-headless>=4.11'" in p.stderr
+    assert not out.exists()  # said before anything was written
+    monkeypatch.setitem(sys.modules, "cv2", types.SimpleNamespace(__version__="4.5.5"))
+    with pytest.raises(ConfigError, match="OpenCV 4.5.5 is too old") as err:
+        annotate(run, data, out)
+    assert "opencv-python-headless>=4.11" in str(err.value) and not out.exists()
+
+
 def test_segmenter_stage_two_through_the_cli(trained, tmp_path):
     _, data, run = trained
     out = tmp_path / "out"

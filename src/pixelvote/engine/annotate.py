@@ -39,7 +39,7 @@ from pixelvote.data.imageio import (
 )
 from pixelvote.data.transforms import crop_content, fit_image, resize_uint8, to_tensor
 from pixelvote.engine.inputs import Item, list_inputs
-from pixelvote.engine.render import encode_outputs, output_paths, to_levels
+from pixelvote.engine.render import encode_outputs, opencv, output_paths, to_levels
 from pixelvote.errors import ConfigError, DataError, did_you_mean
 from pixelvote.explain.analyze import MapConfig, analyze, upsample
 from pixelvote.models.checkpoint import RunConfig, load_run
@@ -282,6 +282,7 @@ def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size
     image gets a mask and of which class; every member's map is fused, and ``label_disagrees`` flags images
     whose diagnosis differs from their label (see :func:`pixelvote.consensus.apply_consensus`)."""
     out = Path(out)
+    opencv()  # writes the files: a broken install is said before any model loads
     ens, cfg = load_run(run, device=device, fold=True)
     ccfg, mcfg, T = resolve_recipe(cfg, method, consensus, maps, mc_samples, labels)
     seg = None

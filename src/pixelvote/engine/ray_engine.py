@@ -47,7 +47,7 @@ from pixelvote.engine.annotate import (
     resolve_recipe,
 )
 from pixelvote.engine.inputs import Item, _unique_keys, list_inputs
-from pixelvote.engine.render import OUTPUT_FILES, encode_outputs
+from pixelvote.engine.render import OUTPUT_FILES, encode_outputs, opencv
 from pixelvote.errors import ConfigError, DataError
 from pixelvote.explain.analyze import MapConfig
 from pixelvote.models.checkpoint import RunConfig, load_run, member_file
@@ -95,6 +95,7 @@ def annotate_ray(run: str | Path, images: str | Path, out: str | Path, *, batch_
         raise ConfigError(f"expected num_cpus_per_worker > 0 and num_gpus_per_worker >= 0 but got "
                           f"{num_cpus_per_worker} and {num_gpus_per_worker}")
     out, run = Path(out), Path(run)
+    opencv()
     ens, cfg = load_run(run, device="cpu")  # validates the run here, before any worker starts
     ccfg, mcfg, T = resolve_recipe(cfg, method, consensus, maps, mc_samples)
     run_files, seg_files = ship(run, cfg, segmenter)

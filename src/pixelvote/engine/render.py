@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import cv2
+from typing import Any
+
 import numpy as np
 import torch
+
+from pixelvote.errors import ConfigError
 
 _LUT: np.ndarray | None = None
 
@@ -14,11 +17,31 @@ OUTPUT_FILES = {"mask": ("masks", ".png"), "overlay": ("overlays", ".jpg"),
                 "uncertainty": ("uncertainty", ".png")}
 OVERLAY_JPEG_QUALITY = 90
 OVERLAY_ALPHA = 0.4  # the heat map's weight in the overlay
-# PNGs with the "sub" filter on every row rather than libpng's adaptive choice, at zlib level 1: 2-3x faster
-# to encode than PIL's PNG at level 1 (which tries five filters per row; bench/speed.py), for uncertainty
-# maps ~23% larger; run-length matching for the two-valued masks (smaller). Both are plain 8-bit grey PNGs.
-_PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
-_MASK_PNG = [*_PNG, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+
+
+def opencv() -> Any:
+    """The ``cv2`` module, which draws and encodes annotate's files, or a clear error where it cannot be
+    imported (annotate checks this before it loads a model)."""
+    try:
+        import cv2
+    except ImportError as exc:
+        raise ConfigError(f"OpenCV (cv2), which writes annotate's files, cannot be imported: {exc}",
+                          fix="pip install --force-reinstall 'opencv-python-headless>=4.11'; if "
+                              "opencv-python is installed too and lacks a system library such as libGL, "
+                              "uninstall it") from exc
+    if not hasattr(cv2, "IMWRITE_PNG_FILTER"):  # the PNG filter option came with OpenCV 4.11
+        raise ConfigError(f"OpenCV {getattr(cv2, '__version__', '?')} is too old to write annotate's files",
+                          fix="pip install --upgrade 'opencv-python-headless>=4.11'")
+    return cv2
+
+
+def _png_params(cv2: Any, mask: bool) -> list[int]:
+    """PNGs with the "sub" filter on every row rather than libpng's adaptive choice, at zlib level 1: 2-3x
+    faster to encode than PIL's PNG at level 1 (which tries five filters per row; bench/speed.py), for
+    uncertainty maps ~23% larger; run-length matching for the two-valued masks (smaller). Both are plain
+    8-bit grey PNGs."""
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
+    return [*params, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE] if mask else params
 
 
 def output_paths(key: str) -> dict[str, str]:
@@ -61,6 +84,7 @@ def _levels(values: np.ndarray) -> np.ndarray:
 def _overlay_bgr(image: np.ndarray, heat: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
     """:func:`overlay` in OpenCV's BGR order, which ``imencode`` takes. OpenCV releases the GIL in its loops:
     this runs in annotate's writer thread beside the analysis."""
+    cv2 = opencv()
     tinted = cv2.applyColorMap(np.ascontiguousarray(_levels(heat)), _lut())
     out = cv2.addWeighted(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), 1.0 - alpha, tinted, alpha, 0.0)
     width = max(1, round(max(image.shape[:2]) / 300))
@@ -82,7 +106,7 @@ def uncertainty_png(unc: np.ndarray) -> np.ndarray:
 
 
 def _encode(array: np.ndarray, suffix: str, params: list[int]) -> bytes:
-    ok, buf = cv2.imencode(suffix, array, params)
+    ok, buf = opencv().imencode(suffix, array, params)
     if not ok:
         raise RuntimeError(f"OpenCV could not encode a {array.shape} {array.dtype} array as {suffix}")
     return buf.tobytes()
@@ -93,9 +117,11 @@ def encode_outputs(image: np.ndarray, mask: np.ndarray, heat: np.ndarray,
     """One image's files as bytes, by the record field that names them, in writing order: the mask (0/255
     8-bit PNG), the overlay (JPEG) and the uncertainty map (8-bit PNG). ``heat``/``unc``: uint8 levels or
     floats in [0, 1]."""
+    cv2 = opencv()
     return {
-        "mask": _encode(mask.astype(np.uint8) * np.uint8(255), ".png", _MASK_PNG),
+        "mask": _encode(mask.astype(np.uint8) * np.uint8(255), ".png", _png_params(cv2, mask=True)),
         "overlay": _encode(_overlay_bgr(np.ascontiguousarray(image), heat, mask, OVERLAY_ALPHA), ".jpg",
                            [cv2.IMWRITE_JPEG_QUALITY, OVERLAY_JPEG_QUALITY]),
-        "uncertainty": _encode(np.ascontiguousarray(uncertainty_png(unc)), ".png", _PNG),
+        "uncertainty": _encode(np.ascontiguousarray(uncertainty_png(unc)), ".png",
+                               _png_params(cv2, mask=False)),
     }
