@@ -228,13 +228,12 @@ class CRFMargins:
         self.none = fuse.sum(0) == 0
         self.foreground = foreground
         self.todo = todo = (foreground & fuse.any(0)).nonzero().flatten()
-        self.images = analysis.inputs[todo]
-        self.crf_size = cfg.crf.size
-        self.colours = crf_colours(self.images, self.soft.shape[-2:], cfg.crf) if len(todo) else None
+        hw = self.soft.shape[-2:]
+        self.colours = crf_colours(analysis.inputs[todo], hw, cfg.crf) if len(todo) else None
 
     def at(self, cfg: ConsensusConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """(fused margin ``(B, H, W)``, thresholds ``(M, B)``) at ``cfg``'s threshold and CRF settings
-        (its fusion must be the one the maps were fused with)."""
+        (its fusion and CRF size must be those the maps and colours were made with)."""
         from pixelvote.refine.crf import dense_crf
 
         if _fusion_settings(cfg) != self.fusion:
@@ -247,8 +246,7 @@ class CRFMargins:
         margin = soft - t.view(-1, 1, 1)
         todo = self.todo
         if len(todo):
-            colours = self.colours if cfg.crf.size == self.crf_size else None  # else made again
-            margin[todo] = dense_crf(soft[todo], self.images, cfg.crf, t[todo], colours=colours) - 0.5
+            margin[todo] = dense_crf(soft[todo], None, cfg.crf, t[todo], colours=self.colours) - 0.5
         fused = torch.where(self.none.view(-1, 1, 1), torch.full_like(soft, -1.0), margin)
         return fused, t.unsqueeze(0).expand(self.members, -1)
 
@@ -260,7 +258,8 @@ class CRFMargins:
 
 
 def _fusion_settings(cfg: ConsensusConfig) -> tuple[object, ...]:
-    return cfg.fusion, cfg.k, cfg.policy, cfg.labelled_members
+    """What a :class:`CRFMargins` is made for: the fusion, and the CRF's size its colours are at."""
+    return cfg.fusion, cfg.k, cfg.policy, cfg.labelled_members, cfg.crf.size
 
 
 def crf_margins(analysis: Analysis, cfg: ConsensusConfig, background_index: int) -> CRFMargins:
