@@ -261,8 +261,8 @@ def test_colours_made_once_give_the_passes_of_the_images_and_must_fit() -> None:
             dense_crf(big, None, cfg, 0.5)
 
 
-def test_crf_margins_score_every_threshold_as_apply_consensus_does(monkeypatch) -> None:
-    from pixelvote.consensus import crf_margins
+def test_soft_margins_score_every_threshold_as_apply_consensus_does(monkeypatch) -> None:
+    from pixelvote.consensus import soft_margins
     from pixelvote.refine import crf
 
     img, blob, _ = _scene()
@@ -282,7 +282,7 @@ def test_crf_margins_score_every_threshold_as_apply_consensus_does(monkeypatch) 
                     for t in (0.2, 0.4, 0.6) for w in (10.0, 30.0)]
             expected = [apply_consensus(a, cfg, 1).margin for cfg in cfgs]
             made.clear()
-            fused = crf_margins(a, base, 1)
+            fused = soft_margins(a, base, 1)
             for cfg, want in zip(cfgs, expected, strict=True):
                 torch.testing.assert_close(fused.margin(cfg), want, rtol=0, atol=0)
             assert len(made) == 1  # the batch's colours once, for the six

@@ -96,6 +96,11 @@ def train(
     crf_iterations: str = typer.Option("3,5,10", help="the dense CRF's mean-field iterations to try (one "
                                        "pass serves them all); the validation masks choose one, within "
                                        "--max-map-cost (each iteration costs ~4.5% of a forward pass)"),
+    colour: bool = typer.Option(True, "--colour/--no-colour", help="learn a colour prior (P(finding | "
+                                "colour)) from the training images' labels and try it with the mean fusion "
+                                "on validation masks"),
+    colour_weights: str = typer.Option("0.75", help="the colour prior's weights to try (the fused map is "
+                                       "weighted 1 - w); the validation masks choose"),
     decision: str = typer.Option("validation", help="validation: diagnose a finding where P(not background) "
                                  "exceeds a threshold chosen by accuracy on the validation images; "
                                  "most-probable: the most probable class"),
@@ -131,7 +136,8 @@ def train(
                       max_pseudo_label_cost=max_pseudo_label_cost,
                       refine_candidates=["none", "crf"] if crf else ["none"], decision=decision,
                       crf_weights=_numbers(crf_weights, "--crf-weights"),
-                      crf_iterations=list(_crf_iterations(crf_iterations)))
+                      crf_iterations=list(_crf_iterations(crf_iterations)),
+                      colour_weights=_numbers(colour_weights, "--colour-weights") if colour else [])
     try:
         run = run_train(cfg, resume=resume)
     except KeyboardInterrupt:

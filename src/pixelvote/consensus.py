@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pixelvote.errors import ConfigError
 from pixelvote.explain.analyze import Analysis
+from pixelvote.refine.colour import ColourPrior, with_colour
 from pixelvote.refine.crf import CRFConfig
 
 Policy = Literal["unanimous", "majority", "k-of-n"]
@@ -51,6 +52,17 @@ class ConsensusConfig(BaseModel):
                                                "colours, then threshold the CRF's marginal (needs "
                                                "pydensecrf2)")
     crf: CRFConfig = Field(default_factory=CRFConfig)
+    colour_weight: float = Field(
+        0.0, ge=0.0, le=1.0, description="combine the fused map with the run's colour prior (P(finding | "
+                                         "colour), learned from the training images' labels) as map^(1-w) * "
+                                         "prior^w before it is thresholded or refined; 0: the map alone")
+    colour_prior: ColourPrior | None = Field(None, description="the run's colour prior (learned by `train`)")
+
+    @property
+    def soft_fused(self) -> bool:
+        """Whether masks come from the fused soft map thresholded as a whole (the CRF, the colour prior)
+        rather than from each member's map thresholded on its own."""
+        return self.refine == "crf" or self.colour_weight > 0
 
 
 @dataclass
@@ -146,8 +158,8 @@ def apply_consensus(analysis: Analysis, cfg: ConsensusConfig, background_index: 
     label = analysis.label
     agree, fuse, k, foreground = _fusion_plan(analysis, cfg, background_index)
     decided = label if analysis.given is None else analysis.given
-    if cfg.refine == "crf":
-        fused, thresholds = CRFMargins(analysis, cfg, fuse, k, foreground).at(cfg)
+    if cfg.soft_fused:
+        fused, thresholds = SoftMargins(analysis, cfg, fuse, k, foreground).at(cfg)
     else:
         thresholds = member_thresholds(maps, cfg)
         margins = maps - thresholds.view(*thresholds.shape, 1, 1)
@@ -203,41 +215,52 @@ def _fusion_plan(analysis: Analysis, cfg: ConsensusConfig, background_index: int
     return agree, fuse, k, decided != background_index
 
 
-class CRFMargins:
-    """The dense-CRF-refined fusion of one batch (``cfg.refine == "crf"``) at any threshold: the fused soft
-    map (the fusion at threshold 0) and the images' colours at the CRF's size are made once, for every
-    threshold (calibration scores a dozen). At a threshold (fixed, or Otsu/percentile of the fused map) the
-    map is the unary, undecided there, and the margin is the CRF's object probability minus 0.5. Only
-    images with a foreground diagnosis and an agreeing member are refined (the others get no mask anyway)."""
+class SoftMargins:
+    """The fusion of one batch thresholded as one soft map (``cfg.soft_fused``) at any threshold: the fused
+    soft map (the fusion at threshold 0, combined with the colour prior where ``cfg.colour_weight`` > 0) and
+    the images' colours at the CRF's size are made once, for every threshold (calibration scores a dozen).
+    At a threshold (fixed, or Otsu/percentile of the fused map) the margin is the map minus the threshold,
+    or, with the dense CRF, the map is the unary, undecided at the threshold, and the margin is the CRF's
+    object probability minus 0.5. Only images with a foreground diagnosis and an agreeing member are refined
+    (the others get no mask anyway)."""
 
     def __init__(self, analysis: Analysis, cfg: ConsensusConfig, fuse: torch.Tensor, k: int,
                  foreground: torch.Tensor) -> None:
         from pixelvote.refine.crf import crf_colours
 
         if analysis.inputs is None:
-            raise ConfigError("the CRF refinement needs the analysed images",
+            raise ConfigError("the CRF refinement and the colour prior need the analysed images",
                               fix="use analyze(), which keeps them")
+        if cfg.colour_weight > 0 and cfg.colour_prior is None:
+            raise ConfigError(f"consensus.colour_weight is {cfg.colour_weight:g} but the run has no colour "
+                              "prior", fix="set consensus.colour_weight to 0 in run.json, or re-run "
+                                           "`pixelvote train`, which learns the prior")
         maps = analysis.maps
         live = (analysis.raw_max > 0).view(*fuse.shape, 1, 1)
         zero = torch.zeros(maps.shape[:2], device=maps.device)
         soft = fuse_margins(torch.where(live, maps, torch.full_like(maps, -1.0)), fuse, cfg.fusion, k, maps,
-                            zero)
-        self.soft = soft.clamp(0.0, 1.0)
+                            zero).clamp(0.0, 1.0)
+        if cfg.colour_prior is not None and cfg.colour_weight > 0:
+            soft = with_colour(soft, analysis.inputs, cfg.colour_prior, cfg.colour_weight)
+        self.soft = soft
         self.fusion = _fusion_settings(cfg)
+        self.refined = cfg.refine == "crf"
         self.members = maps.shape[0]
         self.none = fuse.sum(0) == 0
         self.foreground = foreground
         self.todo = todo = (foreground & fuse.any(0)).nonzero().flatten()
         hw = self.soft.shape[-2:]
-        self.colours = crf_colours(analysis.inputs[todo], hw, cfg.crf) if len(todo) else None
+        self.colours = crf_colours(analysis.inputs[todo], hw, cfg.crf) if len(todo) and self.refined else None
 
     def at(self, cfg: ConsensusConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """(fused margin ``(B, H, W)``, thresholds ``(M, B)``) at ``cfg``'s threshold and CRF settings
-        (its fusion and CRF size must be those the maps and colours were made with)."""
+        (its fusion, colour prior and CRF size must be those the maps and colours were made with, and it
+        must refine as they were made to)."""
         from pixelvote.refine.crf import dense_crf
 
-        if _fusion_settings(cfg) != self.fusion:
-            raise ValueError(f"these maps were fused with {self.fusion}, not {_fusion_settings(cfg)}")
+        if _fusion_settings(cfg) != self.fusion or (cfg.refine == "crf") != self.refined:
+            raise ValueError(f"these maps were fused with {self.fusion}{' + crf' * self.refined}, not "
+                             f"{_fusion_settings(cfg)}{' + crf' * (cfg.refine == 'crf')}")
         soft = self.soft
         if cfg.threshold_method == "fixed":
             t = torch.full(soft.shape[:1], cfg.threshold, device=soft.device)
@@ -245,7 +268,7 @@ class CRFMargins:
             t = member_thresholds(soft.unsqueeze(0), cfg)[0]
         margin = soft - t.view(-1, 1, 1)
         todo = self.todo
-        if len(todo):
+        if len(todo) and self.refined:
             margin[todo] = dense_crf(soft[todo], None, cfg.crf, t[todo], colours=self.colours) - 0.5
         fused = torch.where(self.none.view(-1, 1, 1), torch.full_like(soft, -1.0), margin)
         return fused, t.unsqueeze(0).expand(self.members, -1)
@@ -258,12 +281,16 @@ class CRFMargins:
 
 
 def _fusion_settings(cfg: ConsensusConfig) -> tuple[object, ...]:
-    """What a :class:`CRFMargins` is made for: the fusion, and the CRF's size its colours are at."""
-    return cfg.fusion, cfg.k, cfg.policy, cfg.labelled_members, cfg.crf.size
+    """What a :class:`SoftMargins` is made for: the fusion, the colour prior and its weight, and the CRF's
+    size its colours are at."""
+    return (cfg.fusion, cfg.k, cfg.policy, cfg.labelled_members, cfg.colour_weight,
+            cfg.colour_prior.probability if cfg.colour_prior is not None and cfg.colour_weight > 0 else None,
+            cfg.crf.size)
 
 
-def crf_margins(analysis: Analysis, cfg: ConsensusConfig, background_index: int) -> CRFMargins:
-    """The CRF-refined fusion of ``analysis`` with ``cfg``'s fusion, ready to be scored at many thresholds
-    and CRF settings (``.margin(cfg)``, which equals ``apply_consensus(analysis, cfg, ...).margin``)."""
+def soft_margins(analysis: Analysis, cfg: ConsensusConfig, background_index: int) -> SoftMargins:
+    """The fusion of ``analysis`` with ``cfg``'s fusion (and colour prior) as one soft map, ready to be
+    scored at many thresholds and CRF settings (``.margin(cfg)``, which equals ``apply_consensus(analysis,
+    cfg, ...).margin`` for a ``cfg`` with ``soft_fused``)."""
     _, fuse, k, foreground = _fusion_plan(analysis, cfg, background_index)
-    return CRFMargins(analysis, cfg, fuse, k, foreground)
+    return SoftMargins(analysis, cfg, fuse, k, foreground)

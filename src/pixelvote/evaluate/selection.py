@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pixelvote.consensus import ConsensusConfig, apply_consensus, crf_margins
+from pixelvote.consensus import ConsensusConfig, apply_consensus, soft_margins
 from pixelvote.data.transforms import crop_content
 from pixelvote.explain.analyze import Analysis, MapConfig, analyze, explained_class
 from pixelvote.models.ensemble import Ensemble
@@ -49,6 +49,8 @@ RECIPES: dict[str, MapConfig] = {
 
 
 CRF_COST = (0.175, 0.045)  # the dense CRF's cost: fixed + per iteration, in plain analyses (see below)
+# the colour prior: a table lookup and a power per pixel of the map (~1 ms per image at 224 px on a CPU)
+COLOUR_COST = 0.03
 
 
 def relative_cost(maps: MapConfig, refine: str = "none", crf_iterations: int = 5) -> float:
@@ -70,14 +72,23 @@ def variant_cost(maps: MapConfig, fusion: str, base: CRFConfig | None = None) ->
     """:func:`relative_cost` of ``maps`` + ``fusion``, with the CRF iterations the fusion names (else
     ``base``'s)."""
     iterations = crf_iterations(fusion) or (base or CRFConfig()).iterations
-    return relative_cost(maps, split_fusion(fusion)[1], iterations)
+    colour = COLOUR_COST if colour_weight(fusion) else 0.0
+    return relative_cost(maps, split_fusion(fusion)[1], iterations) + colour
 
 
 def split_fusion(fusion: str) -> tuple[str, str]:
-    """``"mean+crf"`` -> ``("mean", "crf")``; ``"mean"`` -> ``("mean", "none")`` (the CRF's settings
-    ``:30:10`` and an ``@members`` suffix, see :func:`fusion_settings`, are dropped)."""
+    """``"mean+crf"`` -> ``("mean", "crf")``; ``"mean"`` -> ``("mean", "none")`` (the colour prior's weight
+    ``*colour:0.75``, the CRF's settings ``:30:10`` and an ``@members`` suffix, see :func:`fusion_settings`,
+    are dropped)."""
     name, _, refine = fusion.partition("@")[0].partition("+")
-    return name, refine.partition(":")[0] or "none"
+    return name.partition("*")[0], refine.partition(":")[0] or "none"
+
+
+def colour_weight(fusion: str) -> float | None:
+    """The colour prior's weight a fusion name sets: ``"mean*colour:0.75+crf:30:10"`` -> 0.75; None where
+    it sets none (the fused map alone)."""
+    colour = fusion.partition("@")[0].partition("+")[0].partition("*")[2]
+    return float(colour.partition(":")[2]) if colour else None
 
 
 def _crf_setting(fusion: str, position: int) -> str:
@@ -111,7 +122,8 @@ def without_iterations(fusion: str) -> str:
 def fusion_settings(fusion: str) -> dict[str, str]:
     """The consensus fields a fusion name stands for: ``"mean+crf:30:10@agreeing"`` -> fusion mean, refine
     crf, labelled_members agreeing (which members fuse for labelled images; default all); the CRF weight (30)
-    and iterations (10) are applied by :func:`consensus_update`."""
+    and iterations (10) and the colour prior's weight (``"mean*colour:0.75"``) are applied by
+    :func:`consensus_update`."""
     name, refine = split_fusion(fusion)
     return {"fusion": name, "refine": refine, "labelled_members": fusion.partition("@")[2] or "all"}
 
@@ -124,18 +136,27 @@ def crf_fusions(weights: Sequence[float], iterations: Sequence[int] = ()) -> lis
     return [f"{f}+crf:{s}" for f in ("intersection", "mean") for s in settings]
 
 
+def colour_fusions(weights: Sequence[float], refined: Sequence[str] = ()) -> list[str]:
+    """The mean fusions with the colour prior at each weight: ``mean*colour:0.75``, and with each CRF
+    setting of the mean fusions in ``refined`` (``mean*colour:0.75+crf:30:10``)."""
+    crfs = [f.partition("+")[2] for f in refined if split_fusion(f)[0] == "mean"]
+    return [f"mean*colour:{w:g}{suffix}" for w in weights for suffix in ["", *(f"+{c}" for c in crfs)]]
+
+
 def consensus_update(base: ConsensusConfig, fusion: str) -> dict[str, Any]:
-    """The update of ``base`` that makes masks as ``fusion`` names them: :func:`fusion_settings`, and
-    ``base.crf`` with the bilateral weight of :func:`crf_weight` and the iterations of
-    :func:`crf_iterations` where the name sets them."""
+    """The update of ``base`` that makes masks as ``fusion`` names them: :func:`fusion_settings`, the colour
+    prior's weight of :func:`colour_weight` (0 where the name sets none), and ``base.crf`` with the bilateral
+    weight of :func:`crf_weight` and the iterations of :func:`crf_iterations` where the name sets them (its
+    own settings where it sets none)."""
     update: dict[str, Any] = dict(fusion_settings(fusion))
+    update["colour_weight"] = colour_weight(fusion) or 0.0
     crf_update: dict[str, Any] = {}
     if (weight := crf_weight(fusion)) is not None:
         crf_update["bilateral_compat"] = weight
     if (iterations := crf_iterations(fusion)) is not None:
         crf_update["iterations"] = iterations
-    if crf_update:
-        update["crf"] = base.crf.model_copy(update=crf_update)
+    # always set, so that a recipe made from another's consensus does not keep that one's CRF settings
+    update["crf"] = base.crf.model_copy(update=crf_update)
     return update
 
 
@@ -255,12 +276,13 @@ def collect_modes(ens: Ensemble, batches: Iterable[Batch], recipes: dict[str, Ma
                 # the most iterations first: with crf.reuse(steps=...) its pass serves the others
                 members = sorted(groups[(mode, group)], key=lambda f: -(crf_iterations(f) or 0))
                 configs = [base.model_copy(update=consensus_update(base, f)) for f in members]
-                if configs[0].refine != "none":  # one pass per threshold
+                if configs[0].soft_fused:  # the CRF: one pass per threshold
                     refined, spent_by = _refined_rows(a, configs, bg, batch, use, grid, ens.resize)
+                    passes = sum(map(refined_at, grid)) if configs[0].refine == "crf" else 1
                     for fusion, fusion_rows, spent in zip(members, refined, spent_by, strict=True):
                         rows[(mode, rname, fusion)] += fusion_rows
                         step = (mode, f"{rname}+{fusion}")
-                        seconds[step] = seconds.get(step, 0.0) + spent / max(1, sum(map(refined_at, grid)))
+                        seconds[step] = seconds.get(step, 0.0) + spent / max(1, passes)
                     continue
                 for fusion, settings in zip(members, configs, strict=True):
                     t0 = time.perf_counter()
@@ -313,23 +335,23 @@ def _same_target(a: Analysis, bg: int) -> bool:
 def _refined_rows(a: Analysis, configs: Sequence[ConsensusConfig], bg: int, batch: Batch, use: list[int],
                   grid: Sequence[float], resize: str = "squash",
                   ) -> tuple[list[list[torch.Tensor]], list[float]]:
-    """For each consensus of ``configs`` (whose refinement runs once per threshold): the IoU rows
-    ``(len(grid),)`` per image, NaN above :data:`REFINED_MAX_THRESHOLD`, and the seconds its passes took.
-    Each config's fused map and the images' colours at the CRF's size are made once for every threshold
-    (:func:`pixelvote.consensus.crf_margins`); the configs take turns at each threshold, so that passes on
-    the same fused map follow each other."""
+    """For each consensus of ``configs`` (fused as one soft map: the dense CRF, whose refinement runs once
+    per threshold, or the colour prior): the IoU rows ``(len(grid),)`` per image, for the CRF NaN above
+    :data:`REFINED_MAX_THRESHOLD`, and the seconds its passes took. Each config's fused map and the images'
+    colours at the CRF's size are made once for every threshold (:func:`pixelvote.consensus.soft_margins`);
+    the configs take turns at each threshold, so that passes on the same fused map follow each other."""
     import time
 
     spent = [0.0 for _ in configs]
     fused = []
     for c, cfg in enumerate(configs):
         t0 = time.perf_counter()
-        fused.append(crf_margins(a, cfg, bg))
+        fused.append(soft_margins(a, cfg, bg))
         spent[c] += time.perf_counter() - t0
     per_t: list[list[torch.Tensor | None]] = [[] for _ in configs]
     for t in grid:
         for c, base in enumerate(configs):
-            if not refined_at(t):
+            if base.refine == "crf" and not refined_at(t):
                 per_t[c].append(None)
                 continue
             t0 = time.perf_counter()

@@ -12,6 +12,8 @@ from pixelvote.consensus import ConsensusConfig, apply_consensus
 from pixelvote.data.imageio import write_json_atomic
 from pixelvote.explain.analyze import MapConfig, analyze, diagnose
 from pixelvote.models.checkpoint import Recipe, load_run
+from pixelvote.models.ensemble import Ensemble
+from pixelvote.refine.colour import ColourPrior, learn_colour_prior
 from pixelvote.train.cache import CachedSet
 from pixelvote.train.config import TrainConfig
 
@@ -39,18 +41,36 @@ def _val_batches(val: CachedSet, bs: int):  # type: ignore[no-untyped-def]
         yield Batch(val.images[i:i + bs], val.labels[i:i + bs], masks, list(range(i, i + len(has))))
 
 
+def colour_prior(ens: Ensemble, train: CachedSet, batch_size: int) -> ColourPrior | None:
+    """The run's colour prior (:mod:`pixelvote.refine.colour`) from its training images: each image's map
+    is the mean of every member's plain map of its labelled class."""
+    bg = ens.background_index
+
+    def batches():  # type: ignore[no-untyped-def]
+        for i in tqdm(range(0, len(train), batch_size), desc="learning the colour prior", unit="batch",
+                      leave=False):
+            imgs, labels = train.images[i:i + batch_size], train.labels[i:i + batch_size]
+            a = analyze(ens, imgs, mc_samples=1, seeds=list(range(i, i + len(labels))), given=labels)
+            yield imgs, labels, a.maps.mean(0)
+
+    return learn_colour_prior(batches(), bg)
+
+
 def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_threshold: float | None = None,
+                  prior: ColourPrior | None = None,
                   ) -> tuple[MapConfig, dict, dict, dict[str, tuple[MapConfig, dict]]]:
     """Pick the map recipe, fusion (+ refinement) and threshold with the best mean IoU on validation masks,
     among those whose cost is within ``cfg.max_map_cost`` plain analyses (for annotation), and the best within
     ``cfg.max_pseudo_label_cost`` (``annotate --method best``), and the best within ``cfg.max_map_cost``
-    with the images' labels deciding (``annotate --labels``). Returns the first as its MapConfig and its
+    with the images' labels deciding (``annotate --labels``). With a colour ``prior`` the mean fusions are
+    tried with it too (at each of ``cfg.colour_weights``). Returns the first as its MapConfig and its
     consensus update, the summary, and the other two (``"best"``, ``"labelled"``) likewise."""
     from pixelvote.evaluate.selection import (
         GRID,
         RECIPES,
         best_cell,
         collect_modes,
+        colour_fusions,
         consensus_update,
         crf_fusions,
         crf_iterations,
@@ -60,6 +80,7 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
     from pixelvote.refine import crf
 
     ens, run_cfg = load_run(run_dir, device=cfg.device)
+    run_cfg.consensus = run_cfg.consensus.model_copy(update={"colour_prior": prior})
     ens.decision_threshold = decision_threshold  # the masks are gated by the diagnosis the run will make
     limit = max(cfg.max_map_cost, cfg.max_pseudo_label_cost)
     # a recipe that costs more than both limits on its own could never be chosen: it is not tried (the
@@ -76,6 +97,10 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
         else:
             log.info("pydensecrf2 is not installed, so the CRF refinement is not tried (%s)",
                      crf.INSTALL_HINT)
+    if prior is not None and cfg.colour_weights:
+        coloured = colour_fusions(cfg.colour_weights, refined)
+        fusions += [f for f in coloured if "+" not in f]
+        refined += [f for f in coloured if "+" in f]
     bs = max(1, cfg.batch_size)
     base_crf = run_cfg.consensus.crf
 
@@ -163,17 +188,20 @@ def choose_decision_threshold(probs: torch.Tensor, labels: torch.Tensor, backgro
                     "accuracy_by_threshold": {str(t): round(v, 4) for t, v in acc.items() if t is not None}}
 
 
-def calibrate(run_dir: Path, val: CachedSet,
-              cfg: TrainConfig) -> tuple[ConsensusConfig, MapConfig, dict[str, Recipe], float | None]:
+def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet | None = None,
+              ) -> tuple[ConsensusConfig, MapConfig, dict[str, Recipe], float | None]:
     """The run's consensus and map settings from the validation split, the other recipes chosen there
     (``best``: within the pseudo-label cost limit; ``labelled``: for ``annotate --labels``; none when the
     validation masks are too few to choose), and the decision threshold (:func:`choose_decision_threshold`;
-    None with ``cfg.decision == "most-probable"``)."""
+    None with ``cfg.decision == "most-probable"``). With the ``train`` images (and ``cfg.colour_weights``)
+    the colour prior is learned from them, kept in the consensus and tried as a recipe."""
     ens, run_cfg = load_run(run_dir, device=cfg.device)
     bg = ens.background_index
     base = run_cfg.consensus
-    probs, mis, variances = [], [], []
     bs = max(1, cfg.batch_size)
+    prior = colour_prior(ens, train, bs) if train is not None and len(train) and cfg.colour_weights else None
+    base = base.model_copy(update={"colour_prior": prior, "colour_weight": 0.0})
+    probs, mis, variances = [], [], []
     for i in tqdm(range(0, len(val), bs), desc="calibrating on validation images", unit="batch", leave=False):
         a = analyze(ens, val.images[i:i + bs], mc_samples=cfg.mc_samples)
         probs.append(a.ensemble_probs.cpu())
@@ -194,7 +222,7 @@ def calibrate(run_dir: Path, val: CachedSet,
     maps = run_cfg.maps
     others: dict[str, tuple[MapConfig, dict]] = {}
     if n_masked >= cfg.min_masks_to_choose and cfg.map_candidates:
-        maps, chosen, summary["selection"], others = choose_recipe(run_dir, val, cfg, decision)
+        maps, chosen, summary["selection"], others = choose_recipe(run_dir, val, cfg, decision, prior)
         update.update(chosen)
         summary["val_mean_iou"] = summary["selection"]["val_mean_iou"]
     elif n_masked:  # too few masks to choose a recipe: the consensus threshold alone

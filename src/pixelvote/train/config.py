@@ -64,6 +64,11 @@ class TrainConfig(BaseModel):
                     "all): the chosen count is saved in the run's consensus (crf.iterations); fire's masks "
                     "were best after 10, BUSI's after 3 (README); each iteration costs ~4.5% of a plain "
                     "analysis")
+    colour_weights: list[float] = Field(
+        default_factory=lambda: [0.75],
+        description="weights of the colour prior (P(finding | colour), learned from the training images' "
+                    "labels) tried with the mean fusion on validation masks, the map weighted 1 - w; empty: "
+                    "no prior is learned")
     max_map_cost: float = Field(2.0, ge=1.0, description="only recipes costing at most this many plain "
                                 "analyses (about forward passes) per image are chosen; see "
                                 "pixelvote.evaluate.selection.relative_cost")
@@ -114,6 +119,15 @@ class TrainConfig(BaseModel):
             raise ConfigError(f"--crf-iterations {','.join(map(str, v)) or '(empty)'}: the dense CRF's "
                               "mean-field iterations must be one or more whole numbers from 1 to 50",
                               fix="e.g. --crf-iterations 3,5,10 (or --no-crf to leave the CRF out)")
+        return sorted(set(v))
+
+    @field_validator("colour_weights")
+    @classmethod
+    def _colour_weights(cls, v: list[float]) -> list[float]:
+        if any(not 0 < w <= 1 for w in v):
+            raise ConfigError(f"--colour-weights {','.join(f'{w:g}' for w in v)}: the colour prior's weights "
+                              "must be numbers above 0 and at most 1",
+                              fix="e.g. --colour-weights 0.5,0.75 (or --no-colour to leave the prior out)")
         return sorted(set(v))
 
     def model_names(self) -> list[str]:
