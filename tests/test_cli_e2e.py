@@ -48,6 +48,7 @@ def test_train_writes_a_self_describing_run(trained):
 def test_train_tries_the_crf_weights_given_and_says_what_it_chose(tmp_path):
     from conftest import write_blob_dataset
 
+    from pixelvote.models.checkpoint import read_run_config
     from pixelvote.refine import crf
 
     data = write_blob_dataset(tmp_path / "data", per_class=12)
@@ -55,13 +56,27 @@ def test_train_tries_the_crf_weights_given_and_says_what_it_chose(tmp_path):
     r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny",
                             "--epochs", "1", "--image-size", "48", "--no-pretrained", "--mc-samples", "2",
                             "--val-fraction", "0.4", "--crf-weights", "4,25", "--crf-iterations", "7,2",
-                            "--quiet"])
+                            "--colour-weights", "0.5,1", "--quiet"])
     assert r.exit_code == 0, r.output
     sel = json.loads((run / "calibration.json").read_text())["selection"]
     assert f"with {sel['recipe']} maps and {sel['fusion']} fusion" in r.output  # what was chosen, said
-    crf_rows = {k.partition("+")[2] for k in sel["candidates"] if "crf" in k}
+    fusions = {k.partition("+")[2] for k in sel["candidates"] if k.startswith("plain+")}
+    crf_rows = {f for f in fusions if "crf" in f and "colour" not in f}
     tried = {f"{f}+crf:{w}:{n}" for f in ("intersection", "mean") for w in (4, 25) for n in (2, 7)}
     assert crf_rows == (tried if crf.available() else set())
+    # the colour prior at each weight given, alone and under each CRF setting of the mean fusion
+    colour_rows = {f for f in fusions if "colour" in f}
+    crfs = [f"+crf:{w}:{n}" for w in (4, 25) for n in (2, 7)] if crf.available() else []
+    assert colour_rows == {f"mean*colour:{c}{s}" for c in ("0.5", "1") for s in ["", *crfs]}
+    assert read_run_config(run).consensus.colour_prior is not None
+    off = tmp_path / "off"
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(off), "--preset", "tiny", "--epochs",
+                            "1", "--image-size", "48", "--no-pretrained", "--mc-samples", "2",
+                            "--val-fraction", "0.4", "--no-crf", "--no-colour", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert read_run_config(off).consensus.colour_prior is None  # not learned
+    assert not any("colour" in k for k in json.loads((off / "calibration.json").read_text())["selection"]
+                   ["candidates"])
 
 
 @pytest.mark.parametrize("bad", ["0", "3,x", "2.5", "60"])
@@ -137,6 +152,11 @@ def test_cli_reports_errors_without_traceback(tmp_path):
                             str(tmp_path / "r"), f"--crf-weights={weights}"], capture_output=True, text=True)
         assert p.returncode == 2 and problem in p.stderr and "Traceback" not in p.stderr
         assert "--crf-weights 10,30" in p.stderr  # the fix
+    p = subprocess.run([sys.executable, "-m", "pixelvote.cli", "train", "--data", str(tmp_path), "--out",
+                        str(tmp_path / "colour"), "--colour-weights=0.5,2"], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "--colour-weights 0.5,2: the colour prior's weights must be numbers above 0" in p.stderr
+    assert not (tmp_path / "colour").exists()
 
 
 def test_annotate_without_a_working_opencv_says_how_to_install_it(trained, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pixelvote.errors import ConfigError
 from pixelvote.explain.analyze import Analysis
@@ -57,6 +57,13 @@ class ConsensusConfig(BaseModel):
                                          "colour), learned from the training images' labels) as map^(1-w) * "
                                          "prior^w before it is thresholded or refined; 0: the map alone")
     colour_prior: ColourPrior | None = Field(None, description="the run's colour prior (learned by `train`)")
+
+    @model_validator(mode="after")
+    def _prior_for_weight(self) -> ConsensusConfig:
+        if self.colour_weight > 0 and self.colour_prior is None:
+            raise ValueError(f"colour_weight is {self.colour_weight:g} but there is no colour_prior (set "
+                             "colour_weight to 0, or re-run `pixelvote train`, which learns the prior)")
+        return self
 
     @property
     def soft_fused(self) -> bool:

@@ -19,8 +19,6 @@ from collections.abc import Iterable
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pixelvote.errors import ConfigError
-
 BINS = 8  # per channel: 512 colours; 8, 16 and 32 gave the same masks on fire (README)
 
 
@@ -37,15 +35,14 @@ class ColourPrior(BaseModel):
 
     @model_validator(mode="after")
     def _shape(self) -> ColourPrior:
+        # a ValueError, so that reading run.json names the file and the field
+        again = "; re-run `pixelvote train` to learn it again"
         if 256 % self.bins:
-            raise ConfigError(f"colour prior: {self.bins} bins per channel do not divide 256",
-                              fix="re-run `pixelvote train` to learn the prior again")
+            raise ValueError(f"{self.bins} colour bins per channel do not divide 256{again}")
         if len(self.probability) != self.bins ** 3:
-            raise ConfigError(f"colour prior: {len(self.probability)} values for {self.bins}^3 colour bins",
-                              fix="re-run `pixelvote train` to learn the prior again")
+            raise ValueError(f"{len(self.probability)} values for {self.bins}^3 colour bins{again}")
         if any(not 0.0 <= p <= 1.0 for p in self.probability):
-            raise ConfigError("colour prior: probabilities outside [0, 1]",
-                              fix="re-run `pixelvote train` to learn the prior again")
+            raise ValueError(f"colour probabilities outside [0, 1]{again}")
         return self
 
     def table(self, device: torch.device | str = "cpu") -> torch.Tensor:
