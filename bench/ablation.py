@@ -42,6 +42,7 @@ from pixelvote.evaluate.selection import (  # noqa: E402
     at_size,
     best_cell,
     collect,
+    colour_fusions,
     crf_fusions,
     cross_fitted,
     variant_cost,
@@ -96,6 +97,27 @@ def val_batches(run: Path, ens: Ensemble, batch_size: int = 8):  # type: ignore[
                          else torch.from_numpy(read_mask(mp, (img.shape[1], img.shape[0]))))
             seeds.append(zlib.crc32(p.name.encode()))
         yield Batch(torch.stack(imgs), torch.tensor(labels), masks, seeds)
+
+
+def run_colour_prior(run: Path, ens: Ensemble, cfg, batch_size: int = 8):  # type: ignore[no-untyped-def]
+    """The run's colour prior, or, for a run trained before pixelvote learned one, the prior learned as
+    `train` learns it, from the run's training images."""
+    if cfg.consensus.colour_prior is not None:
+        return cfg.consensus.colour_prior
+    from pixelvote.refine.colour import learn_colour_prior
+
+    train = [Path(p) for p in json.loads((run / "split.json").read_text())["train"]]
+
+    def batches():  # type: ignore[no-untyped-def]
+        for i in range(0, len(train), batch_size):
+            chunk = train[i:i + batch_size]
+            imgs = torch.stack([fit_image(to_tensor(read_image(p)), ens.image_size, ens.resize)
+                                for p in chunk])
+            labels = torch.tensor([ens.classes.index(p.parent.name) for p in chunk])
+            a = analyze(ens, imgs, mc_samples=1, seeds=list(range(i, i + len(chunk))), given=labels)
+            yield imgs, labels, a.maps.mean(0)
+
+    return learn_colour_prior(batches(), ens.background_index)
 
 
 def centred_box_iou(run: Path, ens: Ensemble) -> float:
@@ -178,6 +200,9 @@ def main() -> None:
                     "mean+crf:W:N)")
     ap.add_argument("--crf-iterations", default="3,5,10", help="the dense CRF's mean-field iterations scored "
                     "(rows mean+crf:W:N; pixelvote train --crf-iterations)")
+    ap.add_argument("--colour-weights", default="0.75", help="the colour prior's weights scored with the "
+                    "mean fusion, alone and under each CRF setting (rows mean*colour:W; pixelvote train "
+                    "--colour-weights; empty: none)")
     ap.add_argument("--stage-two", action="store_true",
                     help="also train and score the segmenter (slow on CPU)")
     ap.add_argument("--seg-epochs", type=int, default=30)
@@ -195,7 +220,11 @@ def main() -> None:
                if args.stage_two else None)
         weights = [float(w) for w in args.crf_weights.split(",")]
         counts = [int(n) for n in args.crf_iterations.split(",")]
-        fusions = ["intersection", "mean", "vote"] + (crf_fusions(weights, counts) if crf.available() else [])
+        refined = crf_fusions(weights, counts) if crf.available() else []
+        colour = [float(w) for w in args.colour_weights.split(",") if w]
+        prior = run_colour_prior(run, ens, cfg) if colour else None
+        fusions = (["intersection", "mean", "vote"] + refined
+                   + (colour_fusions(colour, refined) if prior is not None else []))
         if args.labels:  # which members fuse for labelled images: every one (default) or the agreeing ones
             fusions += [f"{f}@agreeing" for f in fusions if f.startswith("mean")]
         # the segmenter's CRF as annotate --segmenter runs it: with the run's CRF settings
@@ -203,7 +232,8 @@ def main() -> None:
         tables = collect(ens, val_batches(run, ens), recipes, fusions=fusions, segmenter=model,
                          segmenter_crf_threshold=seg_cfg.crf_threshold if seg_cfg else 0.5,
                          segmenter_crf=seg_cfg.crf_settings(cfg.consensus.crf) if seg_cfg else None,
-                         given_labels=args.labels, base=ConsensusConfig(crf=cfg.consensus.crf))
+                         given_labels=args.labels,
+                         base=ConsensusConfig(crf=cfg.consensus.crf, colour_prior=prior))
         # diagnosed with the run's decision threshold, as the ensemble is
         single = Ensemble(ens.members[:1], ens.classes, ens.background, ens.image_size, device=ens.device,
                           resize=ens.resize, decision_threshold=ens.decision_threshold)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_consensus import LESION, _analysis
 
 from pixelvote.consensus import ConsensusConfig, apply_consensus, soft_margins
@@ -153,8 +156,36 @@ def test_run_json_with_a_weight_but_no_prior_names_the_file(tmp_path) -> None:
     cands = json.loads((run / "calibration.json").read_text())["selection"]["candidates"]
     assert "plain+mean*colour:0.75" in cands and cands["plain+mean*colour:0.75"]["relative_cost"] == 1.03
     raw = json.loads((run / "run.json").read_text())
+    # annotate with the prior at full weight: the lesions' bright squares, not the CAM's blobs
+    from pixelvote.engine.annotate import annotate
+
+    with_prior = {**raw, "consensus": {**raw["consensus"], "fusion": "mean", "colour_weight": 1.0,
+                                       "threshold": 0.5, "refine": "none"}}
+    (run / "run.json").write_text(json.dumps(with_prior))
+    annotate(run, data / "images" / "lesion", tmp_path / "out", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "out" / "annotations.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    lesion = [r for r in records if r["label"] == "lesion"]
+    assert lesion
+    for r in lesion:  # where the ensemble sees a lesion, the mask is the 12x12 bright square (its edges
+        # blurred by the 32-px analysis)
+        mask = np.array(Image.open(tmp_path / "out" / r["mask"])) > 0
+        truth = np.array(Image.open(data / "masks" / "lesion" / Path(r["image"]).name)) > 0
+        assert (mask & truth).sum() / truth.sum() > 0.95 and (mask & truth).sum() / (mask | truth).sum() > 0.5
     raw["consensus"]["colour_weight"], raw["consensus"]["colour_prior"] = 0.5, None
     (run / "run.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="colour_weight is 0.5 but there is no colour_prior") as err:
         read_run_config(run)
     assert "run.json" in str(err.value)
+
+
+def test_the_papers_rule_has_no_colour_prior() -> None:
+    from pixelvote.engine.annotate import resolve_recipe
+    from pixelvote.models.checkpoint import RunConfig
+
+    consensus = ConsensusConfig(fusion="mean", colour_weight=0.75, colour_prior=_prior_red())
+    cfg = RunConfig(classes=["lesion", "normal"], background="normal", image_size=32, members=[],
+                    consensus=consensus)
+    assert resolve_recipe(cfg, "run", None, None, None)[0].colour_weight == 0.75
+    paper = resolve_recipe(cfg, "paper", None, None, None)[0]
+    assert paper.colour_weight == 0.0 and paper.fusion == "intersection" and not paper.soft_fused

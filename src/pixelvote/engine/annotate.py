@@ -226,7 +226,7 @@ def check_labels(items: list[Item], classes: list[str], images: str | Path) -> N
 
 
 PAPER_METHOD = {"consensus": {"policy": "unanimous", "fusion": "intersection", "threshold_method": "fixed",
-                               "threshold": 0.5, "refine": "none"}, "maps": {}}
+                               "threshold": 0.5, "refine": "none", "colour_weight": 0.0}, "maps": {}}
 
 
 METHODS = ("run", "best", "paper")
