@@ -97,3 +97,26 @@ def test_train_saves_the_chosen_rule_and_evaluate_reports_by_it(tmp_path) -> Non
     records = read_records(tmp_path / "ann")
     assert records and all(r["label"] == "lesion" for r in records.values())
     assert json.loads((tmp_path / "ann" / "annotate.json").read_text())["decision_threshold"] == 1e-6
+
+
+def test_calibration_does_not_depend_on_the_global_random_state(tmp_path) -> None:
+    """Its MC samples are seeded per validation image (as annotate seeds them), so recalibrating a run gives
+    the same decision threshold, flag thresholds and recipe whatever ran before it."""
+    from pixelvote.train.calibrate import calibrate
+    from pixelvote.train.config import TrainConfig
+    from pixelvote.train.loop import prepare_data, train
+
+    data = write_blob_dataset(tmp_path / "data", per_class=10)
+    cfg = TrainConfig(data=data, out=tmp_path / "run", preset="tiny", epochs=1, image_size=48,
+                      pretrained=False, mc_samples=4, val_fraction=0.5, map_candidates=["plain"],
+                      refine_candidates=["none"], min_masks_to_choose=1)
+    run = train(cfg)
+    prepared = prepare_data(cfg, run)
+    results = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        consensus, maps, _, decision = calibrate(run, prepared.val, cfg, prepared.train)
+        results.append((consensus.model_dump(), maps, decision,
+                        json.loads((run / "calibration.json").read_text())["decision"]))
+    assert results[0] == results[1]
+    assert results[0][0]["mi_threshold"] is not None and results[0][0]["colour_prior"] is not None

@@ -32,6 +32,12 @@ def batch_iou(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
+def _seeds(start: int, n: int, bs: int) -> list[int]:
+    """The MC seeds of the batch of validation images from ``start``: their indices (as :func:`_val_batches`
+    gives them)."""
+    return list(range(start, min(n, start + bs)))
+
+
 def _val_batches(val: CachedSet, bs: int):  # type: ignore[no-untyped-def]
     from pixelvote.evaluate.selection import Batch
 
@@ -203,7 +209,8 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet 
     base = base.model_copy(update={"colour_prior": prior, "colour_weight": 0.0})
     probs, mis, variances = [], [], []
     for i in tqdm(range(0, len(val), bs), desc="calibrating on validation images", unit="batch", leave=False):
-        a = analyze(ens, val.images[i:i + bs], mc_samples=cfg.mc_samples)
+        # seeded per image, as annotate seeds them: the choices do not depend on the global RNG's state
+        a = analyze(ens, val.images[i:i + bs], mc_samples=cfg.mc_samples, seeds=_seeds(i, len(val), bs))
         probs.append(a.ensemble_probs.cpu())
         mis.append(torch.stack([s["mutual_information"] for s in a.stats]).mean(0).cpu())
         variances.append(torch.stack([s["variance"] for s in a.stats]).mean(0).cpu())
@@ -231,7 +238,7 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet 
             use = masked[i:i + bs]
             if not use.any():
                 continue
-            a = analyze(ens, val.images[i:i + bs], mc_samples=cfg.mc_samples)
+            a = analyze(ens, val.images[i:i + bs], mc_samples=cfg.mc_samples, seeds=_seeds(i, len(val), bs))
             truth = val.masks[i:i + bs][use].to(ens.device)
             for j, t in enumerate(THRESHOLD_GRID):
                 fixed = base.model_copy(update={"threshold": t, "threshold_method": "fixed"})
