@@ -189,3 +189,19 @@ def test_the_papers_rule_has_no_colour_prior() -> None:
     assert resolve_recipe(cfg, "run", None, None, None)[0].colour_weight == 0.75
     paper = resolve_recipe(cfg, "paper", None, None, None)[0]
     assert paper.colour_weight == 0.0 and paper.fusion == "intersection" and not paper.soft_fused
+
+
+def test_no_prior_is_learned_where_no_recipe_is_chosen(tmp_path) -> None:
+    from conftest import write_blob_dataset
+
+    from pixelvote.models.checkpoint import read_run_config
+    from pixelvote.train.config import TrainConfig
+    from pixelvote.train.loop import train
+
+    data = write_blob_dataset(tmp_path / "data", per_class=6)
+    run = train(TrainConfig(data=data, out=tmp_path / "run", preset="tiny", epochs=1, image_size=32,
+                            pretrained=False, mc_samples=2, map_candidates=["plain"],
+                            refine_candidates=["none"], min_masks_to_choose=50, val_fraction=0.4))
+    cal = json.loads((run / "calibration.json").read_text())
+    assert "selection" not in cal and "threshold_sweep" in cal  # too few masks: the threshold alone
+    assert read_run_config(run).consensus.colour_prior is None

@@ -200,13 +200,13 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet 
     (``best``: within the pseudo-label cost limit; ``labelled``: for ``annotate --labels``; none when the
     validation masks are too few to choose), and the decision threshold (:func:`choose_decision_threshold`;
     None with ``cfg.decision == "most-probable"``). With the ``train`` images (and ``cfg.colour_weights``)
-    the colour prior is learned from them, kept in the consensus and tried as a recipe."""
+    the colour prior is learned from them, kept in the consensus and tried as a recipe, where there are
+    validation masks enough to choose one."""
     ens, run_cfg = load_run(run_dir, device=cfg.device)
     bg = ens.background_index
     base = run_cfg.consensus
     bs = max(1, cfg.batch_size)
-    prior = colour_prior(ens, train, bs) if train is not None and len(train) and cfg.colour_weights else None
-    base = base.model_copy(update={"colour_prior": prior, "colour_weight": 0.0})
+    base = base.model_copy(update={"colour_prior": None, "colour_weight": 0.0})
     probs, mis, variances = [], [], []
     for i in tqdm(range(0, len(val), bs), desc="calibrating on validation images", unit="batch", leave=False):
         # seeded per image, as annotate seeds them: the choices do not depend on the global RNG's state
@@ -229,6 +229,10 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet 
     maps = run_cfg.maps
     others: dict[str, tuple[MapConfig, dict]] = {}
     if n_masked >= cfg.min_masks_to_choose and cfg.map_candidates:
+        # learned only where it will be tried
+        prior = (colour_prior(ens, train, bs) if train is not None and len(train) and cfg.colour_weights
+                 else None)
+        update["colour_prior"] = prior
         maps, chosen, summary["selection"], others = choose_recipe(run_dir, val, cfg, decision, prior)
         update.update(chosen)
         summary["val_mean_iou"] = summary["selection"]["val_mean_iou"]
