@@ -135,7 +135,7 @@ def test_a_prior_weight_without_a_prior_is_a_clear_error() -> None:
         apply_consensus(a, cfg, 1)
 
 
-def test_run_json_with_a_weight_but_no_prior_names_the_file(tmp_path) -> None:
+def test_train_learns_the_prior_annotate_uses_it_and_a_weight_without_it_names_the_file(tmp_path) -> None:
     from conftest import write_blob_dataset
 
     from pixelvote.errors import CheckpointError
