@@ -33,8 +33,8 @@ def batch_iou(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 
 def _seeds(start: int, n: int, bs: int) -> list[int]:
-    """The MC seeds of the batch of validation images from ``start``: their indices (as :func:`_val_batches`
-    gives them)."""
+    """The MC seeds of the batch of validation images from ``start``: their indices (the seeds of
+    :func:`_val_batches` and of calibration's other analyses)."""
     return list(range(start, min(n, start + bs)))
 
 
@@ -44,7 +44,7 @@ def _val_batches(val: CachedSet, bs: int):  # type: ignore[no-untyped-def]
     for i in range(0, len(val), bs):
         has = val.has_mask[i:i + bs]
         masks = [val.masks[i + j] if bool(has[j]) else None for j in range(len(has))]
-        yield Batch(val.images[i:i + bs], val.labels[i:i + bs], masks, list(range(i, i + len(has))))
+        yield Batch(val.images[i:i + bs], val.labels[i:i + bs], masks, _seeds(i, len(val), bs))
 
 
 def colour_prior(ens: Ensemble, train: CachedSet, batch_size: int) -> ColourPrior | None:
