@@ -69,6 +69,9 @@ def test_train_tries_the_crf_weights_given_and_says_what_it_chose(tmp_path):
     crfs = [f"+crf:{w}:{n}" for w in (4, 25) for n in (2, 7)] if crf.available() else []
     assert colour_rows == {f"mean*colour:{c}{s}" for c in ("0.5", "1") for s in ["", *crfs]}
     assert read_run_config(run).consensus.colour_prior is not None
+    # the diagnosis with the colour evidence, tried at each weight given
+    held = json.loads((run / "calibration.json").read_text())["decision"]["evidence"]["held_out_accuracy"]
+    assert set(held) == {"threshold", "evidence:0.5", "evidence:1"}
     off = tmp_path / "off"
     r = runner.invoke(app, ["train", "--data", str(data), "--out", str(off), "--preset", "tiny", "--epochs",
                             "1", "--image-size", "48", "--no-pretrained", "--mc-samples", "2",
@@ -77,6 +80,15 @@ def test_train_tries_the_crf_weights_given_and_says_what_it_chose(tmp_path):
     assert read_run_config(off).consensus.colour_prior is None  # not learned
     assert not any("colour" in k for k in json.loads((off / "calibration.json").read_text())["selection"]
                    ["candidates"])
+    assert "evidence" not in json.loads((off / "calibration.json").read_text())["decision"]
+    no_ev = tmp_path / "no-evidence"
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(no_ev), "--preset", "tiny", "--epochs",
+                            "1", "--image-size", "48", "--no-pretrained", "--mc-samples", "2",
+                            "--val-fraction", "0.4", "--no-crf", "--no-colour-evidence", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "evidence" not in json.loads((no_ev / "calibration.json").read_text())["decision"]
+    assert read_run_config(no_ev).decision_evidence is None
+    assert read_run_config(no_ev).consensus.colour_prior is not None  # still tried as a recipe
 
 
 @pytest.mark.parametrize("bad", ["0", "3,x", "2.5", "60"])

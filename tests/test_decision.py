@@ -66,7 +66,8 @@ def test_train_saves_the_chosen_rule_and_evaluate_reports_by_it(tmp_path) -> Non
 
     data = write_blob_dataset(tmp_path / "data", per_class=10)
     common = dict(data=data, preset="tiny", epochs=1, image_size=48, pretrained=False, mc_samples=2,
-                  val_fraction=0.5, map_candidates=["plain"], refine_candidates=["none"])
+                  val_fraction=0.5, map_candidates=["plain"], refine_candidates=["none"],
+                  colour_evidence=False)  # the threshold alone (the blobs' colour decides: test_evidence)
     run = train(TrainConfig(out=tmp_path / "run", **common))
     cal = json.loads((run / "calibration.json").read_text())
     chosen = cal["decision"]["threshold"]
@@ -115,8 +116,8 @@ def test_calibration_does_not_depend_on_the_global_random_state(tmp_path) -> Non
     results = []
     for state in (1, 2):
         torch.manual_seed(state)
-        consensus, maps, _, decision = calibrate(run, prepared.val, cfg, prepared.train)
-        results.append((consensus.model_dump(), maps, decision,
+        consensus, maps, _, decision, evidence = calibrate(run, prepared.val, cfg, prepared.train)
+        results.append((consensus.model_dump(), maps, decision, evidence,
                         json.loads((run / "calibration.json").read_text())["decision"]))
     assert results[0] == results[1]
     assert results[0][0]["mi_threshold"] is not None and results[0][0]["colour_prior"] is not None

@@ -101,6 +101,10 @@ def train(
                                 "on validation masks"),
     colour_weights: str = typer.Option("0.75", help="the colour prior's weights to try (the fused map is "
                                        "weighted 1 - w); the validation masks choose"),
+    colour_evidence: bool = typer.Option(True, "--colour-evidence/--no-colour-evidence", help="with the "
+                                         "colour prior, try a diagnosis that also weighs the colour evidence "
+                                         "where the models look; kept only where it beats the threshold "
+                                         "on held-out validation images"),
     decision: str = typer.Option("validation", help="validation: diagnose a finding where P(not background) "
                                  "exceeds a threshold chosen by accuracy on the validation images; "
                                  "most-probable: the most probable class"),
@@ -137,7 +141,8 @@ def train(
                       refine_candidates=["none", "crf"] if crf else ["none"], decision=decision,
                       crf_weights=_numbers(crf_weights, "--crf-weights"),
                       crf_iterations=list(_crf_iterations(crf_iterations)),
-                      colour_weights=_numbers(colour_weights, "--colour-weights") if colour else [])
+                      colour_weights=_numbers(colour_weights, "--colour-weights") if colour else [],
+                      colour_evidence=colour_evidence)
     try:
         run = run_train(cfg, resume=resume)
     except KeyboardInterrupt:

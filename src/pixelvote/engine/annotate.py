@@ -210,6 +210,7 @@ def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig
         "run": str(Path(run).resolve()), "consensus": consensus.model_dump(mode="json"),
         "maps": maps.model_dump(mode="json"),
         "image_size": ens.image_size, "resize": ens.resize, "decision_threshold": ens.decision_threshold,
+        "decision_evidence": None if ens.evidence_rule is None else ens.evidence_rule.model_dump(),
         "members": [m.name for m in ens.members],
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     manifest = out / "annotations.jsonl"

@@ -33,7 +33,7 @@ from pixelvote.evaluate.gallery import GalleryKeeper, thumbnail_case
 from pixelvote.evaluate.report import write_report
 from pixelvote.evaluate.shortcut import shortcut_check
 from pixelvote.evaluate.sources import DecodeSet, EvalItem, fingerprint, list_items, select_split
-from pixelvote.explain.analyze import Analysis, MapConfig, analyze, diagnose, upsample
+from pixelvote.explain.analyze import Analysis, MapConfig, analyze, upsample
 from pixelvote.models.checkpoint import load_run
 from pixelvote.models.ensemble import Ensemble
 from pixelvote.refine.crf import CRFConfig
@@ -105,6 +105,9 @@ class _State:
         self.rows: list[dict[str, Any]] = []
         self.probs: list[torch.Tensor] = []
         self.member_probs: list[torch.Tensor] = []
+        # the diagnoses as analyze made them (by the run's threshold, or its rule with the colour evidence)
+        self.labels: list[torch.Tensor] = []
+        self.member_labels: list[torch.Tensor] = []
         self.gallery = GalleryKeeper(max_gallery)
 
     @torch.no_grad()
@@ -129,6 +132,8 @@ class _State:
         }
         self.probs.append(p)
         self.member_probs.append(a.probs.double().cpu())
+        self.labels.append(a.label.cpu())
+        self.member_labels.append(torch.stack([s["label"] for s in a.stats]).cpu())
         for j, b in enumerate(batch):
             s = {k: float(v[j]) for k, v in scores.items()}
             mj = res.margin[j] > 0
@@ -223,15 +228,16 @@ class _State:
         y = torch.tensor([classes.index(r["truth"]) for r in rows])
         P = torch.cat(self.probs)
         MP = torch.cat(self.member_probs, dim=1)
+        L, ML = torch.cat(self.labels), torch.cat(self.member_labels, dim=1)
         correct = torch.tensor([r["correct"] for r in rows])
         flagged = torch.tensor([r["flagged"] for r in rows])
         iou = torch.tensor([math.nan if r["iou"] is None else r["iou"] for r in rows], dtype=torch.float64)
-        bg, rule = self.ens.background_index, self.ens.decision_threshold
+        rule, evidence = self.ens.decision_threshold, self.ens.evidence_rule
         out: dict[str, Any] = {"classification": {
-            "ensemble": M.classification_metrics(y, P, class_names=classes, preds=diagnose(P, bg, rule)),
+            "ensemble": M.classification_metrics(y, P, class_names=classes, preds=L),
             "decision_threshold": rule, "accuracy_most_probable": M.accuracy(y, P.argmax(1)),
-            "members": {n: {**M.classification_metrics(y, MP[m], class_names=classes,
-                                                       preds=diagnose(MP[m], bg, rule)),
+            "decision_evidence": None if evidence is None else evidence.model_dump(),
+            "members": {n: {**M.classification_metrics(y, MP[m], class_names=classes, preds=ML[m]),
                             "ece": M.expected_calibration_error(MP[m], y)}
                         for m, n in enumerate(self.names)}}}
         out["calibration"] = M.reliability_bins(P, y)

@@ -10,7 +10,7 @@ the map that is pooled (then ``dy/dA = v_t / (h w)`` everywhere and XGrad-CAM = 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,10 @@ from pixelvote.explain.xgradcam import weighted_map, xgradcam, xgradcam_weights
 from pixelvote.models.ensemble import Ensemble
 from pixelvote.models.member import Member, mc_dropout
 from pixelvote.models.registry import get_spec
+
+if TYPE_CHECKING:
+    from pixelvote.explain.evidence import EvidenceRule
+    from pixelvote.refine.colour import ColourPrior
 
 _EPS = 1e-8
 
@@ -211,6 +215,7 @@ class Analysis:
     raw_max: torch.Tensor  # (M, B) per-image max of each raw CAM (0 = no evidence)
     inputs: torch.Tensor | None = None  # (B, 3, S, S) the analysed images in [0, 1] (for refinements)
     given: torch.Tensor | None = None  # (B,) the image-level labels, when annotating labelled images
+    evidence: torch.Tensor | None = None  # (B,) the colour evidence the diagnosis weighed (runs with a rule)
 
 
 def analyze(ensemble: Ensemble, images: torch.Tensor, *, mc_samples: int = 30,
@@ -290,12 +295,13 @@ def _analyze_view(ensemble: Ensemble, x: torch.Tensor, mc_samples: int, target: 
             given = given.to(label.device)
             target = torch.where((label == bg) & (given != bg), given, target)
     against = ensemble.background_index if cfg.contrast else None
-    maps, unc, raw_max = [], [], []
+    maps, unc, raw_max, plain = [], [], [], []
     for m, o in zip(ensemble.members, outs, strict=True):
         cam, std = member_cams(m, o, target, against=against)
         mx = cam.amax(dim=(-2, -1))
         scale = mx.clamp_min(_EPS).view(-1, 1, 1)
         late = upsample(cam / scale, size).clamp_(0.0, 1.0)
+        plain.append(late)
         if o.fine is not None:
             fc = fine_cam(o, target, against)
             early = upsample(fc / fc.amax(dim=(-2, -1), keepdim=True).clamp_min(_EPS), size).clamp_(0.0, 1.0)
@@ -303,5 +309,31 @@ def _analyze_view(ensemble: Ensemble, x: torch.Tensor, mc_samples: int, target: 
         maps.append(late)
         unc.append(upsample(std / scale, size).clamp_min_(0.0))
         raw_max.append(mx)
+    evidence = None
+    rule = ensemble.evidence_rule
+    if rule is not None and ensemble.colour_prior is not None and not maps_only and against is None:
+        # the CAM target does not depend on this: a background diagnosis is explained for the most
+        # probable finding, the very class a finding diagnosis would name
+        label, evidence = _weigh_evidence(rule, ensemble.colour_prior, torch.stack(plain), x, ens, stats, bg)
     return Analysis([m.name for m in ensemble.members], probs, stats, ens, label, target,
-                    torch.stack(maps), torch.stack(unc), torch.stack(raw_max), given=given)
+                    torch.stack(maps), torch.stack(unc), torch.stack(raw_max), given=given, evidence=evidence)
+
+
+def _weigh_evidence(rule: EvidenceRule, prior: ColourPrior, maps: torch.Tensor, x: torch.Tensor,
+                    probs: torch.Tensor, stats: list[dict[str, torch.Tensor]], bg: int,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The diagnosis by ``rule`` from the plain last-layer maps ``(M, B, S, S)`` (the ensemble's evidence
+    from their mean, each member's from its own, so that members agree by the same rule) -> (labels,
+    the ensemble's evidence); the members' labels are set in ``stats``."""
+    from pixelvote.explain.evidence import colour_evidence
+
+    def decide(p: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        finding = rule.finding(1.0 - p[:, bg], e)
+        background = torch.full_like(finding, bg, dtype=torch.long)
+        return torch.where(finding, most_probable_finding(p, bg), background)
+
+    member_ev = colour_evidence(maps, x, prior, rule.colour_weight)
+    for st, e in zip(stats, member_ev, strict=True):
+        st["label"] = decide(st["mean"], e)
+    evidence = colour_evidence(maps.mean(0), x, prior, rule.colour_weight)
+    return decide(probs, evidence), evidence

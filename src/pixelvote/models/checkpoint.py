@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pixelvote.consensus import ConsensusConfig
 from pixelvote.data.imageio import write_bytes_atomic, write_json_atomic
 from pixelvote.errors import CheckpointError
 from pixelvote.explain.analyze import MapConfig
+from pixelvote.explain.evidence import EvidenceRule
 from pixelvote.models.ensemble import Ensemble
 from pixelvote.models.member import Member, build_member
 
@@ -64,12 +65,23 @@ class RunConfig(BaseModel):
     # the diagnosis is a finding where P(not background) exceeds this, chosen on the validation images by
     # accuracy; None (runs before it, or too few validation images): the most probable class
     decision_threshold: float | None = Field(None, gt=0.0, lt=1.0)
+    # where it beat the threshold on the validation images: the diagnosis weighs the colour evidence too
+    # (pixelvote.explain.evidence, with consensus.colour_prior) and this rule replaces decision_threshold
+    decision_evidence: EvidenceRule | None = None
     mc_samples: int = 30
     seed: int = 0
     train: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     created: str = ""
+
+    @model_validator(mode="after")
+    def _evidence_needs_prior(self) -> RunConfig:
+        if self.decision_evidence is not None and self.consensus.colour_prior is None:
+            raise ValueError("decision_evidence is set but consensus.colour_prior is missing: the rule "
+                             "weighs the colour prior's evidence. Remove decision_evidence (the diagnosis "
+                             "then uses decision_threshold) or re-run `pixelvote train`")
+        return self
 
 
 def versions() -> dict[str, str]:
@@ -200,7 +212,8 @@ def load_run(run_dir: str | Path, *, device: torch.device | str | None = None,
             member = _with_cam_layer(member, cam_layer)
         members.append(member)
     ens = Ensemble(members, cfg.classes, cfg.background, cfg.image_size, resize=cfg.resize,
-                   decision_threshold=cfg.decision_threshold)
+                   decision_threshold=cfg.decision_threshold, evidence_rule=cfg.decision_evidence,
+                   colour_prior=cfg.consensus.colour_prior)
     ens = ens.to(device or default_device()).eval()
     if fold:
         ens.fold_batchnorm()

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from pixelvote.models.member import Member
+
+if TYPE_CHECKING:
+    from pixelvote.explain.evidence import EvidenceRule
+    from pixelvote.refine.colour import ColourPrior
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -24,6 +29,10 @@ class Ensemble:
     # the diagnosis is a finding where P(not background) exceeds this (train chooses it on the validation
     # images); None: the most probable class (pixelvote.explain.analyze.diagnose)
     decision_threshold: float | None = None
+    # where train kept it, the diagnosis weighs the colour evidence too (pixelvote.explain.evidence), with
+    # the run's colour prior; it then replaces decision_threshold
+    evidence_rule: EvidenceRule | None = None
+    colour_prior: ColourPrior | None = None
 
     @property
     def background_index(self) -> int:

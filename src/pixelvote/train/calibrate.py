@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from pixelvote.consensus import ConsensusConfig, apply_consensus
 from pixelvote.data.imageio import write_json_atomic
-from pixelvote.explain.analyze import MapConfig, analyze, diagnose
+from pixelvote.explain.analyze import MapConfig, analyze, diagnose, most_probable_finding
+from pixelvote.explain.evidence import EvidenceRule, colour_evidence
 from pixelvote.models.checkpoint import Recipe, load_run
 from pixelvote.models.ensemble import Ensemble
 from pixelvote.refine.colour import ColourPrior, learn_colour_prior
@@ -22,6 +25,8 @@ log = logging.getLogger(__name__)
 THRESHOLD_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10 .. 0.90
 # decision thresholds on P(not background): finer near 0, where a classifier that has not seen a camera's
 # images puts its findings there
+# validation images of the background and of the findings needed to choose a diagnosis rule
+MIN_PER_CLASS = 5
 DECISION_GRID = (0.02, 0.05, *(round(0.05 * i, 2) for i in range(2, 20)))  # 0.02, 0.05, 0.10 .. 0.95
 
 
@@ -63,7 +68,7 @@ def colour_prior(ens: Ensemble, train: CachedSet, batch_size: int) -> ColourPrio
 
 
 def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_threshold: float | None = None,
-                  prior: ColourPrior | None = None,
+                  prior: ColourPrior | None = None, evidence: EvidenceRule | None = None,
                   ) -> tuple[MapConfig, dict, dict, dict[str, tuple[MapConfig, dict]]]:
     """Pick the map recipe, fusion (+ refinement) and threshold with the best mean IoU on validation masks,
     among those whose cost is within ``cfg.max_map_cost`` plain analyses (for annotation), and the best within
@@ -87,7 +92,8 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
 
     ens, run_cfg = load_run(run_dir, device=cfg.device)
     run_cfg.consensus = run_cfg.consensus.model_copy(update={"colour_prior": prior})
-    ens.decision_threshold = decision_threshold  # the masks are gated by the diagnosis the run will make
+    # the masks are gated by the diagnosis the run will make
+    ens.decision_threshold, ens.evidence_rule, ens.colour_prior = decision_threshold, evidence, prior
     limit = max(cfg.max_map_cost, cfg.max_pseudo_label_cost)
     # a recipe that costs more than both limits on its own could never be chosen: it is not tried (the
     # cheapest one always is, so that there is a choice)
@@ -173,7 +179,7 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
 
 
 def choose_decision_threshold(probs: torch.Tensor, labels: torch.Tensor, background: int,
-                              min_per_class: int = 5) -> tuple[float | None, dict]:
+                              min_per_class: int = MIN_PER_CLASS) -> tuple[float | None, dict]:
     """The diagnosis rule with the best accuracy on the validation images: the most probable class (None), or
     a finding wherever ``1 - P(background)`` exceeds a threshold of :data:`DECISION_GRID` (see
     :func:`pixelvote.explain.analyze.diagnose`). Ties keep the most probable class, then the threshold
@@ -194,8 +200,75 @@ def choose_decision_threshold(probs: torch.Tensor, labels: torch.Tensor, backgro
                     "accuracy_by_threshold": {str(t): round(v, 4) for t, v in acc.items() if t is not None}}
 
 
+class Calibration(NamedTuple):
+    consensus: ConsensusConfig
+    maps: MapConfig
+    recipes: dict[str, Recipe]  # "best" and "labelled", where chosen
+    decision_threshold: float | None
+    decision_evidence: EvidenceRule | None
+
+
+def choose_decision_rule(probs: torch.Tensor, evidence: dict[float, torch.Tensor], labels: torch.Tensor,
+                         background: int, min_per_class: int = MIN_PER_CLASS, repeats: int = 10,
+                         ) -> tuple[EvidenceRule | None, dict]:
+    """Whether weighing the colour evidence (``evidence``: per colour weight, ``(N,)`` per image, see
+    :mod:`pixelvote.explain.evidence`) diagnoses the validation images better than the threshold of
+    :func:`choose_decision_threshold`. Both rules are chosen on one half of the images and scored on the
+    other (stratified halves, ``repeats`` random halvings, seeded): a logistic regression on
+    ``(logit P(not background), evidence)`` against the threshold chosen on the same half. The rule with
+    the evidence is kept (fitted on all the images, at its best weight) only where its held-out accuracy
+    is higher. Returns it or None, and a summary of the held-out accuracies."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    fg = labels != background
+    counts = (int((~fg).sum()), int(fg.sum()))
+    if min(counts) < min_per_class or not evidence:
+        why = (f"too few validation images to choose ({counts[0]} background, {counts[1]} findings; "
+               f"{min_per_class} each needed)" if evidence else "no colour prior")
+        return None, {"kept": False, "reason": why}
+    y = fg.numpy().astype(int)
+    finding = most_probable_finding(probs, background)
+    truth = labels.numpy()
+    logit = torch.logit((1.0 - probs[:, background]).double().clamp(1e-6, 1 - 1e-6)).numpy()
+
+    def fit(X: np.ndarray, yy: np.ndarray) -> LogisticRegression:
+        return LogisticRegression(C=10.0).fit(X, yy)
+
+    def classes(found: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        return np.where(found, finding.numpy()[idx], background)
+
+    held: dict[str, list[float]] = {"threshold": [], **{f"evidence:{w:g}": [] for w in evidence}}
+    for r in range(repeats):
+        preds = {k: np.zeros_like(truth) for k in held}
+        for tr, te in StratifiedKFold(2, shuffle=True, random_state=r).split(logit, y):
+            t, _ = choose_decision_threshold(probs[tr], labels[tr], background, min_per_class=1)
+            preds["threshold"][te] = diagnose(probs[te], background, t).numpy()
+            for w, ev in evidence.items():
+                X = np.stack([logit, ev.double().numpy()], 1)
+                preds[f"evidence:{w:g}"][te] = classes(fit(X[tr], y[tr]).predict(X[te]).astype(bool), te)
+        for k, pr in preds.items():
+            held[k].append(float((pr == truth).mean()))
+    mean = {k: float(np.mean(v)) for k, v in held.items()}
+    best = max((k for k in mean if k != "threshold"), key=lambda k: mean[k])
+    summary = {"held_out_accuracy": {k: round(v, 4) for k, v in mean.items()},
+               "held_out": f"mean of {repeats} random halvings, each rule chosen on one half and scored "
+                           "on the other"}
+    if mean[best] <= mean["threshold"]:
+        return None, {**summary, "kept": False, "reason": "the evidence does not beat the threshold held out"}
+    w = float(best.split(":")[1])
+    X = np.stack([logit, evidence[w].double().numpy()], 1)
+    model = fit(X, y)
+    rule = EvidenceRule(colour_weight=w, logit_coef=float(model.coef_[0, 0]),
+                        evidence_coef=float(model.coef_[0, 1]), intercept=float(model.intercept_[0]))
+    found = rule.finding(1.0 - probs[:, background], evidence[w]).numpy()
+    accuracy = float((classes(found, np.arange(len(y))) == truth).mean())
+    summary.update(kept=True, rule=rule.model_dump(), val_accuracy=accuracy)
+    return rule, summary
+
+
 def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet | None = None,
-              ) -> tuple[ConsensusConfig, MapConfig, dict[str, Recipe], float | None]:
+              ) -> Calibration:
     """The run's consensus and map settings from the validation split, the other recipes chosen there
     (``best``: within the pseudo-label cost limit; ``labelled``: for ``annotate --labels``; none when the
     validation masks are too few to choose), and the decision threshold (:func:`choose_decision_threshold`;
@@ -207,33 +280,49 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet 
     base = run_cfg.consensus
     bs = max(1, cfg.batch_size)
     base = base.model_copy(update={"colour_prior": None, "colour_weight": 0.0})
+    ens.evidence_rule = ens.colour_prior = None
+    masked = val.has_mask & (val.labels != bg)
+    n_masked = int(masked.sum())
+    choosing = n_masked >= cfg.min_masks_to_choose and bool(cfg.map_candidates)
+    counts = [int((val.labels == bg).sum()), int((val.labels != bg).sum())]
+    weigh = cfg.decision == "validation" and cfg.colour_evidence and min(counts) >= MIN_PER_CLASS
+    # learned only where it will be tried (as a recipe, or as evidence for the diagnosis)
+    prior = (colour_prior(ens, train, bs) if train is not None and len(train) and cfg.colour_weights
+             and (choosing or weigh) else None)
     probs, mis, variances = [], [], []
+    evidence: dict[float, list[torch.Tensor]] = {}
+    if prior is not None and weigh:
+        evidence = {w: [] for w in cfg.colour_weights}
     for i in tqdm(range(0, len(val), bs), desc="calibrating on validation images", unit="batch", leave=False):
         # seeded per image, as annotate seeds them: the choices do not depend on the global RNG's state
         a = analyze(ens, val.images[i:i + bs], mc_samples=cfg.mc_samples, seeds=_seeds(i, len(val), bs))
         probs.append(a.ensemble_probs.cpu())
         mis.append(torch.stack([s["mutual_information"] for s in a.stats]).mean(0).cpu())
         variances.append(torch.stack([s["variance"] for s in a.stats]).mean(0).cpu())
+        for w, ev in evidence.items():  # the plain maps, as analyze weighs them
+            ev.append(colour_evidence(a.maps.mean(0), a.inputs, prior, w).cpu())
     P = torch.cat(probs) if probs else torch.zeros(0, len(ens.classes))
     decision: float | None = None
+    rule: EvidenceRule | None = None
     decision_summary: dict = {"threshold": None, "reason": "train --decision most-probable"}
     if cfg.decision == "validation":
         decision, decision_summary = choose_decision_threshold(P, val.labels, bg)
-    ens.decision_threshold = decision
-    masked = val.has_mask & (val.labels != bg)
-    n_masked = int(masked.sum())
+        if evidence:
+            rule, decision_summary["evidence"] = choose_decision_rule(
+                P, {w: torch.cat(v) for w, v in evidence.items()}, val.labels, bg)
+    ens.decision_threshold, ens.evidence_rule, ens.colour_prior = decision, rule, prior
     update: dict = {}
     accuracy = float((diagnose(P, bg, decision) == val.labels).float().mean()) if len(val) else 0.0
+    if rule is not None:
+        accuracy = decision_summary["evidence"]["val_accuracy"]
     summary: dict = {"val_images": len(val), "val_accuracy": accuracy, "decision": decision_summary,
                      "images_with_masks": n_masked}
     maps = run_cfg.maps
     others: dict[str, tuple[MapConfig, dict]] = {}
-    if n_masked >= cfg.min_masks_to_choose and cfg.map_candidates:
-        # learned only where it will be tried
-        prior = (colour_prior(ens, train, bs) if train is not None and len(train) and cfg.colour_weights
-                 else None)
+    if choosing or rule is not None:  # where nothing uses it, it is not kept
         update["colour_prior"] = prior
-        maps, chosen, summary["selection"], others = choose_recipe(run_dir, val, cfg, decision, prior)
+    if choosing:
+        maps, chosen, summary["selection"], others = choose_recipe(run_dir, val, cfg, decision, prior, rule)
         update.update(chosen)
         summary["val_mean_iou"] = summary["selection"]["val_mean_iou"]
     elif n_masked:  # too few masks to choose a recipe: the consensus threshold alone
@@ -267,4 +356,4 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet 
     write_json_atomic(run_dir / "calibration.json", summary)
     log.info("calibration: %s", {k: v for k, v in summary.items()
                                  if k not in ("threshold_sweep", "selection", "decision")})
-    return consensus, maps, recipes, decision
+    return Calibration(consensus, maps, recipes, decision, rule)

@@ -69,6 +69,10 @@ class TrainConfig(BaseModel):
         description="weights of the colour prior (P(finding | colour), learned from the training images' "
                     "labels) tried with the mean fusion on validation masks, the map weighted 1 - w; empty: "
                     "no prior is learned")
+    colour_evidence: bool = Field(
+        True, description="with the colour prior, also try a diagnosis that weighs its evidence "
+                          "(pixelvote.explain.evidence): kept only where it beats the threshold on P(not "
+                          "background) on held-out halves of the validation images")
     max_map_cost: float = Field(2.0, ge=1.0, description="only recipes costing at most this many plain "
                                 "analyses (about forward passes) per image are chosen; see "
                                 "pixelvote.evaluate.selection.relative_cost")

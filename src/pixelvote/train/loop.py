@@ -254,9 +254,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     from pixelvote.train.calibrate import calibrate
 
-    run_cfg.consensus, run_cfg.maps, recipes, run_cfg.decision_threshold = calibrate(run_dir, data.val, cfg,
-                                                                                     data.train)
-    run_cfg.best, run_cfg.labelled = recipes.get("best"), recipes.get("labelled")
+    cal = calibrate(run_dir, data.val, cfg, data.train)
+    run_cfg.consensus, run_cfg.maps = cal.consensus, cal.maps
+    run_cfg.decision_threshold, run_cfg.decision_evidence = cal.decision_threshold, cal.decision_evidence
+    run_cfg.best, run_cfg.labelled = cal.recipes.get("best"), cal.recipes.get("labelled")
     save_run_config(run_dir, run_cfg)
     return run_dir
 
