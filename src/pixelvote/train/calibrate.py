@@ -23,10 +23,10 @@ from pixelvote.train.config import TrainConfig
 log = logging.getLogger(__name__)
 
 THRESHOLD_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10 .. 0.90
-# decision thresholds on P(not background): finer near 0, where a classifier that has not seen a camera's
-# images puts its findings there
 # validation images of the background and of the findings needed to choose a diagnosis rule
 MIN_PER_CLASS = 5
+# decision thresholds on P(not background): finer near 0, where a classifier that has not seen a camera's
+# images puts its findings there
 DECISION_GRID = (0.02, 0.05, *(round(0.05 * i, 2) for i in range(2, 20)))  # 0.02, 0.05, 0.10 .. 0.95
 
 
@@ -273,8 +273,9 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet 
     (``best``: within the pseudo-label cost limit; ``labelled``: for ``annotate --labels``; none when the
     validation masks are too few to choose), and the decision threshold (:func:`choose_decision_threshold`;
     None with ``cfg.decision == "most-probable"``). With the ``train`` images (and ``cfg.colour_weights``)
-    the colour prior is learned from them, kept in the consensus and tried as a recipe, where there are
-    validation masks enough to choose one."""
+    the colour prior is learned from them and tried as a recipe, where there are validation masks enough
+    to choose one, and (``cfg.colour_evidence``) as evidence in the diagnosis (:func:`choose_decision_rule`;
+    the rule, or None); it is kept in the consensus where either uses it."""
     ens, run_cfg = load_run(run_dir, device=cfg.device)
     bg = ens.background_index
     base = run_cfg.consensus
