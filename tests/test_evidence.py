@@ -30,7 +30,7 @@ def test_the_evidence_is_the_strongest_patch_of_the_map_with_the_findings_colour
     prior = _prior()
     patch, pixel, far = _grey(224), _grey(224), _grey(224)
     red = torch.tensor(RED, dtype=torch.uint8).view(3, 1, 1)
-    patch[:, 100:107, 100:107] = red  # 7 x 7: the patch at 224 px
+    patch[:, 100:107, 100:107] = red  # 7 x 7: the window at 224 px
     pixel[:, 103, 103] = red[:, 0, 0]
     far[:, 0:7, 210:217] = red
     imgs = torch.stack([patch, pixel, far])
@@ -39,9 +39,15 @@ def test_the_evidence_is_the_strongest_patch_of_the_map_with_the_findings_colour
     ev = colour_evidence(maps, imgs, prior, 0.75)
     # the red patch under the map: the whole patch is map 1 and prior 0.9
     assert float(ev[0]) == pytest.approx(0.9 ** 0.75, abs=1e-5)
-    # one red pixel is not a finding: the patch's mean is mostly grey
+    # one red pixel is not a finding: the window's mean is mostly grey
     assert float(ev[1]) == pytest.approx((0.9 ** 0.75 + 48 * 0.1 ** 0.75) / 49, abs=1e-5)
     # red where the models do not look counts nothing; grey under the map its prior
+    # the window slides: a red square half under the map gives the window that holds its covered half
+    edge = _grey(224)
+    edge[:, 100:107, 127:134] = red  # the map ends at column 130: 3 of 7 columns under it
+    # best window: columns 124..130 hold the 3 covered red columns (the rest: grey under the map)
+    assert float(colour_evidence(maps[:1], edge[None], prior, 0.75)) == pytest.approx(
+        (21 * 0.9 ** 0.75 + 28 * 0.1 ** 0.75) / 49, abs=1e-5)
     assert float(ev[2]) == pytest.approx(0.1 ** 0.75, abs=1e-5)
     # members' maps (M, B, S, S) give one value each
     assert colour_evidence(maps.expand(2, -1, -1, -1), imgs, prior, 0.75).shape == (2, 3)

@@ -332,8 +332,8 @@ def _weigh_evidence(rule: EvidenceRule, prior: ColourPrior, maps: torch.Tensor, 
         background = torch.full_like(finding, bg, dtype=torch.long)
         return torch.where(finding, most_probable_finding(p, bg), background)
 
-    member_ev = colour_evidence(maps, x, prior, rule.colour_weight)
+    *member_ev, evidence = colour_evidence(torch.cat([maps, maps.mean(0, keepdim=True)]), x, prior,
+                                           rule.colour_weight)
     for st, e in zip(stats, member_ev, strict=True):
         st["label"] = decide(st["mean"], e)
-    evidence = colour_evidence(maps.mean(0), x, prior, rule.colour_weight)
     return decide(probs, evidence), evidence

@@ -51,8 +51,8 @@ class ColourPrior(BaseModel):
 
 def colour_bins(images: torch.Tensor, bins: int = BINS) -> torch.Tensor:
     """``images (B, 3, H, W)`` (uint8, or float in [0, 1]) -> each pixel's colour bin ``(B, H, W)``."""
-    x = images if images.dtype == torch.uint8 else (images * 255.0).round().clamp(0, 255)
-    q = x.long() // (256 // bins)
+    x = images if images.dtype == torch.uint8 else (images * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    q = (x >> (256 // bins).bit_length() - 1).long()  # bins divide 256: a power of two, so a shift
     return (q[:, 0] * bins + q[:, 1]) * bins + q[:, 2]
 
 
