@@ -234,9 +234,10 @@ def main() -> None:
                          segmenter_crf=seg_cfg.crf_settings(cfg.consensus.crf) if seg_cfg else None,
                          given_labels=args.labels,
                          base=ConsensusConfig(crf=cfg.consensus.crf, colour_prior=prior))
-        # diagnosed with the run's decision threshold, as the ensemble is
+        # diagnosed by the run's rule (its decision threshold, or the colour evidence), as each member votes
         single = Ensemble(ens.members[:1], ens.classes, ens.background, ens.image_size, device=ens.device,
-                          resize=ens.resize, decision_threshold=ens.decision_threshold)
+                          resize=ens.resize, decision_threshold=ens.decision_threshold,
+                          evidence_rule=ens.evidence_rule, colour_prior=ens.colour_prior)
         single_t = collect(single, val_batches(run, ens), {"plain": MapConfig()}, fusions=("intersection",),
                            given_labels=args.labels)
         i05 = GRID.index(0.5)
