@@ -106,8 +106,8 @@ class _State:
         self.probs: list[torch.Tensor] = []
         self.member_probs: list[torch.Tensor] = []
         # the diagnoses as analyze made them (by the run's threshold, or its rule with the colour evidence)
-        self.labels: list[torch.Tensor] = []
-        self.member_labels: list[torch.Tensor] = []
+        self.diagnoses: list[torch.Tensor] = []
+        self.member_diagnoses: list[torch.Tensor] = []
         self.gallery = GalleryKeeper(max_gallery)
 
     @torch.no_grad()
@@ -132,8 +132,8 @@ class _State:
         }
         self.probs.append(p)
         self.member_probs.append(a.probs.double().cpu())
-        self.labels.append(a.label.cpu())
-        self.member_labels.append(torch.stack([s["label"] for s in a.stats]).cpu())
+        self.diagnoses.append(a.label.cpu())
+        self.member_diagnoses.append(torch.stack([s["label"] for s in a.stats]).cpu())
         for j, b in enumerate(batch):
             s = {k: float(v[j]) for k, v in scores.items()}
             mj = res.margin[j] > 0
@@ -228,7 +228,7 @@ class _State:
         y = torch.tensor([classes.index(r["truth"]) for r in rows])
         P = torch.cat(self.probs)
         MP = torch.cat(self.member_probs, dim=1)
-        L, ML = torch.cat(self.labels), torch.cat(self.member_labels, dim=1)
+        L, ML = torch.cat(self.diagnoses), torch.cat(self.member_diagnoses, dim=1)
         correct = torch.tensor([r["correct"] for r in rows])
         flagged = torch.tensor([r["flagged"] for r in rows])
         iou = torch.tensor([math.nan if r["iou"] is None else r["iou"] for r in rows], dtype=torch.float64)
