@@ -115,11 +115,17 @@ def test_analyze_diagnoses_by_the_rule_members_too(tiny_ensemble) -> None:
         assert torch.allclose(a.evidence, colour_evidence(a.maps.mean(0), imgs, prior, 0.5))
         # the probabilities and maps are those of the plain analysis: only the diagnosis changes
         assert torch.equal(a.ensemble_probs, plain.ensemble_probs) and torch.equal(a.maps, plain.maps)
-    # contrast maps are not what the rule was fitted on: the diagnosis falls back to the threshold
+    # a recipe of contrast maps (or any other) diagnoses alike: the evidence is the plain maps'
     from pixelvote.explain.analyze import MapConfig
 
-    c = analyze(ens, imgs, mc_samples=3, seeds=[0, 1, 2, 3], maps=MapConfig(contrast=True))
-    assert c.evidence is None and torch.equal(c.label, plain.label)
+    ens.evidence_rule = EvidenceRule(colour_weight=0.5, logit_coef=0.0, evidence_coef=1.0, intercept=-0.5)
+    a = analyze(ens, imgs, mc_samples=3, seeds=[0, 1, 2, 3])
+    recipes = (MapConfig(contrast=True), MapConfig(tta_flip=True, contrast=True), MapConfig(tta_flip=True))
+    for recipe in recipes:
+        c = analyze(ens, imgs, mc_samples=3, seeds=[0, 1, 2, 3], maps=recipe)
+        assert torch.allclose(c.evidence, a.evidence) and torch.equal(c.label, a.label)
+        assert all(torch.equal(s["label"], t["label"]) for s, t in zip(c.stats, a.stats, strict=True))
+    assert not torch.equal(c.maps, a.maps)  # the maps are the recipe's
 
 
 def test_a_rule_without_the_prior_names_run_json(tmp_path) -> None:

@@ -295,13 +295,22 @@ def _analyze_view(ensemble: Ensemble, x: torch.Tensor, mc_samples: int, target: 
             given = given.to(label.device)
             target = torch.where((label == bg) & (given != bg), given, target)
     against = ensemble.background_index if cfg.contrast else None
+    rule = ensemble.evidence_rule if ensemble.colour_prior is not None and not maps_only else None
     maps, unc, raw_max, plain = [], [], [], []
     for m, o in zip(ensemble.members, outs, strict=True):
+        if rule is not None and against is not None:
+            # the rule weighs the plain map's evidence (what calibration fitted it on), whatever the recipe
+            # explains: every recipe diagnoses an image alike
+            with torch.enable_grad():
+                pc = xgradcam(o.activation, _target_score(o.logits, target, None), retain_graph=True)
+            pc = pc / pc.amax(dim=(-2, -1), keepdim=True).clamp_min(_EPS)
+            plain.append(upsample(pc, size).clamp_(0.0, 1.0))
         cam, std = member_cams(m, o, target, against=against)
         mx = cam.amax(dim=(-2, -1))
         scale = mx.clamp_min(_EPS).view(-1, 1, 1)
         late = upsample(cam / scale, size).clamp_(0.0, 1.0)
-        plain.append(late)
+        if against is None:
+            plain.append(late)
         if o.fine is not None:
             fc = fine_cam(o, target, against)
             early = upsample(fc / fc.amax(dim=(-2, -1), keepdim=True).clamp_min(_EPS), size).clamp_(0.0, 1.0)
@@ -310,8 +319,7 @@ def _analyze_view(ensemble: Ensemble, x: torch.Tensor, mc_samples: int, target: 
         unc.append(upsample(std / scale, size).clamp_min_(0.0))
         raw_max.append(mx)
     evidence = None
-    rule = ensemble.evidence_rule
-    if rule is not None and ensemble.colour_prior is not None and not maps_only and against is None:
+    if rule is not None and ensemble.colour_prior is not None:
         # the CAM target does not depend on this: a background diagnosis is explained for the most
         # probable finding, the very class a finding diagnosis would name
         label, evidence = _weigh_evidence(rule, ensemble.colour_prior, torch.stack(plain), x, ens, stats, bg)
