@@ -387,12 +387,11 @@ def _classification_section(m: Mapping[str, Any]) -> str:
     if ev:
         a, b, c = (_e(round(ev[k], 3)) for k in ("logit_coef", "evidence_coef", "intercept"))
         out.append(f"<p>Diagnosis rule: a finding where {a} × logit P(any finding) + {b} × colour evidence "
-                   f"+ {c} "
-                   f"&gt; 0 (the colour evidence: the strongest small patch that both the models look at and "
-                   f"has the finding's colour, colour weight {_e(ev['colour_weight'])}; fitted on the run's "
-                   f"validation images, kept because it beat the threshold on held-out halves; every model "
-                   f"above decides so). With the most probable class instead the ensemble's accuracy is "
-                   f"{_pct(cls.get('accuracy_most_probable'))} %.</p>")
+                   f"+ {c} &gt; 0 (the colour evidence: the strongest small window that both the models look "
+                   f"at and has the finding's colour, colour weight {_e(ev['colour_weight'])}; fitted on the "
+                   f"run's validation images, kept because it beat the threshold on held-out halves; every "
+                   f"model above decides so). With the most probable class instead the ensemble's accuracy "
+                   f"is {_pct(cls.get('accuracy_most_probable'))} %.</p>")
     elif cls.get("decision_threshold") is not None:
         rule = _e(cls["decision_threshold"])
         out.append(f"<p>Diagnosis rule: a finding where P(any finding) &gt; {rule} (chosen by accuracy on "
