@@ -104,7 +104,12 @@ def diagnose(probs: torch.Tensor, background: int, threshold: float | None = Non
     less probability than the validation split shows they deserve: ``train`` chooses the threshold there)."""
     if threshold is None:
         return probs.argmax(-1)
-    return torch.where(1.0 - probs[..., background] > threshold, most_probable_finding(probs, background),
+    return finding_or_background(probs, 1.0 - probs[..., background] > threshold, background)
+
+
+def finding_or_background(probs: torch.Tensor, finding: torch.Tensor, background: int) -> torch.Tensor:
+    """The most probable finding where ``finding`` (bool, ``(...)``) holds, the background elsewhere."""
+    return torch.where(finding, most_probable_finding(probs, background),
                        torch.full_like(probs[..., 0], background, dtype=torch.long))
 
 
@@ -295,7 +300,8 @@ def _analyze_view(ensemble: Ensemble, x: torch.Tensor, mc_samples: int, target: 
             given = given.to(label.device)
             target = torch.where((label == bg) & (given != bg), given, target)
     against = ensemble.background_index if cfg.contrast else None
-    rule = ensemble.evidence_rule if ensemble.colour_prior is not None and not maps_only else None
+    prior = ensemble.colour_prior
+    rule = ensemble.evidence_rule if prior is not None and not maps_only else None
     maps, unc, raw_max, plain = [], [], [], []
     for m, o in zip(ensemble.members, outs, strict=True):
         if rule is not None and against is not None:
@@ -319,10 +325,10 @@ def _analyze_view(ensemble: Ensemble, x: torch.Tensor, mc_samples: int, target: 
         unc.append(upsample(std / scale, size).clamp_min_(0.0))
         raw_max.append(mx)
     evidence = None
-    if rule is not None and ensemble.colour_prior is not None:
+    if rule is not None and prior is not None:
         # the CAM target does not depend on this: a background diagnosis is explained for the most
         # probable finding, the very class a finding diagnosis would name
-        label, evidence = _weigh_evidence(rule, ensemble.colour_prior, torch.stack(plain), x, ens, stats, bg)
+        label, evidence = _weigh_evidence(rule, prior, torch.stack(plain), x, ens, stats, bg)
     return Analysis([m.name for m in ensemble.members], probs, stats, ens, label, target,
                     torch.stack(maps), torch.stack(unc), torch.stack(raw_max), given=given, evidence=evidence)
 
@@ -336,9 +342,7 @@ def _weigh_evidence(rule: EvidenceRule, prior: ColourPrior, maps: torch.Tensor, 
     from pixelvote.explain.evidence import colour_evidence
 
     def decide(p: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        finding = rule.finding(1.0 - p[:, bg], e)
-        background = torch.full_like(finding, bg, dtype=torch.long)
-        return torch.where(finding, most_probable_finding(p, bg), background)
+        return finding_or_background(p, rule.finding(1.0 - p[:, bg], e), bg)
 
     *member_ev, evidence = colour_evidence(torch.cat([maps, maps.mean(0, keepdim=True)]), x, prior,
                                            rule.colour_weight)

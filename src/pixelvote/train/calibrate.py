@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from pixelvote.consensus import ConsensusConfig, apply_consensus
 from pixelvote.data.imageio import write_json_atomic
-from pixelvote.explain.analyze import MapConfig, analyze, diagnose, most_probable_finding
+from pixelvote.explain.analyze import MapConfig, analyze, diagnose, finding_or_background
 from pixelvote.explain.evidence import EvidenceRule, colour_evidence
 from pixelvote.models.checkpoint import Recipe, load_run
 from pixelvote.models.ensemble import Ensemble
@@ -228,7 +228,6 @@ def choose_decision_rule(probs: torch.Tensor, evidence: dict[float, torch.Tensor
                f"{min_per_class} each needed)" if evidence else "no colour prior")
         return None, {"kept": False, "reason": why}
     y = fg.numpy().astype(int)
-    finding = most_probable_finding(probs, background)
     truth = labels.numpy()
     logit = torch.logit((1.0 - probs[:, background]).double().clamp(1e-6, 1 - 1e-6)).numpy()
 
@@ -236,7 +235,7 @@ def choose_decision_rule(probs: torch.Tensor, evidence: dict[float, torch.Tensor
         return LogisticRegression(C=10.0).fit(X, yy)
 
     def classes(found: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        return np.where(found, finding.numpy()[idx], background)
+        return finding_or_background(probs[idx], torch.from_numpy(found), background).numpy()
 
     held: dict[str, list[float]] = {"threshold": [], **{f"evidence:{w:g}": [] for w in evidence}}
     for r in range(repeats):
@@ -261,8 +260,8 @@ def choose_decision_rule(probs: torch.Tensor, evidence: dict[float, torch.Tensor
     model = fit(X, y)
     rule = EvidenceRule(colour_weight=w, logit_coef=float(model.coef_[0, 0]),
                         evidence_coef=float(model.coef_[0, 1]), intercept=float(model.intercept_[0]))
-    found = rule.finding(1.0 - probs[:, background], evidence[w]).numpy()
-    accuracy = float((classes(found, np.arange(len(y))) == truth).mean())
+    found = rule.finding(1.0 - probs[:, background], evidence[w])
+    accuracy = float((finding_or_background(probs, found, background) == labels).float().mean())
     summary.update(kept=True, rule=rule.model_dump(), val_accuracy=accuracy)
     return rule, summary
 
