@@ -175,8 +175,8 @@ def test_reuse_with_steps_runs_each_image_once_for_every_iteration_count(monkeyp
     # one run per image for 10, 3 and 5; 7 is not among the steps: a run of its own
     assert runs == [[3, 5, 10], [3, 5, 10], [7], [7]]
 
-def _batch(n: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    img, blob, _ = _scene()
+def _batch(n: int = 5, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    img, blob, _ = _scene(size)
     g = torch.Generator().manual_seed(1)
     imgs = torch.stack([img.roll(7 * i, -1) for i in range(n)])
     scale = 0.6 + 0.4 * torch.rand(n, 1, 1, generator=g)
@@ -198,6 +198,24 @@ def test_workers_give_the_passes_of_this_process_and_run_elsewhere(monkeypatch) 
     torch.testing.assert_close(there, here, rtol=0, atol=0)
     with crf.workers(1), pytest.raises(AssertionError, match="ran here"):
         dense_crf(soft, imgs, threshold=0.4)
+
+
+def test_workers_take_batches_over_a_megabyte(monkeypatch) -> None:
+    # joblib memory-maps arrays over 1 MB read-only for its workers, and pydensecrf2 refused them: such a
+    # batch fell back to this process for good, with a warning
+    from pixelvote.refine import crf, crf_pass
+
+    imgs, soft = _batch(12, size=256)
+    cfg = CRFConfig(size=256, iterations=2)
+    assert imgs[:6].numel() > 1e6  # the colours each of two workers is sent, in bytes
+    with crf.workers(1):
+        here = dense_crf(soft, imgs, cfg)
+    monkeypatch.setattr(crf, "_parallel_failed", False)
+    monkeypatch.setattr(crf_pass, "infer", lambda *a: (_ for _ in ()).throw(AssertionError("ran here")))
+    with crf.workers(2):
+        there = dense_crf(soft, imgs, cfg)
+    assert not crf._parallel_failed
+    torch.testing.assert_close(there, here, rtol=0, atol=0)
 
 
 def test_workers_that_fail_fall_back_to_this_process_with_a_warning(monkeypatch, caplog) -> None:

@@ -260,7 +260,9 @@ def _parallel(p: np.ndarray, rgb: np.ndarray, kernels: dict[str, float], n: int)
 
     chunks = [c for c in np.array_split(np.arange(len(p)), n) if len(c)]
     try:
-        parts = Parallel(n_jobs=len(chunks), backend="loky")(
+        # max_nbytes=None: joblib would hand arrays over 1 MB (a batch at a CRF size above 128 px) to the
+        # workers as read-only memory maps, which pydensecrf2 refuses
+        parts = Parallel(n_jobs=len(chunks), backend="loky", max_nbytes=None)(
             delayed(crf_pass.marginals)(p[c], rgb[c], kernels) for c in chunks)
     except Exception as exc:  # a worker that cannot start or dies: the same passes, in this process
         _parallel_failed = True
