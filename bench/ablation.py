@@ -200,6 +200,8 @@ def main() -> None:
                     "mean+crf:W:N)")
     ap.add_argument("--crf-iterations", default="3,5,10", help="the dense CRF's mean-field iterations scored "
                     "(rows mean+crf:W:N; pixelvote train --crf-iterations)")
+    ap.add_argument("--crf-cutoffs", default="0.3,0.5", help="cutoffs on the dense CRF's object probability "
+                    "scored (rows mean+crf:W:N:C; pixelvote train --crf-cutoffs)")
     ap.add_argument("--colour-weights", default="0.75", help="the colour prior's weights scored with the "
                     "mean fusion, alone and under each CRF setting (rows mean*colour:W; pixelvote train "
                     "--colour-weights; empty: none)")
@@ -220,7 +222,8 @@ def main() -> None:
                if args.stage_two else None)
         weights = [float(w) for w in args.crf_weights.split(",")]
         counts = [int(n) for n in args.crf_iterations.split(",")]
-        refined = crf_fusions(weights, counts) if crf.available() else []
+        cutoffs = [float(c) for c in args.crf_cutoffs.split(",")]
+        refined = crf_fusions(weights, counts, cutoffs) if crf.available() else []
         colour = [float(w) for w in args.colour_weights.split(",") if w]
         prior = run_colour_prior(run, ens, cfg) if colour else None
         fusions = (["intersection", "mean", "vote"] + refined

@@ -101,6 +101,16 @@ def test_train_refuses_bad_crf_iterations_before_training(tmp_path, bad):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("bad", ["0", "0.3,1", "x", ""])
+def test_train_refuses_bad_crf_cutoffs_before_training(tmp_path, bad):
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"),
+                            "--crf-cutoffs", bad, "--quiet"])
+    assert r.exit_code != 0 and "--crf-cutoffs" in str(r.exception)
+    assert not (tmp_path / "run").exists()
+
+
 def test_existing_run_is_not_overwritten(trained):
     _, data, run = trained
     r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny",

@@ -87,6 +87,37 @@ def test_without_pairwise_terms_the_crf_mask_is_the_thresholded_map() -> None:
         assert torch.equal(q > 0.5, blob > t)
 
 
+def test_the_consensus_mask_is_where_the_crf_probability_exceeds_the_cutoff(monkeypatch) -> None:
+    from pixelvote.refine import crf
+
+    img, blob, truth = _scene()
+    maps = blob[None, None].expand(2, 1, *blob.shape).clone()
+    a = _analysis(maps, [[LESION]] * 2)
+    a.inputs = img[None].float() / 255.0
+    # one weak iteration, so that the CRF's probability is not yet 0 or 1 everywhere
+    base = ConsensusConfig(fusion="mean", threshold=0.5, refine="crf",
+                           crf=CRFConfig(iterations=1, bilateral_compat=3.0))
+    q = dense_crf(blob[None], img[None], base.crf, threshold=0.5)[0]
+    masks = {}
+    for cutoff in (0.05, 0.5, 0.95):
+        cfg = base.model_copy(update={"crf": base.crf.model_copy(update={"cutoff": cutoff})})
+        masks[cutoff] = apply_consensus(a, cfg, 1).mask[0]
+        assert torch.equal(masks[cutoff], q > cutoff)
+    assert int(masks[0.05].sum()) > int(masks[0.5].sum()) > int(masks[0.95].sum()) > 0
+    # one pass serves every cutoff: the cutoff is not part of what reuse() keys a result by
+    passes = []
+    real = crf.crf_pass.infer_steps
+    monkeypatch.setattr(crf.crf_pass, "infer_steps", lambda *args: passes.append(1) or real(*args))
+    with crf.reuse(steps=(1,)):
+        for cutoff in (0.3, 0.5, 0.7):
+            cfg = base.crf.model_copy(update={"cutoff": cutoff})
+            torch.testing.assert_close(dense_crf(blob[None], img[None], cfg, threshold=0.5)[0], q,
+                                       rtol=0, atol=0)
+    assert len(passes) == 1
+    with pytest.raises(ValueError, match="cutoff"):
+        CRFConfig(cutoff=1.0)
+
+
 def test_reuse_gives_the_results_of_fresh_passes_and_builds_each_crf_once(monkeypatch) -> None:
     import pydensecrf.densecrf as dcrf
 

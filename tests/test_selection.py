@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import write_blob_dataset
 from pixelvote.evaluate.selection import (
     RECIPES,
     consensus_update,
+    crf_cutoff,
     crf_fusions,
     crf_iterations,
     crf_weight,
@@ -18,6 +20,7 @@ from pixelvote.evaluate.selection import (
     variant_cost,
     without_iterations,
 )
+from pixelvote.explain.analyze import MapConfig
 from pixelvote.refine.crf import CRFConfig
 
 
@@ -64,6 +67,28 @@ def test_a_fusion_name_sets_the_crf_iterations() -> None:
     assert base.crf.iterations == 5
 
 
+def test_a_fusion_name_sets_the_crf_cutoff() -> None:
+    from pixelvote.consensus import ConsensusConfig
+
+    assert crf_cutoff("mean*colour:0.75+crf:30:10:0.3@agreeing") == 0.3
+    assert crf_iterations("mean+crf:30:10:0.3") == 10 and crf_weight("mean+crf:30:10:0.3") == 30.0
+    assert crf_cutoff("mean+crf:30:10") is None and crf_cutoff("vote") is None
+    # one CRF pass serves every iteration count and cutoff of a weight
+    assert without_iterations("mean+crf:30:10:0.3@agreeing") == "mean+crf:30@agreeing"
+    assert crf_fusions([30], [5, 10], [0.3, 0.5]) == [
+        "intersection+crf:30:5:0.3", "intersection+crf:30:5:0.5", "intersection+crf:30:10:0.3",
+        "intersection+crf:30:10:0.5", "mean+crf:30:5:0.3", "mean+crf:30:5:0.5", "mean+crf:30:10:0.3",
+        "mean+crf:30:10:0.5"]
+    with pytest.raises(ValueError, match="iterations"):
+        crf_fusions([30], [], [0.3])
+    base = ConsensusConfig(crf=CRFConfig(size=96, iterations=5, cutoff=0.4))
+    made = base.model_copy(update=consensus_update(base, "mean*colour:0.5+crf:30:10:0.3"))
+    assert made.crf == CRFConfig(size=96, bilateral_compat=30.0, iterations=10, cutoff=0.3)
+    # a name without a cutoff keeps the consensus's own
+    assert base.model_copy(update=consensus_update(base, "mean+crf:30:10")).crf.cutoff == 0.4
+    assert variant_cost(MapConfig(), "mean+crf:30:10:0.3") == variant_cost(MapConfig(), "mean+crf:30:10")
+
+
 def test_a_fusion_name_sets_the_crf_weight_and_keeps_the_other_crf_settings() -> None:
     from pixelvote.consensus import ConsensusConfig
 
@@ -99,17 +124,17 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     from pixelvote.refine import crf
 
     if crf.available():  # the CRF variants are tried where they fit a limit, at 0.175 + 0.045 per
-        # iteration more passes, with each bilateral weight and iteration count of TrainConfig (default
-        # 10 and 30; 3, 5 and 10)
+        # iteration more passes (the cutoff costs nothing), with each bilateral weight, iteration count and
+        # cutoff of TrainConfig (default 10 and 30; 3, 5 and 10; 0.3 and 0.5)
         for w in ("10", "30"):
-            for n, cost in ((3, 1.31), (5, 1.4), (10, 1.625)):
-                assert cands[f"plain+mean+crf:{w}:{n}"]["relative_cost"] == pytest.approx(cost)
-                assert cands[f"plain+mean+crf:{w}:{n}"]["allowed"] is (cost <= max_cost)
+            for (n, cost), c in itertools.product(((3, 1.31), (5, 1.4), (10, 1.625)), ("0.3", "0.5")):
+                assert cands[f"plain+mean+crf:{w}:{n}:{c}"]["relative_cost"] == pytest.approx(cost)
+                assert cands[f"plain+mean+crf:{w}:{n}:{c}"]["allowed"] is (cost <= max_cost)
                 # flip + CRF costs 2.31-2.63: tried for --method best (within 2.5) only, or not at all
-                flip = cands.get(f"flip+mean+crf:{w}:{n}")
+                flip = cands.get(f"flip+mean+crf:{w}:{n}:{c}")
                 assert (flip is None) is (cost + 1 > 2.5) and (flip is None or flip["allowed"] is False)
                 # one CRF pass per threshold: tried up to 0.6 only
-                assert max(map(float, cands[f"plain+mean+crf:{w}:{n}"]["mean_iou_by_threshold"])) == 0.6
+                assert max(map(float, cands[f"plain+mean+crf:{w}:{n}:{c}"]["mean_iou_by_threshold"])) == 0.6
             assert max(map(float, cands["plain+mean"]["mean_iou_by_threshold"])) == 0.95
         assert not any(k.endswith("+crf") or k.endswith(f"+crf:{w}") for k in cands for w in ("10", "30"))
     # `best` (pseudo-masks of labelled images) is scored as `annotate --labels` makes them, within 2.5
@@ -136,12 +161,13 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     assert cfg.labelled.consensus.threshold == sel["labelled"]["threshold"]
     members = "agreeing" if sel["labelled"]["fusion"].endswith("@agreeing") else "all"
     assert cfg.labelled.consensus.labelled_members == members
-    # a CRF fusion's weight and iterations are the ones saved; without the CRF the defaults stay
+    # a CRF fusion's weight, iterations and cutoff are the ones saved; without the CRF the defaults stay
     for consensus, chosen in ((cfg.consensus, sel), (cfg.labelled.consensus, sel["labelled"]),
                               (cfg.best.consensus, sel["best"])):
         default = CRFConfig()
         assert consensus.crf.bilateral_compat == (crf_weight(chosen["fusion"]) or default.bilateral_compat)
         assert consensus.crf.iterations == (crf_iterations(chosen["fusion"]) or default.iterations)
+        assert consensus.crf.cutoff == (crf_cutoff(chosen["fusion"]) or default.cutoff)
 
 
 def test_segmenter_rows_are_gated_by_the_diagnosis(tmp_path) -> None:

@@ -96,6 +96,9 @@ def train(
     crf_iterations: str = typer.Option("3,5,10", help="the dense CRF's mean-field iterations to try (one "
                                        "pass serves them all); the validation masks choose one, within "
                                        "--max-map-cost (each iteration costs ~4.5% of a forward pass)"),
+    crf_cutoffs: str = typer.Option("0.3,0.5", help="cutoffs on the dense CRF's object probability to try "
+                                    "(the mask is where it exceeds the cutoff; no extra CRF pass); the "
+                                    "validation masks choose one"),
     colour: bool = typer.Option(True, "--colour/--no-colour", help="learn a colour prior (P(finding | "
                                 "colour)) from the training images' labels and try it with the mean fusion "
                                 "on validation masks"),
@@ -141,6 +144,7 @@ def train(
                       refine_candidates=["none", "crf"] if crf else ["none"], decision=decision,
                       crf_weights=_numbers(crf_weights, "--crf-weights"),
                       crf_iterations=list(_crf_iterations(crf_iterations)),
+                      crf_cutoffs=_numbers(crf_cutoffs, "--crf-cutoffs"),
                       colour_weights=_numbers(colour_weights, "--colour-weights") if colour else [],
                       colour_evidence=colour_evidence)
     try:

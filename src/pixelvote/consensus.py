@@ -228,8 +228,8 @@ class SoftMargins:
     the images' colours at the CRF's size are made once, for every threshold (calibration scores a dozen).
     At a threshold (fixed, or Otsu/percentile of the fused map) the margin is the map minus the threshold,
     or, with the dense CRF, the map is the unary, undecided at the threshold, and the margin is the CRF's
-    object probability minus 0.5. Only images with a foreground diagnosis and an agreeing member are refined
-    (the others get no mask anyway)."""
+    object probability minus its cutoff (``cfg.crf.cutoff``, 0.5 unless calibration chose another). Only
+    images with a foreground diagnosis and an agreeing member are refined (the others get no mask anyway)."""
 
     def __init__(self, analysis: Analysis, cfg: ConsensusConfig, fuse: torch.Tensor, k: int,
                  foreground: torch.Tensor) -> None:
@@ -276,7 +276,8 @@ class SoftMargins:
         margin = soft - t.view(-1, 1, 1)
         todo = self.todo
         if len(todo) and self.refined:
-            margin[todo] = dense_crf(soft[todo], None, cfg.crf, t[todo], colours=self.colours) - 0.5
+            q = dense_crf(soft[todo], None, cfg.crf, t[todo], colours=self.colours)
+            margin[todo] = q - cfg.crf.cutoff
         fused = torch.where(self.none.view(-1, 1, 1), torch.full_like(soft, -1.0), margin)
         return fused, t.unsqueeze(0).expand(self.members, -1)
 

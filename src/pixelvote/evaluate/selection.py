@@ -111,9 +111,16 @@ def crf_iterations(fusion: str) -> int | None:
     return int(iterations) if iterations else None
 
 
+def crf_cutoff(fusion: str) -> float | None:
+    """The cutoff on the dense CRF's object probability a fusion name sets: ``"mean+crf:30:10:0.3"`` -> 0.3;
+    None where it sets none (the consensus's own ``crf.cutoff`` applies)."""
+    cutoff = _crf_setting(fusion, 3)
+    return float(cutoff) if cutoff else None
+
+
 def without_iterations(fusion: str) -> str:
-    """The fusion name without its CRF iterations: ``"mean+crf:30:10@agreeing"`` -> ``"mean+crf:30@agreeing"``
-    (the fusions calibration refines in one pass of the CRF)."""
+    """The fusion name without its CRF iterations and cutoff: ``"mean+crf:30:10:0.3@agreeing"`` ->
+    ``"mean+crf:30@agreeing"`` (the fusions calibration refines in one pass of the CRF)."""
     head, at, members = fusion.partition("@")
     name, plus, refine = head.partition("+")
     return name + plus + ":".join(refine.split(":")[:2]) + at + members
@@ -128,11 +135,17 @@ def fusion_settings(fusion: str) -> dict[str, str]:
     return {"fusion": name, "refine": refine, "labelled_members": fusion.partition("@")[2] or "all"}
 
 
-def crf_fusions(weights: Sequence[float], iterations: Sequence[int] = ()) -> list[str]:
-    """The CRF-refined fusions tried with each bilateral weight (and each iteration count, where given):
-    ``intersection+crf:10``, ``mean+crf:30``..., or ``mean+crf:30:10``..."""
+def crf_fusions(weights: Sequence[float], iterations: Sequence[int] = (),
+                cutoffs: Sequence[float] = ()) -> list[str]:
+    """The CRF-refined fusions tried with each bilateral weight (and each iteration count, and each cutoff on
+    the CRF's object probability, where given): ``intersection+crf:10``, ``mean+crf:30``...,
+    ``mean+crf:30:10``..., or ``mean+crf:30:10:0.3``..."""
+    if cutoffs and not iterations:
+        raise ValueError("CRF cutoffs are named after the iterations: give both")
     settings = ([f"{w:g}:{n}" for w in weights for n in iterations] if iterations
                 else [f"{w:g}" for w in weights])
+    if cutoffs:
+        settings = [f"{s}:{c:g}" for s in settings for c in cutoffs]
     return [f"{f}+crf:{s}" for f in ("intersection", "mean") for s in settings]
 
 
@@ -146,8 +159,8 @@ def colour_fusions(weights: Sequence[float], refined: Sequence[str] = ()) -> lis
 def consensus_update(base: ConsensusConfig, fusion: str) -> dict[str, Any]:
     """The update of ``base`` that makes masks as ``fusion`` names them: :func:`fusion_settings`, the colour
     prior's weight of :func:`colour_weight` (0 where the name sets none), and ``base.crf`` with the bilateral
-    weight of :func:`crf_weight` and the iterations of :func:`crf_iterations` where the name sets them (its
-    own settings where it sets none)."""
+    weight of :func:`crf_weight`, the iterations of :func:`crf_iterations` and the cutoff of
+    :func:`crf_cutoff` where the name sets them (its own settings where it sets none)."""
     update: dict[str, Any] = dict(fusion_settings(fusion))
     update["colour_weight"] = colour_weight(fusion) or 0.0
     crf_update: dict[str, Any] = {}
@@ -155,6 +168,8 @@ def consensus_update(base: ConsensusConfig, fusion: str) -> dict[str, Any]:
         crf_update["bilateral_compat"] = weight
     if (iterations := crf_iterations(fusion)) is not None:
         crf_update["iterations"] = iterations
+    if (cutoff := crf_cutoff(fusion)) is not None:
+        crf_update["cutoff"] = cutoff
     # always set, so that a recipe made from another's consensus does not keep that one's CRF settings
     update["crf"] = base.crf.model_copy(update=crf_update)
     return update

@@ -46,6 +46,10 @@ class CRFConfig(BaseModel):
     gaussian_compat: float = Field(3.0, ge=0)
     iterations: int = Field(5, ge=1, le=50)
     confidence: float = Field(0.8, gt=0.0, le=1.0, description="how far the unary trusts the map (1: fully)")
+    cutoff: float = Field(0.5, gt=0.0, lt=1.0,
+                          description="the consensus mask is where the CRF's object probability exceeds this "
+                                      "(`train` chooses it with the threshold; the CRF's result does not "
+                                      "depend on it)")
     size: int = Field(128, ge=16,
                       description="the CRF runs at this size (longer side); its output is resized back")
 
@@ -147,7 +151,7 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor | None, cfg: CRFConfig | 
     """Refine ``soft (B, H, W)`` in [0, 1], thresholded at ``threshold`` (a float or one per image), with
     the colour ``images (B, 3, H, W)`` (uint8, or float in [0, 1]; or ``colours`` made from them before by
     :func:`crf_colours`) -> the object's marginal probability ``(B, H, W)`` on ``soft``'s device; the mask is
-    ``> 0.5``."""
+    ``> cfg.cutoff`` (the consensus applies it)."""
     try:
         import pydensecrf.densecrf  # noqa: F401
     except ImportError as exc:
@@ -179,10 +183,11 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor | None, cfg: CRFConfig | 
         size = f"{H}x{W}".encode()
         # the pairwise terms do not depend on the iterations or the unary's confidence: one built CRF
         # serves every count calibration tries
-        pairwise = cfg.model_dump_json(exclude={"iterations", "confidence"}).encode() + size
+        pairwise = cfg.model_dump_json(exclude={"iterations", "confidence", "cutoff"}).encode() + size
         counts = reused.steps if cfg.iterations in reused.steps else (cfg.iterations,)
-        settings = {n: cfg.model_copy(update={"iterations": n}).model_dump_json().encode() + size
-                    for n in counts}
+        # the cutoff is applied to the result, so one result serves every cutoff
+        settings = {n: cfg.model_copy(update={"iterations": n}).model_dump_json(exclude={"cutoff"}).encode()
+                    + size for n in counts}
         out = np.stack([_reused_pass(p[b], rgb[b], colours.digests[b], kernels, reused, settings, pairwise,
                                      cfg.iterations)
                         for b in range(B)])

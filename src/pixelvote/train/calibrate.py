@@ -105,7 +105,7 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
     refined: list[str] = []
     if "crf" in cfg.refine_candidates:
         if crf.available():
-            refined = crf_fusions(cfg.crf_weights, cfg.crf_iterations)
+            refined = crf_fusions(cfg.crf_weights, cfg.crf_iterations, cfg.crf_cutoffs)
         else:
             log.info("pydensecrf2 is not installed, so the CRF refinement is not tried (%s)",
                      crf.INSTALL_HINT)

@@ -64,6 +64,12 @@ class TrainConfig(BaseModel):
                     "all): the chosen count is saved in the run's consensus (crf.iterations); fire's masks "
                     "were best after 10, BUSI's after 3 (README); each iteration costs ~4.5% of a plain "
                     "analysis")
+    crf_cutoffs: list[float] = Field(
+        default_factory=lambda: [0.3, 0.5],
+        description="cutoffs on the dense CRF's object probability tried on validation masks (the mask is "
+                    "where it exceeds the cutoff; the same CRF passes serve them all): the chosen one is "
+                    "saved in the run's consensus (crf.cutoff); fire's and BUSI's masks were best at 0.3 "
+                    "(README)")
     colour_weights: list[float] = Field(
         default_factory=lambda: [0.75],
         description="weights of the colour prior (P(finding | colour), learned from the training images' "
@@ -123,6 +129,16 @@ class TrainConfig(BaseModel):
             raise ConfigError(f"--crf-iterations {','.join(map(str, v)) or '(empty)'}: the dense CRF's "
                               "mean-field iterations must be one or more whole numbers from 1 to 50",
                               fix="e.g. --crf-iterations 3,5,10 (or --no-crf to leave the CRF out)")
+        return sorted(set(v))
+
+    @field_validator("crf_cutoffs")
+    @classmethod
+    def _crf_cutoffs(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < c < 1 for c in v):
+            raise ConfigError(f"--crf-cutoffs {','.join(f'{c:g}' for c in v) or '(empty)'}: the cutoffs on "
+                              "the dense CRF's object probability must be one or more numbers in (0, 1)",
+                              fix="e.g. --crf-cutoffs 0.3,0.5 (0.5: where the CRF finds the object more "
+                                  "probable than not)")
         return sorted(set(v))
 
     @field_validator("colour_weights")
