@@ -198,8 +198,8 @@ def main() -> None:
                     "labelled images (the diagnosis does not gate them)")
     ap.add_argument("--crf-weights", default="10,30", help="the dense CRF's bilateral weights scored (rows "
                     "mean+crf:W:N)")
-    ap.add_argument("--crf-iterations", default="3,5,10", help="the dense CRF's mean-field iterations scored "
-                    "(rows mean+crf:W:N; pixelvote train --crf-iterations)")
+    ap.add_argument("--crf-iterations", default="3,5,10,15", help="the dense CRF's mean-field iterations "
+                    "scored (rows mean+crf:W:N; pixelvote train --crf-iterations)")
     ap.add_argument("--crf-cutoffs", default="0.3,0.5", help="cutoffs on the dense CRF's object probability "
                     "scored (rows mean+crf:W:N:C; pixelvote train --crf-cutoffs)")
     ap.add_argument("--colour-weights", default="0.75", help="the colour prior's weights scored with the "

@@ -125,9 +125,10 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
 
     if crf.available():  # the CRF variants are tried where they fit a limit, at 0.175 + 0.045 per
         # iteration more passes (the cutoff costs nothing), with each bilateral weight, iteration count and
-        # cutoff of TrainConfig (default 10 and 30; 3, 5 and 10; 0.3 and 0.5)
+        # cutoff of TrainConfig (default 10 and 30; 3, 5, 10 and 15; 0.3 and 0.5)
         for w in ("10", "30"):
-            for (n, cost), c in itertools.product(((3, 1.31), (5, 1.4), (10, 1.625)), ("0.3", "0.5")):
+            costs = ((3, 1.31), (5, 1.4), (10, 1.625), (15, 1.85))
+            for (n, cost), c in itertools.product(costs, ("0.3", "0.5")):
                 assert cands[f"plain+mean+crf:{w}:{n}:{c}"]["relative_cost"] == pytest.approx(cost)
                 assert cands[f"plain+mean+crf:{w}:{n}:{c}"]["allowed"] is (cost <= max_cost)
                 # flip + CRF costs 2.31-2.63: tried for --method best (within 2.5) only, or not at all

@@ -93,7 +93,7 @@ def train(
                              "(needs pydensecrf2: pip install 'pixelvote[crf]')"),
     crf_weights: str = typer.Option("10,30", help="the dense CRF's bilateral (colour) weights to try; the "
                                     "validation masks choose one"),
-    crf_iterations: str = typer.Option("3,5,10", help="the dense CRF's mean-field iterations to try (one "
+    crf_iterations: str = typer.Option("3,5,10,15", help="the dense CRF's mean-field iterations to try (one "
                                        "pass serves them all); the validation masks choose one, within "
                                        "--max-map-cost (each iteration costs ~4.5% of a forward pass)"),
     crf_cutoffs: str = typer.Option("0.3,0.5", help="cutoffs on the dense CRF's object probability to try "
