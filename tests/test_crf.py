@@ -51,6 +51,19 @@ def test_consensus_with_crf_refines_foreground_and_skips_background() -> None:
     assert crf.thresholds.shape == (2, 2) and float(crf.thresholds[0, 0]) == 0.5
 
 
+def test_a_unary_made_before_gives_the_same_result_and_must_fit() -> None:
+    from pixelvote.refine.crf import crf_unary
+
+    img, blob, _ = _scene()
+    cfg = CRFConfig(size=48)
+    unary = crf_unary(blob[None], 0.4, cfg)
+    assert unary.shape == (1, 48, 48) and 0 < unary.min() < unary.max() < 1
+    torch.testing.assert_close(dense_crf(blob[None], img[None], cfg, 0.4, unary=unary),
+                               dense_crf(blob[None], img[None], cfg, 0.4), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unary of shape"):
+        dense_crf(blob[None], img[None], cfg, 0.4, unary=unary[:, :40])
+
+
 def test_crf_without_images_is_a_clear_error() -> None:
     _, blob, _ = _scene()
     a = _analysis(blob[None, None], [[LESION]])

@@ -327,3 +327,60 @@ def test_an_images_margins_resized_together_score_as_each_alone(resize: str) -> 
         assert str(together) == str(alone)  # bit-identical, NaN where not refined
         assert 0 < min(v for v in alone if v == v) < 1
     assert _margin_ious([None, None], 0, truth).isnan().all()
+
+
+def test_a_map_already_at_the_truths_size_is_scored_as_it_is() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from pixelvote.evaluate.selection import at_size
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, 24, 24), (24, 24), (2, 30, 20)):
+        score = torch.randn(*shape, generator=g)
+        truth = torch.zeros(shape[-2:], dtype=torch.bool)
+        resized = F.interpolate(score.view(1, -1, *shape[-2:]), size=shape[-2:], mode="bilinear",
+                                align_corners=False).view(shape)
+        assert torch.equal(at_size(score, truth), score) and torch.equal(resized, score)
+
+
+def test_refined_rows_share_the_fused_map_and_the_crf_result_across_cutoffs(monkeypatch) -> None:
+    import torch
+    from test_consensus import LESION, _analysis
+    from test_crf import _scene
+
+    import pixelvote.evaluate.selection as selection
+    from pixelvote.consensus import ConsensusConfig, apply_consensus
+    from pixelvote.refine import crf
+
+    pytest.importorskip("pydensecrf.densecrf")
+    img, blob, truth = _scene()
+    maps = torch.stack([torch.stack([blob.roll(3 * m + i, 1) for i in range(2)]) for m in range(2)])
+    a = _analysis(maps, [[LESION, LESION]] * 2)
+    a.inputs = torch.stack([img, img.roll(5, -1)]).float() / 255.0
+    base = ConsensusConfig(fusion="mean", refine="crf")
+    fusions = ["mean+crf:30:4:0.3", "mean+crf:30:4:0.5", "mean+crf:30:2:0.3", "mean+crf:30:2:0.5",
+               "intersection+crf:30:4:0.3", "intersection+crf:30:4:0.5"]
+    configs = [base.model_copy(update=selection.consensus_update(base, f)) for f in fusions]
+    batch = selection.Batch(a.inputs, torch.zeros(2, dtype=torch.long), [truth, truth.roll(5, -1)], [0, 1])
+    grid = (0.3, 0.5, 0.7)  # 0.7: above REFINED_MAX_THRESHOLD, not refined
+    made, unaries, passes = [], [], []
+    for module, name, log in ((selection, "soft_margins", made), (crf, "crf_unary", unaries),
+                              (crf, "dense_crf", passes)):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *x, real=real, log=log, **k: log.append(1) or real(*x, **k))
+    with crf.reuse(steps={2, 4}):
+        rows, _ = selection._refined_rows(a, configs, 1, batch, [0, 1], grid)
+    # one fused map per fusion; at each refined threshold one unary per fused map and one CRF call per
+    # iteration count: the cutoffs read the same result
+    assert len(made) == 2 and len(unaries) == 2 * 2 and len(passes) == 2 * (2 + 1)
+    monkeypatch.undo()
+    for cfg, fusion_rows in zip(configs, rows, strict=True):
+        for j, row in enumerate(fusion_rows):
+            for t, iou in zip(grid, row.tolist(), strict=True):
+                if t > selection.REFINED_MAX_THRESHOLD:
+                    assert iou != iou  # NaN: not tried
+                    continue
+                mask = apply_consensus(a, cfg.model_copy(update={"threshold": t}), 1).mask[j]
+                expected = float((mask & batch.masks[j]).sum() / (mask | batch.masks[j]).sum())
+                assert iou == pytest.approx(expected, abs=1e-6)

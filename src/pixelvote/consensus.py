@@ -8,9 +8,11 @@ mean map minus threshold for ``mean``), so the mask can be resized smoothly to a
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -258,14 +260,21 @@ class SoftMargins:
         self.todo = todo = (foreground & fuse.any(0)).nonzero().flatten()
         hw = self.soft.shape[-2:]
         self.colours = crf_colours(analysis.inputs[todo], hw, cfg.crf) if len(todo) and self.refined else None
+        # the last few CRF starting points (by threshold) and results (by threshold and settings but the
+        # cutoff): calibration asks for the same threshold with every CRF weight, iteration count and cutoff
+        # in a row
+        self._unaries: OrderedDict[tuple[object, ...], np.ndarray] = OrderedDict()
+        self._results: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
+
+    def serves(self, cfg: ConsensusConfig) -> bool:
+        """Whether :meth:`at` takes ``cfg``: its fusion, colour prior and CRF size are those the maps and
+        colours were made with, and it refines as they were made to."""
+        return _fusion_settings(cfg) == self.fusion and (cfg.refine == "crf") == self.refined
 
     def at(self, cfg: ConsensusConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """(fused margin ``(B, H, W)``, thresholds ``(M, B)``) at ``cfg``'s threshold and CRF settings
-        (its fusion, colour prior and CRF size must be those the maps and colours were made with, and it
-        must refine as they were made to)."""
-        from pixelvote.refine.crf import dense_crf
-
-        if _fusion_settings(cfg) != self.fusion or (cfg.refine == "crf") != self.refined:
+        (see :meth:`serves`)."""
+        if not self.serves(cfg):
             raise ValueError(f"these maps were fused with {self.fusion}{' + crf' * self.refined}, not "
                              f"{_fusion_settings(cfg)}{' + crf' * (cfg.refine == 'crf')}")
         soft = self.soft
@@ -274,18 +283,37 @@ class SoftMargins:
         else:
             t = member_thresholds(soft.unsqueeze(0), cfg)[0]
         margin = soft - t.view(-1, 1, 1)
-        todo = self.todo
-        if len(todo) and self.refined:
-            q = dense_crf(soft[todo], None, cfg.crf, t[todo], colours=self.colours)
-            margin[todo] = q - cfg.crf.cutoff
-        fused = torch.where(self.none.view(-1, 1, 1), torch.full_like(soft, -1.0), margin)
-        return fused, t.unsqueeze(0).expand(self.members, -1)
+        if len(self.todo) and self.refined:
+            margin[self.todo] = self._refine(t[self.todo], cfg.crf) - cfg.crf.cutoff
+        return margin.masked_fill_(self.none.view(-1, 1, 1), -1.0), t.unsqueeze(0).expand(self.members, -1)
+
+    def _refine(self, t: torch.Tensor, crf: CRFConfig) -> torch.Tensor:
+        """The CRF's object probability for the images to refine at their thresholds ``t``."""
+        from pixelvote.refine.crf import crf_unary, dense_crf
+
+        at = t.detach().cpu().numpy().tobytes()
+        key = (at, crf.model_dump_json(exclude={"cutoff"}))
+        if key not in self._results:
+            soft = self.soft[self.todo]
+            start = (at, crf.confidence)
+            if start not in self._unaries:
+                _keep(self._unaries, start, crf_unary(soft, t, crf))
+            _keep(self._results, key, dense_crf(soft, None, crf, t, colours=self.colours,
+                                                unary=self._unaries[start]))
+        return self._results[key]
 
     def margin(self, cfg: ConsensusConfig) -> torch.Tensor:
         """:func:`apply_consensus`'s ``margin`` at ``cfg``: the mask is ``> 0``, and none where the image's
         class is the background."""
         fused, _ = self.at(cfg)
-        return torch.where(self.foreground.view(-1, 1, 1), fused, torch.full_like(fused, -1.0))
+        return fused.masked_fill_(~self.foreground.view(-1, 1, 1), -1.0)
+
+
+def _keep(held: OrderedDict, key: tuple[object, ...], value: Any, capacity: int = 4) -> None:
+    held[key] = value
+    held.move_to_end(key)
+    if len(held) > capacity:
+        held.popitem(last=False)
 
 
 def _fusion_settings(cfg: ConsensusConfig) -> tuple[object, ...]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pixelvote.consensus import ConsensusConfig, apply_consensus, soft_margins
+from pixelvote.consensus import ConsensusConfig, SoftMargins, apply_consensus, soft_margins
 from pixelvote.data.transforms import crop_content
 from pixelvote.explain.analyze import Analysis, MapConfig, analyze, explained_class
 from pixelvote.models.ensemble import Ensemble
@@ -352,16 +352,18 @@ def _refined_rows(a: Analysis, configs: Sequence[ConsensusConfig], bg: int, batc
                   ) -> tuple[list[list[torch.Tensor]], list[float]]:
     """For each consensus of ``configs`` (fused as one soft map: the dense CRF, whose refinement runs once
     per threshold, or the colour prior): the IoU rows ``(len(grid),)`` per image, for the CRF NaN above
-    :data:`REFINED_MAX_THRESHOLD`, and the seconds its passes took. Each config's fused map and the images'
-    colours at the CRF's size are made once for every threshold (:func:`pixelvote.consensus.soft_margins`);
-    the configs take turns at each threshold, so that passes on the same fused map follow each other."""
+    :data:`REFINED_MAX_THRESHOLD`, and the seconds its passes took. The fused map and the images' colours at
+    the CRF's size are made once for every threshold and every config that shares them (its fusion, colour
+    prior and CRF size: :func:`pixelvote.consensus.soft_margins`); the configs take turns at each threshold,
+    so that passes on the same fused map follow each other, and those that differ only in the CRF's cutoff
+    share its result."""
     import time
 
     spent = [0.0 for _ in configs]
-    fused = []
+    fused: list[SoftMargins] = []
     for c, cfg in enumerate(configs):
         t0 = time.perf_counter()
-        fused.append(soft_margins(a, cfg, bg))
+        fused.append(next((f for f in fused if f.serves(cfg)), None) or soft_margins(a, cfg, bg))
         spent[c] += time.perf_counter() - t0
     per_t: list[list[torch.Tensor | None]] = [[] for _ in configs]
     for t in grid:
@@ -406,6 +408,8 @@ def at_size(score: torch.Tensor, truth: torch.Tensor, resize: str = "squash") ->
     (train's cached validation masks; nothing is cropped then)."""
     size = (int(truth.shape[0]), int(truth.shape[1]))
     score = crop_content(score, size, resize)
+    if tuple(score.shape[-2:]) == size:  # bilinear to the same size changes nothing (tested); skip it
+        return score
     if score.dim() == 3:  # several maps of one image
         return F.interpolate(score[None], size=size, mode="bilinear", align_corners=False)[0]
     return F.interpolate(score[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]

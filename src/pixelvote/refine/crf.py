@@ -146,12 +146,27 @@ def crf_colours(images: torch.Tensor, hw: tuple[int, int] | torch.Size, cfg: CRF
     return Colours(rgb, tuple(hashlib.blake2b(im.tobytes(), digest_size=16).digest() for im in rgb))
 
 
+def crf_unary(soft: torch.Tensor, threshold: torch.Tensor | float, cfg: CRFConfig) -> np.ndarray:
+    """The object's probability that :func:`dense_crf` starts from for ``soft (B, H, W)`` thresholded at
+    ``threshold``: :func:`unary_probability` at the CRF's size, ``(B, h, w)`` float32 strictly inside (0, 1).
+    It depends on the threshold, ``cfg.confidence`` and ``cfg.size`` only, so calibration makes it once for
+    every CRF weight, iteration count and cutoff it tries at a threshold."""
+    H0, W0 = soft.shape[-2:]
+    H, W = crf_size((H0, W0), cfg)
+    prob = unary_probability(soft.detach().float(), threshold, cfg.confidence)
+    if (H, W) != (H0, W0):
+        prob = F.interpolate(prob[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+    return prob.clamp(1e-4, 1 - 1e-4).cpu().numpy()
+
+
 def dense_crf(soft: torch.Tensor, images: torch.Tensor | None, cfg: CRFConfig | None = None,
-              threshold: torch.Tensor | float = 0.5, *, colours: Colours | None = None) -> torch.Tensor:
+              threshold: torch.Tensor | float = 0.5, *, colours: Colours | None = None,
+              unary: np.ndarray | None = None) -> torch.Tensor:
     """Refine ``soft (B, H, W)`` in [0, 1], thresholded at ``threshold`` (a float or one per image), with
     the colour ``images (B, 3, H, W)`` (uint8, or float in [0, 1]; or ``colours`` made from them before by
     :func:`crf_colours`) -> the object's marginal probability ``(B, H, W)`` on ``soft``'s device; the mask is
-    ``> cfg.cutoff`` (the consensus applies it)."""
+    ``> cfg.cutoff`` (the consensus applies it). ``unary``: :func:`crf_unary` of the same ``soft``,
+    ``threshold`` and settings, made before (then ``soft`` only gives the size and device)."""
     try:
         import pydensecrf.densecrf  # noqa: F401
     except ImportError as exc:
@@ -166,10 +181,9 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor | None, cfg: CRFConfig | 
         colours = crf_colours(images, (H0, W0), cfg)
     if colours.rgb.shape[:3] != (B, H, W):
         raise ValueError(f"colours of shape {colours.rgb.shape[:3]} for {B} maps at the CRF's size {(H, W)}")
-    prob = unary_probability(soft.detach().float(), threshold, cfg.confidence)
-    if (H, W) != (H0, W0):
-        prob = F.interpolate(prob[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
-    p = prob.clamp(1e-4, 1 - 1e-4).cpu().numpy()
+    p = crf_unary(soft, threshold, cfg) if unary is None else unary
+    if p.shape != (B, H, W):
+        raise ValueError(f"a unary of shape {p.shape} for {B} maps at the CRF's size {(H, W)}")
     rgb = colours.rgb
     kernels = {"gaussian_sxy": cfg.gaussian_sxy, "gaussian_compat": cfg.gaussian_compat,
                "bilateral_sxy": cfg.bilateral_sxy * max(H, W), "bilateral_srgb": cfg.bilateral_srgb,
