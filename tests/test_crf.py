@@ -164,7 +164,7 @@ def test_reuse_gives_the_results_of_fresh_passes_and_builds_each_crf_once(monkey
             return getattr(self.crf, name)
 
     monkeypatch.setattr(dcrf, "DenseCRF2D", Counted)
-    with crf.reuse(capacity=4):
+    with crf.workers(1), crf.reuse(capacity=4):  # CRFs are held in this process
         for (i, t, c), expected in zip(calls, fresh, strict=True):
             torch.testing.assert_close(dense_crf(soft, i, c, threshold=t), expected, rtol=0, atol=0)
     # built: once per image colours and settings (the flipped batch has the same two images; the stronger
@@ -192,7 +192,7 @@ def test_reuse_builds_one_crf_for_every_iteration_count(monkeypatch) -> None:
     built = []
     real = dcrf.DenseCRF2D
     monkeypatch.setattr(dcrf, "DenseCRF2D", lambda *a: built.append(a) or real(*a))
-    with crf.reuse():
+    with crf.workers(1), crf.reuse():  # CRFs are held in this process
         for c, expected in zip(settings, fresh, strict=True):
             torch.testing.assert_close(dense_crf(soft, imgs, c, threshold=0.4), expected, rtol=0, atol=0)
     assert len(built) == 2  # one per image, not one per image and count
@@ -213,11 +213,38 @@ def test_reuse_with_steps_runs_each_image_once_for_every_iteration_count(monkeyp
     real = crf_pass.infer_steps
     monkeypatch.setattr(crf_pass, "infer_steps", lambda d, p, counts: runs.append(sorted(counts))
                         or real(d, p, counts))
-    with crf.reuse(steps=(3, 5, 10)):
+    with crf.workers(1), crf.reuse(steps=(3, 5, 10)):
         for c, expected in zip(settings, fresh, strict=True):
             torch.testing.assert_close(dense_crf(soft, imgs, c, threshold=0.4), expected, rtol=0, atol=0)
     # one run per image for 10, 3 and 5; 7 is not among the steps: a run of its own
     assert runs == [[3, 5, 10], [3, 5, 10], [7], [7]]
+
+
+def test_reuse_runs_the_passes_it_lacks_in_the_workers_and_keeps_every_count(monkeypatch) -> None:
+    from pixelvote.refine import crf, crf_pass
+    from pixelvote.refine.crf import CRFConfig
+
+    imgs, soft = _batch(4)
+    settings = [CRFConfig(iterations=n) for n in (5, 2, 5)]
+    with crf.workers(1):
+        fresh = [dense_crf(soft, imgs, c, threshold=0.4) for c in settings]
+    # a pass in this process now fails, and the workers are counted
+    monkeypatch.setattr(crf_pass, "infer_steps", lambda *a: (_ for _ in ()).throw(AssertionError("ran here")))
+    monkeypatch.setattr(crf, "_parallel_failed", False)
+    calls = []
+    real = crf._parallel
+    monkeypatch.setattr(crf, "_parallel", lambda *a: calls.append(len(a[1])) or real(*a))
+    with crf.workers(2), crf.reuse(steps=(2, 5)):
+        for c, expected in zip(settings, fresh, strict=True):
+            torch.testing.assert_close(dense_crf(soft, imgs, c, threshold=0.4), expected, rtol=0, atol=0)
+        # a batch with one image not held: its pass would run here
+        with pytest.raises(AssertionError, match="ran here"):
+            dense_crf(torch.cat([soft[:2], soft[2:3].flip(-1)]), imgs[:3], settings[0], threshold=0.4)
+    # the four images went to the workers once; 2 and 5 again were held
+    assert calls == [4] and not crf._parallel_failed
+    # short passes run here, on CRFs held in this process
+    with crf.workers(2), crf.reuse(), pytest.raises(AssertionError, match="ran here"):
+        dense_crf(soft, imgs, CRFConfig(iterations=crf.PARALLEL_FROM_ITERATIONS - 1), threshold=0.4)
 
 def _batch(n: int = 5, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     img, blob, _ = _scene(size)

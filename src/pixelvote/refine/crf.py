@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -190,10 +190,9 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor | None, cfg: CRFConfig | 
                "bilateral_compat": cfg.bilateral_compat, "iterations": cfg.iterations}
     reused = _reused.get()
     if reused is None:
-        out = _parallel(p, rgb, kernels, worker_count(B))
-        if out is None:
-            out = crf_pass.marginals(p, rgb, kernels)
-    else:  # within reuse() the CRFs held in this process are worth more than parallel passes
+        parts = _parallel(crf_pass.marginals, p, rgb, kernels, worker_count(B))
+        out = crf_pass.marginals(p, rgb, kernels) if parts is None else np.concatenate(parts)
+    else:
         size = f"{H}x{W}".encode()
         # the pairwise terms do not depend on the iterations or the unary's confidence: one built CRF
         # serves every count calibration tries
@@ -202,33 +201,56 @@ def dense_crf(soft: torch.Tensor, images: torch.Tensor | None, cfg: CRFConfig | 
         # the cutoff is applied to the result, so one result serves every cutoff
         settings = {n: cfg.model_copy(update={"iterations": n}).model_dump_json(exclude={"cutoff"}).encode()
                     + size for n in counts}
-        out = np.stack([_reused_pass(p[b], rgb[b], colours.digests[b], kernels, reused, settings, pairwise,
-                                     cfg.iterations)
-                        for b in range(B)])
+        out = _reused_passes(p, rgb, colours.digests, kernels, reused, settings, pairwise, cfg.iterations)
     q = torch.from_numpy(out).to(soft.device)
     if (H, W) != (H0, W0):
         q = F.interpolate(q[:, None], size=(H0, W0), mode="bilinear", align_corners=False)[:, 0]
     return q
 
 
-def _reused_pass(p: np.ndarray, rgb: np.ndarray, rgb_digest: bytes, kernels: dict[str, float],
-                 reused: _Reuse, settings: dict[int, bytes], pairwise: bytes, iterations: int) -> np.ndarray:
-    """One image's pass within :func:`reuse`: its held result, or a pass on its held (or a new) CRF that
-    keeps its result after each iteration count of ``settings`` (the settings' key for each)."""
-    data = hashlib.blake2b(p.tobytes() + rgb_digest, digest_size=16).digest()
-    keys = {n: hashlib.blake2b(data + key, digest_size=16).digest() for n, key in settings.items()}
-    held = reused.get("results", keys[iterations])
-    if held is not None:
-        return held
-    pairwise_key = hashlib.blake2b(rgb_digest + pairwise, digest_size=16).digest()
-    d = reused.get("crfs", pairwise_key)
+# within reuse(), passes this long run in the workers: two workers that build each CRF, (3.5 + n) / 2
+# iterations' time per image, beat this process on held CRFs, n, from n = 4
+PARALLEL_FROM_ITERATIONS = 4
+
+
+def _reused_passes(p: np.ndarray, rgb: np.ndarray, digests: tuple[bytes, ...], kernels: dict[str, float],
+                   reused: _Reuse, settings: dict[int, bytes], pairwise: bytes,
+                   iterations: int) -> np.ndarray:
+    """The images' passes within :func:`reuse`: each image's held result, or a pass that keeps its result
+    after each iteration count of ``settings`` (the settings' key for each). Two or more such passes of at
+    least :data:`PARALLEL_FROM_ITERATIONS` run in the worker processes, each on a CRF it builds (building
+    costs about 3.5 iterations); others run here, on the image's held (or a new) CRF."""
+    keys = []
+    for b in range(len(p)):
+        data = hashlib.blake2b(p[b].tobytes() + digests[b], digest_size=16).digest()
+        keys.append({n: hashlib.blake2b(data + key, digest_size=16).digest() for n, key in settings.items()})
+    out: list[np.ndarray | None] = [reused.get("results", k[iterations]) for k in keys]
+    todo = [b for b, held in enumerate(out) if held is None]
+    parts = None
+    if len(todo) > 1 and max(settings) >= PARALLEL_FROM_ITERATIONS:
+        parts = _parallel(crf_pass.marginal_steps, p[todo], rgb[todo], kernels, worker_count(len(todo)),
+                          tuple(settings))
+    if parts is None:
+        steps = [crf_pass.infer_steps(_held_crf(rgb[b], digests[b], kernels, reused, pairwise), p[b],
+                                      settings) for b in todo]
+    else:
+        steps = [s for part in parts for s in part]
+    for b, by_count in zip(todo, steps, strict=True):
+        for n in sorted(by_count, key=lambda n: n == iterations):  # the one asked for is kept last: newest
+            reused.keep("results", keys[b][n], by_count[n])
+        out[b] = by_count[iterations]
+    return np.stack(out)
+
+
+def _held_crf(rgb: np.ndarray, digest: bytes, kernels: dict[str, float], reused: _Reuse,
+              pairwise: bytes) -> Any:
+    """The CRF built for these colours and pairwise settings within :func:`reuse` (built now if not held)."""
+    key = hashlib.blake2b(digest + pairwise, digest_size=16).digest()
+    d = reused.get("crfs", key)
     if d is None:
         d = crf_pass.build(rgb, kernels)
-        reused.keep("crfs", pairwise_key, d)
-    steps = crf_pass.infer_steps(d, p, keys)
-    for n in sorted(keys, key=lambda n: n == iterations):  # the one asked for is kept last: newest
-        reused.keep("results", keys[n], steps[n])
-    return steps[iterations]
+        reused.keep("crfs", key, d)
+    return d
 
 
 WORKERS_ENV = "PIXELVOTE_CRF_WORKERS"
@@ -267,11 +289,13 @@ def worker_count(batch: int) -> int:
     return max(1, min(n, batch))
 
 
-def _parallel(p: np.ndarray, rgb: np.ndarray, kernels: dict[str, float], n: int) -> np.ndarray | None:
-    """The CRF passes of ``p``'s images in ``n`` loky processes (joblib's reusable pool: started once, in
-    about half a second, and reused), or None where ``n`` is 1 or the workers cannot run, so that the
-    caller runs them here. loky starts its workers by fork + exec: no ``__main__`` guard is needed in a
-    user's script and no forked copy of torch's threads."""
+def _parallel(fn: Callable[..., Any], p: np.ndarray, rgb: np.ndarray, kernels: dict[str, float], n: int,
+              *args: Any) -> list[Any] | None:
+    """``fn(p, rgb, kernels, *args)`` (a :mod:`crf_pass` function) on ``n`` chunks of the images in ``n``
+    loky processes (joblib's reusable pool: started once, in about half a second, and reused) -> each
+    chunk's result in order, or None where ``n`` is 1 or the workers cannot run, so that the caller runs
+    them here. loky starts its workers by fork + exec: no ``__main__`` guard is needed in a user's script and
+    no forked copy of torch's threads."""
     global _parallel_failed
     if n < 2 or _parallel_failed:
         return None
@@ -282,10 +306,10 @@ def _parallel(p: np.ndarray, rgb: np.ndarray, kernels: dict[str, float], n: int)
         # max_nbytes=None: joblib would hand arrays over 1 MB (a batch at a CRF size above 128 px) to the
         # workers as read-only memory maps, which pydensecrf2 refuses
         parts = Parallel(n_jobs=len(chunks), backend="loky", max_nbytes=None)(
-            delayed(crf_pass.marginals)(p[c], rgb[c], kernels) for c in chunks)
+            delayed(fn)(p[c], rgb[c], kernels, *args) for c in chunks)
     except Exception as exc:  # a worker that cannot start or dies: the same passes, in this process
         _parallel_failed = True
         log.warning("the dense CRF's worker processes failed (%s: %s); running it in this process from now "
                     "on (set %s=1 to skip the workers)", type(exc).__name__, exc, WORKERS_ENV)
         return None
-    return np.concatenate(parts)
+    return list(parts)

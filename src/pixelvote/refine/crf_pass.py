@@ -53,6 +53,13 @@ def infer_steps(d: Any, p: np.ndarray, counts: Iterable[int]) -> dict[int, np.nd
     return out
 
 
+def marginal_steps(p: np.ndarray, rgb: np.ndarray, s: dict[str, float],
+                   counts: Iterable[int]) -> list[dict[int, np.ndarray]]:
+    """:func:`infer_steps` on a fresh CRF for each image of ``p (N, H, W)`` and ``rgb (N, H, W, 3)``."""
+    counts = tuple(counts)
+    return [infer_steps(build(rgb[i], s), p[i], counts) for i in range(len(p))]
+
+
 def marginals(p: np.ndarray, rgb: np.ndarray, s: dict[str, float]) -> np.ndarray:
     """:func:`infer` on a fresh CRF for each image of ``p (N, H, W)`` and ``rgb (N, H, W, 3)``."""
     return np.stack([infer(build(rgb[i], s), p[i], int(s["iterations"])) for i in range(len(p))])
