@@ -56,19 +56,21 @@ def test_train_tries_the_crf_weights_given_and_says_what_it_chose(tmp_path):
     r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny",
                             "--epochs", "1", "--image-size", "48", "--no-pretrained", "--mc-samples", "2",
                             "--val-fraction", "0.4", "--crf-weights", "4,25", "--crf-iterations", "7,2",
-                            "--colour-weights", "0.5,1", "--quiet"])
+                            "--crf-cutoffs", "0.4", "--colour-weights", "0.5,1", "--quiet"])
     assert r.exit_code == 0, r.output
     sel = json.loads((run / "calibration.json").read_text())["selection"]
     assert f"with {sel['recipe']} maps and {sel['fusion']} fusion" in r.output  # what was chosen, said
     fusions = {k.partition("+")[2] for k in sel["candidates"] if k.startswith("plain+")}
     crf_rows = {f for f in fusions if "crf" in f and "colour" not in f}
-    tried = {f"{f}+crf:{w}:{n}" for f in ("intersection", "mean") for w in (4, 25) for n in (2, 7)}
+    tried = {f"{f}+crf:{w}:{n}:0.4" for f in ("intersection", "mean") for w in (4, 25) for n in (2, 7)}
     assert crf_rows == (tried if crf.available() else set())
     # the colour prior at each weight given, alone and under each CRF setting of the mean fusion
     colour_rows = {f for f in fusions if "colour" in f}
-    crfs = [f"+crf:{w}:{n}" for w in (4, 25) for n in (2, 7)] if crf.available() else []
+    crfs = [f"+crf:{w}:{n}:0.4" for w in (4, 25) for n in (2, 7)] if crf.available() else []
     assert colour_rows == {f"mean*colour:{c}{s}" for c in ("0.5", "1") for s in ["", *crfs]}
     assert read_run_config(run).consensus.colour_prior is not None
+    chosen = read_run_config(run).consensus  # the one cutoff given, where the CRF was chosen
+    assert chosen.crf.cutoff == (0.4 if chosen.refine == "crf" else 0.5)
     # the diagnosis with the colour evidence, tried at each weight given
     held = json.loads((run / "calibration.json").read_text())["decision"]["evidence"]["held_out_accuracy"]
     assert set(held) == {"threshold", "evidence:0.5", "evidence:1"}
