@@ -117,6 +117,10 @@ def test_the_consensus_mask_is_where_the_crf_probability_exceeds_the_cutoff(monk
         masks[cutoff] = apply_consensus(a, cfg, 1).mask[0]
         assert torch.equal(masks[cutoff], q > cutoff)
     assert int(masks[0.05].sum()) > int(masks[0.5].sum()) > int(masks[0.95].sum()) > 0
+    # a run calibrated before the cutoff existed (no "cutoff" in run.json) keeps the CRF's 0.5
+    old = ConsensusConfig.model_validate({**base.model_dump(exclude={"crf"}),
+                                          "crf": base.crf.model_dump(exclude={"cutoff"})})
+    assert torch.equal(apply_consensus(a, old, 1).mask[0], q > 0.5)
     # one pass serves every cutoff: the cutoff is not part of what reuse() keys a result by
     passes = []
     real = crf.crf_pass.infer_steps
