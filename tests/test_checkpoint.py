@@ -134,7 +134,7 @@ def test_local_weights_folder(tmp_path):
     save_file({k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in ref.items()},
               str(tmp_path / "w" / "efficientnet_lite0.safetensors"))
     m = build_member("efficientnet_lite0", 2, pretrained=True, weights_dir=tmp_path / "w")
-    assert float(m.backbone.net.conv_stem.weight.mean()) == 0.5
+    assert float(m.backbone.net.conv_stem.weight.detach().mean()) == 0.5
     del src
 
 
