@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -224,6 +224,9 @@ def _fusion_plan(analysis: Analysis, cfg: ConsensusConfig, background_index: int
     return agree, fuse, k, decided != background_index
 
 
+HELD = 4  # CRF starting points and results a SoftMargins keeps (calibration asks for one threshold in a row)
+
+
 class SoftMargins:
     """The fusion of one batch thresholded as one soft map (``cfg.soft_fused``) at any threshold: the fused
     soft map (the fusion at threshold 0, combined with the colour prior where ``cfg.colour_weight`` > 0) and
@@ -289,7 +292,7 @@ class SoftMargins:
 
     def _refine(self, t: torch.Tensor, crf: CRFConfig) -> torch.Tensor:
         """The CRF's object probability for the images to refine at their thresholds ``t``."""
-        from pixelvote.refine.crf import crf_unary, dense_crf
+        from pixelvote.refine.crf import crf_unary, dense_crf, keep_newest
 
         at = t.detach().cpu().numpy().tobytes()
         key = (at, crf.model_dump_json(exclude={"cutoff"}))
@@ -297,9 +300,9 @@ class SoftMargins:
             soft = self.soft[self.todo]
             start = (at, crf.confidence)
             if start not in self._unaries:
-                _keep(self._unaries, start, crf_unary(soft, t, crf))
-            _keep(self._results, key, dense_crf(soft, None, crf, t, colours=self.colours,
-                                                unary=self._unaries[start]))
+                keep_newest(self._unaries, start, crf_unary(soft, t, crf), HELD)
+            keep_newest(self._results, key, dense_crf(soft, None, crf, t, colours=self.colours,
+                                                      unary=self._unaries[start]), HELD)
         return self._results[key]
 
     def margin(self, cfg: ConsensusConfig) -> torch.Tensor:
@@ -307,13 +310,6 @@ class SoftMargins:
         class is the background."""
         fused, _ = self.at(cfg)
         return fused.masked_fill_(~self.foreground.view(-1, 1, 1), -1.0)
-
-
-def _keep(held: OrderedDict, key: tuple[object, ...], value: Any, capacity: int = 4) -> None:
-    held[key] = value
-    held.move_to_end(key)
-    if len(held) > capacity:
-        held.popitem(last=False)
 
 
 def _fusion_settings(cfg: ConsensusConfig) -> tuple[object, ...]:

@@ -73,10 +73,16 @@ class _Reuse:
         return None
 
     def keep(self, store: str, key: bytes, value: Any) -> None:
-        held: OrderedDict[bytes, Any] = getattr(self, store)
-        held[key] = value
-        if len(held) > self.capacity[store]:
-            held.popitem(last=False)
+        keep_newest(getattr(self, store), key, value, self.capacity[store])
+
+
+def keep_newest(held: OrderedDict, key: Any, value: Any, capacity: int) -> None:
+    """Keep ``value`` under ``key`` in ``held`` as its newest entry, dropping the oldest beyond
+    ``capacity``."""
+    held[key] = value
+    held.move_to_end(key)
+    if len(held) > capacity:
+        held.popitem(last=False)
 
 
 _reused: ContextVar[_Reuse | None] = ContextVar("crf_reused", default=None)
