@@ -35,6 +35,9 @@ def test_encoded_files_decode_to_the_arrays() -> None:
     assert np.array_equal(m == 255, mask)  # lossless
     u = np.asarray(Image.open(io.BytesIO(files["uncertainty"])))
     assert np.all(u == 64)  # 0.25 * 255 rounded
+    smooth = (heat * 255).astype(np.uint8)  # levels vary along and across rows: lossless all the same
+    u = np.asarray(Image.open(io.BytesIO(encode_outputs(image, mask, heat, smooth)["uncertainty"])))
+    assert np.array_equal(u, smooth)
     ov = Image.open(io.BytesIO(files["overlay"]))
     assert ov.format == "JPEG" and ov.mode == "RGB" and ov.size == (60, 40)
     # lossy, but close to the picture it encodes
@@ -53,6 +56,28 @@ def test_overlay_blends_heat_and_draws_the_contour_green() -> None:
     inside = out[~edge & mask]
     assert np.all(inside[:, 0] > 100) and np.all(inside[:, 0] < 140)  # half of ~252 red
     assert np.array_equal(overlay(image, np.zeros_like(heat), np.zeros_like(mask), alpha=0.0), image)
+
+
+def _contour_by_shifts(mask: np.ndarray, width: int) -> np.ndarray:
+    """The definition: mask pixels with a 4-neighbour outside the mask (or the image), peeled ``width``
+    times."""
+    inner = mask.copy()
+    for _ in range(width):
+        p = np.pad(inner, 1, constant_values=False)
+        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return mask & ~inner
+
+
+def test_contour_is_the_mask_pixels_next_to_the_outside_at_any_width() -> None:
+    rng = np.random.default_rng(3)
+    for shape, width in [((31, 47), 1), ((31, 47), 2), ((64, 40), 3), ((5, 9), 1)]:
+        blobs = rng.random(shape) < 0.6
+        full = np.ones(shape, bool)  # every pixel: only the image's border is outside
+        for mask in (blobs, full, ~full):
+            got = contour(mask, width)
+            assert got.dtype == bool and got.shape == shape
+            assert np.array_equal(got, _contour_by_shifts(mask, width)), (shape, width)
+    assert contour(np.ones((9, 9), bool))[0].all() and not contour(np.ones((9, 9), bool))[4, 4]
 
 
 def test_maps_are_resized_as_levels_within_one_level_of_the_float_resize() -> None:

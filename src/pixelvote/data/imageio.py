@@ -69,12 +69,19 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip((a - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def _grey_to_rgb(arr: np.ndarray) -> np.ndarray:
+    """``(H, W) uint8`` -> ``(H, W, 3)``: OpenCV's copy, 2-5x faster than ``np.repeat``."""
+    import cv2
+
+    return cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_GRAY2RGB)
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image as displayed: ``(H, W, 3) uint8`` RGB. Raises :class:`DataError` naming the file."""
     path = Path(path)
     img = _open(path)
     try:
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # not a copy of every image that needs no turning
     except Exception:  # a broken EXIF block should not cost the image
         pass
     mode = img.mode
@@ -91,7 +98,7 @@ def read_image(path: str | Path) -> np.ndarray:
     else:
         arr = np.asarray(img.convert("RGB"))
     if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
+        arr = _grey_to_rgb(_to_uint8(arr))
     elif arr.ndim == 3 and arr.shape[2] != 3:
         arr = arr[..., :3]
     return np.ascontiguousarray(_to_uint8(arr))
@@ -126,7 +133,7 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
     path = Path(path)
     img = _open(path)
     try:
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)
     except Exception:
         pass
     if size is not None and img.size != tuple(size):

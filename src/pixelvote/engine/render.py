@@ -36,12 +36,15 @@ def opencv() -> Any:
 
 
 def _png_params(cv2: Any, mask: bool) -> list[int]:
-    """PNGs with the "sub" filter on every row rather than libpng's adaptive choice, at zlib level 1: 2-3x
-    faster to encode than PIL's PNG at level 1 (which tries five filters per row; bench/speed.py), for
-    uncertainty maps ~23% larger; run-length matching for the two-valued masks (smaller). Both are plain
-    8-bit grey PNGs."""
-    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
-    return [*params, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE] if mask else params
+    """PNGs at zlib level 1 with one fixed filter on every row rather than libpng's adaptive choice, and
+    run-length matching: the two-valued masks unfiltered, the smooth maps (upsampled from the CAM's grid,
+    so each row is close to the one above) with the "up" filter. On bench/speed.py's 40 real images that
+    encodes an uncertainty map in 0.89 ms and 15 kB against 1.58 ms and 30 kB with the "sub" filter and
+    plain matching, a mask in 0.41 ms and 0.5 kB against 0.54 ms and 1.2 kB. Both are plain 8-bit grey
+    PNGs."""
+    row_filter = cv2.IMWRITE_PNG_FILTER_NONE if mask else cv2.IMWRITE_PNG_FILTER_UP
+    return [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, row_filter,
+            cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 
 
 def output_paths(key: str) -> dict[str, str]:
@@ -61,13 +64,13 @@ def _lut() -> np.ndarray:
 
 
 def contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
-    """Boundary pixels of a boolean mask (pixels of the mask with a 4-neighbour outside it)."""
-    m = mask.astype(bool)
-    inner = m.copy()
-    for _ in range(width):
-        p = np.pad(inner, 1, constant_values=False)
-        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return m & ~inner
+    """Boundary pixels of a boolean mask (pixels of the mask with a 4-neighbour outside it, ``width`` times;
+    outside the image counts as outside the mask)."""
+    cv2 = opencv()
+    m = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    inner = cv2.erode(m, cross, iterations=width, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return m.astype(bool) & (inner == 0)
 
 
 def to_levels(maps: torch.Tensor) -> torch.Tensor:
