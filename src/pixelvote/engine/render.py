@@ -39,7 +39,7 @@ def _png_params(cv2: Any, mask: bool) -> list[int]:
     """PNGs at zlib level 1 with one fixed filter on every row rather than libpng's adaptive choice, and
     run-length matching: the two-valued masks unfiltered, the smooth maps (upsampled from the CAM's grid,
     so each row is close to the one above) with the "up" filter. On bench/speed.py's 40 real images that
-    encodes an uncertainty map in 0.89 ms and 15 kB against 1.58 ms and 30 kB with the "sub" filter and
+    encodes an uncertainty map in 1.04 ms and 15 kB against 1.57 ms and 30 kB with the "sub" filter and
     plain matching, a mask in 0.41 ms and 0.5 kB against 0.54 ms and 1.2 kB. Both are plain 8-bit grey
     PNGs."""
     row_filter = cv2.IMWRITE_PNG_FILTER_NONE if mask else cv2.IMWRITE_PNG_FILTER_UP
