@@ -6,6 +6,7 @@ import itertools
 import json
 
 import pytest
+import torch
 from conftest import write_blob_dataset
 
 from pixelvote.evaluate.selection import (
@@ -14,6 +15,7 @@ from pixelvote.evaluate.selection import (
     crf_cutoff,
     crf_fusions,
     crf_iterations,
+    crf_size,
     crf_weight,
     relative_cost,
     split_fusion,
@@ -87,6 +89,29 @@ def test_a_fusion_name_sets_the_crf_cutoff() -> None:
     # a name without a cutoff keeps the consensus's own
     assert base.model_copy(update=consensus_update(base, "mean+crf:30:10")).crf.cutoff == 0.4
     assert variant_cost(MapConfig(), "mean+crf:30:10:0.3") == variant_cost(MapConfig(), "mean+crf:30:10")
+
+
+def test_a_fusion_name_sets_the_crf_size_and_its_cost_follows_the_pixels() -> None:
+    from pixelvote.consensus import ConsensusConfig
+
+    assert crf_size("mean*colour:0.75+crf:30:15:0.3:160@agreeing") == 160
+    assert crf_size("mean+crf:30:15:0.3") is None and crf_size("vote") is None
+    # one CRF pass per size serves its iteration counts and cutoffs; the size stays in the group's name
+    assert without_iterations("mean+crf:30:15:0.3:160@agreeing") == "mean+crf:30:::160@agreeing"
+    assert crf_size(without_iterations("mean+crf:30:15:0.3:160")) == 160
+    assert crf_iterations(without_iterations("mean+crf:30:15:0.3:160")) is None
+    assert crf_fusions([30], [15], [0.3], [128, 160]) == [
+        "intersection+crf:30:15:0.3:128", "intersection+crf:30:15:0.3:160",
+        "mean+crf:30:15:0.3:128", "mean+crf:30:15:0.3:160"]
+    with pytest.raises(ValueError, match="sizes"):
+        crf_fusions([30], [15], [], [160])
+    base = ConsensusConfig(crf=CRFConfig(size=128, iterations=5, cutoff=0.4))
+    made = base.model_copy(update=consensus_update(base, "mean+crf:30:10:0.3:160"))
+    assert made.crf == CRFConfig(size=160, bilateral_compat=30.0, iterations=10, cutoff=0.3)
+    assert base.model_copy(update=consensus_update(base, "mean+crf:30:10:0.3")).crf.size == 128
+    # 0.175 + 0.045 per iteration at 128 px, times the pixels: (160 / 128)^2 = 1.5625
+    assert variant_cost(MapConfig(), "mean+crf:30:10:0.3:160") == pytest.approx(1 + 0.625 * 1.5625)
+    assert variant_cost(MapConfig(), "mean+crf:30:10:0.3", CRFConfig(size=64)) == pytest.approx(1 + 0.625 / 4)
 
 
 def test_a_fusion_name_sets_the_crf_weight_and_keeps_the_other_crf_settings() -> None:
@@ -384,3 +409,50 @@ def test_refined_rows_share_the_fused_map_and_the_crf_result_across_cutoffs(monk
                 mask = apply_consensus(a, cfg.model_copy(update={"threshold": t}), 1).mask[j]
                 expected = float((mask & batch.masks[j]).sum() / (mask | batch.masks[j]).sum())
                 assert iou == pytest.approx(expected, abs=1e-6)
+
+
+def test_calibration_scores_validation_masks_at_their_images_size(tmp_path) -> None:
+    """Users get masks at their images' size and `evaluate` scores them there: calibration's truth is each
+    validation mask at its image's size (48 x 64 here), not squashed onto the 48-px model input."""
+    from pixelvote.data.dataset import load_dataset
+    from pixelvote.train.cache import cache_samples
+    from pixelvote.train.calibrate import _val_batches
+
+    data = write_blob_dataset(tmp_path / "data", per_class=3)
+    ds = load_dataset(data)
+    val = cache_samples(ds.samples, ds.classes, 48, full_masks=True)
+    assert val.full_masks is not None and len(val.full_masks) == len(val) == 6
+    truths = [m for b in _val_batches(val, 4) for m in b.masks]
+    lesion = [i for i, s in enumerate(val.samples) if s.label == "lesion"]
+    assert [m is not None for m in truths] == [i in lesion for i in range(6)]
+    for i in lesion:
+        assert truths[i].shape == (48, 64) and truths[i].dtype == torch.bool
+        assert int(truths[i].sum()) == 144  # the 12 x 12 square, unresized
+        assert val.masks[i].shape == (48, 48)
+    # without the full-size masks (a set cached before them) the input-size masks serve
+    small = cache_samples(ds.samples, ds.classes, 48)
+    assert small.full_masks is None
+    assert [m.shape for b in _val_batches(small, 4) for m in b.masks if m is not None] == [(48, 48)] * 3
+
+
+def test_training_chooses_the_crf_size_and_saves_it(tmp_path) -> None:
+    from pixelvote.models.checkpoint import read_run_config
+    from pixelvote.refine import crf
+    from pixelvote.train.config import TrainConfig
+    from pixelvote.train.loop import train
+
+    if not crf.available():
+        pytest.skip("the CRF needs pydensecrf2 (pip install 'pixelvote[crf]')")
+    data = write_blob_dataset(tmp_path / "data", per_class=8)
+    run = train(TrainConfig(data=data, out=tmp_path / "run", preset="tiny", epochs=1, image_size=48,
+                            pretrained=False, mc_samples=2, map_candidates=["plain"], min_masks_to_choose=1,
+                            val_fraction=0.4, crf_weights=[10], crf_iterations=[3], crf_cutoffs=[0.5],
+                            crf_sizes=[24, 48], colour_weights=[], max_map_cost=3.0))
+    sel = json.loads((run / "calibration.json").read_text())["selection"]
+    cands = sel["candidates"]
+    for f, size in itertools.product(("mean", "intersection"), (24, 48)):  # both sizes, each at its cost
+        cost = cands[f"plain+{f}+crf:10:3:0.5:{size}"]["relative_cost"]
+        assert cost == pytest.approx(1 + 0.31 * (size / 128) ** 2, abs=1e-3)  # saved rounded to 3 places
+    assert read_run_config(run).consensus.crf.size == (crf_size(sel["fusion"]) or CRFConfig().size)
+    with pytest.raises(Exception, match="crf-sizes"):
+        TrainConfig(data=data, out=tmp_path / "x", crf_sizes=[8])

@@ -43,6 +43,15 @@ CRF_ITERATIONS_HELP = ("the segmenter's dense-CRF mean-field iterations to try (
                        "(see README)")
 
 
+def _whole(numbers: list[float], option: str) -> list[int]:
+    from pixelvote.errors import ConfigError
+
+    if any(n != int(n) for n in numbers):
+        raise ConfigError(f"{option} {','.join(f'{n:g}' for n in numbers)}: not whole numbers",
+                          fix=f"e.g. {option} 128,160")
+    return [int(n) for n in numbers]
+
+
 def _crf_iterations(value: str) -> tuple[int, ...]:
     from pixelvote.errors import ConfigError
 
@@ -99,6 +108,9 @@ def train(
     crf_cutoffs: str = typer.Option("0.3,0.5", help="cutoffs on the dense CRF's object probability to try "
                                     "(the mask is where it exceeds the cutoff; no extra CRF pass); the "
                                     "validation masks choose one"),
+    crf_sizes: str = typer.Option("128", help="sizes (the longer side, px) the dense CRF runs at to try; "
+                                  "the validation masks choose one, within --max-map-cost (a larger one "
+                                  "costs more: its pixels)"),
     colour: bool = typer.Option(True, "--colour/--no-colour", help="learn a colour prior (P(finding | "
                                 "colour)) from the training images' labels and try it with the mean fusion "
                                 "on validation masks"),
@@ -145,6 +157,7 @@ def train(
                       crf_weights=_numbers(crf_weights, "--crf-weights"),
                       crf_iterations=list(_crf_iterations(crf_iterations)),
                       crf_cutoffs=_numbers(crf_cutoffs, "--crf-cutoffs"),
+                      crf_sizes=_whole(_numbers(crf_sizes, "--crf-sizes"), "--crf-sizes"),
                       colour_weights=_numbers(colour_weights, "--colour-weights") if colour else [],
                       colour_evidence=colour_evidence)
     try:

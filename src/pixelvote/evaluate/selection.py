@@ -53,27 +53,31 @@ CRF_COST = (0.175, 0.045)  # the dense CRF's cost: fixed + per iteration, in pla
 COLOUR_COST = 0.03
 
 
-def relative_cost(maps: MapConfig, refine: str = "none", crf_iterations: int = 5) -> float:
+def relative_cost(maps: MapConfig, refine: str = "none", crf_iterations: int = 5,
+                  crf_size: int = 128) -> float:
     """Approximate annotation cost of a recipe relative to the plain one (1.0 ~ one forward pass of the
     members: pixelvote's core costs about that, bench/speed.py). A fixed table rather than a timing, so that
     a run's choice does not depend on how busy the machine was: each extra view (flip, scale) is one more
     pass; layer fusion makes each pass ~1.5x (a gradient to an earlier layer); the guided filter adds ~35% of
     the offline ensemble's plain analysis on a CPU (11 vs 33 ms per image at 224 px, bench/ablation.py), and
     the dense CRF (at 128 px) ~17.5% to build plus ~4.5% per mean-field iteration (5 ms + 1.4 ms per
-    iteration on fire and BUSI images: 40% at the default 5 iterations, 63% at 10)."""
+    iteration on fire and BUSI images: 40% at the default 5 iterations, 63% at 10), in proportion to its
+    pixels at another ``crf_size``."""
     views = len(tuple(maps.tta_scales)) * (2 if maps.tta_flip else 1)
     cost = views * (1.5 if maps.layer_fusion != "none" else 1.0)
     cost += 0.35 if maps.refine == "guided" else 0.0
     fixed, per_iteration = CRF_COST
-    return cost + (fixed + per_iteration * crf_iterations if refine == "crf" else 0.0)
+    pixels = (crf_size / 128) ** 2
+    return cost + ((fixed + per_iteration * crf_iterations) * pixels if refine == "crf" else 0.0)
 
 
 def variant_cost(maps: MapConfig, fusion: str, base: CRFConfig | None = None) -> float:
-    """:func:`relative_cost` of ``maps`` + ``fusion``, with the CRF iterations the fusion names (else
+    """:func:`relative_cost` of ``maps`` + ``fusion``, with the CRF iterations and size the fusion names (else
     ``base``'s)."""
-    iterations = crf_iterations(fusion) or (base or CRFConfig()).iterations
+    base = base or CRFConfig()
+    iterations = crf_iterations(fusion) or base.iterations
     colour = COLOUR_COST if colour_weight(fusion) else 0.0
-    return relative_cost(maps, split_fusion(fusion)[1], iterations) + colour
+    return relative_cost(maps, split_fusion(fusion)[1], iterations, crf_size(fusion) or base.size) + colour
 
 
 def split_fusion(fusion: str) -> tuple[str, str]:
@@ -118,12 +122,22 @@ def crf_cutoff(fusion: str) -> float | None:
     return float(cutoff) if cutoff else None
 
 
+def crf_size(fusion: str) -> int | None:
+    """The size the dense CRF runs at (the longer side, px) a fusion name sets: ``"mean+crf:30:10:0.3:160"``
+    -> 160; None where it sets none (the consensus's own ``crf.size`` applies)."""
+    size = _crf_setting(fusion, 4)
+    return int(size) if size else None
+
+
 def without_iterations(fusion: str) -> str:
     """The fusion name without its CRF iterations and cutoff: ``"mean+crf:30:10:0.3@agreeing"`` ->
-    ``"mean+crf:30@agreeing"`` (the fusions calibration refines in one pass of the CRF)."""
+    ``"mean+crf:30@agreeing"``, ``"mean+crf:30:10:0.3:160"`` -> ``"mean+crf:30:::160"`` (the fusions
+    calibration refines in one pass of the CRF)."""
     head, at, members = fusion.partition("@")
     name, plus, refine = head.partition("+")
-    return name + plus + ":".join(refine.split(":")[:2]) + at + members
+    parts = refine.split(":")
+    kept = parts[:2] + (["", "", parts[4]] if len(parts) > 4 and parts[4] else [])
+    return name + plus + ":".join(kept) + at + members
 
 
 def fusion_settings(fusion: str) -> dict[str, str]:
@@ -136,16 +150,20 @@ def fusion_settings(fusion: str) -> dict[str, str]:
 
 
 def crf_fusions(weights: Sequence[float], iterations: Sequence[int] = (),
-                cutoffs: Sequence[float] = ()) -> list[str]:
-    """The CRF-refined fusions tried with each bilateral weight (and each iteration count, and each cutoff on
-    the CRF's object probability, where given): ``intersection+crf:10``, ``mean+crf:30``...,
-    ``mean+crf:30:10``..., or ``mean+crf:30:10:0.3``..."""
+                cutoffs: Sequence[float] = (), sizes: Sequence[int] = ()) -> list[str]:
+    """The CRF-refined fusions tried with each bilateral weight (and each iteration count, each cutoff on
+    the CRF's object probability and each size the CRF runs at, where given): ``intersection+crf:10``,
+    ``mean+crf:30``..., ``mean+crf:30:10``..., ``mean+crf:30:10:0.3``... or ``mean+crf:30:10:0.3:160``..."""
     if cutoffs and not iterations:
         raise ValueError("CRF cutoffs are named after the iterations: give both")
+    if sizes and not cutoffs:
+        raise ValueError("CRF sizes are named after the iterations and cutoffs: give all three")
     settings = ([f"{w:g}:{n}" for w in weights for n in iterations] if iterations
                 else [f"{w:g}" for w in weights])
     if cutoffs:
         settings = [f"{s}:{c:g}" for s in settings for c in cutoffs]
+    if sizes:
+        settings = [f"{s}:{z}" for s in settings for z in sizes]
     return [f"{f}+crf:{s}" for f in ("intersection", "mean") for s in settings]
 
 
@@ -159,8 +177,8 @@ def colour_fusions(weights: Sequence[float], refined: Sequence[str] = ()) -> lis
 def consensus_update(base: ConsensusConfig, fusion: str) -> dict[str, Any]:
     """The update of ``base`` that makes masks as ``fusion`` names them: :func:`fusion_settings`, the colour
     prior's weight of :func:`colour_weight` (0 where the name sets none), and ``base.crf`` with the bilateral
-    weight of :func:`crf_weight`, the iterations of :func:`crf_iterations` and the cutoff of
-    :func:`crf_cutoff` where the name sets them (its own settings where it sets none)."""
+    weight of :func:`crf_weight`, the iterations of :func:`crf_iterations`, the cutoff of :func:`crf_cutoff`
+    and the size of :func:`crf_size` where the name sets them (its own settings where it sets none)."""
     update: dict[str, Any] = dict(fusion_settings(fusion))
     update["colour_weight"] = colour_weight(fusion) or 0.0
     crf_update: dict[str, Any] = {}
@@ -170,6 +188,8 @@ def consensus_update(base: ConsensusConfig, fusion: str) -> dict[str, Any]:
         crf_update["iterations"] = iterations
     if (cutoff := crf_cutoff(fusion)) is not None:
         crf_update["cutoff"] = cutoff
+    if (size := crf_size(fusion)) is not None:
+        crf_update["size"] = size
     # always set, so that a recipe made from another's consensus does not keep that one's CRF settings
     update["crf"] = base.crf.model_copy(update=crf_update)
     return update

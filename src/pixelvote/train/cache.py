@@ -28,17 +28,21 @@ class CachedSet:
     masks: torch.Tensor  # (N, S, S) bool (all False where no mask)
     has_mask: torch.Tensor  # (N,) bool
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # each mask at its image's own size (None where there is none), where asked for: what calibration
+    # scores, as users get masks and evaluate scores them
+    full_masks: list[torch.Tensor | None] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
 
 def cache_samples(samples: list[Sample], classes: list[str], size: int, *, desc: str = "reading images",
-                  with_masks: bool = True, resize: str = "squash") -> CachedSet:
+                  with_masks: bool = True, resize: str = "squash", full_masks: bool = False) -> CachedSet:
     """Decode ``samples`` once into model inputs of ``size`` px (placed by ``resize``, see
-    :func:`pixelvote.data.transforms.fit_image`), with their masks placed alike; unreadable ones are skipped
-    and listed."""
+    :func:`pixelvote.data.transforms.fit_image`), with their masks placed alike (and, with ``full_masks``,
+    also kept at the image's size); unreadable ones are skipped and listed."""
     images, labels, masks, has, kept = [], [], [], [], []
+    full: list[torch.Tensor | None] = []
     skipped: list[tuple[str, str]] = []
     for s in tqdm(samples, desc=desc, unit="img", leave=False):
         try:
@@ -55,10 +59,11 @@ def cache_samples(samples: list[Sample], classes: list[str], size: int, *, desc:
         masks.append(resize_mask(m, size, resize) if m is not None
                      else torch.zeros(size, size, dtype=torch.bool))
         has.append(m is not None)
+        full.append(torch.from_numpy(m) if m is not None else None)
         kept.append(s)
     if not kept:
         return CachedSet([], torch.zeros(0, 3, size, size, dtype=torch.uint8),
                          torch.zeros(0, dtype=torch.long), torch.zeros(0, size, size, dtype=torch.bool),
-                         torch.zeros(0, dtype=torch.bool), skipped)
+                         torch.zeros(0, dtype=torch.bool), skipped, [] if full_masks else None)
     return CachedSet(kept, torch.stack(images), torch.tensor(labels), torch.stack(masks), torch.tensor(has),
-                     skipped)
+                     skipped, full if full_masks else None)

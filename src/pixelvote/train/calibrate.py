@@ -43,12 +43,19 @@ def _seeds(start: int, n: int, bs: int) -> list[int]:
     return list(range(start, min(n, start + bs)))
 
 
+def _truth(val: CachedSet, i: int) -> torch.Tensor | None:
+    """Validation image ``i``'s mask, at its image's own size where the set keeps it (so, as users get
+    masks and ``evaluate`` scores them), else on the model input; None where it has none."""
+    if not bool(val.has_mask[i]):
+        return None
+    return val.full_masks[i] if val.full_masks is not None else val.masks[i]
+
+
 def _val_batches(val: CachedSet, bs: int):  # type: ignore[no-untyped-def]
     from pixelvote.evaluate.selection import Batch
 
     for i in range(0, len(val), bs):
-        has = val.has_mask[i:i + bs]
-        masks = [val.masks[i + j] if bool(has[j]) else None for j in range(len(has))]
+        masks = [_truth(val, j) for j in range(i, min(i + bs, len(val)))]
         yield Batch(val.images[i:i + bs], val.labels[i:i + bs], masks, _seeds(i, len(val), bs))
 
 
@@ -105,7 +112,9 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
     refined: list[str] = []
     if "crf" in cfg.refine_candidates:
         if crf.available():
-            refined = crf_fusions(cfg.crf_weights, cfg.crf_iterations, cfg.crf_cutoffs)
+            # the names carry the CRF's size only where another than the consensus's own is tried
+            sizes = [] if cfg.crf_sizes == [run_cfg.consensus.crf.size] else cfg.crf_sizes
+            refined = crf_fusions(cfg.crf_weights, cfg.crf_iterations, cfg.crf_cutoffs, sizes)
         else:
             log.info("pydensecrf2 is not installed, so the CRF refinement is not tried (%s)",
                      crf.INSTALL_HINT)
@@ -326,17 +335,23 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet 
         update.update(chosen)
         summary["val_mean_iou"] = summary["selection"]["val_mean_iou"]
     elif n_masked:  # too few masks to choose a recipe: the consensus threshold alone
+        from pixelvote.evaluate.selection import at_size
+
         sums = torch.zeros(len(THRESHOLD_GRID))
         for i in range(0, len(val), bs):
             use = masked[i:i + bs]
             if not use.any():
                 continue
             a = analyze(ens, val.images[i:i + bs], mc_samples=cfg.mc_samples, seeds=_seeds(i, len(val), bs))
-            truth = val.masks[i:i + bs][use].to(ens.device)
+            rows = use.nonzero().flatten().tolist()
             for j, t in enumerate(THRESHOLD_GRID):
                 fixed = base.model_copy(update={"threshold": t, "threshold_method": "fixed"})
-                mask = apply_consensus(a, fixed, bg).mask[use.to(ens.device)]
-                sums[j] += float(batch_iou(mask, truth).sum())
+                margin = apply_consensus(a, fixed, bg).margin.cpu()
+                for r in rows:
+                    truth = _truth(val, i + r)
+                    assert truth is not None
+                    pred = at_size(margin[r], truth, ens.resize) > 0
+                    sums[j] += float(batch_iou(pred[None], truth[None])[0])
         means = sums / n_masked
         best = int(means.argmax())
         update.update(threshold=THRESHOLD_GRID[best], threshold_method="fixed",

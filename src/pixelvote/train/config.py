@@ -70,6 +70,10 @@ class TrainConfig(BaseModel):
                     "where it exceeds the cutoff; the same CRF passes serve them all): the chosen one is "
                     "saved in the run's consensus (crf.cutoff); fire's and BUSI's masks were best at 0.3 "
                     "(README)")
+    crf_sizes: list[int] = Field(
+        default_factory=lambda: [128],
+        description="sizes (the longer side, px) the dense CRF runs at, tried on validation masks: the "
+                    "chosen one is saved in the run's consensus (crf.size); its cost grows with its pixels")
     colour_weights: list[float] = Field(
         default_factory=lambda: [0.75],
         description="weights of the colour prior (P(finding | colour), learned from the training images' "
@@ -139,6 +143,15 @@ class TrainConfig(BaseModel):
                               "the dense CRF's object probability must be one or more numbers in (0, 1)",
                               fix="e.g. --crf-cutoffs 0.3,0.5 (0.5: where the CRF finds the object more "
                                   "probable than not)")
+        return sorted(set(v))
+
+    @field_validator("crf_sizes")
+    @classmethod
+    def _crf_sizes(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 16 for n in v):
+            raise ConfigError(f"--crf-sizes {','.join(map(str, v)) or '(empty)'}: the sizes the dense CRF "
+                              "runs at must be one or more whole numbers of pixels >= 16",
+                              fix="e.g. --crf-sizes 128,160")
         return sorted(set(v))
 
     @field_validator("colour_weights")

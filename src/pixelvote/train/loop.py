@@ -73,7 +73,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
     train = cache_samples(train_s, ds.classes, cfg.image_size, desc="reading training images",
                           with_masks=False, resize=cfg.resize)
     val = cache_samples(val_s, ds.classes, cfg.image_size, desc="reading validation images",
-                        resize=cfg.resize)
+                        resize=cfg.resize, full_masks=True)
     problems = [{"image": p, "reason": r} for p, r in ds.problems + train.skipped + val.skipped]
     if problems:
         write_bytes_atomic(run_dir / "skipped.jsonl",
