@@ -507,3 +507,18 @@ def test_improve_trains_its_segmenter_at_the_size_nearest_the_runs_that_the_fpn_
 
     assert [segmenter_size(s) for s in (224, 48, 300, 20, 512)] == [224, 64, 288, 32, 512]
     assert all(SegConfig(image_size=segmenter_size(s)).image_size % 32 == 0 for s in range(16, 700, 7))
+
+
+def test_the_segmenters_thresholds_are_scored_at_each_images_own_size(tmp_path):
+    from conftest import write_blob_dataset
+
+    from pixelvote.data.dataset import load_dataset
+    from pixelvote.segment.calibrate import _batches
+    from pixelvote.train.cache import cache_samples
+
+    ds = load_dataset(write_blob_dataset(tmp_path / "data", per_class=2, size=(40, 64)))
+    lesions = [s for s in ds.samples if s.mask is not None]
+    val = cache_samples(lesions, ds.classes, 32, full_masks=True)
+    (imgs, truths), = list(_batches(val, 8))
+    assert imgs.shape == (2, 3, 32, 32)
+    assert [tuple(t.shape) for t in truths] == [(40, 64)] * 2 and all(int(t.sum()) == 144 for t in truths)

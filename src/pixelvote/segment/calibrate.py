@@ -105,7 +105,9 @@ def choose_thresholds(model: Any, run: str | Path, *, image_size: int, resize: s
     summary: dict[str, Any] = {"images": 0, "threshold": None, "crf_threshold": None}
     if not samples:
         return summary
-    val = cache_samples(samples, classes, image_size, desc="scoring the segmenter", resize=resize)
+    # scored at each image's own size, as the ensemble's calibration scores its masks
+    val = cache_samples(samples, classes, image_size, desc="scoring the segmenter", resize=resize,
+                        full_masks=True)
     iterations = iteration_candidates(crf_cfg, crf_iterations)
     plain_rows: list[torch.Tensor] = []
     crf_rows: dict[tuple[int, float], list[torch.Tensor]] = {}
@@ -143,4 +145,5 @@ def _by_threshold(grid: tuple[float, ...], ious: torch.Tensor) -> dict[str, floa
 
 def _batches(val: Any, bs: int) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
     for i in range(0, len(val), bs):
-        yield val.images[i:i + bs], [val.masks[j] for j in range(i, min(i + bs, len(val)))]
+        masks = val.full_masks if val.full_masks is not None else val.masks
+        yield val.images[i:i + bs], [masks[j] for j in range(i, min(i + bs, len(val)))]
