@@ -94,7 +94,8 @@ def test_train_tries_the_crf_weights_given_and_says_what_it_chose(tmp_path):
 
 
 @pytest.mark.parametrize(("option", "bad"), [("--crf-iterations", b) for b in ("0", "3,x", "2.5", "60")]
-                         + [("--crf-cutoffs", b) for b in ("0", "0.3,1", "x", "")])
+                         + [("--crf-cutoffs", b) for b in ("0", "0.3,1", "x", "")]
+                         + [("--crf-sizes", b) for b in ("8", "128,160.5", "x", "")])
 def test_train_refuses_bad_crf_settings_before_training(tmp_path, option, bad):
     data = tmp_path / "data"
     (data / "a").mkdir(parents=True)
