@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -120,39 +121,30 @@ class TrainConfig(BaseModel):
     @field_validator("crf_weights")
     @classmethod
     def _crf_weights(cls, v: list[float]) -> list[float]:
-        if not v or any(w < 0 for w in v):
-            raise ConfigError(f"--crf-weights {','.join(f'{w:g}' for w in v) or '(empty)'}: the dense CRF's "
-                              "bilateral weights must be one or more numbers >= 0",
-                              fix="e.g. --crf-weights 10,30 (or --no-crf to leave the CRF out)")
-        return sorted(set(v))
+        return _candidates(v, lambda w: w >= 0, "--crf-weights", "the dense CRF's bilateral weights must be "
+                           "one or more numbers >= 0",
+                           "e.g. --crf-weights 10,30 (or --no-crf to leave the CRF out)")
 
     @field_validator("crf_iterations")
     @classmethod
     def _crf_iterations(cls, v: list[int]) -> list[int]:
-        if not v or any(not 1 <= n <= 50 for n in v):
-            raise ConfigError(f"--crf-iterations {','.join(map(str, v)) or '(empty)'}: the dense CRF's "
-                              "mean-field iterations must be one or more whole numbers from 1 to 50",
-                              fix="e.g. --crf-iterations 3,5,10 (or --no-crf to leave the CRF out)")
-        return sorted(set(v))
+        return _candidates(v, lambda n: 1 <= n <= 50, "--crf-iterations", "the dense CRF's mean-field "
+                           "iterations must be one or more whole numbers from 1 to 50",
+                           "e.g. --crf-iterations 3,5,10 (or --no-crf to leave the CRF out)")
 
     @field_validator("crf_cutoffs")
     @classmethod
     def _crf_cutoffs(cls, v: list[float]) -> list[float]:
-        if not v or any(not 0 < c < 1 for c in v):
-            raise ConfigError(f"--crf-cutoffs {','.join(f'{c:g}' for c in v) or '(empty)'}: the cutoffs on "
-                              "the dense CRF's object probability must be one or more numbers in (0, 1)",
-                              fix="e.g. --crf-cutoffs 0.3,0.5 (0.5: where the CRF finds the object more "
-                                  "probable than not)")
-        return sorted(set(v))
+        return _candidates(v, lambda c: 0 < c < 1, "--crf-cutoffs", "the cutoffs on the dense CRF's object "
+                           "probability must be one or more numbers in (0, 1)",
+                           "e.g. --crf-cutoffs 0.3,0.5 (0.5: where the CRF finds the object more probable "
+                           "than not)")
 
     @field_validator("crf_sizes")
     @classmethod
     def _crf_sizes(cls, v: list[int]) -> list[int]:
-        if not v or any(n < 16 for n in v):
-            raise ConfigError(f"--crf-sizes {','.join(map(str, v)) or '(empty)'}: the sizes the dense CRF "
-                              "runs at must be one or more whole numbers of pixels >= 16",
-                              fix="e.g. --crf-sizes 128,160")
-        return sorted(set(v))
+        return _candidates(v, lambda n: n >= 16, "--crf-sizes", "the sizes the dense CRF runs at must be one "
+                           "or more whole numbers of pixels >= 16", "e.g. --crf-sizes 128,160")
 
     @field_validator("colour_weights")
     @classmethod
@@ -170,3 +162,11 @@ class TrainConfig(BaseModel):
         for n in names:
             get_spec(n)
         return names
+
+
+def _candidates(values: list, ok: Callable[[Any], bool], option: str, what: str, fix: str) -> list:
+    """``values`` sorted and without repeats, or a :class:`ConfigError` naming ``option`` where there are
+    none or one is not ``ok``."""
+    if not values or not all(ok(v) for v in values):
+        raise ConfigError(f"{option} {','.join(f'{v:g}' for v in values) or '(empty)'}: {what}", fix=fix)
+    return sorted(set(values))
