@@ -1,7 +1,7 @@
 """Mask-quality ablation on the real sets in ../shared/data: which map recipe, fusion and threshold help?
 
     python bench/ablation.py --runs-dir runs/bench [--sets busi,fire] [--epochs 6] [--image-size 224]
-        [--augment robust] [--resize letterbox] [--labels]
+        [--augment robust] [--resize letterbox] [--labels] [--crf-sizes 128,160]
         [--stage-two [--seg-method best|run] [--seg-epochs 30]]
 
 For each set it trains the default ensemble (``--preset``) once (or reuses RUNS_DIR/<set>), takes the
@@ -202,6 +202,8 @@ def main() -> None:
                     "scored (rows mean+crf:W:N; pixelvote train --crf-iterations)")
     ap.add_argument("--crf-cutoffs", default="0.3,0.5", help="cutoffs on the dense CRF's object probability "
                     "scored (rows mean+crf:W:N:C; pixelvote train --crf-cutoffs)")
+    ap.add_argument("--crf-sizes", default="128", help="sizes the dense CRF runs at, scored (the longer "
+                    "side; with more than one, rows mean+crf:W:N:C:S; pixelvote train --crf-sizes)")
     ap.add_argument("--colour-weights", default="0.75", help="the colour prior's weights scored with the "
                     "mean fusion, alone and under each CRF setting (rows mean*colour:W; pixelvote train "
                     "--colour-weights; empty: none)")
@@ -223,7 +225,9 @@ def main() -> None:
         weights = [float(w) for w in args.crf_weights.split(",")]
         counts = [int(n) for n in args.crf_iterations.split(",")]
         cutoffs = [float(c) for c in args.crf_cutoffs.split(",")]
-        refined = crf_fusions(weights, counts, cutoffs) if crf.available() else []
+        sizes = [int(z) for z in args.crf_sizes.split(",")]
+        sizes = [] if sizes == [cfg.consensus.crf.size] else sizes  # named only where another is scored
+        refined = crf_fusions(weights, counts, cutoffs, sizes) if crf.available() else []
         colour = [float(w) for w in args.colour_weights.split(",") if w]
         prior = run_colour_prior(run, ens, cfg) if colour else None
         fusions = (["intersection", "mean", "vote"] + refined
