@@ -429,6 +429,17 @@ def test_calibration_scores_validation_masks_at_their_images_size(tmp_path) -> N
         assert truths[i].shape == (48, 64) and truths[i].dtype == torch.bool
         assert int(truths[i].sum()) == 144  # the 12 x 12 square, unresized
         assert val.masks[i].shape == (48, 48)
+    # large images' truths are kept at most FULL_MASK_SIDE long, aspect kept (memory)
+    import pixelvote.train.cache as cache
+
+    cache.FULL_MASK_SIDE, side = 32, cache.FULL_MASK_SIDE
+    try:
+        capped = cache_samples(ds.samples, ds.classes, 48, full_masks=True)
+    finally:
+        cache.FULL_MASK_SIDE = side
+    for i in lesion:
+        assert capped.full_masks[i].shape == (24, 32)
+        assert 25 <= int(capped.full_masks[i].sum()) <= 36  # the 12-px square halved: 5-6 px a side
     # without the full-size masks (a set cached before them) the input-size masks serve
     small = cache_samples(ds.samples, ds.classes, 48)
     assert small.full_masks is None

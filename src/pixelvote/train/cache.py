@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pixelvote.data.dataset import Sample
@@ -18,6 +20,10 @@ from pixelvote.data.transforms import fit_image, resize_mask, to_tensor
 from pixelvote.errors import DataError
 
 log = logging.getLogger(__name__)
+
+# truths kept "at the image's size" are kept at most this long a side (1 MB each as bool), so that a
+# validation split of large photos does not hold gigabytes; their aspect and placement are unchanged
+FULL_MASK_SIDE = 1024
 
 
 @dataclass
@@ -59,7 +65,7 @@ def cache_samples(samples: list[Sample], classes: list[str], size: int, *, desc:
         masks.append(resize_mask(m, size, resize) if m is not None
                      else torch.zeros(size, size, dtype=torch.bool))
         has.append(m is not None)
-        full.append(torch.from_numpy(m) if m is not None else None)
+        full.append(_at_most(m, FULL_MASK_SIDE) if m is not None else None)
         kept.append(s)
     if not kept:
         return CachedSet([], torch.zeros(0, 3, size, size, dtype=torch.uint8),
@@ -67,3 +73,15 @@ def cache_samples(samples: list[Sample], classes: list[str], size: int, *, desc:
                          torch.zeros(0, dtype=torch.bool), skipped, [] if full_masks else None)
     return CachedSet(kept, torch.stack(images), torch.tensor(labels), torch.stack(masks), torch.tensor(has),
                      skipped, full if full_masks else None)
+
+
+def _at_most(mask: np.ndarray, side: int) -> torch.Tensor:
+    """``(H, W) bool`` as a tensor, scaled down (area-weighted, then > 0.5) where its longer side exceeds
+    ``side``."""
+    h, w = mask.shape
+    if max(h, w) <= side:
+        return torch.from_numpy(mask)
+    scale = side / max(h, w)
+    hw = (max(1, round(h * scale)), max(1, round(w * scale)))
+    x = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return F.interpolate(x, size=hw, mode="area")[0, 0] > 0.5
