@@ -226,8 +226,8 @@ def main() -> None:
         counts = [int(n) for n in args.crf_iterations.split(",")]
         cutoffs = [float(c) for c in args.crf_cutoffs.split(",")]
         sizes = [int(z) for z in args.crf_sizes.split(",")]
-        sizes = [] if sizes == [cfg.consensus.crf.size] else sizes  # named only where another is scored
-        refined = crf_fusions(weights, counts, cutoffs, sizes) if crf.available() else []
+        refined = (crf_fusions(weights, counts, cutoffs, sizes, own_size=cfg.consensus.crf.size)
+                   if crf.available() else [])
         colour = [float(w) for w in args.colour_weights.split(",") if w]
         prior = run_colour_prior(run, ens, cfg) if colour else None
         fusions = (["intersection", "mean", "vote"] + refined

@@ -105,6 +105,9 @@ def test_a_fusion_name_sets_the_crf_size_and_its_cost_follows_the_pixels() -> No
         "mean+crf:30:15:0.3:128", "mean+crf:30:15:0.3:160"]
     with pytest.raises(ValueError, match="sizes"):
         crf_fusions([30], [15], [], [160])
+    # the consensus's own size alone is not named; another, or more than one, is
+    assert crf_fusions([30], [15], [0.3], [128], own_size=128) == crf_fusions([30], [15], [0.3])
+    assert crf_fusions([30], [15], [0.3], [160], own_size=128)[0] == "intersection+crf:30:15:0.3:160"
     base = ConsensusConfig(crf=CRFConfig(size=128, iterations=5, cutoff=0.4))
     made = base.model_copy(update=consensus_update(base, "mean+crf:30:10:0.3:160"))
     assert made.crf == CRFConfig(size=160, bilateral_compat=30.0, iterations=10, cutoff=0.3)

@@ -150,10 +150,15 @@ def fusion_settings(fusion: str) -> dict[str, str]:
 
 
 def crf_fusions(weights: Sequence[float], iterations: Sequence[int] = (),
-                cutoffs: Sequence[float] = (), sizes: Sequence[int] = ()) -> list[str]:
+                cutoffs: Sequence[float] = (), sizes: Sequence[int] = (), *,
+                own_size: int | None = None) -> list[str]:
     """The CRF-refined fusions tried with each bilateral weight (and each iteration count, each cutoff on
     the CRF's object probability and each size the CRF runs at, where given): ``intersection+crf:10``,
-    ``mean+crf:30``..., ``mean+crf:30:10``..., ``mean+crf:30:10:0.3``... or ``mean+crf:30:10:0.3:160``..."""
+    ``mean+crf:30``..., ``mean+crf:30:10``..., ``mean+crf:30:10:0.3``... or ``mean+crf:30:10:0.3:160``...
+    Sizes that are only the consensus's ``own_size`` are not named (the names stay those of a run without
+    the choice)."""
+    if own_size is not None and list(sizes) == [own_size]:
+        sizes = ()
     if cutoffs and not iterations:
         raise ValueError("CRF cutoffs are named after the iterations: give both")
     if sizes and not cutoffs:

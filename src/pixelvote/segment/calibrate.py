@@ -145,5 +145,4 @@ def _by_threshold(grid: tuple[float, ...], ious: torch.Tensor) -> dict[str, floa
 
 def _batches(val: Any, bs: int) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
     for i in range(0, len(val), bs):
-        masks = val.full_masks if val.full_masks is not None else val.masks
-        yield val.images[i:i + bs], [masks[j] for j in range(i, min(i + bs, len(val)))]
+        yield val.images[i:i + bs], [val.truth(j) for j in range(i, min(i + bs, len(val)))]

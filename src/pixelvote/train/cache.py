@@ -41,6 +41,13 @@ class CachedSet:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def truth(self, i: int) -> torch.Tensor | None:
+        """Image ``i``'s mask at the image's own size where the set keeps it (as users get masks and
+        ``evaluate`` scores them), else on the model input; None where it has none."""
+        if not bool(self.has_mask[i]):
+            return None
+        return self.full_masks[i] if self.full_masks is not None else self.masks[i]
+
 
 def cache_samples(samples: list[Sample], classes: list[str], size: int, *, desc: str = "reading images",
                   with_masks: bool = True, resize: str = "squash", full_masks: bool = False) -> CachedSet:
@@ -65,7 +72,8 @@ def cache_samples(samples: list[Sample], classes: list[str], size: int, *, desc:
         masks.append(resize_mask(m, size, resize) if m is not None
                      else torch.zeros(size, size, dtype=torch.bool))
         has.append(m is not None)
-        full.append(_at_most(m, FULL_MASK_SIDE) if m is not None else None)
+        if full_masks:
+            full.append(_at_most(m, FULL_MASK_SIDE) if m is not None else None)
         kept.append(s)
     if not kept:
         return CachedSet([], torch.zeros(0, 3, size, size, dtype=torch.uint8),

@@ -43,19 +43,11 @@ def _seeds(start: int, n: int, bs: int) -> list[int]:
     return list(range(start, min(n, start + bs)))
 
 
-def _truth(val: CachedSet, i: int) -> torch.Tensor | None:
-    """Validation image ``i``'s mask, at its image's own size where the set keeps it (so, as users get
-    masks and ``evaluate`` scores them), else on the model input; None where it has none."""
-    if not bool(val.has_mask[i]):
-        return None
-    return val.full_masks[i] if val.full_masks is not None else val.masks[i]
-
-
 def _val_batches(val: CachedSet, bs: int):  # type: ignore[no-untyped-def]
     from pixelvote.evaluate.selection import Batch
 
     for i in range(0, len(val), bs):
-        masks = [_truth(val, j) for j in range(i, min(i + bs, len(val)))]
+        masks = [val.truth(j) for j in range(i, min(i + bs, len(val)))]
         yield Batch(val.images[i:i + bs], val.labels[i:i + bs], masks, _seeds(i, len(val), bs))
 
 
@@ -112,9 +104,8 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
     refined: list[str] = []
     if "crf" in cfg.refine_candidates:
         if crf.available():
-            # the names carry the CRF's size only where another than the consensus's own is tried
-            sizes = [] if cfg.crf_sizes == [run_cfg.consensus.crf.size] else cfg.crf_sizes
-            refined = crf_fusions(cfg.crf_weights, cfg.crf_iterations, cfg.crf_cutoffs, sizes)
+            refined = crf_fusions(cfg.crf_weights, cfg.crf_iterations, cfg.crf_cutoffs, cfg.crf_sizes,
+                                  own_size=run_cfg.consensus.crf.size)
         else:
             log.info("pydensecrf2 is not installed, so the CRF refinement is not tried (%s)",
                      crf.INSTALL_HINT)
@@ -348,7 +339,7 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet 
                 fixed = base.model_copy(update={"threshold": t, "threshold_method": "fixed"})
                 margin = apply_consensus(a, fixed, bg).margin.cpu()
                 for r in rows:
-                    truth = _truth(val, i + r)
+                    truth = val.truth(i + r)
                     assert truth is not None
                     pred = at_size(margin[r], truth, ens.resize) > 0
                     sums[j] += float(batch_iou(pred[None], truth[None])[0])
