@@ -43,6 +43,7 @@ from pixelvote.evaluate.selection import (  # noqa: E402
     best_cell,
     collect,
     colour_fusions,
+    cost_basis,
     crf_fusions,
     cross_fitted,
     variant_cost,
@@ -202,7 +203,7 @@ def main() -> None:
                     "scored (rows mean+crf:W:N; pixelvote train --crf-iterations)")
     ap.add_argument("--crf-cutoffs", default="0.3,0.5", help="cutoffs on the dense CRF's object probability "
                     "scored (rows mean+crf:W:N:C; pixelvote train --crf-cutoffs)")
-    ap.add_argument("--crf-sizes", default="128", help="sizes the dense CRF runs at, scored (the longer "
+    ap.add_argument("--crf-sizes", default="128,160", help="sizes the dense CRF runs at, scored (the longer "
                     "side; with more than one, rows mean+crf:W:N:C:S; pixelvote train --crf-sizes)")
     ap.add_argument("--colour-weights", default="0.75", help="the colour prior's weights scored with the "
                     "mean fusion, alone and under each CRF setting (rows mean*colour:W; pixelvote train "
@@ -226,7 +227,8 @@ def main() -> None:
         counts = [int(n) for n in args.crf_iterations.split(",")]
         cutoffs = [float(c) for c in args.crf_cutoffs.split(",")]
         sizes = [int(z) for z in args.crf_sizes.split(",")]
-        refined = (crf_fusions(weights, counts, cutoffs, sizes, own_size=cfg.consensus.crf.size)
+        refined = (crf_fusions(weights, counts, cutoffs, sizes, own_size=cfg.consensus.crf.size,
+                               map_size=cfg.image_size)
                    if crf.available() else [])
         colour = [float(w) for w in args.colour_weights.split(",") if w]
         prior = run_colour_prior(run, ens, cfg) if colour else None
@@ -287,7 +289,9 @@ def main() -> None:
             rows.append(("best CAM variant, chosen on val (cross-fitted)", best_cam, None, 0.0))
         cf, choices = cross_fitted(tables, cam_keys)
         rows.append((f"best of all (cross-fitted): {choices}", cf, None, 0.0))
-        cheap = [k for k in cam_keys if variant_cost(RECIPES[k[0]], k[1], cfg.consensus.crf) <= args.max_cost]
+        basis = cost_basis([m.name for m in cfg.members], cfg.image_size)  # as train prices them
+        cheap = [k for k in cam_keys
+                 if variant_cost(RECIPES[k[0]], k[1], cfg.consensus.crf, basis) <= args.max_cost]
         cf, choices = cross_fitted(tables, cheap)
         key, j, full = best_cell(tables, keys=cheap)
         rows.append((f"default: chosen within cost <= {args.max_cost:g} (cross-fitted): {choices}", cf, None,

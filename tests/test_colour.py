@@ -13,6 +13,7 @@ from test_consensus import LESION, _analysis
 
 from pixelvote.consensus import ConsensusConfig, apply_consensus, soft_margins
 from pixelvote.errors import ConfigError
+from pixelvote.evaluate.selection import COLOUR_MS, REFERENCE
 from pixelvote.refine.colour import ColourPrior, colour_bins, learn_colour_prior, with_colour
 
 RED, GREY, BLUE = (220, 30, 30), (100, 100, 100), (30, 30, 220)
@@ -154,7 +155,9 @@ def test_train_learns_the_prior_annotate_uses_it_and_a_weight_without_it_names_t
     bright, dark = _bin((200, 200, 200)), _bin((40, 40, 40))
     assert prior.probability[bright] > 0.9 > 0.5 > prior.probability[dark]
     cands = json.loads((run / "calibration.json").read_text())["selection"]["candidates"]
-    assert "plain+mean*colour:0.75" in cands and cands["plain+mean*colour:0.75"]["relative_cost"] == 1.03
+    # the test models have no timing: priced against the offline preset's forward pass
+    assert "plain+mean*colour:0.75" in cands and cands["plain+mean*colour:0.75"]["relative_cost"] == round(
+        1 + COLOUR_MS / REFERENCE.forward_ms, 3)
     raw = json.loads((run / "run.json").read_text())
     # annotate with the prior at full weight: the lesions' bright squares, not the CAM's blobs
     from pixelvote.engine.annotate import annotate

@@ -9,12 +9,18 @@ import pytest
 import torch
 from conftest import write_blob_dataset
 
+from pixelvote.evaluate import selection
 from pixelvote.evaluate.selection import (
+    FORWARD_MS,
     RECIPES,
+    REFERENCE,
+    CostBasis,
     consensus_update,
+    cost_basis,
     crf_cutoff,
     crf_fusions,
     crf_iterations,
+    crf_ms,
     crf_size,
     crf_weight,
     relative_cost,
@@ -23,23 +29,61 @@ from pixelvote.evaluate.selection import (
     without_iterations,
 )
 from pixelvote.explain.analyze import MapConfig
+from pixelvote.models.registry import get_spec, list_models, preset_models
 from pixelvote.refine.crf import CRFConfig
 
 
-def test_relative_costs_count_views_and_refinements() -> None:
-    assert relative_cost(RECIPES["plain"]) == 1.0
-    assert relative_cost(RECIPES["flip"]) == 2.0
-    assert relative_cost(RECIPES["tta"]) == 6.0  # 3 scales x (plain, flipped)
-    assert relative_cost(RECIPES["plain"], "crf") == pytest.approx(1.4)
-    assert relative_cost(RECIPES["layers-geo"]) == pytest.approx(1.5)
-    assert relative_cost(RECIPES["guided"]) == pytest.approx(1.35)
-    # the CRF: 0.175 to build, 0.045 per mean-field iteration
-    assert relative_cost(RECIPES["plain"], "crf", 10) == pytest.approx(1.625)
-    assert relative_cost(RECIPES["guided"], "crf", 3) == pytest.approx(1.66)
-    assert variant_cost(RECIPES["guided"], "mean+crf:30:10@agreeing") == pytest.approx(1.975)
-    assert variant_cost(RECIPES["plain"], "mean+crf:30") == pytest.approx(1.4)  # the base's 5 iterations
-    assert variant_cost(RECIPES["plain"], "mean+crf:30", CRFConfig(iterations=20)) == pytest.approx(2.075)
-    assert variant_cost(RECIPES["flip"], "vote", CRFConfig(iterations=20)) == 2.0
+def test_relative_costs_count_views_and_refinements(monkeypatch) -> None:
+    # a table of round figures: the CRF 2 ms + 4 ms per 128 x 128 pixels + 1 ms per such pixels and
+    # iteration, the guided filter 10 ms, the colour prior 1 ms, against a 40-ms forward pass
+    monkeypatch.setattr(selection, "CRF_MS", (2.0, 4.0, 1.0))
+    monkeypatch.setattr(selection, "GUIDED_MS", 10.0)
+    monkeypatch.setattr(selection, "COLOUR_MS", 1.0)
+    basis = CostBasis(40.0, 224, "test")
+    assert relative_cost(RECIPES["plain"], basis=basis) == 1.0
+    assert relative_cost(RECIPES["flip"], basis=basis) == 2.0
+    assert relative_cost(RECIPES["tta"], basis=basis) == 6.0  # 3 scales x (plain, flipped)
+    assert relative_cost(RECIPES["layers-geo"], basis=basis) == pytest.approx(1.5)
+    assert relative_cost(RECIPES["guided"], basis=basis) == pytest.approx(1.25)
+    assert relative_cost(RECIPES["plain"], "crf", basis=basis) == pytest.approx(1 + 11 / 40)  # 5 iterations
+    assert relative_cost(RECIPES["plain"], "crf", 10, basis=basis) == pytest.approx(1 + 16 / 40)
+    assert relative_cost(RECIPES["guided"], "crf", 3, basis=basis) == pytest.approx(1.25 + 9 / 40)
+    # at 256 px the CRF has 4 times the pixels: 2 + 4 * (4 + 5) ms
+    large = CostBasis(40.0, 256, "test")
+    assert relative_cost(RECIPES["plain"], "crf", 5, 256, large) == pytest.approx(1 + 38 / 40)
+    # ... but never more than the map's: on 224-px maps it runs at 224, on 128-px maps at 128
+    assert relative_cost(RECIPES["plain"], "crf", 5, 256, basis) == pytest.approx(1 + (2 + 3.0625 * 9) / 40)
+    small = CostBasis(10.0, 128, "test")
+    assert relative_cost(RECIPES["plain"], "crf", 5, 256, small) == pytest.approx(1 + 11 / 10)
+    assert relative_cost(RECIPES["guided"], basis=small) == pytest.approx(1 + 10 * (128 / 224) ** 2 / 10)
+    assert variant_cost(RECIPES["guided"], "mean+crf:30:10@agreeing", basis=basis) == pytest.approx(1.65)
+    assert variant_cost(RECIPES["plain"], "mean+crf:30", basis=basis) == pytest.approx(1.275)  # base: 5
+    twenty = CRFConfig(iterations=20)
+    assert variant_cost(RECIPES["plain"], "mean+crf:30", twenty, basis) == pytest.approx(1.65)
+    assert variant_cost(RECIPES["plain"], "mean*colour:0.75+crf:30:5:0.3:256", basis=large) == pytest.approx(
+        1 + 38 / 40 + (256 / 224) ** 2 / 40)
+    assert variant_cost(RECIPES["flip"], "vote", twenty, basis) == 2.0
+
+
+def test_cost_basis_prices_the_crf_against_the_members_own_forward_pass() -> None:
+    offline = cost_basis(preset_models("offline"), 224)
+    assert offline.forward_ms == pytest.approx(REFERENCE.forward_ms) and "no timing" not in offline.source
+    # the stride-16 members are slower, so the same CRF is a smaller share of their analysis
+    os16 = cost_basis(preset_models("offline-os16"), 224)
+    assert os16.forward_ms > offline.forward_ms
+    crf_160 = "mean*colour:0.75+crf:30:15:0.3:160"
+    assert variant_cost(RECIPES["plain"], crf_160, basis=os16) < variant_cost(RECIPES["plain"], crf_160)
+    paper = cost_basis(preset_models("paper"), 224)
+    assert variant_cost(RECIPES["plain"], crf_160, basis=paper) < variant_cost(RECIPES["plain"], crf_160,
+                                                                                basis=os16)
+    # in proportion to the input's pixels
+    assert cost_basis(preset_models("offline"), 448).forward_ms == pytest.approx(4 * offline.forward_ms)
+    # a backbone without a timing (registered elsewhere, or the test models) is priced as before
+    tiny = cost_basis(["tiny_cnn_a", "efficientnet_lite0"], 48)
+    assert (tiny.forward_ms, tiny.image_size) == (REFERENCE.forward_ms, REFERENCE.image_size)
+    assert "no timing for tiny_cnn_a" in tiny.source
+    # every backbone pixelvote registers, but its test models, has a timing
+    assert {n for n in list_models() if get_spec(n).source != "test"} <= set(FORWARD_MS)
 
 
 def test_split_fusion() -> None:
@@ -108,13 +152,24 @@ def test_a_fusion_name_sets_the_crf_size_and_its_cost_follows_the_pixels() -> No
     # the consensus's own size alone is not named; another, or more than one, is
     assert crf_fusions([30], [15], [0.3], [128], own_size=128) == crf_fusions([30], [15], [0.3])
     assert crf_fusions([30], [15], [0.3], [160], own_size=128)[0] == "intersection+crf:30:15:0.3:160"
+    # the CRF never runs larger than the maps: on 48-px maps, 128 and 160 px are one candidate at 48 (the
+    # consensus's own size there too, so unnamed); on 144-px maps, 128 and 144
+    small = crf_fusions([30], [15], [0.3], [128, 160], own_size=128, map_size=48)
+    assert small == crf_fusions([30], [15], [0.3])
+    assert crf_fusions([30], [15], [0.3], [128, 160], own_size=128, map_size=144) == [
+        f"{f}+crf:30:15:0.3:{z}" for f in ("intersection", "mean") for z in (128, 144)]
     base = ConsensusConfig(crf=CRFConfig(size=128, iterations=5, cutoff=0.4))
     made = base.model_copy(update=consensus_update(base, "mean+crf:30:10:0.3:160"))
     assert made.crf == CRFConfig(size=160, bilateral_compat=30.0, iterations=10, cutoff=0.3)
     assert base.model_copy(update=consensus_update(base, "mean+crf:30:10:0.3")).crf.size == 128
-    # 0.175 + 0.045 per iteration at 128 px, times the pixels: (160 / 128)^2 = 1.5625
-    assert variant_cost(MapConfig(), "mean+crf:30:10:0.3:160") == pytest.approx(1 + 0.625 * 1.5625)
-    assert variant_cost(MapConfig(), "mean+crf:30:10:0.3", CRFConfig(size=64)) == pytest.approx(1 + 0.625 / 4)
+    # the pixels' part of the CRF's time grows with (160 / 128)^2 = 1.5625, its fixed part does not
+    fixed, per_pixel, per_iteration = selection.CRF_MS
+    ms_160 = fixed + 1.5625 * (per_pixel + 10 * per_iteration)
+    assert variant_cost(MapConfig(), "mean+crf:30:10:0.3:160") == pytest.approx(
+        1 + ms_160 / REFERENCE.forward_ms)
+    ms_64 = fixed + (per_pixel + 10 * per_iteration) / 4
+    assert variant_cost(MapConfig(), "mean+crf:30:10:0.3", CRFConfig(size=64)) == pytest.approx(
+        1 + ms_64 / REFERENCE.forward_ms)
 
 
 def test_a_fusion_name_sets_the_crf_weight_and_keeps_the_other_crf_settings() -> None:
@@ -151,15 +206,18 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     assert cands["flip+mean"]["allowed"] is (max_cost >= 2.0)
     from pixelvote.refine import crf
 
-    if crf.available():  # the CRF variants are tried where they fit a limit, at 0.175 + 0.045 per
-        # iteration more passes (the cutoff costs nothing), with each bilateral weight, iteration count and
-        # cutoff of TrainConfig (default 10 and 30; 3, 5, 10 and 15; 0.3 and 0.5)
+    # the test models have no timing: priced against the offline preset at 224 px
+    assert sel["cost_basis"]["forward_ms"] == pytest.approx(REFERENCE.forward_ms, abs=0.01)
+    assert "no timing for tiny_cnn_a" in sel["cost_basis"]["source"]
+    if crf.available():  # the CRF variants are tried where they fit a limit, at crf_ms over the forward
+        # pass (the cutoff costs nothing), with each bilateral weight, iteration count and cutoff of
+        # TrainConfig (default 10 and 30; 3, 5, 10 and 15; 0.3 and 0.5)
         for w in ("10", "30"):
-            costs = ((3, 1.31), (5, 1.4), (10, 1.625), (15, 1.85))
+            costs = [(n, 1 + crf_ms(n, 128) / REFERENCE.forward_ms) for n in (3, 5, 10, 15)]
             for (n, cost), c in itertools.product(costs, ("0.3", "0.5")):
-                assert cands[f"plain+mean+crf:{w}:{n}:{c}"]["relative_cost"] == pytest.approx(cost)
+                assert cands[f"plain+mean+crf:{w}:{n}:{c}"]["relative_cost"] == pytest.approx(cost, abs=1e-3)
                 assert cands[f"plain+mean+crf:{w}:{n}:{c}"]["allowed"] is (cost <= max_cost)
-                # flip + CRF costs 2.31-2.63: tried for --method best (within 2.5) only, or not at all
+                # flip + CRF costs 1 more: tried for --method best (within 2.5) only, or not at all
                 flip = cands.get(f"flip+mean+crf:{w}:{n}:{c}")
                 assert (flip is None) is (cost + 1 > 2.5) and (flip is None or flip["allowed"] is False)
                 # one CRF pass per threshold: tried up to 0.6 only
@@ -461,12 +519,13 @@ def test_training_chooses_the_crf_size_and_saves_it(tmp_path) -> None:
     run = train(TrainConfig(data=data, out=tmp_path / "run", preset="tiny", epochs=1, image_size=48,
                             pretrained=False, mc_samples=2, map_candidates=["plain"], min_masks_to_choose=1,
                             val_fraction=0.4, crf_weights=[10], crf_iterations=[3], crf_cutoffs=[0.5],
-                            crf_sizes=[24, 48], colour_weights=[], max_map_cost=3.0))
+                            crf_sizes=[24, 48, 64], colour_weights=[], max_map_cost=3.0))
     sel = json.loads((run / "calibration.json").read_text())["selection"]
     cands = sel["candidates"]
+    assert not any(k.endswith(":64") for k in cands)  # 64 px on 48-px maps is the 48-px candidate
     for f, size in itertools.product(("mean", "intersection"), (24, 48)):  # both sizes, each at its cost
         cost = cands[f"plain+{f}+crf:10:3:0.5:{size}"]["relative_cost"]
-        assert cost == pytest.approx(1 + 0.31 * (size / 128) ** 2, abs=1e-3)  # saved rounded to 3 places
+        assert cost == pytest.approx(1 + crf_ms(3, size) / REFERENCE.forward_ms, abs=1e-3)  # rounded to 3
     assert read_run_config(run).consensus.crf.size == (crf_size(sel["fusion"]) or CRFConfig().size)
     with pytest.raises(Exception, match="crf-sizes"):
         TrainConfig(data=data, out=tmp_path / "x", crf_sizes=[8])

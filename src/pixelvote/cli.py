@@ -108,9 +108,9 @@ def train(
     crf_cutoffs: str = typer.Option("0.3,0.5", help="cutoffs on the dense CRF's object probability to try "
                                     "(the mask is where it exceeds the cutoff; no extra CRF pass); the "
                                     "validation masks choose one"),
-    crf_sizes: str = typer.Option("128", help="sizes (the longer side, px) the dense CRF runs at to try; "
-                                  "the validation masks choose one, within --max-map-cost (a larger one "
-                                  "costs more: its pixels)"),
+    crf_sizes: str = typer.Option("128,160", help="sizes (the longer side, px) the dense CRF runs at to "
+                                  "try; the validation masks choose one, within --max-map-cost (a larger "
+                                  "one costs more: its pixels)"),
     colour: bool = typer.Option(True, "--colour/--no-colour", help="learn a colour prior (P(finding | "
                                 "colour)) from the training images' labels and try it with the mean fusion "
                                 "on validation masks"),

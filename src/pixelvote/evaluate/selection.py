@@ -48,36 +48,88 @@ RECIPES: dict[str, MapConfig] = {
 }
 
 
-CRF_COST = (0.175, 0.045)  # the dense CRF's cost: fixed + per iteration, in plain analyses (see below)
-# the colour prior: a table lookup and a power per pixel of the map (~1 ms per image at 224 px on a CPU)
-COLOUR_COST = 0.03
+# What calibration's cost limits are counted in: the members' plain forward pass, 1.0 (pixelvote's core costs
+# about that, bench/speed.py). Each extra view (flip, scale) is one more pass and layer fusion makes each pass
+# ~1.5x (a gradient to an earlier layer). The steps that do not scale with the members (the guided filter,
+# the colour prior, the dense CRF) are timed in ms per image and divided by the members' own forward time.
+# Fixed tables rather than timings, so that a run's choice does not depend on how busy the machine was:
+# `python bench/cost_table.py` on a 2-core CPU (batch 8, 224 px, the CRF in its worker processes as annotate
+# runs it), each figure the fastest of its 9 rounds in 4 runs (other work only ever slows a step down).
+FORWARD_MS: dict[str, float] = {
+    "efficientnet_lite0": 11.3, "efficientnet_lite1": 16.0, "efficientnet_lite2": 15.4,
+    "efficientnet_lite0_os16": 15.7, "efficientnet_lite1_os16": 20.8, "efficientnet_lite2_os16": 22.7,
+    "efficientnet_b0": 15.0, "resnet50": 57.5, "densenet121": 43.5,
+}
+# the dense CRF: fixed + pixels * (per pixel + per pixel and iteration * iterations), pixels in units of
+# 128 x 128 (the size it runs at: its longer side, never more than the map's); a least-squares fit over
+# 128-224 px and 1-15 iterations
+CRF_MS = (0.62, 4.90, 0.854)
+GUIDED_MS = 11.0  # the guided filter on three members' maps at 224 px
+COLOUR_MS = 0.45  # the colour prior: a table lookup and a power per pixel of the map at 224 px
+REFERENCE_PRESET = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+@dataclass(frozen=True)
+class CostBasis:
+    """What one plain analysis costs: the members' forward pass, ms per image at ``image_size`` on the
+    reference CPU, and where that figure came from."""
+
+    forward_ms: float
+    image_size: int
+    source: str
+
+
+REFERENCE = CostBasis(sum(FORWARD_MS[n] for n in REFERENCE_PRESET), 224,
+                      "the offline preset at 224 px (FORWARD_MS)")
+
+
+def cost_basis(members: Iterable[str], image_size: int) -> CostBasis:
+    """The members' forward time from :data:`FORWARD_MS`, in proportion to the input's pixels; a member
+    the table does not know (a backbone registered elsewhere) makes it :data:`REFERENCE`, as priced before."""
+    names = list(members)
+    unknown = [n for n in names if n not in FORWARD_MS]
+    if unknown or not names:
+        return dataclasses.replace(REFERENCE, source=f"{REFERENCE.source}: no timing for "
+                                                     f"{', '.join(unknown) or 'an empty ensemble'}")
+    ms = sum(FORWARD_MS[n] for n in names) * (image_size / 224) ** 2
+    return CostBasis(ms, image_size, f"the members' forward pass at {image_size} px (FORWARD_MS)")
+
+
+def crf_ms(iterations: int, size: int, image_size: int = 224) -> float:
+    """The dense CRF's time per image (:data:`CRF_MS`) at ``size`` px, on maps of ``image_size`` px."""
+    fixed, per_pixel, per_iteration = CRF_MS
+    pixels = (min(size, image_size) / 128) ** 2
+    return fixed + pixels * (per_pixel + per_iteration * iterations)
 
 
 def relative_cost(maps: MapConfig, refine: str = "none", crf_iterations: int = 5,
-                  crf_size: int = 128) -> float:
-    """Approximate annotation cost of a recipe relative to the plain one (1.0 ~ one forward pass of the
-    members: pixelvote's core costs about that, bench/speed.py). A fixed table rather than a timing, so that
-    a run's choice does not depend on how busy the machine was: each extra view (flip, scale) is one more
-    pass; layer fusion makes each pass ~1.5x (a gradient to an earlier layer); the guided filter adds ~35% of
-    the offline ensemble's plain analysis on a CPU (11 vs 33 ms per image at 224 px, bench/ablation.py), and
-    the dense CRF (at 128 px) ~17.5% to build plus ~4.5% per mean-field iteration (5 ms + 1.4 ms per
-    iteration on fire and BUSI images: 40% at the default 5 iterations, 63% at 10), in proportion to its
-    pixels at another ``crf_size``."""
+                  crf_size: int = 128, basis: CostBasis = REFERENCE) -> float:
+    """Approximate annotation cost of a recipe in plain analyses of ``basis`` (1.0 ~ one forward pass of the
+    members; see :data:`FORWARD_MS`): its views, plus the guided filter and the dense CRF (``refine="crf"``,
+    ``crf_iterations`` at ``crf_size`` px) at their measured times over the members' forward time."""
     views = len(tuple(maps.tta_scales)) * (2 if maps.tta_flip else 1)
     cost = views * (1.5 if maps.layer_fusion != "none" else 1.0)
-    cost += 0.35 if maps.refine == "guided" else 0.0
-    fixed, per_iteration = CRF_COST
-    pixels = (crf_size / 128) ** 2
-    return cost + ((fixed + per_iteration * crf_iterations) * pixels if refine == "crf" else 0.0)
+    pixels = (basis.image_size / 224) ** 2
+    extra_ms = GUIDED_MS * pixels if maps.refine == "guided" else 0.0
+    if refine == "crf":
+        extra_ms += crf_ms(crf_iterations, crf_size, basis.image_size)
+    return cost + extra_ms / basis.forward_ms
 
 
-def variant_cost(maps: MapConfig, fusion: str, base: CRFConfig | None = None) -> float:
-    """:func:`relative_cost` of ``maps`` + ``fusion``, with the CRF iterations and size the fusion names (else
-    ``base``'s)."""
+def colour_cost(basis: CostBasis = REFERENCE) -> float:
+    """The colour prior's cost in plain analyses of ``basis``."""
+    return COLOUR_MS * (basis.image_size / 224) ** 2 / basis.forward_ms
+
+
+def variant_cost(maps: MapConfig, fusion: str, base: CRFConfig | None = None,
+                 basis: CostBasis = REFERENCE) -> float:
+    """:func:`relative_cost` of ``maps`` + ``fusion`` in plain analyses of ``basis``, with the CRF
+    iterations and size the fusion names (else ``base``'s)."""
     base = base or CRFConfig()
     iterations = crf_iterations(fusion) or base.iterations
-    colour = COLOUR_COST if colour_weight(fusion) else 0.0
-    return relative_cost(maps, split_fusion(fusion)[1], iterations, crf_size(fusion) or base.size) + colour
+    colour = colour_cost(basis) if colour_weight(fusion) else 0.0
+    return relative_cost(maps, split_fusion(fusion)[1], iterations, crf_size(fusion) or base.size,
+                         basis) + colour
 
 
 def split_fusion(fusion: str) -> tuple[str, str]:
@@ -151,12 +203,16 @@ def fusion_settings(fusion: str) -> dict[str, str]:
 
 def crf_fusions(weights: Sequence[float], iterations: Sequence[int] = (),
                 cutoffs: Sequence[float] = (), sizes: Sequence[int] = (), *,
-                own_size: int | None = None) -> list[str]:
+                own_size: int | None = None, map_size: int | None = None) -> list[str]:
     """The CRF-refined fusions tried with each bilateral weight (and each iteration count, each cutoff on
     the CRF's object probability and each size the CRF runs at, where given): ``intersection+crf:10``,
     ``mean+crf:30``..., ``mean+crf:30:10``..., ``mean+crf:30:10:0.3``... or ``mean+crf:30:10:0.3:160``...
     Sizes that are only the consensus's ``own_size`` are not named (the names stay those of a run without
-    the choice)."""
+    the choice). The CRF never runs larger than the maps: sizes at or above ``map_size`` are one candidate,
+    at ``map_size``."""
+    if map_size is not None:
+        sizes = sorted({min(z, map_size) for z in sizes})
+        own_size = None if own_size is None else min(own_size, map_size)
     if own_size is not None and list(sizes) == [own_size]:
         sizes = ()
     if cutoffs and not iterations:

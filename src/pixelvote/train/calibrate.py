@@ -82,6 +82,7 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
         collect_modes,
         colour_fusions,
         consensus_update,
+        cost_basis,
         crf_fusions,
         crf_iterations,
         relative_cost,
@@ -94,18 +95,27 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
     # the masks are gated by the diagnosis the run will make
     ens.decision_threshold, ens.evidence_rule, ens.colour_prior = decision_threshold, evidence, prior
     limit = max(cfg.max_map_cost, cfg.max_pseudo_label_cost)
+    # costs in plain analyses of these members: the CRF is cheaper beside a slower forward pass
+    basis = cost_basis([m.name for m in run_cfg.members], run_cfg.image_size)
+    base_crf = run_cfg.consensus.crf
+
+    def recipe_cost(key: str) -> float:
+        return relative_cost(RECIPES[key], basis=basis)
+
+    def cost(maps_cfg: MapConfig, fusion: str) -> float:
+        return variant_cost(maps_cfg, fusion, base_crf, basis)
+
     # a recipe that costs more than both limits on its own could never be chosen: it is not tried (the
     # cheapest one always is, so that there is a choice)
-    cheapest = min(cfg.map_candidates, key=lambda k: relative_cost(RECIPES[k]))
-    recipes = {k: RECIPES[k] for k in cfg.map_candidates
-               if relative_cost(RECIPES[k]) <= limit or k == cheapest}
-    skipped = {k: relative_cost(RECIPES[k]) for k in cfg.map_candidates if k not in recipes}
+    cheapest = min(cfg.map_candidates, key=recipe_cost)
+    recipes = {k: RECIPES[k] for k in cfg.map_candidates if recipe_cost(k) <= limit or k == cheapest}
+    skipped = {k: recipe_cost(k) for k in cfg.map_candidates if k not in recipes}
     fusions = ["intersection", "mean", "vote"]
     refined: list[str] = []
     if "crf" in cfg.refine_candidates:
         if crf.available():
             refined = crf_fusions(cfg.crf_weights, cfg.crf_iterations, cfg.crf_cutoffs, cfg.crf_sizes,
-                                  own_size=run_cfg.consensus.crf.size)
+                                  own_size=run_cfg.consensus.crf.size, map_size=run_cfg.image_size)
         else:
             log.info("pydensecrf2 is not installed, so the CRF refinement is not tried (%s)",
                      crf.INSTALL_HINT)
@@ -114,21 +124,18 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
         fusions += [f for f in coloured if "+" not in f]
         refined += [f for f in coloured if "+" in f]
     bs = max(1, cfg.batch_size)
-    base_crf = run_cfg.consensus.crf
 
     # masks as the diagnosis gates them (annotation) and as `annotate --labels` makes them (`best` and
     # `labelled`, within the pseudo-label limit), scored in one pass over the validation images; the CRF
     # runs once per threshold, the costliest step: only where recipe + CRF fits the limit
-    for_labels = {k for k in recipes
-                  if relative_cost(RECIPES[k]) <= cfg.max_pseudo_label_cost or k == cheapest}
+    for_labels = {k for k in recipes if recipe_cost(k) <= cfg.max_pseudo_label_cost or k == cheapest}
     tables: dict = {}
     labelled: dict = {}
     for name, maps_cfg in recipes.items():
-        gated = fusions + [f for f in refined if variant_cost(maps_cfg, f, base_crf) <= limit]
+        gated = fusions + [f for f in refined if cost(maps_cfg, f) <= limit]
         modes = {False: gated}
         if name in for_labels:
-            within = [f for f in gated if variant_cost(maps_cfg, f, base_crf) <= cfg.max_pseudo_label_cost
-                      or f in fusions]
+            within = [f for f in gated if cost(maps_cfg, f) <= cfg.max_pseudo_label_cost or f in fusions]
             # which members fuse for labelled images: every one, or the agreeing ones
             modes[True] = within + [f"{f}@agreeing" for f in within if f.startswith("mean")]
         n_fusions = sum(len(f) for f in modes.values())
@@ -141,7 +148,7 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
             scored = collect_modes(ens, batches, {name: maps_cfg}, modes, base=run_cfg.consensus)
         tables.update(scored[False])
         labelled.update(scored.get(True, {}))
-    costs = {(r, f): variant_cost(RECIPES[r], f, base_crf) for (r, f) in {**tables, **labelled}}
+    costs = {(r, f): cost(RECIPES[r], f) for (r, f) in {**tables, **labelled}}
     allowed = ([key for key in tables if costs[key] <= cfg.max_map_cost]
                or [min(tables, key=costs.__getitem__)])
     # `best` makes pseudo-masks of labelled images (annotate --labels): scored as such, so that a recipe is
@@ -174,7 +181,9 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
     summary = {**chosen, "images_with_masks": n, "best": best, "labelled": lab, "candidates": candidates,
                "labelled_candidates": {f"{r}+{f}": round(float(tab.ious.mean(0).nan_to_num(-1.0).max()), 4)
                                        if len(tab.ious) else None for (r, f), tab in labelled.items()},
-               "not_tried_over_cost": skipped}
+               "not_tried_over_cost": skipped,
+               "cost_basis": {"forward_ms": round(basis.forward_ms, 2), "image_size": basis.image_size,
+                              "source": basis.source}}
     return maps, update, summary, {"best": (best_maps, best_update), "labelled": (lab_maps, lab_update)}
 
 

@@ -72,9 +72,10 @@ class TrainConfig(BaseModel):
                     "saved in the run's consensus (crf.cutoff); fire's and BUSI's masks were best at 0.3 "
                     "(README)")
     crf_sizes: list[int] = Field(
-        default_factory=lambda: [128],
+        default_factory=lambda: [128, 160],
         description="sizes (the longer side, px) the dense CRF runs at, tried on validation masks: the "
-                    "chosen one is saved in the run's consensus (crf.size); its cost grows with its pixels")
+                    "chosen one is saved in the run's consensus (crf.size); its cost grows with its pixels; "
+                    "sizes at or above the model input are one candidate, at the input's size")
     colour_weights: list[float] = Field(
         default_factory=lambda: [0.75],
         description="weights of the colour prior (P(finding | colour), learned from the training images' "
