@@ -1,6 +1,6 @@
 """The timings behind calibration's cost table (``pixelvote.evaluate.selection``), measured on this machine.
 
-    python bench/cost_table.py [--repeats 5] [--batch 8]
+    python bench/cost_table.py [--repeats 9] [--batch 8] [--models A,B] [--sizes 128,160] [--iterations 5,15]
 
 1. Each registered backbone's plain forward pass (as ``bench/speed.py``'s floor: ``inference_mode``,
    channels_last, batch ``--batch`` at 224 px, random weights), ms per image: what ``FORWARD_MS`` holds,
@@ -82,7 +82,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--models", help="backbones to time, comma-separated (default: every registered one but "
+                                     "the test models)")
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="CRF sizes, px")
+    ap.add_argument("--iterations", default=",".join(map(str, ITERATIONS)), help="CRF mean-field iterations")
     args = ap.parse_args()
+    if not crf.available():
+        raise SystemExit(f"the dense CRF is not installed: {crf.INSTALL_HINT}")
+    names = (args.models.split(",") if args.models
+             else [n for n in list_models() if get_spec(n).source != "test"])
+    sizes = [int(v) for v in args.sizes.split(",")]
+    counts = [int(v) for v in args.iterations.split(",")]
     torch.manual_seed(0)
     B = args.batch
     out: dict = {"threads": torch.get_num_threads(), "batch": B}
@@ -91,9 +101,7 @@ def main() -> None:
     imgs = frames(B, 224)
     soft = blob_maps(B, 224)
     fns: dict[str, Callable[[], object]] = {}
-    for name in list_models():
-        if get_spec(name).source == "test":
-            continue
+    for name in names:
         # as bench/speed.py's floor: the member in an Ensemble (channels_last), its input normalised
         ens = Ensemble([build_member(name, 2, pretrained=False).eval()], ("finding", "background"),
                        "background", 224).eval()
@@ -103,8 +111,8 @@ def main() -> None:
                 ens.members[0](ens.normalize(x))
 
         fns[name] = run
-    for size in SIZES:
-        for n in ITERATIONS:
+    for size in sizes:
+        for n in counts:
             cfg = crf.CRFConfig(size=size, iterations=n, bilateral_compat=30.0)
             fns[f"crf {size}x{n}"] = lambda cfg=cfg: crf.dense_crf(soft, imgs, cfg, 0.3)
     prior = ColourPrior(bins=8, probability=[0.5] * 512, images=1, findings=1)
@@ -114,13 +122,13 @@ def main() -> None:
     fns["guided"] = lambda: guided_filter(maps, grey(imgs), radius, 0.01)
     ms = interleaved_ms(fns, args.repeats, B)
 
-    forward = {k: v for k, v in ms.items() if k in fns and not k.startswith(("crf ", "colour", "guided"))}
+    forward = {n: ms[n] for n in names}
     for name, v in forward.items():
         print(f"forward {name:26s} {v:7.1f} ms/image   (table: "
               f"{selection.FORWARD_MS.get(name, float('nan')):.1f})")
     out["forward_ms"] = forward
 
-    cells = {(size, n): ms[f"crf {size}x{n}"] for size in SIZES for n in ITERATIONS}
+    cells = {(size, n): ms[f"crf {size}x{n}"] for size in sizes for n in counts}
     pixels = np.array([(s / 128) ** 2 for s, _ in cells])
     iters = np.array([n for _, n in cells], dtype=float)
     design = np.stack([np.ones_like(pixels), pixels, pixels * iters], 1)
