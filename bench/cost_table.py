@@ -80,7 +80,7 @@ def blob_maps(n: int, size: int) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--models", help="backbones to time, comma-separated (default: every registered one but "
                                      "the test models)")
@@ -98,13 +98,14 @@ def main() -> None:
     out: dict = {"threads": torch.get_num_threads(), "batch": B}
 
     x = torch.rand(B, 3, 224, 224)
-    imgs = frames(B, 224)
+    # the analysed images as the consensus gets them (Analysis.inputs): floats in [0, 1], channels_last
+    imgs = frames(B, 224).float().div_(255).contiguous(memory_format=torch.channels_last)
     soft = blob_maps(B, 224)
     fns: dict[str, Callable[[], object]] = {}
     for name in names:
         # as bench/speed.py's floor: the member in an Ensemble (channels_last), its input normalised
         ens = Ensemble([build_member(name, 2, pretrained=False).eval()], ("finding", "background"),
-                       "background", 224).eval()
+                       "background", 224).to("cpu").eval()
 
         def run(ens: Ensemble = ens) -> None:
             with torch.inference_mode():
@@ -129,7 +130,7 @@ def main() -> None:
     out["forward_ms"] = forward
 
     cells = {(size, n): ms[f"crf {size}x{n}"] for size in sizes for n in counts}
-    pixels = np.array([(s / 128) ** 2 for s, _ in cells])
+    pixels = np.array([(min(s, 224) / 128) ** 2 for s, _ in cells])
     iters = np.array([n for _, n in cells], dtype=float)
     design = np.stack([np.ones_like(pixels), pixels, pixels * iters], 1)
     fit, *_ = np.linalg.lstsq(design, np.array(list(cells.values())), rcond=None)
@@ -137,7 +138,7 @@ def main() -> None:
           f"fit: {fit[0]:.2f} + px * ({fit[1]:.2f} + {fit[2]:.3f} * iterations), px = (size/128)^2")
     print(f"{'size':>5s} {'iter':>5s} {'measured':>9s} {'fit':>7s} {'table':>7s}")
     for (size, n), v in cells.items():
-        px = (size / 128) ** 2
+        px = (min(size, 224) / 128) ** 2  # the CRF never runs larger than the maps
         print(f"{size:5d} {n:5d} {v:9.1f} {fit[0] + px * (fit[1] + fit[2] * n):7.1f} "
               f"{selection.crf_ms(n, size):7.1f}")
     out["crf_ms"] = {f"{s}x{n}": v for (s, n), v in cells.items()}

@@ -155,7 +155,7 @@ def test_train_learns_the_prior_annotate_uses_it_and_a_weight_without_it_names_t
     bright, dark = _bin((200, 200, 200)), _bin((40, 40, 40))
     assert prior.probability[bright] > 0.9 > 0.5 > prior.probability[dark]
     cands = json.loads((run / "calibration.json").read_text())["selection"]["candidates"]
-    # the test models have no timing: priced against the offline preset's forward pass
+    # the test models have no timing: priced as the offline preset at 32 px (prior and pass scale alike)
     assert "plain+mean*colour:0.75" in cands and cands["plain+mean*colour:0.75"]["relative_cost"] == round(
         1 + COLOUR_MS / REFERENCE.forward_ms, 3)
     raw = json.loads((run / "run.json").read_text())

@@ -78,10 +78,15 @@ def test_cost_basis_prices_the_crf_against_the_members_own_forward_pass() -> Non
                                                                                 basis=os16)
     # in proportion to the input's pixels
     assert cost_basis(preset_models("offline"), 448).forward_ms == pytest.approx(4 * offline.forward_ms)
-    # a backbone without a timing (registered elsewhere, or the test models) is priced as before
+    # a backbone without a timing (registered elsewhere, or the test models) is priced as the offline
+    # preset at the run's own input size, so that the CRF on its small maps is not set against a 224-px pass
     tiny = cost_basis(["tiny_cnn_a", "efficientnet_lite0"], 48)
-    assert (tiny.forward_ms, tiny.image_size) == (REFERENCE.forward_ms, REFERENCE.image_size)
-    assert "no timing for tiny_cnn_a" in tiny.source
+    assert tiny.forward_ms == pytest.approx(REFERENCE.forward_ms * (48 / 224) ** 2)
+    assert (tiny.image_size, tiny.members) == (48, 2) and "no timing for tiny_cnn_a" in tiny.source
+    # the guided filter runs on each member's map: a single member pays a third of three members' filter
+    one = cost_basis(["efficientnet_lite0"], 224)
+    assert one.members == 1 and relative_cost(RECIPES["guided"], basis=one) == pytest.approx(
+        1 + selection.GUIDED_MS / 3 / FORWARD_MS["efficientnet_lite0"])
     # every backbone pixelvote registers, but its test models, has a timing
     assert {n for n in list_models() if get_spec(n).source != "test"} <= set(FORWARD_MS)
 
@@ -206,15 +211,23 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     assert cands["flip+mean"]["allowed"] is (max_cost >= 2.0)
     from pixelvote.refine import crf
 
-    # the test models have no timing: priced against the offline preset at 224 px
-    assert sel["cost_basis"]["forward_ms"] == pytest.approx(REFERENCE.forward_ms, abs=0.01)
+    # the test models have no timing: priced as the offline preset at the run's 48 px
+    forward_ms = REFERENCE.forward_ms * (48 / 224) ** 2
+    assert sel["cost_basis"]["forward_ms"] == pytest.approx(forward_ms, abs=0.01)
     assert "no timing for tiny_cnn_a" in sel["cost_basis"]["source"]
-    if crf.available():  # the CRF variants are tried where they fit a limit, at crf_ms over the forward
-        # pass (the cutoff costs nothing), with each bilateral weight, iteration count and cutoff of
-        # TrainConfig (default 10 and 30; 3, 5, 10 and 15; 0.3 and 0.5)
+    if crf.available():  # the CRF variants are tried where they fit a limit, at crf_ms (on the 48-px maps)
+        # over the forward pass (the cutoff costs nothing), with each bilateral weight, iteration count and
+        # cutoff of TrainConfig (default 10 and 30; 3, 5, 10 and 15; 0.3 and 0.5). Against so short a pass
+        # the CRF's fixed cost weighs: about 1.85 at 3 iterations, 2.3 at 10, 2.6 at 15, so at 1.5 no CRF
+        # is allowed, at 2.0 the shorter ones are, and 15 iterations exceed even `best`'s 2.5 (not tried)
         for w in ("10", "30"):
-            costs = [(n, 1 + crf_ms(n, 128) / REFERENCE.forward_ms) for n in (3, 5, 10, 15)]
+            costs = [(n, 1 + crf_ms(n, 128, 48) / forward_ms) for n in (3, 5, 10, 15)]
+            assert [cost <= 2.0 for _, cost in costs] == [True, True, False, False]
+            assert costs[-1][1] > 2.5
             for (n, cost), c in itertools.product(costs, ("0.3", "0.5")):
+                if cost > 2.5:
+                    assert f"plain+mean+crf:{w}:{n}:{c}" not in cands
+                    continue
                 assert cands[f"plain+mean+crf:{w}:{n}:{c}"]["relative_cost"] == pytest.approx(cost, abs=1e-3)
                 assert cands[f"plain+mean+crf:{w}:{n}:{c}"]["allowed"] is (cost <= max_cost)
                 # flip + CRF costs 1 more: tried for --method best (within 2.5) only, or not at all
@@ -525,7 +538,8 @@ def test_training_chooses_the_crf_size_and_saves_it(tmp_path) -> None:
     assert not any(k.endswith(":64") for k in cands)  # 64 px on 48-px maps is the 48-px candidate
     for f, size in itertools.product(("mean", "intersection"), (24, 48)):  # both sizes, each at its cost
         cost = cands[f"plain+{f}+crf:10:3:0.5:{size}"]["relative_cost"]
-        assert cost == pytest.approx(1 + crf_ms(3, size) / REFERENCE.forward_ms, abs=1e-3)  # rounded to 3
+        assert cost == pytest.approx(1 + crf_ms(3, size, 48) / (REFERENCE.forward_ms * (48 / 224) ** 2),
+                                     abs=1e-3)  # rounded to 3
     assert read_run_config(run).consensus.crf.size == (crf_size(sel["fusion"]) or CRFConfig().size)
     with pytest.raises(Exception, match="crf-sizes"):
         TrainConfig(data=data, out=tmp_path / "x", crf_sizes=[8])

@@ -95,7 +95,9 @@ def train(
     mc_samples: int = typer.Option(30, help="T, MC samples for calibration and annotation"),
     cam_layer: Optional[str] = typer.Option(None, help="CAM target layer (default: each backbone's last)"),
     max_map_cost: float = typer.Option(2.0, min=1.0, help="choose only map recipes costing at most this many "
-                                       "forward passes per image (TTA costs ~6, the CRF 0.3-0.6 more)"),
+                                       "plain analyses of the run's own members per image (TTA costs 6; the "
+                                       "CRF's share depends on the members, 0.24-0.66 at 160 px with 15 "
+                                       "iterations; calibration.json says)"),
     max_pseudo_label_cost: float = typer.Option(2.5, min=1.0, help="the costliest recipe `annotate --method "
                                                 "best` may use (pseudo-masks for `segment train`)"),
     crf: bool = typer.Option(True, "--crf/--no-crf", help="try the dense-CRF refinement on validation masks "
@@ -104,7 +106,8 @@ def train(
                                     "validation masks choose one"),
     crf_iterations: str = typer.Option("3,5,10,15", help="the dense CRF's mean-field iterations to try (one "
                                        "pass serves them all); the validation masks choose one, within "
-                                       "--max-map-cost (each iteration costs ~4.5% of a forward pass)"),
+                                       "--max-map-cost (at 160 px each iteration costs 2-3% of a plain "
+                                       "analysis: README)"),
     crf_cutoffs: str = typer.Option("0.3,0.5", help="cutoffs on the dense CRF's object probability to try "
                                     "(the mask is where it exceeds the cutoff; no extra CRF pass); the "
                                     "validation masks choose one"),

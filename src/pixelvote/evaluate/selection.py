@@ -64,7 +64,7 @@ FORWARD_MS: dict[str, float] = {
 # 128 x 128 (the size it runs at: its longer side, never more than the map's); a least-squares fit over
 # 128-224 px and 1-15 iterations
 CRF_MS = (0.62, 4.90, 0.854)
-GUIDED_MS = 11.0  # the guided filter on three members' maps at 224 px
+GUIDED_MS = 11.0  # the guided filter on three members' maps at 224 px (in proportion to the members)
 COLOUR_MS = 0.45  # the colour prior: a table lookup and a power per pixel of the map at 224 px
 REFERENCE_PRESET = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
@@ -72,11 +72,13 @@ REFERENCE_PRESET = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_li
 @dataclass(frozen=True)
 class CostBasis:
     """What one plain analysis costs: the members' forward pass, ms per image at ``image_size`` on the
-    reference CPU, and where that figure came from."""
+    reference CPU, how many members make it (the guided filter runs on each one's map), and where that
+    figure came from."""
 
     forward_ms: float
     image_size: int
     source: str
+    members: int = len(REFERENCE_PRESET)
 
 
 REFERENCE = CostBasis(sum(FORWARD_MS[n] for n in REFERENCE_PRESET), 224,
@@ -84,15 +86,18 @@ REFERENCE = CostBasis(sum(FORWARD_MS[n] for n in REFERENCE_PRESET), 224,
 
 
 def cost_basis(members: Iterable[str], image_size: int) -> CostBasis:
-    """The members' forward time from :data:`FORWARD_MS`, in proportion to the input's pixels; a member
-    the table does not know (a backbone registered elsewhere) makes it :data:`REFERENCE`, as priced before."""
+    """The members' forward time from :data:`FORWARD_MS`, in proportion to the input's pixels. A member the
+    table does not know (a backbone registered elsewhere) makes it the ``offline`` preset's at the same
+    input size: the extra steps are then priced at the run's own size against a forward pass of that size."""
     names = list(members)
+    scale = (image_size / 224) ** 2
     unknown = [n for n in names if n not in FORWARD_MS]
     if unknown or not names:
-        return dataclasses.replace(REFERENCE, source=f"{REFERENCE.source}: no timing for "
-                                                     f"{', '.join(unknown) or 'an empty ensemble'}")
-    ms = sum(FORWARD_MS[n] for n in names) * (image_size / 224) ** 2
-    return CostBasis(ms, image_size, f"the members' forward pass at {image_size} px (FORWARD_MS)")
+        return CostBasis(REFERENCE.forward_ms * scale, image_size,
+                         f"the offline preset at {image_size} px (FORWARD_MS): no timing for "
+                         f"{', '.join(unknown) or 'an empty ensemble'}", max(1, len(names)))
+    ms = sum(FORWARD_MS[n] for n in names) * scale
+    return CostBasis(ms, image_size, f"the members' forward pass at {image_size} px (FORWARD_MS)", len(names))
 
 
 def crf_ms(iterations: int, size: int, image_size: int = 224) -> float:
@@ -110,7 +115,7 @@ def relative_cost(maps: MapConfig, refine: str = "none", crf_iterations: int = 5
     views = len(tuple(maps.tta_scales)) * (2 if maps.tta_flip else 1)
     cost = views * (1.5 if maps.layer_fusion != "none" else 1.0)
     pixels = (basis.image_size / 224) ** 2
-    extra_ms = GUIDED_MS * pixels if maps.refine == "guided" else 0.0
+    extra_ms = GUIDED_MS * pixels * basis.members / 3 if maps.refine == "guided" else 0.0
     if refine == "crf":
         extra_ms += crf_ms(crf_iterations, crf_size, basis.image_size)
     return cost + extra_ms / basis.forward_ms

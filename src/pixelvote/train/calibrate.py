@@ -183,6 +183,7 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
                                        if len(tab.ious) else None for (r, f), tab in labelled.items()},
                "not_tried_over_cost": skipped,
                "cost_basis": {"forward_ms": round(basis.forward_ms, 2), "image_size": basis.image_size,
+                              "members": basis.members,
                               "source": basis.source}}
     return maps, update, summary, {"best": (best_maps, best_update), "labelled": (lab_maps, lab_update)}
 

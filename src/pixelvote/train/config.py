@@ -63,8 +63,8 @@ class TrainConfig(BaseModel):
         default_factory=lambda: [3, 5, 10, 15],
         description="mean-field iterations of the dense CRF tried on validation masks (one pass serves them "
                     "all): the chosen count is saved in the run's consensus (crf.iterations); fire's masks "
-                    "were best after 15, BUSI's after 3 (README); each iteration costs ~4.5% of a plain "
-                    "analysis")
+                    "were best after 15, BUSI's after 3 (README); each iteration is priced against the "
+                    "members' own forward pass (pixelvote.evaluate.selection.CRF_MS)")
     crf_cutoffs: list[float] = Field(
         default_factory=lambda: [0.3, 0.5],
         description="cutoffs on the dense CRF's object probability tried on validation masks (the mask is "
