@@ -215,36 +215,45 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     forward_ms = REFERENCE.forward_ms * (48 / 224) ** 2
     assert sel["cost_basis"]["forward_ms"] == pytest.approx(forward_ms, abs=0.01)
     assert "no timing for tiny_cnn_a" in sel["cost_basis"]["source"]
-    if crf.available():  # the CRF variants are tried where they fit a limit, at crf_ms (on the 48-px maps)
-        # over the forward pass (the cutoff costs nothing), with each bilateral weight, iteration count and
-        # cutoff of TrainConfig (default 10 and 30; 3, 5, 10 and 15; 0.3 and 0.5). Against so short a pass
-        # the CRF's fixed cost weighs: about 1.85 at 3 iterations, 2.3 at 10, 2.6 at 15, so at 1.5 no CRF
-        # is allowed, at 2.0 the shorter ones are, and 15 iterations exceed even `best`'s 2.5 (not tried)
+    basis = cost_basis([m.name for m in read_run_config(run).members], 48)
+
+    def cost_of(key: str) -> float:  # a labelled candidate's cost, as calibration prices it
+        recipe, fusion = key.partition("@")[0].split("+", 1)
+        return variant_cost(RECIPES[recipe], fusion, CRFConfig(), basis)
+
+    labelled = sel["labelled_candidates"]
+    if crf.available():  # the CRF variants are tried where they fit the choice's limit, at crf_ms (on the
+        # 48-px maps) over the forward pass (the cutoff costs nothing), with each bilateral weight, iteration
+        # count and cutoff of TrainConfig (default 10 and 30; 3, 5, 10 and 15; 0.3 and 0.5). Against so
+        # short a pass the CRF's fixed cost weighs: about 1.85 at 3 iterations, 2.3 at 10, 2.6 at 15, so at
+        # 1.5 no CRF is scored for annotation, at 2.0 the shorter ones are, and 15 iterations exceed even
+        # `best`'s 2.5 (not tried at all)
         for w in ("10", "30"):
             costs = [(n, 1 + crf_ms(n, 128, 48) / forward_ms) for n in (3, 5, 10, 15)]
             assert [cost <= 2.0 for _, cost in costs] == [True, True, False, False]
             assert costs[-1][1] > 2.5
             for (n, cost), c in itertools.product(costs, ("0.3", "0.5")):
-                if cost > 2.5:
-                    assert f"plain+mean+crf:{w}:{n}:{c}" not in cands
-                    continue
-                assert cands[f"plain+mean+crf:{w}:{n}:{c}"]["relative_cost"] == pytest.approx(cost, abs=1e-3)
-                assert cands[f"plain+mean+crf:{w}:{n}:{c}"]["allowed"] is (cost <= max_cost)
-                # flip + CRF costs 1 more: tried for --method best (within 2.5) only, or not at all
-                flip = cands.get(f"flip+mean+crf:{w}:{n}:{c}")
-                assert (flip is None) is (cost + 1 > 2.5) and (flip is None or flip["allowed"] is False)
-                # one CRF pass per threshold: tried up to 0.6 only
-                assert max(map(float, cands[f"plain+mean+crf:{w}:{n}:{c}"]["mean_iou_by_threshold"])) == 0.6
-            assert max(map(float, cands["plain+mean"]["mean_iou_by_threshold"])) == 0.95
+                key = f"plain+mean+crf:{w}:{n}:{c}"
+                if cost > max_cost:
+                    assert key not in cands  # over this limit it could never be chosen: not scored
+                else:
+                    assert cands[key]["relative_cost"] == pytest.approx(cost, abs=1e-3)
+                    assert cands[key]["allowed"] is True
+                    # one CRF pass per threshold: tried up to 0.6 only
+                    assert max(map(float, cands[key]["mean_iou_by_threshold"])) == 0.6
+                # `best` scores pseudo-masks within 2.5; flip + CRF costs 1 more, over it: not tried
+                assert (key in labelled) is (cost <= 2.5)
+                assert f"flip+mean+crf:{w}:{n}:{c}" not in labelled
+        assert max(map(float, cands["plain+mean"]["mean_iou_by_threshold"])) == 0.95
         assert not any(k.endswith("+crf") or k.endswith(f"+crf:{w}") for k in cands for w in ("10", "30"))
     # `best` (pseudo-masks of labelled images) is scored as `annotate --labels` makes them, within 2.5
     # (each mean fusion also with only the agreeing members fused, "@agreeing")
-    labelled = sel["labelled_candidates"]
-    plain_keys = {k for k, c in cands.items() if c["relative_cost"] <= 2.5}
-    assert set(labelled) == plain_keys | {f"{k}@agreeing" for k in plain_keys if "+mean" in k}
+    plain_keys = {k for k in cands if "+crf" not in k}
+    assert plain_keys | {f"{k}@agreeing" for k in plain_keys if "+mean" in k} <= set(labelled)
+    assert all(cost_of(k) <= 2.5 for k in labelled)
     assert sel["best"]["val_mean_iou"] == pytest.approx(max(labelled.values()), abs=1e-4)
     assert sel["best"]["relative_cost"] <= 2.5 and sel["best"]["scored_with"].startswith("the images' labels")
-    within = {k: v for k, v in labelled.items() if cands[k.partition("@")[0]]["allowed"]}
+    within = {k: v for k, v in labelled.items() if cost_of(k) <= max_cost}
     assert sel["labelled"]["val_mean_iou"] == pytest.approx(max(within.values()), abs=1e-4)
     chosen = cands[f"{sel['recipe']}+{sel['fusion']}"]
     assert chosen["allowed"] and chosen["relative_cost"] <= max_cost
@@ -543,3 +552,36 @@ def test_training_chooses_the_crf_size_and_saves_it(tmp_path) -> None:
     assert read_run_config(run).consensus.crf.size == (crf_size(sel["fusion"]) or CRFConfig().size)
     with pytest.raises(Exception, match="crf-sizes"):
         TrainConfig(data=data, out=tmp_path / "x", crf_sizes=[8])
+
+
+def test_the_crf_grid_is_scored_only_on_the_recipes_that_do_best_without_it(tmp_path) -> None:
+    from pixelvote.refine import crf
+    from pixelvote.train.config import TrainConfig
+    from pixelvote.train.loop import train
+
+    if not crf.available():
+        pytest.skip("the CRF needs pydensecrf2 (pip install 'pixelvote[crf]')")
+    data = write_blob_dataset(tmp_path / "data", per_class=8)
+    run = train(TrainConfig(data=data, out=tmp_path / "run", preset="tiny", epochs=1, image_size=48,
+                            pretrained=False, mc_samples=2, map_candidates=["plain", "contrast", "guided"],
+                            min_masks_to_choose=1, val_fraction=0.4, crf_weights=[10], crf_iterations=[3],
+                            crf_cutoffs=[0.5], crf_sizes=[48], colour_weights=[], max_map_cost=3.0,
+                            max_pseudo_label_cost=3.0, crf_recipes=1))
+    sel = json.loads((run / "calibration.json").read_text())["selection"]
+    cands, labelled = sel["candidates"], sel["labelled_candidates"]
+
+    def without_crf(table: dict, recipe: str) -> float:
+        return max((v if isinstance(v, float) else max(v["mean_iou_by_threshold"].values()))
+                   for k, v in table.items() if k.startswith(f"{recipe}+") and "+crf" not in k)
+
+    recipes = ("plain", "contrast", "guided")
+    for table, mode in ((cands, "gated"), (labelled, "labelled")):
+        (tried,) = sel["crf_tried_on"][mode]  # one recipe, the best without the CRF (IoUs rounded to 4)
+        assert without_crf(table, tried) >= max(without_crf(table, r) for r in recipes) - 1e-4
+        with_crf = {k.split("+", 1)[0] for k in table if "+crf" in k}
+        assert with_crf == {tried}
+        assert f"{tried}+mean+crf:10:3:0.5" in table
+    # every recipe is still scored without the CRF, in both ways
+    assert all(f"{r}+mean" in cands and f"{r}+mean@agreeing" in labelled for r in recipes)
+    with pytest.raises(Exception, match="crf_recipes"):
+        TrainConfig(data=data, out=tmp_path / "x", crf_recipes=0)

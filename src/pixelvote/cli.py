@@ -114,6 +114,9 @@ def train(
     crf_sizes: str = typer.Option("128,160", help="sizes (the longer side, px) the dense CRF runs at to "
                                   "try; the validation masks choose one, within --max-map-cost (a larger "
                                   "one costs more: its pixels)"),
+    crf_recipes: int = typer.Option(2, min=1, help="try the dense CRF's grid on this many map recipes per "
+                                    "choice: those whose masks without it score best on validation (the "
+                                    "grid is most of calibration's time)"),
     colour: bool = typer.Option(True, "--colour/--no-colour", help="learn a colour prior (P(finding | "
                                 "colour)) from the training images' labels and try it with the mean fusion "
                                 "on validation masks"),
@@ -161,6 +164,7 @@ def train(
                       crf_iterations=list(_crf_iterations(crf_iterations)),
                       crf_cutoffs=_numbers(crf_cutoffs, "--crf-cutoffs"),
                       crf_sizes=_whole(_numbers(crf_sizes, "--crf-sizes"), "--crf-sizes"),
+                      crf_recipes=crf_recipes,
                       colour_weights=_numbers(colour_weights, "--colour-weights") if colour else [],
                       colour_evidence=colour_evidence)
     try:

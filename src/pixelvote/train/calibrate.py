@@ -126,28 +126,57 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
     bs = max(1, cfg.batch_size)
 
     # masks as the diagnosis gates them (annotation) and as `annotate --labels` makes them (`best` and
-    # `labelled`, within the pseudo-label limit), scored in one pass over the validation images; the CRF
-    # runs once per threshold, the costliest step: only where recipe + CRF fits the limit
-    for_labels = {k for k in recipes if recipe_cost(k) <= cfg.max_pseudo_label_cost or k == cheapest}
+    # `labelled`, within the pseudo-label limit), scored in one pass over the validation images per recipe
+    for_labels = [k for k in recipes if recipe_cost(k) <= cfg.max_pseudo_label_cost or k == cheapest]
     tables: dict = {}
     labelled: dict = {}
-    for name, maps_cfg in recipes.items():
-        gated = fusions + [f for f in refined if cost(maps_cfg, f) <= limit]
-        modes = {False: gated}
-        if name in for_labels:
-            within = [f for f in gated if cost(maps_cfg, f) <= cfg.max_pseudo_label_cost or f in fusions]
-            # which members fuse for labelled images: every one, or the agreeing ones
-            modes[True] = within + [f"{f}@agreeing" for f in within if f.startswith("mean")]
+
+    def with_agreeing(fs: list[str]) -> list[str]:
+        """Which members fuse for labelled images: every one, or the agreeing ones."""
+        return fs + [f"{f}@agreeing" for f in fs if f.startswith("mean")]
+
+    def score(name: str, modes: dict[bool, list[str]], what: str) -> None:
         n_fusions = sum(len(f) for f in modes.values())
         batches = tqdm(_val_batches(val, bs), total=-(-len(val) // bs), unit="batch", leave=False,
-                       desc=f"choosing the map recipe ({name} x {n_fusions} fusions)")
+                       desc=f"choosing the map recipe ({name} x {n_fusions} {what})")
         # one CRF pass per image and threshold serves every iteration count tried with these maps
-        with crf.reuse(steps={crf_iterations(f) or base_crf.iterations for f in gated if f in refined}):
+        steps = {crf_iterations(f) or base_crf.iterations for fs in modes.values() for f in fs if "+" in f}
+        with crf.reuse(steps=steps):
             # scored with the consensus the choice is saved into (its CRF settings, but the weight and
             # the iterations)
-            scored = collect_modes(ens, batches, {name: maps_cfg}, modes, base=run_cfg.consensus)
-        tables.update(scored[False])
+            scored = collect_modes(ens, batches, {name: recipes[name]}, modes, base=run_cfg.consensus)
+        tables.update(scored.get(False, {}))
         labelled.update(scored.get(True, {}))
+
+    for name in recipes:
+        modes = {False: list(fusions)}
+        if name in for_labels:
+            modes[True] = with_agreeing(list(fusions))
+        score(name, modes, "fusions")
+
+    def top(table: dict, names: list[str], limit: float) -> list[str]:
+        """The ``cfg.crf_recipes`` recipes among ``names`` that the CRF fits within ``limit`` with the best
+        mean IoU without it."""
+        def without(r: str) -> float:
+            return max((float(t.ious.mean(0).nan_to_num(-1.0).max()) for (k, _), t in table.items()
+                        if k == r and len(t.ious)), default=-1.0)
+        fits = [r for r in names if any(cost(recipes[r], f) <= limit for f in refined)]
+        return sorted(fits, key=without, reverse=True)[:cfg.crf_recipes]
+
+    # the CRF's grid is most of the time: it is scored on the recipes that do best without it, per choice
+    crf_gated = top(tables, list(recipes), cfg.max_map_cost)
+    crf_labelled = {*top(labelled, for_labels, cfg.max_pseudo_label_cost),
+                    *top(labelled, for_labels, cfg.max_map_cost)}
+    for name in recipes:
+        modes = {}
+        if name in crf_gated:
+            modes[False] = [f for f in refined if cost(recipes[name], f) <= cfg.max_map_cost]
+        if name in crf_labelled:
+            modes[True] = with_agreeing([f for f in refined
+                                         if cost(recipes[name], f) <= cfg.max_pseudo_label_cost])
+        modes = {m: fs for m, fs in modes.items() if fs}
+        if modes:
+            score(name, modes, "CRF settings")
     costs = {(r, f): cost(RECIPES[r], f) for (r, f) in {**tables, **labelled}}
     allowed = ([key for key in tables if costs[key] <= cfg.max_map_cost]
                or [min(tables, key=costs.__getitem__)])
@@ -182,6 +211,7 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
                "labelled_candidates": {f"{r}+{f}": round(float(tab.ious.mean(0).nan_to_num(-1.0).max()), 4)
                                        if len(tab.ious) else None for (r, f), tab in labelled.items()},
                "not_tried_over_cost": skipped,
+               "crf_tried_on": {"gated": crf_gated, "labelled": [r for r in recipes if r in crf_labelled]},
                "cost_basis": {"forward_ms": round(basis.forward_ms, 2), "image_size": basis.image_size,
                               "members": basis.members,
                               "source": basis.source}}

@@ -76,6 +76,11 @@ class TrainConfig(BaseModel):
         description="sizes (the longer side, px) the dense CRF runs at, tried on validation masks: the "
                     "chosen one is saved in the run's consensus (crf.size); its cost grows with its pixels; "
                     "sizes at or above the model input are one candidate, at the input's size")
+    crf_recipes: int = Field(
+        2, ge=1, description="the dense CRF's grid, the costliest part of calibration, is tried on this many "
+                             "map recipes per choice (annotation, --labels, --method best): those whose "
+                             "masks without it score best on the validation masks and leave room for it "
+                             "within the cost limit")
     colour_weights: list[float] = Field(
         default_factory=lambda: [0.75],
         description="weights of the colour prior (P(finding | colour), learned from the training images' "
