@@ -56,7 +56,10 @@ def test_train_tries_the_crf_weights_given_and_says_what_it_chose(tmp_path):
     r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny",
                             "--epochs", "1", "--image-size", "48", "--no-pretrained", "--mc-samples", "2",
                             "--val-fraction", "0.4", "--crf-weights", "4,25", "--crf-iterations", "7,2",
-                            "--crf-cutoffs", "0.4", "--colour-weights", "0.5,1", "--quiet"])
+                            "--crf-cutoffs", "0.4", "--colour-weights", "0.5,1", "--quiet",
+                            # every recipe's CRF grid scored, up to 2.5 plain analyses (7 iterations cost
+                            # more than 2 beside the tiny models)
+                            "--crf-recipes", "7", "--max-map-cost", "2.5"])
     assert r.exit_code == 0, r.output
     sel = json.loads((run / "calibration.json").read_text())["selection"]
     assert f"with {sel['recipe']} maps and {sel['fusion']} fusion" in r.output  # what was chosen, said
