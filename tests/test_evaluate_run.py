@@ -161,6 +161,24 @@ def test_bad_image_and_mismatched_mask_are_reported_not_fatal(trained, tmp_path)
         _evaluate(run, copy, tmp_path / "r3", split="test")
 
 
+def test_excluded_split_scores_only_the_images_kept_out_of_training(trained, tmp_path):
+    _, data, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    lists = json.loads((copy / "split.json").read_text())
+    kept_out = sorted(lists["train"])[:3]
+    lists["excluded_from_training"] = kept_out
+    (copy / "split.json").write_text(json.dumps(lists))
+    m = _evaluate(copy, data, tmp_path / "r", split="excluded", max_gallery=0)
+    assert m["config"]["split"] == "excluded" and m["n_images"] == 3
+    assert sorted(r["key"] for r in m["per_image"]) == sorted(Path(p).stem for p in kept_out)
+    assert any("calibration did not see" in n for n in m["notes"])
+    lists["excluded_from_training"] = []
+    (copy / "split.json").write_text(json.dumps(lists))
+    with pytest.raises(DataError, match="excluded.*empty.*--train-exclude"):
+        _evaluate(copy, data, tmp_path / "r2", split="excluded")
+
+
 def _tbx_root(root: Path, health: int = 2, broken_xml: bool = False) -> tuple[Path, dict[str, np.ndarray]]:
     """imgs/tb (64x64 PNGs, XML boxes in a 640x640 'scan') and imgs/health; returns the truth masks."""
     rng = np.random.default_rng(1)

@@ -294,7 +294,8 @@ def evaluate(
     run: Path = typer.Option(..., "--run", help="a run folder from `pixelvote train`"),
     data: Path = typer.Option(..., "--data", help="labelled images (+ masks or TBX11K boxes)"),
     out: Path = typer.Option(..., "--out", help="report folder: metrics.json and report.html"),
-    split: Optional[str] = typer.Option(None, help="val | test | all (default: val on the run's own data)"),
+    split: Optional[str] = typer.Option(None, help="val | test | excluded (the images --train-exclude kept "
+                                              "out of training) | all (default: val on the run's own data)"),
     mc_samples: Optional[int] = typer.Option(None),
     batch_size: int = typer.Option(8, min=1),
     method: str = typer.Option("run", help="run (the calibrated recipe), best (the best within the "

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]
 Split = Literal["val", "test", "all"]
-SPLITS = ("val", "test", "all")
+SPLITS = ("val", "test", "excluded", "all")
+SPLIT_LISTS = {"excluded": "excluded_from_training"}  # split name -> its list in split.json
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,9 @@ def select_split(items: list[EvalItem], split: str | None, run_dir: Path, run_da
     """The images to evaluate and the split actually used, with notes for the report.
 
     ``split=None``: ``"val"`` when ``data`` is the run's training data, else ``"all"``. ``"val"``/``"test"``
-    use the run's split.json lists, matched by path relative to the data root (so a moved copy works)."""
+    use the run's split.json lists, matched by path relative to the data root (so a moved copy works);
+    ``"excluded"`` the images ``train --train-exclude`` kept out of training, which calibration never saw
+    either: a held-out set where a source was left out."""
     same = bool(run_data_root) and _same_path(data, str(run_data_root))
     if split is None:
         split = "val" if same else "all"
@@ -222,12 +225,14 @@ def select_split(items: list[EvalItem], split: str | None, run_dir: Path, run_da
     path = run_dir / "split.json"
     try:
         lists = json.loads(path.read_text(encoding="utf-8"))
-        wanted = [str(p) for p in lists[split]]
+        wanted = [str(p) for p in lists[SPLIT_LISTS.get(split, split)]]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         raise DataError(f"the run has no readable {split!r} list", path=path,
                         fix="pass split='all' to evaluate every image of the data") from None
     if not wanted:
-        raise DataError(f"the run's {split!r} list is empty", path=path, fix="pass split='all' (or 'val')")
+        fix = ("train with --train-exclude to keep a source out of training, or pass split='val'"
+               if split == "excluded" else "pass split='all' (or 'val')")
+        raise DataError(f"the run's {split!r} list is empty", path=path, fix=fix)
     train_root = Path(str(run_data_root)) if run_data_root else data
     base = str(train_root.parent if train_root.suffix.lower() == ".csv" else train_root)
     rel = {os.path.relpath(p, base).replace(os.sep, "/") for p in wanted}
@@ -236,8 +241,10 @@ def select_split(items: list[EvalItem], split: str | None, run_dir: Path, run_da
     if not chosen:
         raise DataError(f"none of the run's {len(wanted)} {split!r} images are in this data", path=data,
                         fix="pass the run's training data, or split='all'")
+    unseen = ("the models were not trained on and calibration did not see (kept out by --train-exclude)"
+              if split == "excluded" else "the models were not trained on")
     notes = [f"Images: the run's {split!r} split ({len(chosen)} of {len(wanted)} listed images found), which "
-             "the models were not trained on."]
+             f"{unseen}."]
     if len(chosen) < len(wanted):
         missing = len(wanted) - len(chosen)
         notes.append(f"{missing} image(s) of the run's {split!r} list are not in this data.")
