@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from pixelvote.consensus import ConsensusConfig  # noqa: E402
-from pixelvote.evaluate import selection  # noqa: E402
 from pixelvote.data.imageio import read_image, read_mask  # noqa: E402
 from pixelvote.data.transforms import fit_image, to_tensor  # noqa: E402
+from pixelvote.evaluate import selection  # noqa: E402
 from pixelvote.evaluate.selection import (  # noqa: E402
     GRID,
     RECIPES,
