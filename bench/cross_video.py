@@ -112,6 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     if not items or bool(in_val.all()):
         sys.exit(f"{args.run}: no masked images outside validation (train with --train-exclude)")
 
+    names = sorted(set(groups))
+    gidx = {g: torch.tensor([i for i, h in enumerate(groups) if h == g]) for g in names}
+    unseen = [g for g in names if not bool(in_val[gidx[g]].any())]
+    if not unseen:
+        sys.exit("every group with kept-out images also has validation images: none is unseen")
     recipes = {k: RECIPES[k] for k in args.recipes.split(",")}
     refined = (crf_fusions([float(w) for w in args.crf_weights.split(",")],
                            [int(n) for n in args.crf_iterations.split(",")],
@@ -132,9 +137,6 @@ def main(argv: list[str] | None = None) -> None:
                          given_labels=args.labels,
                          base=ConsensusConfig(crf=cfg.consensus.crf, colour_prior=prior))
 
-    names = sorted(set(groups))
-    gidx = {g: torch.tensor([i for i, h in enumerate(groups) if h == g]) for g in names}
-    unseen = [g for g in names if not bool(in_val[gidx[g]].any())]
     per_group: dict[str, dict[str, float]] = {g: {} for g in names}
 
     def score(key: tuple[str, str], j: int, rows: torch.Tensor) -> float:

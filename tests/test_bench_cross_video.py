@@ -1,0 +1,71 @@
+"""bench/cross_video.py on a tiny run: a choice made on the validation group, on the other groups and on
+each group alone, scored on every group calibration never saw."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_blob_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("cross_video", ROOT / "bench" / "cross_video.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def grouped_run(tmp_path_factory):  # type: ignore[no-untyped-def]
+    from pixelvote.train.config import TrainConfig
+    from pixelvote.train.loop import train
+
+    root = tmp_path_factory.mktemp("cross_video")
+    data = write_blob_dataset(root / "data", per_class=12)
+    run = train(TrainConfig(data=data, out=root / "run", preset="tiny", epochs=1, image_size=48,
+                            pretrained=False, mc_samples=2, map_candidates=[], colour_weights=[]))
+    # as --train-exclude leaves them: a few lesion images of the training side, kept out (and masked)
+    lists = json.loads((run / "split.json").read_text())
+    lesions = [p for p in lists["train"] if "/lesion/" in p.replace("\\", "/")]
+    lists["excluded_from_training"] = lesions[:4]
+    (run / "split.json").write_text(json.dumps(lists))
+    config = json.loads((run / "train_config.json").read_text())
+    config["group_pattern"] = r"^(\w+ \d)"  # "lesion 1", "lesion 10" and "lesion 11" are one group
+    (run / "train_config.json").write_text(json.dumps(config))
+    return run, lists
+
+
+def test_choices_are_scored_per_group_and_over_the_unseen_ones(grouped_run, capsys) -> None:
+    run, lists = grouped_run
+    _bench().main(["--run", str(run), "--recipes", "plain", "--crf-weights", "", "--colour-weights", ""])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    val_lesions = [p for p in lists["val"] if "/lesion/" in p.replace("\\", "/")]
+    assert out["images"] == len(val_lesions) + 4
+    names = {Path(p).stem for p in lists["excluded_from_training"]}
+    unseen = {n[: len("lesion x")] for n in names} - {Path(p).stem[: len("lesion x")] for p in val_lesions}
+    assert set(out["unseen"]) == unseen and unseen
+    for g in out["groups"]:
+        row = out["per_group"][g]
+        # nothing chosen elsewhere beats the choice made on the group itself
+        assert row["best for this group alone"] >= row["chosen on validation"] - 1e-6
+        assert row["best for this group alone"] >= row["chosen on the other groups"] - 1e-6
+        assert 0.0 <= row["chosen on validation"] <= 1.0
+    summary = out["unseen_mean_iou"]
+    assert summary["best for this group alone"] >= summary["chosen on validation"] - 1e-6
+
+
+def test_a_run_without_kept_out_images_is_refused(grouped_run, tmp_path) -> None:
+    run, lists = grouped_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "split.json").write_text(json.dumps({**lists, "excluded_from_training": []}))
+    with pytest.raises(SystemExit, match="no masked images outside validation"):
+        _bench().main(["--run", str(copy), "--recipes", "plain", "--crf-weights", ""])
