@@ -2,6 +2,7 @@
 
     python bench/cross_video.py --run runs/fire-robust [--recipes guided,plain] [--crf-weights 10,30]
         [--crf-iterations 5,15] [--crf-cutoffs 0.3,0.5] [--crf-sizes 160] [--colour-weights 0.75]
+        [--refined-max 0.95] [--choose-per-group N] [--tables FILE]
 
 Scores every candidate (map recipe x fusion x threshold, as `train` calibrates) on every image with a mask in
 the run's validation split and in the images ``train --train-exclude`` kept out of training (for fire: the
@@ -93,6 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--refined-max", type=float, default=None,
                     help="score the CRF up to this threshold (default: calibration's, "
                          "pixelvote.evaluate.selection.REFINED_MAX_THRESHOLD)")
+    ap.add_argument("--choose-per-group", type=int, default=0,
+                    help="choose on at most this many evenly spaced images of each group (0: all), as "
+                         "train --calibration-per-group does; every image is scored")
+    ap.add_argument("--tables", type=Path, default=None,
+                    help="keep the scored candidates in this file, and reuse them where it exists")
     ap.add_argument("--limit", type=int, default=0, help="at most this many images per group (0: all)")
     args = ap.parse_args(argv)
 
@@ -132,21 +138,44 @@ def main(argv: list[str] | None = None) -> None:
         fusions = [f"{f}@agreeing" for f in fusions if f.startswith("mean")]
     print(f"{len(items)} images with masks in {len(set(groups))} groups; {len(recipes)} recipes x "
           f"{len(fusions)} fusions x {len(GRID)} thresholds", flush=True)
-    with crf.reuse(steps=[int(n) for n in args.crf_iterations.split(",")]):
-        tables = collect(ens, batches(items, cfg.image_size, ens.resize), recipes, fusions=fusions,
-                         given_labels=args.labels,
-                         base=ConsensusConfig(crf=cfg.consensus.crf, colour_prior=prior))
+    if args.tables and args.tables.exists():
+        saved = torch.load(args.tables)
+        if saved["images"] != [str(p) for p, _, _, _ in items]:
+            sys.exit(f"{args.tables} holds other images: remove it or pass another --tables")
+        keys = {k: tuple(k.split("|", 1)) for k in saved["ious"]}
+        tables = {keys[k]: VariantTable(RECIPES[keys[k][0]], keys[k][1], v, 0.0)
+                  for k, v in saved["ious"].items()}
+    else:
+        with crf.reuse(steps=[int(n) for n in args.crf_iterations.split(",")]):
+            tables = collect(ens, batches(items, cfg.image_size, ens.resize), recipes, fusions=fusions,
+                             given_labels=args.labels,
+                             base=ConsensusConfig(crf=cfg.consensus.crf, colour_prior=prior))
+        if args.tables:
+            torch.save({"images": [str(p) for p, _, _, _ in items],
+                        "ious": {f"{r}|{f}": t.ious for (r, f), t in tables.items()}}, args.tables)
 
     per_group: dict[str, dict[str, float]] = {g: {} for g in names}
 
     def score(key: tuple[str, str], j: int, rows: torch.Tensor) -> float:
         return float(tables[key].ious[rows, j].nan_to_num(0.0).mean())
 
+    def capped(rows: torch.Tensor) -> torch.Tensor:
+        """At most --choose-per-group evenly spaced rows of each group among ``rows``."""
+        if not args.choose_per_group:
+            return rows
+        keep = []
+        for g in names:
+            mine = rows[torch.isin(rows, gidx[g])]
+            if len(mine) > args.choose_per_group:
+                mine = mine[torch.linspace(0, len(mine) - 1, args.choose_per_group).round().long()]
+            keep.append(mine)
+        return torch.cat(keep)
+
     val_rows = torch.nonzero(in_val).flatten()
-    vkey, vj = choose(tables, val_rows)
+    vkey, vj = choose(tables, capped(val_rows))
     for g in names:
         per_group[g]["chosen on validation"] = score(vkey, vj, gidx[g])
-        others = torch.cat([gidx[h] for h in names if h != g])
+        others = capped(torch.cat([gidx[h] for h in names if h != g]))
         k, j = choose(tables, others)
         per_group[g]["chosen on the other groups"] = score(k, j, gidx[g])
         per_group[g]["choice left out"] = f"{k[0]} + {k[1]}, t={GRID[j]}"  # type: ignore[assignment]

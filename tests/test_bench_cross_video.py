@@ -43,10 +43,19 @@ def grouped_run(tmp_path_factory):  # type: ignore[no-untyped-def]
     return run, lists
 
 
-def test_choices_are_scored_per_group_and_over_the_unseen_ones(grouped_run, capsys) -> None:
+def test_choices_are_scored_per_group_and_over_the_unseen_ones(grouped_run, capsys, tmp_path) -> None:
     run, lists = grouped_run
-    _bench().main(["--run", str(run), "--recipes", "plain", "--crf-weights", "", "--colour-weights", ""])
+    args = ["--run", str(run), "--recipes", "plain", "--crf-weights", "", "--colour-weights", "",
+            "--tables", str(tmp_path / "tables.pt")]
+    _bench().main(args)
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    _bench().main(args)  # the kept tables give the same figures
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    _bench().main([*args, "--choose-per-group", "1"])  # chosen on one image per group, every image scored
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert one["images"] == out["images"]
+    alone = "best for this group alone"
+    assert all(one["per_group"][g][alone] == out["per_group"][g][alone] for g in out["groups"])
     val_lesions = [p for p in lists["val"] if "/lesion/" in p.replace("\\", "/")]
     assert out["images"] == len(val_lesions) + 4
     names = {Path(p).stem for p in lists["excluded_from_training"]}
