@@ -173,6 +173,16 @@ def test_excluded_split_scores_only_the_images_kept_out_of_training(trained, tmp
     assert m["config"]["split"] == "excluded" and m["n_images"] == 3
     assert sorted(r["key"] for r in m["per_image"]) == sorted(Path(p).stem for p in kept_out)
     assert any("calibration did not see" in n for n in m["notes"])
+    # those whose masks calibration scored are not held out: left out
+    lists["calibration_masks"] = kept_out[:1]
+    (copy / "split.json").write_text(json.dumps(lists))
+    m = _evaluate(copy, data, tmp_path / "r1", split="excluded", max_gallery=0)
+    assert sorted(r["key"] for r in m["per_image"]) == sorted(Path(p).stem for p in kept_out[1:])
+    assert any("the 1 whose masks calibration scored are left out" in n for n in m["notes"])
+    lists["calibration_masks"] = kept_out
+    (copy / "split.json").write_text(json.dumps(lists))
+    with pytest.raises(DataError, match="calibration scored every image.*--calibration-per-group"):
+        _evaluate(copy, data, tmp_path / "r3", split="excluded")
     lists["excluded_from_training"] = []
     (copy / "split.json").write_text(json.dumps(lists))
     with pytest.raises(DataError, match="excluded.*empty.*--train-exclude"):

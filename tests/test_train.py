@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,6 +134,47 @@ def test_train_exclude_keeps_matching_images_out_of_training_only(blob_dataset, 
     plain_split = json.loads((tmp_path / "p" / "split.json").read_text())
     assert split["val"] == plain_split["val"]  # validation is the same split as without the option
     assert len(prep.train) == len(plain.train) - len(split["excluded_from_training"])
+
+
+def test_calibration_scores_the_kept_out_masks_too_a_few_per_group(blob_dataset, tmp_path):
+    def prepared(name, **kw):  # type: ignore[no-untyped-def]
+        run = tmp_path / name
+        run.mkdir()
+        prep = loop.prepare_data(_cfg(blob_dataset, run, train_exclude=r"^lesion 1", **kw), run)
+        return prep, json.loads((run / "split.json").read_text())
+
+    names = lambda paths: sorted(Path(p).stem for p in paths)  # noqa: E731
+    prep, split = prepared("a")
+    val_masked = [p for p in split["val"] if "/lesion/" in p]
+    assert prep.masks is not None and split["excluded_from_training"]
+    # the validation masks, then those of the images kept out of training
+    assert names(split["calibration_masks"]) == names(val_masked + split["excluded_from_training"])
+    assert [s.path.stem for s in prep.masks.samples] == [Path(p).stem for p in split["calibration_masks"]]
+    assert all(prep.masks.truth(i) is not None for i in range(len(prep.masks)))
+    # without: the validation split's own masks, as before (no separate set, the same seeds)
+    prep, split = prepared("b", calibrate_excluded=False)
+    assert prep.masks is None and names(split["calibration_masks"]) == names(val_masked)
+    # one per group ("lesion 1", "lesion 10" and "lesion 11" are one group), kept-out ones included
+    prep, split = prepared("c", group_pattern=r"^(\w+ \d)", calibration_per_group=1)
+    groups = [n[: len("lesion x")] for n in names(split["calibration_masks"])]
+    assert len(groups) == len(set(groups)) and "lesion 1" in groups
+    assert prep.masks is not None and len(prep.masks) == len(groups)
+
+
+def test_calibration_samples_are_evenly_spaced_within_each_group(tmp_path):
+    from pixelvote.data.dataset import Sample
+
+    mask = tmp_path / "m.png"
+    frames = [Sample(tmp_path / f"Video01_{i:04d}.jpg", "fire", mask, "Video01") for i in range(10)]
+    photo = Sample(tmp_path / "photo.jpg", "fire", tmp_path / "m2.png", "photo")
+    unmasked = Sample(tmp_path / "Video02_0001.jpg", "fire", None, "Video02")
+    cfg = _cfg(tmp_path, tmp_path / "r", group_pattern=r"^(Video\d+)", calibration_per_group=3)
+    chosen = loop.calibration_samples(frames[::-1], [photo, unmasked], cfg)
+    assert [s.path.stem for s in chosen] == ["Video01_0000", "Video01_0004", "Video01_0009", "photo"]
+    every = loop.calibration_samples(frames, [photo], cfg.model_copy(update={"calibration_per_group": 0}))
+    assert len(every) == 11
+    alone = loop.calibration_samples(frames, [photo], cfg.model_copy(update={"calibrate_excluded": False}))
+    assert "photo" not in [s.path.stem for s in alone] and len(alone) == 3
 
 
 def test_train_exclude_errors_name_the_option(blob_dataset, tmp_path):

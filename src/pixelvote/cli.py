@@ -83,6 +83,12 @@ def train(
     train_exclude: Optional[str] = typer.Option(
         None, help=r"regex on file names: leave matching images out of training, keep them in validation "
                    "(e.g. ^Video: a source only one class has; see README)"),
+    calibrate_excluded: bool = typer.Option(
+        True, help="calibration also scores the masks of the images --train-exclude kept out of training "
+                   "(evaluate --split excluded scores the rest)"),
+    calibration_per_group: int = typer.Option(
+        6, min=0, help="with --group-pattern, calibration scores at most this many masked images of each "
+                       "group (evenly spaced; 0: all): more groups, not more frames, make the choice hold"),
     val_fraction: float = typer.Option(0.2),
     augment: str = typer.Option("standard", help="standard, or robust: + wider crops, blur and JPEG "
                                 "re-compression, against a source shortcut (see README)"),
@@ -155,6 +161,7 @@ def train(
     cfg = TrainConfig(data=data, out=out, preset=preset, models=_csv(models), epochs=epochs,
                       image_size=image_size, batch_size=batch_size, lr=lr, dropout=dropout, seed=seed,
                       background=background, group_pattern=group_pattern, train_exclude=train_exclude,
+                      calibrate_excluded=calibrate_excluded, calibration_per_group=calibration_per_group,
                       val_fraction=val_fraction, patience=patience, augment=augment, resize=resize,
                       mc_variance_weight=mc_variance_weight, mc_samples=mc_samples, cam_layer=cam_layer,
                       pretrained=pretrained, weights_dir=weights, device=device, max_map_cost=max_map_cost,

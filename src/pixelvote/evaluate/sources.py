@@ -229,6 +229,13 @@ def select_split(items: list[EvalItem], split: str | None, run_dir: Path, run_da
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         raise DataError(f"the run has no readable {split!r} list", path=path,
                         fix="pass split='all' to evaluate every image of the data") from None
+    seen = set(map(str, lists.get("calibration_masks", []))) if split == "excluded" else set()
+    if seen and wanted:  # kept out of training, but their masks chose the run's recipe: not held out
+        wanted = [p for p in wanted if p not in seen]
+        if not wanted:
+            raise DataError("calibration scored every image --train-exclude kept out of training", path=path,
+                            fix="retrain with --calibration-per-group N (fewer per group) or "
+                                "--no-calibrate-excluded to keep some held out")
     if not wanted:
         fix = ("train with --train-exclude to keep a source out of training, or pass split='val'"
                if split == "excluded" else "pass split='all' (or 'val')")
@@ -241,7 +248,8 @@ def select_split(items: list[EvalItem], split: str | None, run_dir: Path, run_da
     if not chosen:
         raise DataError(f"none of the run's {len(wanted)} {split!r} images are in this data", path=data,
                         fix="pass the run's training data, or split='all'")
-    unseen = ("the models were not trained on and calibration did not see (kept out by --train-exclude)"
+    unseen = ("the models were not trained on and calibration did not see (kept out by --train-exclude"
+              + (f"; the {len(seen)} whose masks calibration scored are left out" if seen else "") + ")"
               if split == "excluded" else "the models were not trained on")
     notes = [f"Images: the run's {split!r} split ({len(chosen)} of {len(wanted)} listed images found), which "
              f"{unseen}."]

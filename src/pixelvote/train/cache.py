@@ -41,6 +41,22 @@ class CachedSet:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def subset(self, rows: list[int]) -> CachedSet:
+        """The images at ``rows``, in that order (no skipped list)."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        full = None if self.full_masks is None else [self.full_masks[i] for i in rows]
+        return CachedSet([self.samples[i] for i in rows], self.images[idx], self.labels[idx], self.masks[idx],
+                         self.has_mask[idx], [], full)
+
+    def concat(self, other: CachedSet) -> CachedSet:
+        """This set's images followed by ``other``'s (both keep truths at the image's size, or neither)."""
+        if (self.full_masks is None) != (other.full_masks is None):
+            raise ValueError("both sets must keep their truths alike (full_masks)")
+        full = None if self.full_masks is None else [*self.full_masks, *(other.full_masks or [])]
+        return CachedSet([*self.samples, *other.samples], torch.cat([self.images, other.images]),
+                         torch.cat([self.labels, other.labels]), torch.cat([self.masks, other.masks]),
+                         torch.cat([self.has_mask, other.has_mask]), [*self.skipped, *other.skipped], full)
+
     def truth(self, i: int) -> torch.Tensor | None:
         """Image ``i``'s mask at the image's own size where the set keeps it (as users get masks and
         ``evaluate`` scores them), else on the model input; None where it has none."""

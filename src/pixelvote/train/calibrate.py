@@ -307,21 +307,23 @@ def choose_decision_rule(probs: torch.Tensor, evidence: dict[float, torch.Tensor
 
 
 def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet | None = None,
-              ) -> Calibration:
+              masks: CachedSet | None = None) -> Calibration:
     """The run's consensus and map settings from the validation split, the other recipes chosen there
     (``best``: within the pseudo-label cost limit; ``labelled``: for ``annotate --labels``; none when the
     validation masks are too few to choose), and the decision threshold (:func:`choose_decision_threshold`;
     None with ``cfg.decision == "most-probable"``). With the ``train`` images (and ``cfg.colour_weights``)
     the colour prior is learned from them and tried as a recipe, where there are validation masks enough
     to choose one, and (``cfg.colour_evidence``) as evidence in the diagnosis (:func:`choose_decision_rule`;
-    the rule, or None); it is kept in the consensus where either uses it."""
+    the rule, or None); it is kept in the consensus where either uses it. The masks are chosen on the
+    images of ``masks`` (default: ``val``'s own; see :func:`pixelvote.train.loop.calibration_samples`)."""
     ens, run_cfg = load_run(run_dir, device=cfg.device)
     bg = ens.background_index
     base = run_cfg.consensus
     bs = max(1, cfg.batch_size)
     base = base.model_copy(update={"colour_prior": None, "colour_weight": 0.0})
     ens.evidence_rule = ens.colour_prior = None
-    masked = val.has_mask & (val.labels != bg)
+    scored = val if masks is None else masks
+    masked = scored.has_mask & (scored.labels != bg)
     n_masked = int(masked.sum())
     choosing = n_masked >= cfg.min_masks_to_choose and bool(cfg.map_candidates)
     counts = [int((val.labels == bg).sum()), int((val.labels != bg).sum())]
@@ -355,31 +357,36 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet 
     accuracy = float((diagnose(P, bg, decision) == val.labels).float().mean()) if len(val) else 0.0
     if rule is not None:
         accuracy = decision_summary["evidence"]["val_accuracy"]
+    val_paths = {v.path for v in val.samples}
+    from_val = sum(s.path in val_paths for s, m in zip(scored.samples, masked.tolist(), strict=True) if m)
     summary: dict = {"val_images": len(val), "val_accuracy": accuracy, "decision": decision_summary,
-                     "images_with_masks": n_masked}
+                     "images_with_masks": n_masked,
+                     "masks_from": {"validation": from_val, "kept_out_of_training": n_masked - from_val}}
     maps = run_cfg.maps
     others: dict[str, tuple[MapConfig, dict]] = {}
     if choosing or rule is not None:  # where nothing uses it, it is not kept
         update["colour_prior"] = prior
     if choosing:
-        maps, chosen, summary["selection"], others = choose_recipe(run_dir, val, cfg, decision, prior, rule)
+        maps, chosen, summary["selection"], others = choose_recipe(run_dir, scored, cfg, decision, prior,
+                                                                   rule)
         update.update(chosen)
         summary["val_mean_iou"] = summary["selection"]["val_mean_iou"]
     elif n_masked:  # too few masks to choose a recipe: the consensus threshold alone
         from pixelvote.evaluate.selection import at_size
 
         sums = torch.zeros(len(THRESHOLD_GRID))
-        for i in range(0, len(val), bs):
+        for i in range(0, len(scored), bs):
             use = masked[i:i + bs]
             if not use.any():
                 continue
-            a = analyze(ens, val.images[i:i + bs], mc_samples=cfg.mc_samples, seeds=_seeds(i, len(val), bs))
+            a = analyze(ens, scored.images[i:i + bs], mc_samples=cfg.mc_samples,
+                        seeds=_seeds(i, len(scored), bs))
             rows = use.nonzero().flatten().tolist()
             for j, t in enumerate(THRESHOLD_GRID):
                 fixed = base.model_copy(update={"threshold": t, "threshold_method": "fixed"})
                 margin = apply_consensus(a, fixed, bg).margin.cpu()
                 for r in rows:
-                    truth = val.truth(i + r)
+                    truth = scored.truth(i + r)
                     assert truth is not None
                     pred = at_size(margin[r], truth, ens.resize) > 0
                     sums[j] += float(batch_iou(pred[None], truth[None])[0])

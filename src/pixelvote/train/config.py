@@ -38,7 +38,17 @@ class TrainConfig(BaseModel):
                               "(keep the aspect ratio, pad); the run keeps it for annotation and evaluation")
     group_pattern: str | None = None
     train_exclude: str | None = Field(None, description="regex on file names: matching images are left out "
-                                      "of training but stay in validation (a source only one class has)")
+                                      "of training (those in validation stay there; a source only one class "
+                                      "has)")
+    calibrate_excluded: bool = Field(
+        True, description="calibration also scores the masks of the images train_exclude kept out of "
+                          "training (never trained on): more sources to choose the masks on than the "
+                          "validation split alone may hold; `evaluate --split excluded` scores the others")
+    calibration_per_group: int = Field(
+        6, ge=0, description="with group_pattern, calibration scores the masks of at most this many evenly "
+                             "spaced images of each group (0: all): a video's frames are near-duplicates, "
+                             "and masks chosen on more groups hold better on new ones "
+                             "(bench/cross_video.py)")
     background: str | None = None
     seed: int = 0
     mc_variance_weight: float = Field(0.0, ge=0.0,

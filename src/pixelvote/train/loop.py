@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pixelvote.data.dataset import Dataset, compile_pattern, load_dataset, resolve_background, split
+from pixelvote.data.dataset import (
+    Dataset,
+    Sample,
+    compile_pattern,
+    load_dataset,
+    resolve_background,
+    split,
+)
 from pixelvote.data.imageio import write_bytes_atomic, write_json_atomic
 from pixelvote.errors import CheckpointError, DataError
 from pixelvote.models.checkpoint import (
@@ -39,6 +46,7 @@ class Prepared:
     background: str
     train: CachedSet
     val: CachedSet
+    masks: CachedSet | None = None  # the images whose masks calibration scores (default: val's)
 
 
 def seed_everything(seed: int) -> None:
@@ -66,15 +74,26 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
         train_s = [s for s in train_s if not pattern.search(s.path.name)]
         log.info("--train-exclude %r: %d training image(s) left out", cfg.train_exclude, len(excluded))
     warn_aspect_shortcut(train_s, cfg)
-    write_json_atomic(run_dir / "split.json", {
-        "train": [str(s.path.resolve()) for s in train_s], "val": [str(s.path.resolve()) for s in val_s],
-        "test": [str(s.path.resolve()) for s in ds.test],
-        "excluded_from_training": [str(s.path.resolve()) for s in excluded]})
     train = cache_samples(train_s, ds.classes, cfg.image_size, desc="reading training images",
                           with_masks=False, resize=cfg.resize)
     val = cache_samples(val_s, ds.classes, cfg.image_size, desc="reading validation images",
                         resize=cfg.resize, full_masks=True)
-    problems = [{"image": p, "reason": r} for p, r in ds.problems + train.skipped + val.skipped]
+    chosen = {s.path for s in calibration_samples(val.samples, excluded, cfg)}
+    extra = [s for s in excluded if s.path in chosen]
+    masks: CachedSet | None = None  # the validation split's own, as they are (and seeded as before)
+    if extra or any(s.mask is not None and s.path not in chosen for s in val.samples):
+        masks = val.subset([i for i, s in enumerate(val.samples) if s.path in chosen])
+    if extra and masks is not None:
+        masks = masks.concat(cache_samples(extra, ds.classes, cfg.image_size, resize=cfg.resize,
+                                           desc="reading kept-out images with masks", full_masks=True))
+    scored = val.samples if masks is None else masks.samples
+    write_json_atomic(run_dir / "split.json", {
+        "train": [str(s.path.resolve()) for s in train_s], "val": [str(s.path.resolve()) for s in val_s],
+        "test": [str(s.path.resolve()) for s in ds.test],
+        "excluded_from_training": [str(s.path.resolve()) for s in excluded],
+        "calibration_masks": [str(s.path.resolve()) for s in scored if s.mask is not None]})
+    skipped = ds.problems + train.skipped + val.skipped + (masks.skipped if masks is not None else [])
+    problems = [{"image": p, "reason": r} for p, r in skipped]
     if problems:
         write_bytes_atomic(run_dir / "skipped.jsonl",
                            "".join(json.dumps(p) + "\n" for p in problems).encode())
@@ -91,7 +110,28 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
     if len(val) == 0:
         raise DataError("the validation split holds no usable images", path=cfg.data,
                         fix="add images, lower --val-fraction's granularity, or provide a val/ folder")
-    return Prepared(ds, background, train, val)
+    return Prepared(ds, background, train, val, masks)
+
+
+def calibration_samples(val: list[Sample], excluded: list[Sample], cfg: TrainConfig) -> list[Sample]:
+    """The images whose masks calibration scores: the validation images with a mask and, with
+    ``cfg.calibrate_excluded``, those kept out of training that have one; with a ``cfg.group_pattern`` at most
+    ``cfg.calibration_per_group`` of each group, evenly spaced in name order (a video's frames: consecutive
+    ones are near-duplicates)."""
+    pool = [s for s in [*val, *(excluded if cfg.calibrate_excluded else [])] if s.mask is not None]
+    n = cfg.calibration_per_group
+    if not (cfg.group_pattern and n):
+        return pool
+    groups: dict[str, list[Sample]] = {}
+    for s in pool:
+        groups.setdefault(s.group, []).append(s)
+    out: list[Sample] = []
+    for members in groups.values():
+        members = sorted(members, key=lambda s: s.path.name)
+        if len(members) > n:
+            members = [members[round(i * (len(members) - 1) / max(1, n - 1))] for i in range(n)]
+        out += members
+    return out
 
 
 def warn_one_class_source(samples: list, cfg: TrainConfig) -> str | None:
@@ -254,7 +294,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     from pixelvote.train.calibrate import calibrate
 
-    cal = calibrate(run_dir, data.val, cfg, data.train)
+    cal = calibrate(run_dir, data.val, cfg, data.train, data.masks)
     run_cfg.consensus, run_cfg.maps = cal.consensus, cal.maps
     run_cfg.decision_threshold, run_cfg.decision_evidence = cal.decision_threshold, cal.decision_evidence
     run_cfg.best, run_cfg.labelled = cal.recipes.get("best"), cal.recipes.get("labelled")
