@@ -15,8 +15,8 @@ from tests.conftest import write_blob_dataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("cross_video", ROOT / "bench" / "cross_video.py")
+def _bench(name: str = "cross_video"):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -78,3 +78,22 @@ def test_a_run_without_kept_out_images_is_refused(grouped_run, tmp_path) -> None
     (copy / "split.json").write_text(json.dumps({**lists, "excluded_from_training": []}))
     with pytest.raises(SystemExit, match="no masked images outside validation"):
         _bench().main(["--run", str(copy), "--recipes", "plain", "--crf-weights", ""])
+
+
+def test_video_folds_calibrate_on_some_kept_out_groups_and_score_the_others(grouped_run, capsys,
+                                                                            tmp_path) -> None:
+    run, lists = grouped_run
+    kept = sorted(Path(p).stem for p in lists["excluded_from_training"])
+    groups = sorted({k[: len("lesion x")] for k in kept})
+    _bench("video_folds").main(["--run", str(run), "--folds", groups[0], "--out", str(tmp_path)])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (fold,) = out["folds"]
+    assert fold["calibrated_on"] == [groups[0]]
+    others = [k for k in kept if k[: len("lesion x")] != groups[0]]
+    assert fold["scored_images"] == len(others) and out["mean_iou_unseen"] == fold["mean_iou"]
+    assert set(fold["per_group"]) == {k[: len("lesion x")] for k in others}
+    fold_run = tmp_path / f"{run.name}-fold1"
+    calibration = json.loads((fold_run / "calibration.json").read_text())
+    assert calibration["masks_from"]["kept_out_of_training"] == len(kept) - len(others)
+    with pytest.raises(SystemExit, match="unknown group"):
+        _bench("video_folds").main(["--run", str(run), "--folds", "nope", "--out", str(tmp_path)])
