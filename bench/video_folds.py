@@ -2,7 +2,7 @@
 
     python bench/video_folds.py --run runs/fire-robust \
         --folds 'Video02,Video03,Video04;Video05,Video06,Video07,Video08' \
-        [--out DIR] [--per-group 6] [--labels]
+        [--out DIR] [--per-group 10] [--labels]
 
 `train --train-exclude` keeps a source out of training; `train` (--calibrate-excluded, the default) then
 chooses the masks on the validation split's masks and on those of the kept-out images, a few per group. This

@@ -87,7 +87,7 @@ def train(
         True, help="calibration also scores the masks of the images --train-exclude kept out of training "
                    "(evaluate --split excluded scores the rest)"),
     calibration_per_group: int = typer.Option(
-        6, min=0, help="with --group-pattern, calibration scores at most this many masked images of each "
+        10, min=0, help="with --group-pattern, calibration scores at most this many masked images of each "
                        "group (evenly spaced; 0: all): more groups, not more frames, make the choice hold"),
     val_fraction: float = typer.Option(0.2),
     augment: str = typer.Option("standard", help="standard, or robust: + wider crops, blur and JPEG "

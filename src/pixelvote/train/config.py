@@ -45,7 +45,7 @@ class TrainConfig(BaseModel):
                           "training (never trained on): more sources to choose the masks on than the "
                           "validation split alone may hold; `evaluate --split excluded` scores the others")
     calibration_per_group: int = Field(
-        6, ge=0, description="with group_pattern, calibration scores the masks of at most this many evenly "
+        10, ge=0, description="with group_pattern, calibration scores the masks of at most this many evenly "
                              "spaced images of each group (0: all): a video's frames are near-duplicates, "
                              "and masks chosen on more groups hold better on new ones "
                              "(bench/cross_video.py)")
