@@ -9,8 +9,8 @@ the run's validation split and in the images ``train --train-exclude`` kept out 
 frames of all eight videos, none trained on), then reports, per group and over the groups calibration never
 saw:
 
-- the run's own choice (``run.json``), as ``evaluate --split excluded`` scores it;
-- the choice made on the validation groups only (what `train` does), re-made from the same candidates;
+- the choice made on the validation groups only (what `train` did before it scored kept-out images), re-made
+  from the same candidates (the run's own choice is printed beside it);
 - leave one group out: the choice made on every other group, scored on the one left out;
 - the best candidate for each group alone (an upper bound that no calibration can reach).
 

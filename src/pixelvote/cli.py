@@ -81,8 +81,8 @@ def train(
     group_pattern: Optional[str] = typer.Option(
         None, help=r"regex on file names; group 1 keeps e.g. ^(Video\d+) together"),
     train_exclude: Optional[str] = typer.Option(
-        None, help=r"regex on file names: leave matching images out of training, keep them in validation "
-                   "(e.g. ^Video: a source only one class has; see README)"),
+        None, help=r"regex on file names: leave matching images out of training (those in validation stay "
+                   "there; e.g. ^Video: a source only one class has; see README)"),
     calibrate_excluded: bool = typer.Option(
         True, help="calibration also scores the masks of the images --train-exclude kept out of training "
                    "(evaluate --split excluded scores the rest)"),

@@ -83,9 +83,9 @@ def prepare_data(cfg: TrainConfig, run_dir: Path) -> Prepared:
     masks: CachedSet | None = None  # the validation split's own, as they are (and seeded as before)
     if extra or any(s.mask is not None and s.path not in chosen for s in val.samples):
         masks = val.subset([i for i, s in enumerate(val.samples) if s.path in chosen])
-    if extra and masks is not None:
-        masks = masks.concat(cache_samples(extra, ds.classes, cfg.image_size, resize=cfg.resize,
-                                           desc="reading kept-out images with masks", full_masks=True))
+        if extra:
+            masks = masks.concat(cache_samples(extra, ds.classes, cfg.image_size, resize=cfg.resize,
+                                               desc="reading kept-out images with masks", full_masks=True))
     scored = val.samples if masks is None else masks.samples
     write_json_atomic(run_dir / "split.json", {
         "train": [str(s.path.resolve()) for s in train_s], "val": [str(s.path.resolve()) for s in val_s],
