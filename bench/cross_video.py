@@ -2,7 +2,7 @@
 
     python bench/cross_video.py --run runs/fire-robust [--recipes guided,plain] [--crf-weights 10,30]
         [--crf-iterations 5,15] [--crf-cutoffs 0.3,0.5] [--crf-sizes 160] [--colour-weights 0.75]
-        [--refined-max 0.95] [--choose-per-group N] [--tables FILE]
+        [--refined-max 0.95] [--colour-bins 8,16] [--choose-per-group N] [--tables FILE]
 
 Scores every candidate (map recipe x fusion x threshold, as `train` calibrates) on every image with a mask in
 the run's validation split and in the images ``train --train-exclude`` kept out of training (for fire: the
@@ -13,6 +13,9 @@ saw:
   from the same candidates (the run's own choice is printed beside it);
 - leave one group out: the choice made on every other group, scored on the one left out;
 - the best candidate for each group alone (an upper bound that no calibration can reach).
+
+``--colour-bins`` also scores the colour fusions with priors of other bin counts, each learned as `train`
+learns the run's (from its training images, on the run's members); their rows are named ``RECIPE/bBINS``.
 
 Masks are made as ``annotate`` makes them (gated by the diagnosis; ``--labels`` as ``annotate --labels``).
 Grouping follows the run's ``--group-pattern``. The last line is one JSON object with the figures.
@@ -75,6 +78,27 @@ def batches(items: list[tuple[Path, int, Path, bool]], size: int, resize: str, b
                     [zlib.crc32(p.name.encode()) for p, _, _, _ in chunk])
 
 
+def learned_prior(run: Path, ens, cfg, bins: int, batch_size: int = 16):  # type: ignore[no-untyped-def]
+    """The colour prior at ``bins`` bins per channel, learned from the run's training images as `train`
+    learns it (each image's mean map of its labelled class, one plain analysis)."""
+    from pixelvote.explain.analyze import analyze
+    from pixelvote.refine.colour import learn_colour_prior
+
+    paths = [Path(p) for p in json.loads((run / "split.json").read_text())["train"]]
+    items = [(p, ens.classes.index(p.parent.name)) for p in paths]
+
+    def chunks():  # type: ignore[no-untyped-def]
+        for i in range(0, len(items), batch_size):
+            part = items[i:i + batch_size]
+            imgs = torch.stack([fit_image(to_tensor(read_image(p)), cfg.image_size, ens.resize)
+                                for p, _ in part])
+            labels = torch.tensor([lab for _, lab in part])
+            a = analyze(ens, imgs, mc_samples=1, seeds=list(range(i, i + len(part))), given=labels)
+            yield imgs, labels, a.maps.mean(0)
+
+    return learn_colour_prior(chunks(), ens.background_index, bins=bins)
+
+
 def choose(tables: dict[tuple[str, str], VariantTable], rows: torch.Tensor) -> tuple[tuple[str, str], int]:
     key, j, _ = best_cell(tables, rows)
     return key, j
@@ -89,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--crf-cutoffs", default="0.3,0.5")
     ap.add_argument("--crf-sizes", default="160")
     ap.add_argument("--colour-weights", default="0.75")
+    ap.add_argument("--colour-bins", default="",
+                    help="also score the colour fusions with priors of these bins per channel (e.g. 8,16)")
     ap.add_argument("--labels", action="store_true", help="masks as annotate --labels makes them")
     ap.add_argument("--agreeing", action="store_true", help="with --labels, fuse the agreeing members only")
     ap.add_argument("--refined-max", type=float, default=None,
@@ -143,13 +169,22 @@ def main(argv: list[str] | None = None) -> None:
         if saved["images"] != [str(p) for p, _, _, _ in items]:
             sys.exit(f"{args.tables} holds other images: remove it or pass another --tables")
         keys = {k: tuple(k.split("|", 1)) for k in saved["ious"]}
-        tables = {keys[k]: VariantTable(RECIPES[keys[k][0]], keys[k][1], v, 0.0)
+        tables = {keys[k]: VariantTable(RECIPES[keys[k][0].split("/")[0]], keys[k][1], v, 0.0)
                   for k, v in saved["ious"].items()}
     else:
         with crf.reuse(steps=[int(n) for n in args.crf_iterations.split(",")]):
             tables = collect(ens, batches(items, cfg.image_size, ens.resize), recipes, fusions=fusions,
                              given_labels=args.labels,
                              base=ConsensusConfig(crf=cfg.consensus.crf, colour_prior=prior))
+            coloured = [f for f in fusions if "colour" in f]
+            for bins in [int(b) for b in args.colour_bins.split(",") if b]:
+                if not coloured or (prior is not None and bins == prior.bins):
+                    continue
+                other = learned_prior(args.run, ens, cfg, bins)
+                more = collect(ens, batches(items, cfg.image_size, ens.resize), recipes, fusions=coloured,
+                               given_labels=args.labels,
+                               base=ConsensusConfig(crf=cfg.consensus.crf, colour_prior=other))
+                tables.update({(f"{r}/b{bins}", f): t for (r, f), t in more.items()})
         if args.tables:
             torch.save({"images": [str(p) for p, _, _, _ in items],
                         "ious": {f"{r}|{f}": t.ious for (r, f), t in tables.items()}}, args.tables)

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import write_blob_dataset
 
@@ -97,3 +98,27 @@ def test_video_folds_calibrate_on_some_kept_out_groups_and_score_the_others(grou
     assert calibration["masks_from"]["kept_out_of_training"] == len(kept) - len(others)
     with pytest.raises(SystemExit, match="unknown group"):
         _bench("video_folds").main(["--run", str(run), "--folds", "nope", "--out", str(tmp_path)])
+
+
+def test_colour_priors_of_other_bin_counts_are_scored_beside_the_runs(grouped_run, tmp_path) -> None:
+    from pixelvote.models.checkpoint import load_run, read_run_config, save_run_config
+
+    run, _ = grouped_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    bench = _bench()
+    ens, cfg = load_run(copy)
+    own = bench.learned_prior(copy, ens, cfg, 4)
+    assert own is not None and own.bins == 4 and own.images == len(json.loads(
+        (copy / "split.json").read_text())["train"])
+    saved = read_run_config(copy)
+    saved.consensus = saved.consensus.model_copy(update={"colour_prior": own})
+    save_run_config(copy, saved)
+    tables = tmp_path / "tables.pt"
+    bench.main(["--run", str(copy), "--recipes", "plain", "--crf-weights", "", "--colour-weights", "1",
+                "--colour-bins", "4,8", "--tables", str(tables)])
+    ious = torch.load(tables)["ious"]
+    # the run's own bin count is its prior; only the other one is learned again and scored beside it
+    assert set(ious) == {"plain|intersection", "plain|mean", "plain|mean*colour:1", "plain/b8|mean*colour:1"}
+    assert ious["plain/b8|mean*colour:1"].shape == ious["plain|mean*colour:1"].shape
+    assert not torch.equal(ious["plain/b8|mean*colour:1"], ious["plain|mean*colour:1"])
