@@ -394,3 +394,37 @@ def test_labels_mode_scores_the_masks_annotate_labels_writes(trained, tmp_path):
         scored += 1
     assert scored == m["pixel"]["consensus"]["images"] == 12
     assert _evaluate(run, data, tmp_path / "plain", split="all")["config"]["masks_from"] == "diagnosis"
+
+
+def test_masks_are_scored_per_group_of_the_runs_group_pattern(trained, tmp_path):
+    import re
+
+    _, data, run = trained
+    plain = _evaluate(run, data, tmp_path / "plain", max_gallery=0)
+    assert "by_group" not in plain["pixel"]  # trained without --group-pattern
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "train_config.json").read_text())
+    config["group_pattern"] = r"^(\w+ \d)"  # "lesion 1", "lesion 10" and "lesion 11" are one group
+    (copy / "train_config.json").write_text(json.dumps(config))
+    m = _evaluate(copy, data, tmp_path / "grouped", max_gallery=0)
+    by_group = m["pixel"]["by_group"]
+    assert by_group["pattern"] == r"^(\w+ \d)"
+    expected: dict[str, list[float]] = {}
+    for r in m["per_image"]:
+        if r["iou"] is not None:
+            expected.setdefault(re.match(r"^(\w+ \d)", Path(r["image"]).name).group(1), []).append(r["iou"])
+    assert len(expected) > 1 and set(by_group["groups"]) == set(expected)
+    for g, ious in expected.items():
+        assert by_group["groups"][g]["images"] == len(ious)
+        assert by_group["groups"][g]["mean_iou"] == pytest.approx(float(np.mean(ious)))
+    # the groups' images add up to the images the consensus row scored, and their means to its mean
+    assert sum(len(v) for v in expected.values()) == m["pixel"]["consensus"]["images"]
+    assert sum(by_group["groups"][g]["mean_iou"] * len(v) for g, v in expected.items()) / sum(
+        len(v) for v in expected.values()) == pytest.approx(m["pixel"]["consensus"]["mean_iou"])
+    html = (tmp_path / "grouped" / "report.html").read_text()
+    assert "Consensus masks by group" in html and sorted(expected)[0] in html
+    # a pattern that matches no image leaves one group: nothing to break down
+    config["group_pattern"] = r"^nothing-matches-(\d+)"
+    (copy / "train_config.json").write_text(json.dumps(config))
+    assert "by_group" not in _evaluate(copy, data, tmp_path / "none", max_gallery=0)["pixel"]

@@ -332,6 +332,10 @@ def evaluate(
     for name, row in ((m.get("pixel") or {}).get("segmenter") or {}).items():
         line += f", {name} mean IoU {row['mean_iou']:.3f}"
     typer.echo(line)
+    groups = (((m.get("pixel") or {}).get("by_group") or {}).get("groups")) or {}
+    if groups:
+        typer.echo("consensus mean IoU by group: " + ", ".join(
+            f"{g} {r['mean_iou']:.3f} ({r['images']})" for g, r in groups.items()))
     typer.echo(f"report: {out / 'report.html'}; numbers: {out / 'metrics.json'}")
 
 

@@ -463,7 +463,17 @@ def _pixel_section(m: Mapping[str, Any]) -> str:
         + "The paper's protocol is not stated: compare with care. An IoU means something only next to the "
         "centred-box prior."
     )
-    return "\n".join(["<h2>Localisation</h2>", _table(header, rows), f'<p class="note">{note}</p>'])
+    parts = ["<h2>Localisation</h2>", _table(header, rows), f'<p class="note">{note}</p>']
+    by_group = px.get("by_group") or {}
+    if by_group.get("groups"):
+        grows = [("member", [_e(g), _e(r.get("images")), _pct(r.get("mean_iou")), _pct(r.get("mean_dice"))])
+                 for g, r in by_group["groups"].items()]
+        parts += ["<h3>Consensus masks by group</h3>",
+                  _table(["group", "images", "mean IoU %", "mean Dice %"], grows),
+                  f'<p class="note">Groups by the run\'s --group-pattern {_e(by_group.get("pattern"))}: '
+                  "a mean over several sources (videos, patients, scanners) can hide the one where the masks "
+                  "fail.</p>"]
+    return "\n".join(parts)
 
 
 def _fusion_section(fusion: Any) -> str:
