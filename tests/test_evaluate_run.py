@@ -424,6 +424,15 @@ def test_masks_are_scored_per_group_of_the_runs_group_pattern(trained, tmp_path)
         len(v) for v in expected.values()) == pytest.approx(m["pixel"]["consensus"]["mean_iou"])
     html = (tmp_path / "grouped" / "report.html").read_text()
     assert "Consensus masks by group" in html and sorted(expected)[0] in html
+    from typer.testing import CliRunner
+
+    from pixelvote.cli import app
+
+    res = CliRunner().invoke(app, ["evaluate", "--run", str(copy), "--data", str(data), "--out",
+                                   str(tmp_path / "cli"), "--max-gallery", "0"])
+    assert res.exit_code == 0, res.output
+    g = sorted(expected)[0]
+    assert f"{g} {by_group['groups'][g]['mean_iou']:.3f} ({len(expected[g])})" in res.output
     # a pattern that matches no image leaves one group: nothing to break down
     config["group_pattern"] = r"^nothing-matches-(\d+)"
     (copy / "train_config.json").write_text(json.dumps(config))
