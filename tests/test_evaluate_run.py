@@ -437,3 +437,15 @@ def test_masks_are_scored_per_group_of_the_runs_group_pattern(trained, tmp_path)
     config["group_pattern"] = r"^nothing-matches-(\d+)"
     (copy / "train_config.json").write_text(json.dumps(config))
     assert "by_group" not in _evaluate(copy, data, tmp_path / "none", max_gallery=0)["pixel"]
+
+
+def test_a_broken_group_pattern_costs_the_breakdown_not_the_evaluation(caplog):
+    from pixelvote.evaluate.run import _with_groups
+
+    rows = [{"image": "a/Video01_1.jpg", "iou": 0.5, "dice": 0.6}, {"image": "a/Video02_1.jpg", "iou": 0.1,
+                                                                  "dice": 0.2}]
+    ok = _with_groups({"pixel": {"consensus": {}}}, rows, r"^(Video\d+)")
+    assert ok["pixel"]["by_group"]["groups"]["Video02"] == {"images": 1, "mean_iou": 0.1, "mean_dice": 0.2}
+    with caplog.at_level("WARNING"):
+        broken = _with_groups({"pixel": {"consensus": {}}}, rows, r"^(Video\d+")
+    assert "by_group" not in broken["pixel"] and "no figures by group" in caplog.text
