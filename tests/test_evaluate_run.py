@@ -404,9 +404,9 @@ def test_masks_are_scored_per_group_of_the_runs_group_pattern(trained, tmp_path)
     assert "by_group" not in plain["pixel"]  # trained without --group-pattern
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    config = json.loads((copy / "train_config.json").read_text())
-    config["group_pattern"] = r"^(\w+ \d)"  # "lesion 1", "lesion 10" and "lesion 11" are one group
-    (copy / "train_config.json").write_text(json.dumps(config))
+    config = json.loads((copy / "run.json").read_text())
+    config["train"]["group_pattern"] = r"^(\w+ \d)"  # "lesion 1", "lesion 10" and "lesion 11" are one group
+    (copy / "run.json").write_text(json.dumps(config))
     m = _evaluate(copy, data, tmp_path / "grouped", max_gallery=0)
     by_group = m["pixel"]["by_group"]
     assert by_group["pattern"] == r"^(\w+ \d)"
@@ -434,8 +434,8 @@ def test_masks_are_scored_per_group_of_the_runs_group_pattern(trained, tmp_path)
     g = sorted(expected)[0]
     assert f"{g} {by_group['groups'][g]['mean_iou']:.3f} ({len(expected[g])})" in res.output
     # a pattern that matches no image leaves one group: nothing to break down
-    config["group_pattern"] = r"^nothing-matches-(\d+)"
-    (copy / "train_config.json").write_text(json.dumps(config))
+    config["train"]["group_pattern"] = r"^nothing-matches-(\d+)"
+    (copy / "run.json").write_text(json.dumps(config))
     assert "by_group" not in _evaluate(copy, data, tmp_path / "none", max_gallery=0)["pixel"]
 
 

@@ -84,13 +84,17 @@ def _walk_images(folder: Path) -> list[Path]:
     return sorted(out)
 
 
-def _group_of(path: Path, pattern: re.Pattern[str] | None) -> str:
-    if pattern is None:
-        return path.stem
-    m = pattern.search(path.name)
+def group_match(name: str, pattern: re.Pattern[str]) -> str | None:
+    """The group ``pattern`` (``--group-pattern``: its first group, else the whole match) finds in a file
+    name, or None where it matches nothing."""
+    m = pattern.search(name)
     if not m:
-        return path.stem
+        return None
     return m.group(1) if m.groups() else m.group(0)
+
+
+def _group_of(path: Path, pattern: re.Pattern[str] | None) -> str:
+    return (group_match(path.name, pattern) if pattern is not None else None) or path.stem
 
 
 def compile_pattern(pattern: str, option: str = "--group-pattern") -> re.Pattern[str]:

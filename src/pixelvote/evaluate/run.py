@@ -299,14 +299,6 @@ class _State:
         return {"pixel": pixel, "fusion": fusion, "threshold_sweep": sweep}
 
 
-def _group_pattern(run: Path) -> str | None:
-    """The run's ``train --group-pattern`` (None where it was trained without one, or before it was saved)."""
-    try:
-        return json.loads((run / "train_config.json").read_text()).get("group_pattern") or None
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def _with_groups(results: dict[str, Any], rows: list[dict[str, Any]], pattern: str | None) -> dict[str, Any]:
     """``results`` with ``pixel.by_group``: the mean IoU and Dice of the consensus masks per group (video,
     patient) of ``pattern``, the run's ``--group-pattern``, over the images with a truth region; images it
@@ -315,19 +307,18 @@ def _with_groups(results: dict[str, Any], rows: list[dict[str, Any]], pattern: s
     pixel = results.get("pixel")
     if not pattern or not pixel:
         return results
-    from pixelvote.data.dataset import compile_pattern
+    from pixelvote.data.dataset import compile_pattern, group_match
 
     try:
         regex = compile_pattern(pattern)
-    except DataError as exc:  # train checks it; a hand-edited train_config.json must not lose the evaluation
+    except DataError as exc:  # train checks it; a hand-edited run.json must not lose the evaluation
         log.warning("no figures by group: %s", exc)
         return results
     scores: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if r.get("iou") is None:
             continue
-        m = regex.search(Path(str(r["image"])).name)
-        group = (m.group(1) if m.groups() else m.group(0)) if m else "(no group)"
+        group = group_match(Path(str(r["image"])).name, regex) or "(no group)"
         scores.setdefault(group, []).append((float(r["iou"]), float(r["dice"])))
     if len(scores) > 1:
         pixel["by_group"] = {
@@ -513,7 +504,7 @@ def _assemble(state: _State, run: Path, run_cfg: Any, cfg: ConsensusConfig, es: 
         "data": {"path": str(data.resolve()), "protocol": es.protocol, "images_listed": len(es.items),
                  "images_selected": len(chosen), "class_counts": {c: counts.get(c, 0) for c in classes},
                  "fingerprint": fingerprint(es.root, chosen)},
-        **_with_groups(state.results(), state.rows, _group_pattern(run)),
+        **_with_groups(state.results(), state.rows, run_cfg.train.get("group_pattern")),
         "shortcut_check": shortcut, "warnings": warnings, "notes": notes,
         "per_image": state.rows,
     }
