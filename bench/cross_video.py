@@ -78,25 +78,17 @@ def batches(items: list[tuple[Path, int, Path, bool]], size: int, resize: str, b
                     [zlib.crc32(p.name.encode()) for p, _, _, _ in chunk])
 
 
-def learned_prior(run: Path, ens, cfg, bins: int, batch_size: int = 16):  # type: ignore[no-untyped-def]
+def learned_prior(run: Path, ens, cfg, bins: int):  # type: ignore[no-untyped-def]
     """The colour prior at ``bins`` bins per channel, learned from the run's training images as `train`
-    learns it (each image's mean map of its labelled class, one plain analysis)."""
-    from pixelvote.explain.analyze import analyze
-    from pixelvote.refine.colour import learn_colour_prior
+    learns it."""
+    from pixelvote.data.dataset import Sample
+    from pixelvote.train.cache import cache_samples
+    from pixelvote.train.calibrate import colour_prior
 
     paths = [Path(p) for p in json.loads((run / "split.json").read_text())["train"]]
-    items = [(p, ens.classes.index(p.parent.name)) for p in paths]
-
-    def chunks():  # type: ignore[no-untyped-def]
-        for i in range(0, len(items), batch_size):
-            part = items[i:i + batch_size]
-            imgs = torch.stack([fit_image(to_tensor(read_image(p)), cfg.image_size, ens.resize)
-                                for p, _ in part])
-            labels = torch.tensor([lab for _, lab in part])
-            a = analyze(ens, imgs, mc_samples=1, seeds=list(range(i, i + len(part))), given=labels)
-            yield imgs, labels, a.maps.mean(0)
-
-    return learn_colour_prior(chunks(), ens.background_index, bins=bins)
+    train = cache_samples([Sample(p, p.parent.name) for p in paths], ens.classes, cfg.image_size,
+                          desc="training images", with_masks=False, resize=ens.resize)
+    return colour_prior(ens, train, 16, bins)
 
 
 def choose(tables: dict[tuple[str, str], VariantTable], rows: torch.Tensor) -> tuple[tuple[str, str], int]:

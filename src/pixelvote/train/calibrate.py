@@ -16,7 +16,7 @@ from pixelvote.explain.analyze import MapConfig, analyze, diagnose, finding_or_b
 from pixelvote.explain.evidence import EvidenceRule, colour_evidence
 from pixelvote.models.checkpoint import Recipe, load_run
 from pixelvote.models.ensemble import Ensemble
-from pixelvote.refine.colour import ColourPrior, learn_colour_prior
+from pixelvote.refine.colour import BINS, ColourPrior, learn_colour_prior
 from pixelvote.train.cache import CachedSet
 from pixelvote.train.config import TrainConfig
 
@@ -51,9 +51,9 @@ def _val_batches(val: CachedSet, bs: int):  # type: ignore[no-untyped-def]
         yield Batch(val.images[i:i + bs], val.labels[i:i + bs], masks, _seeds(i, len(val), bs))
 
 
-def colour_prior(ens: Ensemble, train: CachedSet, batch_size: int) -> ColourPrior | None:
-    """The run's colour prior (:mod:`pixelvote.refine.colour`) from its training images: each image's map
-    is the mean of every member's plain map of its labelled class."""
+def colour_prior(ens: Ensemble, train: CachedSet, batch_size: int, bins: int = BINS) -> ColourPrior | None:
+    """The run's colour prior (:mod:`pixelvote.refine.colour`, ``bins`` per channel) from its training
+    images: each image's map is the mean of every member's plain map of its labelled class."""
     bg = ens.background_index
 
     def batches():  # type: ignore[no-untyped-def]
@@ -63,7 +63,7 @@ def colour_prior(ens: Ensemble, train: CachedSet, batch_size: int) -> ColourPrio
             a = analyze(ens, imgs, mc_samples=1, seeds=list(range(i, i + len(labels))), given=labels)
             yield imgs, labels, a.maps.mean(0)
 
-    return learn_colour_prior(batches(), bg)
+    return learn_colour_prior(batches(), bg, bins)
 
 
 def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_threshold: float | None = None,
