@@ -9,7 +9,8 @@
    at sizes 128-224 px and 1-15 mean-field iterations, and the least-squares fit
    ``ms = fixed + pixels * (per_pixel + per_pixel_iteration * iterations)`` (pixels in units of 128 x 128)
    that ``CRF_MS`` holds, beside the table's own prediction for each cell.
-3. The guided filter and the colour prior on the same batch: ``GUIDED_MS``, ``COLOUR_MS``.
+3. The guided filter, the colour prior and the tone map on the same batch: ``GUIDED_MS``, ``COLOUR_MS``,
+   ``TONE_MS``.
 
 The fastest of ``--repeats`` rounds after a warm-up, each round timing every figure once, so that the
 machine's drift between minutes (tens of percent on a shared one) hits them alike: only their ratios enter
@@ -42,6 +43,7 @@ from pixelvote.models.member import build_member  # noqa: E402
 from pixelvote.models.registry import get_spec, list_models  # noqa: E402
 from pixelvote.refine import crf  # noqa: E402
 from pixelvote.refine.colour import ColourPrior, with_colour  # noqa: E402
+from pixelvote.refine.tone import with_tone  # noqa: E402
 from pixelvote.refine.guided import grey, guided_filter  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -118,6 +120,7 @@ def main() -> None:
             fns[f"crf {size}x{n}"] = lambda cfg=cfg: crf.dense_crf(soft, imgs, cfg, 0.3)
     prior = ColourPrior(bins=8, probability=[0.5] * 512, images=1, findings=1)
     fns["colour"] = lambda: with_colour(soft, imgs, prior, 0.75)
+    fns["tone"] = lambda: with_tone(soft, imgs, "dark", 0.5)
     maps = soft.expand(3, -1, -1, -1).contiguous()  # one map per member of a three-member ensemble
     radius = max(1, round(0.04 * 224))  # MapConfig's defaults
     fns["guided"] = lambda: guided_filter(maps, grey(imgs), radius, 0.01)
@@ -143,8 +146,9 @@ def main() -> None:
               f"{selection.crf_ms(n, size):7.1f}")
     out["crf_ms"] = {f"{s}x{n}": v for (s, n), v in cells.items()}
     out["crf_fit"] = [float(v) for v in fit]
-    out["colour_ms"], out["guided_ms"] = ms["colour"], ms["guided"]
-    print(f"\ncolour prior {out['colour_ms']:.2f} ms/image (table {selection.COLOUR_MS}); guided filter "
+    out["colour_ms"], out["guided_ms"], out["tone_ms"] = ms["colour"], ms["guided"], ms["tone"]
+    print(f"\ncolour prior {out['colour_ms']:.2f} ms/image (table {selection.COLOUR_MS}); tone map "
+          f"{out['tone_ms']:.2f} ms/image (table {selection.TONE_MS}); guided filter "
           f"{out['guided_ms']:.1f} ms/image (table {selection.GUIDED_MS})")
     print(json.dumps(out))
 

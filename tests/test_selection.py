@@ -187,7 +187,7 @@ def test_a_fusion_name_sets_the_crf_weight_and_keeps_the_other_crf_settings() ->
     assert update["crf"] == CRFConfig(size=96, bilateral_compat=30.0)
     assert {k: v for k, v in update.items() if k != "crf"} == {"fusion": "intersection", "refine": "crf",
                                                                "labelled_members": "agreeing",
-                                                               "colour_weight": 0.0}
+                                                               "colour_weight": 0.0, "tone_weight": 0.0}
     assert consensus_update(base, "mean+crf")["crf"] == base.crf  # the base's own weight (7) applies
     made = base.model_copy(update=consensus_update(base, "mean+crf:20"))
     assert made.crf.bilateral_compat == 20.0 and made.crf.size == 96 and base.crf.bilateral_compat == 7.0

@@ -128,6 +128,11 @@ def train(
                                 "on validation masks"),
     colour_weights: str = typer.Option("0.75", help="the colour prior's weights to try (the fused map is "
                                        "weighted 1 - w); the validation masks choose"),
+    tone: bool = typer.Option(True, "--tone/--no-tone", help="learn from the training images' labels "
+                              "whether findings are darker or brighter than their surroundings, and try that "
+                              "tone map with the mean fusions on validation masks"),
+    tone_weights: str = typer.Option("0.5", help="the tone map's weights to try (the fused map is weighted "
+                                     "1 - w); the validation masks choose"),
     colour_evidence: bool = typer.Option(True, "--colour-evidence/--no-colour-evidence", help="with the "
                                          "colour prior, try a diagnosis that also weighs the colour evidence "
                                          "where the models look; kept only where it beats the threshold "
@@ -173,6 +178,7 @@ def train(
                       crf_sizes=_whole(_numbers(crf_sizes, "--crf-sizes"), "--crf-sizes"),
                       crf_recipes=crf_recipes,
                       colour_weights=_numbers(colour_weights, "--colour-weights") if colour else [],
+                      tone_weights=_numbers(tone_weights, "--tone-weights") if tone else [],
                       colour_evidence=colour_evidence)
     try:
         run = run_train(cfg, resume=resume)

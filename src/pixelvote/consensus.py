@@ -20,6 +20,7 @@ from pixelvote.errors import ConfigError
 from pixelvote.explain.analyze import Analysis
 from pixelvote.refine.colour import ColourPrior, with_colour
 from pixelvote.refine.crf import CRFConfig
+from pixelvote.refine.tone import SIGMA, Tone, with_tone
 
 Policy = Literal["unanimous", "majority", "k-of-n"]
 Fusion = Literal["intersection", "mean", "vote"]
@@ -59,19 +60,30 @@ class ConsensusConfig(BaseModel):
                                          "colour), learned from the training images' labels) as map^(1-w) * "
                                          "prior^w before it is thresholded or refined; 0: the map alone")
     colour_prior: ColourPrior | None = Field(None, description="the run's colour prior (learned by `train`)")
+    tone_weight: float = Field(
+        0.0, ge=0.0, lt=1.0, description="combine the fused map with the tone map (how much darker or brighter "
+                                         "than its surroundings each pixel is, see `tone`) as map^(1-w) * "
+                                         "tone^w, after the colour prior; 0: leave it out")
+    tone: Tone | None = Field(None, description="whether findings are darker or brighter than their "
+                                                "surroundings (learned by `train` from the labels)")
+    tone_sigma: float = Field(SIGMA, gt=0.0, le=1.0, description="the surroundings' Gaussian blur, as a "
+                                                                "fraction of the map's size")
 
     @model_validator(mode="after")
     def _prior_for_weight(self) -> ConsensusConfig:
         if self.colour_weight > 0 and self.colour_prior is None:
             raise ValueError(f"colour_weight is {self.colour_weight:g} but there is no colour_prior (set "
                              "colour_weight to 0, or re-run `pixelvote train`, which learns the prior)")
+        if self.tone_weight > 0 and self.tone is None:
+            raise ValueError(f"tone_weight is {self.tone_weight:g} but tone is not set (set tone_weight to 0, "
+                             "or tone to \"dark\" or \"bright\")")
         return self
 
     @property
     def soft_fused(self) -> bool:
-        """Whether masks come from the fused soft map thresholded as a whole (the CRF, the colour prior)
-        rather than from each member's map thresholded on its own."""
-        return self.refine == "crf" or self.colour_weight > 0
+        """Whether masks come from the fused soft map thresholded as a whole (the CRF, the colour prior,
+        the tone map) rather than from each member's map thresholded on its own."""
+        return self.refine == "crf" or self.colour_weight > 0 or self.tone_weight > 0
 
 
 @dataclass
@@ -229,7 +241,8 @@ HELD = 4  # CRF starting points and results a SoftMargins keeps (calibration ask
 
 class SoftMargins:
     """The fusion of one batch thresholded as one soft map (``cfg.soft_fused``) at any threshold: the fused
-    soft map (the fusion at threshold 0, combined with the colour prior where ``cfg.colour_weight`` > 0) and
+    soft map (the fusion at threshold 0, combined with the colour prior where ``cfg.colour_weight`` > 0 and
+    the tone map where ``cfg.tone_weight`` > 0) and
     the images' colours at the CRF's size are made once, for every threshold (calibration scores a dozen).
     At a threshold (fixed, or Otsu/percentile of the fused map) the margin is the map minus the threshold,
     or, with the dense CRF, the map is the unary, undecided at the threshold, and the margin is the CRF's
@@ -241,12 +254,16 @@ class SoftMargins:
         from pixelvote.refine.crf import crf_colours
 
         if analysis.inputs is None:
-            raise ConfigError("the CRF refinement and the colour prior need the analysed images",
+            raise ConfigError("the CRF refinement and the colour and tone priors need the analysed images",
                               fix="use analyze(), which keeps them")
         if cfg.colour_weight > 0 and cfg.colour_prior is None:
             raise ConfigError(f"consensus.colour_weight is {cfg.colour_weight:g} but the run has no colour "
                               "prior", fix="set consensus.colour_weight to 0 in run.json, or re-run "
                                            "`pixelvote train`, which learns the prior")
+        if cfg.tone_weight > 0 and cfg.tone is None:
+            raise ConfigError(f"consensus.tone_weight is {cfg.tone_weight:g} but consensus.tone is not set",
+                              fix="set consensus.tone_weight to 0 in run.json, or re-run `pixelvote train`, "
+                                  "which learns the tone")
         maps = analysis.maps
         live = (analysis.raw_max > 0).view(*fuse.shape, 1, 1)
         zero = torch.zeros(maps.shape[:2], device=maps.device)
@@ -254,6 +271,8 @@ class SoftMargins:
                             zero).clamp(0.0, 1.0)
         if cfg.colour_prior is not None and cfg.colour_weight > 0:
             soft = with_colour(soft, analysis.inputs, cfg.colour_prior, cfg.colour_weight)
+        if cfg.tone is not None and cfg.tone_weight > 0:
+            soft = with_tone(soft, analysis.inputs, cfg.tone, cfg.tone_weight, cfg.tone_sigma)
         self.soft = soft
         self.fusion = _fusion_settings(cfg)
         self.refined = cfg.refine == "crf"
@@ -313,11 +332,12 @@ class SoftMargins:
 
 
 def _fusion_settings(cfg: ConsensusConfig) -> tuple[object, ...]:
-    """What a :class:`SoftMargins` is made for: the fusion, the colour prior and its weight, and the CRF's
-    size its colours are at."""
+    """What a :class:`SoftMargins` is made for: the fusion, the colour prior and its weight, the tone and
+    its weight, and the CRF's size its colours are at."""
+    toned = cfg.tone_weight > 0
     return (cfg.fusion, cfg.k, cfg.policy, cfg.labelled_members, cfg.colour_weight,
             cfg.colour_prior.probability if cfg.colour_prior is not None and cfg.colour_weight > 0 else None,
-            cfg.crf.size)
+            cfg.tone_weight, cfg.tone if toned else None, cfg.tone_sigma if toned else None, cfg.crf.size)
 
 
 def soft_margins(analysis: Analysis, cfg: ConsensusConfig, background_index: int) -> SoftMargins:

@@ -227,7 +227,8 @@ def check_labels(items: list[Item], classes: list[str], images: str | Path) -> N
 
 
 PAPER_METHOD = {"consensus": {"policy": "unanimous", "fusion": "intersection", "threshold_method": "fixed",
-                               "threshold": 0.5, "refine": "none", "colour_weight": 0.0}, "maps": {}}
+                               "threshold": 0.5, "refine": "none", "colour_weight": 0.0,
+                               "tone_weight": 0.0}, "maps": {}}
 
 
 METHODS = ("run", "best", "paper")

@@ -66,6 +66,7 @@ FORWARD_MS: dict[str, float] = {
 CRF_MS = (0.62, 4.90, 0.854)
 GUIDED_MS = 11.0  # the guided filter on three members' maps at 224 px (in proportion to the members)
 COLOUR_MS = 0.45  # the colour prior: a table lookup and a power per pixel of the map at 224 px
+TONE_MS = 1.4  # the tone map: two Gaussian blurs of the grey image (the wide one at a quarter size), a power
 REFERENCE_PRESET = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
@@ -126,6 +127,11 @@ def colour_cost(basis: CostBasis = REFERENCE) -> float:
     return COLOUR_MS * (basis.image_size / 224) ** 2 / basis.forward_ms
 
 
+def tone_cost(basis: CostBasis = REFERENCE) -> float:
+    """The tone map's cost in plain analyses of ``basis``."""
+    return TONE_MS * (basis.image_size / 224) ** 2 / basis.forward_ms
+
+
 def variant_cost(maps: MapConfig, fusion: str, base: CRFConfig | None = None,
                  basis: CostBasis = REFERENCE) -> float:
     """:func:`relative_cost` of ``maps`` + ``fusion`` in plain analyses of ``basis``, with the CRF
@@ -133,23 +139,38 @@ def variant_cost(maps: MapConfig, fusion: str, base: CRFConfig | None = None,
     base = base or CRFConfig()
     iterations = crf_iterations(fusion) or base.iterations
     colour = colour_cost(basis) if colour_weight(fusion) else 0.0
+    colour += tone_cost(basis) if tone_weight(fusion) else 0.0
     return relative_cost(maps, split_fusion(fusion)[1], iterations, crf_size(fusion) or base.size,
                          basis) + colour
 
 
 def split_fusion(fusion: str) -> tuple[str, str]:
     """``"mean+crf"`` -> ``("mean", "crf")``; ``"mean"`` -> ``("mean", "none")`` (the colour prior's weight
-    ``*colour:0.75``, the CRF's settings ``:30:10`` and an ``@members`` suffix, see :func:`fusion_settings`,
-    are dropped)."""
+    ``*colour:0.75``, the tone map's ``*tone:0.5``, the CRF's settings ``:30:10`` and an ``@members``
+    suffix, see :func:`fusion_settings`, are dropped)."""
     name, _, refine = fusion.partition("@")[0].partition("+")
     return name.partition("*")[0], refine.partition(":")[0] or "none"
+
+
+def _prior_weight(fusion: str, prior: str) -> float | None:
+    head = fusion.partition("@")[0].partition("+")[0]
+    for part in head.split("*")[1:]:
+        name, _, weight = part.partition(":")
+        if name == prior:
+            return float(weight)
+    return None
 
 
 def colour_weight(fusion: str) -> float | None:
     """The colour prior's weight a fusion name sets: ``"mean*colour:0.75+crf:30:10"`` -> 0.75; None where
     it sets none (the fused map alone)."""
-    colour = fusion.partition("@")[0].partition("+")[0].partition("*")[2]
-    return float(colour.partition(":")[2]) if colour else None
+    return _prior_weight(fusion, "colour")
+
+
+def tone_weight(fusion: str) -> float | None:
+    """The tone map's weight a fusion name sets: ``"mean*colour:0.75*tone:0.5+crf:30"`` and
+    ``"mean*tone:0.5"`` -> 0.5; None where it sets none."""
+    return _prior_weight(fusion, "tone")
 
 
 def _crf_setting(fusion: str, position: int) -> str:
@@ -240,6 +261,18 @@ def colour_fusions(weights: Sequence[float], refined: Sequence[str] = ()) -> lis
     return [f"mean*colour:{w:g}{suffix}" for w in weights for suffix in ["", *(f"+{c}" for c in crfs)]]
 
 
+def tone_fusions(weights: Sequence[float], fusions: Sequence[str]) -> list[str]:
+    """The mean fusions of ``fusions`` (plain, coloured, refined) with the tone map at each weight:
+    ``mean*tone:0.5``, ``mean*colour:0.75*tone:0.5+crf:30:10``."""
+    out = []
+    for f in fusions:
+        if split_fusion(f)[0] != "mean" or tone_weight(f) is not None:
+            continue
+        head, plus, rest = f.partition("+")
+        out += [f"{head}*tone:{w:g}{plus}{rest}" for w in weights]
+    return out
+
+
 def consensus_update(base: ConsensusConfig, fusion: str) -> dict[str, Any]:
     """The update of ``base`` that makes masks as ``fusion`` names them: :func:`fusion_settings`, the colour
     prior's weight of :func:`colour_weight` (0 where the name sets none), and ``base.crf`` with the bilateral
@@ -247,6 +280,7 @@ def consensus_update(base: ConsensusConfig, fusion: str) -> dict[str, Any]:
     and the size of :func:`crf_size` where the name sets them (its own settings where it sets none)."""
     update: dict[str, Any] = dict(fusion_settings(fusion))
     update["colour_weight"] = colour_weight(fusion) or 0.0
+    update["tone_weight"] = tone_weight(fusion) or 0.0
     crf_update: dict[str, Any] = {}
     if (weight := crf_weight(fusion)) is not None:
         crf_update["bilateral_compat"] = weight

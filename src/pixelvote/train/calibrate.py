@@ -17,6 +17,7 @@ from pixelvote.explain.evidence import EvidenceRule, colour_evidence
 from pixelvote.models.checkpoint import Recipe, load_run
 from pixelvote.models.ensemble import Ensemble
 from pixelvote.refine.colour import BINS, ColourPrior, learn_colour_prior
+from pixelvote.refine.tone import Tone, learn_tone, tone_evidence
 from pixelvote.train.cache import CachedSet
 from pixelvote.train.config import TrainConfig
 
@@ -51,29 +52,50 @@ def _val_batches(val: CachedSet, bs: int):  # type: ignore[no-untyped-def]
         yield Batch(val.images[i:i + bs], val.labels[i:i + bs], masks, _seeds(i, len(val), bs))
 
 
-def colour_prior(ens: Ensemble, train: CachedSet, batch_size: int, bins: int = BINS) -> ColourPrior | None:
-    """The run's colour prior (:mod:`pixelvote.refine.colour`, ``bins`` per channel) from its training
-    images: each image's map is the mean of every member's plain map of its labelled class."""
+def training_priors(ens: Ensemble, train: CachedSet, batch_size: int, bins: int = BINS, colour: bool = True,
+                    tone: bool = True) -> tuple[ColourPrior | None, Tone | None, float]:
+    """What the run learns from its training images' labels, in one pass over them (each image's map is
+    the mean of every member's plain map of its labelled class): the colour prior
+    (:mod:`pixelvote.refine.colour`, ``bins`` per channel; None unless ``colour``) and the findings' tone
+    with its evidence (:mod:`pixelvote.refine.tone`; None, 0.0 unless ``tone``)."""
     bg = ens.background_index
+    evidence: list[tuple[float, int]] = []
 
     def batches():  # type: ignore[no-untyped-def]
-        for i in tqdm(range(0, len(train), batch_size), desc="learning the colour prior", unit="batch",
-                      leave=False):
+        for i in tqdm(range(0, len(train), batch_size), desc="learning from the training images' labels",
+                      unit="batch", leave=False):
             imgs, labels = train.images[i:i + batch_size], train.labels[i:i + batch_size]
             a = analyze(ens, imgs, mc_samples=1, seeds=list(range(i, i + len(labels))), given=labels)
-            yield imgs, labels, a.maps.mean(0)
+            maps = a.maps.mean(0)
+            if tone:
+                evidence.append(tone_evidence(imgs, labels, maps, bg))
+            yield imgs, labels, maps
 
-    return learn_colour_prior(batches(), bg, bins)
+    if colour:
+        prior = learn_colour_prior(batches(), bg, bins)
+    else:
+        prior = None
+        for _ in batches():
+            pass
+    found, mean = learn_tone(evidence) if tone else (None, 0.0)
+    return prior, found, mean
+
+
+def colour_prior(ens: Ensemble, train: CachedSet, batch_size: int, bins: int = BINS) -> ColourPrior | None:
+    """The run's colour prior alone (see :func:`training_priors`)."""
+    return training_priors(ens, train, batch_size, bins, tone=False)[0]
 
 
 def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_threshold: float | None = None,
                   prior: ColourPrior | None = None, evidence: EvidenceRule | None = None,
+                  tone: Tone | None = None,
                   ) -> tuple[MapConfig, dict, dict, dict[str, tuple[MapConfig, dict]]]:
     """Pick the map recipe, fusion (+ refinement) and threshold with the best mean IoU on validation masks,
     among those whose cost is within ``cfg.max_map_cost`` plain analyses (for annotation), and the best within
     ``cfg.max_pseudo_label_cost`` (``annotate --method best``), and the best within ``cfg.max_map_cost``
     with the images' labels deciding (``annotate --labels``). With a colour ``prior`` the mean fusions are
-    tried with it too (at each of ``cfg.colour_weights``). Returns the first as its MapConfig and its
+    tried with it too (at each of ``cfg.colour_weights``), and with a ``tone`` every mean fusion is tried
+    with the tone map too (at each of ``cfg.tone_weights``). Returns the first as its MapConfig and its
     consensus update, the summary, and the other two (``"best"``, ``"labelled"``) likewise."""
     from pixelvote.evaluate.selection import (
         GRID,
@@ -86,12 +108,13 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
         crf_fusions,
         crf_iterations,
         relative_cost,
+        tone_fusions,
         variant_cost,
     )
     from pixelvote.refine import crf
 
     ens, run_cfg = load_run(run_dir, device=cfg.device)
-    run_cfg.consensus = run_cfg.consensus.model_copy(update={"colour_prior": prior})
+    run_cfg.consensus = run_cfg.consensus.model_copy(update={"colour_prior": prior, "tone": tone})
     # the masks are gated by the diagnosis the run will make
     ens.decision_threshold, ens.evidence_rule, ens.colour_prior = decision_threshold, evidence, prior
     limit = max(cfg.max_map_cost, cfg.max_pseudo_label_cost)
@@ -123,6 +146,9 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
         coloured = colour_fusions(cfg.colour_weights, refined)
         fusions += [f for f in coloured if "+" not in f]
         refined += [f for f in coloured if "+" in f]
+    if tone is not None and cfg.tone_weights:
+        fusions += tone_fusions(cfg.tone_weights, fusions)
+        refined += tone_fusions(cfg.tone_weights, refined)
     bs = max(1, cfg.batch_size)
 
     # masks as the diagnosis gates them (annotation) and as `annotate --labels` makes them (`best` and
@@ -313,14 +339,15 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet 
     validation masks are too few to choose), and the decision threshold (:func:`choose_decision_threshold`;
     None with ``cfg.decision == "most-probable"``). With the ``train`` images (and ``cfg.colour_weights``)
     the colour prior is learned from them and tried as a recipe, where there are validation masks enough
-    to choose one, and (``cfg.colour_evidence``) as evidence in the diagnosis (:func:`choose_decision_rule`;
+    to choose one (so is the findings' tone, with ``cfg.tone_weights``), and (``cfg.colour_evidence``) as evidence in the diagnosis (:func:`choose_decision_rule`;
     the rule, or None); it is kept in the consensus where either uses it. The masks are chosen on the
     images of ``masks`` (default: ``val``'s own; see :func:`pixelvote.train.loop.calibration_samples`)."""
     ens, run_cfg = load_run(run_dir, device=cfg.device)
     bg = ens.background_index
     base = run_cfg.consensus
     bs = max(1, cfg.batch_size)
-    base = base.model_copy(update={"colour_prior": None, "colour_weight": 0.0})
+    base = base.model_copy(update={"colour_prior": None, "colour_weight": 0.0, "tone": None,
+                                   "tone_weight": 0.0})
     ens.evidence_rule = ens.colour_prior = None
     scored = val if masks is None else masks
     masked = scored.has_mask & (scored.labels != bg)
@@ -329,8 +356,11 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet 
     counts = [int((val.labels == bg).sum()), int((val.labels != bg).sum())]
     weigh = cfg.decision == "validation" and cfg.colour_evidence and min(counts) >= MIN_PER_CLASS
     # learned only where it will be tried (as a recipe, or as evidence for the diagnosis)
-    prior = (colour_prior(ens, train, bs) if train is not None and len(train) and cfg.colour_weights
-             and (choosing or weigh) else None)
+    want_colour = bool(cfg.colour_weights) and (choosing or weigh)
+    want_tone = bool(cfg.tone_weights) and choosing
+    prior, tone, tone_mean = (training_priors(ens, train, bs, colour=want_colour, tone=want_tone)
+                              if train is not None and len(train) and (want_colour or want_tone)
+                              else (None, None, 0.0))
     probs, mis, variances = [], [], []
     evidence: dict[float, list[torch.Tensor]] = {}
     if prior is not None and weigh:
@@ -367,8 +397,12 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet 
     if choosing or rule is not None:  # where nothing uses it, it is not kept
         update["colour_prior"] = prior
     if choosing:
+        if want_tone:
+            summary["tone"] = {"tone": tone, "mean_local_contrast_under_maps": round(tone_mean, 5),
+                               "weights_tried": list(cfg.tone_weights) if tone is not None else []}
         maps, chosen, summary["selection"], others = choose_recipe(run_dir, scored, cfg, decision, prior,
-                                                                   rule)
+                                                                   rule, tone)
+        update["tone"] = tone
         update.update(chosen)
         summary["val_mean_iou"] = summary["selection"]["val_mean_iou"]
     elif n_masked:  # too few masks to choose a recipe: the consensus threshold alone

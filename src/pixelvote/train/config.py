@@ -96,6 +96,11 @@ class TrainConfig(BaseModel):
         description="weights of the colour prior (P(finding | colour), learned from the training images' "
                     "labels) tried with the mean fusion on validation masks, the map weighted 1 - w; empty: "
                     "no prior is learned")
+    tone_weights: list[float] = Field(
+        default_factory=lambda: [0.5],
+        description="weights of the tone map (how much darker or brighter than its surroundings each pixel "
+                    "is; which of the two is learned from the training images' labels) tried with every "
+                    "mean fusion on validation masks, the map weighted 1 - w; empty: not tried")
     colour_evidence: bool = Field(
         True, description="with the colour prior, also try a diagnosis that weighs its evidence "
                           "(pixelvote.explain.evidence): kept only where it beats the threshold on P(not "
@@ -169,6 +174,15 @@ class TrainConfig(BaseModel):
             raise ConfigError(f"--colour-weights {','.join(f'{w:g}' for w in v)}: the colour prior's weights "
                               "must be numbers above 0 and at most 1",
                               fix="e.g. --colour-weights 0.5,0.75 (or --no-colour to leave the prior out)")
+        return sorted(set(v))
+
+    @field_validator("tone_weights")
+    @classmethod
+    def _tone_weights(cls, v: list[float]) -> list[float]:
+        if any(not 0 < w < 1 for w in v):
+            raise ConfigError(f"--tone-weights {','.join(f'{w:g}' for w in v)}: the tone map's weights must "
+                              "be numbers between 0 and 1 (the fused map keeps 1 - w)",
+                              fix="e.g. --tone-weights 0.3,0.5 (or --no-tone to leave it out)")
         return sorted(set(v))
 
     def model_names(self) -> list[str]:
