@@ -43,8 +43,8 @@ from pixelvote.models.member import build_member  # noqa: E402
 from pixelvote.models.registry import get_spec, list_models  # noqa: E402
 from pixelvote.refine import crf  # noqa: E402
 from pixelvote.refine.colour import ColourPrior, with_colour  # noqa: E402
-from pixelvote.refine.tone import with_tone  # noqa: E402
 from pixelvote.refine.guided import grey, guided_filter  # noqa: E402
+from pixelvote.refine.tone import with_tone  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 SIZES = (128, 160, 192, 224)

@@ -147,8 +147,9 @@ def test_train_learns_the_tone_tries_it_and_records_the_evidence(tmp_path) -> No
 
     data = write_blob_dataset(tmp_path / "data", per_class=6)
     run = train(TrainConfig(data=data, out=tmp_path / "run", preset="tiny", epochs=1, image_size=32,
-                            pretrained=False, mc_samples=2, map_candidates=["plain"], refine_candidates=["none"],
-                            min_masks_to_choose=1, val_fraction=0.4, colour_weights=[], tone_weights=[0.3, 0.5]))
+                            pretrained=False, mc_samples=2, map_candidates=["plain"],
+                            refine_candidates=["none"], min_masks_to_choose=1, val_fraction=0.4,
+                            colour_weights=[], tone_weights=[0.3, 0.5]))
     cal = json.loads((run / "calibration.json").read_text())
     # which tone depends on where the one-epoch models look; it follows the evidence's sign
     mean = cal["tone"]["mean_local_contrast_under_maps"]
@@ -171,8 +172,9 @@ def test_no_tone_is_learned_with_no_tone_weights_or_no_masks(tmp_path) -> None:
 
     data = write_blob_dataset(tmp_path / "data", per_class=6)
     run = train(TrainConfig(data=data, out=tmp_path / "run", preset="tiny", epochs=1, image_size=32,
-                            pretrained=False, mc_samples=2, map_candidates=["plain"], refine_candidates=["none"],
-                            min_masks_to_choose=1, val_fraction=0.4, colour_weights=[], tone_weights=[]))
+                            pretrained=False, mc_samples=2, map_candidates=["plain"],
+                            refine_candidates=["none"], min_masks_to_choose=1, val_fraction=0.4,
+                            colour_weights=[], tone_weights=[]))
     cal = json.loads((run / "calibration.json").read_text())
     assert "tone" not in cal and not any("tone" in c for c in cal["selection"]["candidates"])
     cfg = read_run_config(run)

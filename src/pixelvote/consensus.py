@@ -61,9 +61,9 @@ class ConsensusConfig(BaseModel):
                                          "prior^w before it is thresholded or refined; 0: the map alone")
     colour_prior: ColourPrior | None = Field(None, description="the run's colour prior (learned by `train`)")
     tone_weight: float = Field(
-        0.0, ge=0.0, lt=1.0, description="combine the fused map with the tone map (how much darker or brighter "
-                                         "than its surroundings each pixel is, see `tone`) as map^(1-w) * "
-                                         "tone^w, after the colour prior; 0: leave it out")
+        0.0, ge=0.0, lt=1.0, description="combine the fused map with the tone map (how much darker or "
+                                         "brighter than its surroundings each pixel is, see `tone`) as "
+                                         "map^(1-w) * tone^w, after the colour prior; 0: leave it out")
     tone: Tone | None = Field(None, description="whether findings are darker or brighter than their "
                                                 "surroundings (learned by `train` from the labels)")
     tone_sigma: float = Field(SIGMA, gt=0.0, le=1.0, description="the surroundings' Gaussian blur, as a "
@@ -75,8 +75,8 @@ class ConsensusConfig(BaseModel):
             raise ValueError(f"colour_weight is {self.colour_weight:g} but there is no colour_prior (set "
                              "colour_weight to 0, or re-run `pixelvote train`, which learns the prior)")
         if self.tone_weight > 0 and self.tone is None:
-            raise ValueError(f"tone_weight is {self.tone_weight:g} but tone is not set (set tone_weight to 0, "
-                             "or tone to \"dark\" or \"bright\")")
+            raise ValueError(f"tone_weight is {self.tone_weight:g} but tone is not set (set tone_weight to "
+                             "0, or tone to \"dark\" or \"bright\")")
         return self
 
     @property

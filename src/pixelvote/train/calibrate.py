@@ -339,8 +339,9 @@ def calibrate(run_dir: Path, val: CachedSet, cfg: TrainConfig, train: CachedSet 
     validation masks are too few to choose), and the decision threshold (:func:`choose_decision_threshold`;
     None with ``cfg.decision == "most-probable"``). With the ``train`` images (and ``cfg.colour_weights``)
     the colour prior is learned from them and tried as a recipe, where there are validation masks enough
-    to choose one (so is the findings' tone, with ``cfg.tone_weights``), and (``cfg.colour_evidence``) as evidence in the diagnosis (:func:`choose_decision_rule`;
-    the rule, or None); it is kept in the consensus where either uses it. The masks are chosen on the
+    to choose one, and (``cfg.colour_evidence``) as evidence in the diagnosis (:func:`choose_decision_rule`;
+    the rule, or None); it is kept in the consensus where either uses it. So is the findings' tone (with
+    ``cfg.tone_weights``), as a recipe only. The masks are chosen on the
     images of ``masks`` (default: ``val``'s own; see :func:`pixelvote.train.loop.calibration_samples`)."""
     ens, run_cfg = load_run(run_dir, device=cfg.device)
     bg = ens.background_index
