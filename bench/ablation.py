@@ -46,6 +46,7 @@ from pixelvote.evaluate.selection import (  # noqa: E402
     cost_basis,
     crf_fusions,
     cross_fitted,
+    tone_fusions,
     variant_cost,
 )
 from pixelvote.explain.analyze import MapConfig, analyze  # noqa: E402
@@ -100,25 +101,23 @@ def val_batches(run: Path, ens: Ensemble, batch_size: int = 8):  # type: ignore[
         yield Batch(torch.stack(imgs), torch.tensor(labels), masks, seeds)
 
 
-def run_colour_prior(run: Path, ens: Ensemble, cfg, batch_size: int = 8):  # type: ignore[no-untyped-def]
-    """The run's colour prior, or, for a run trained before pixelvote learned one, the prior learned as
-    `train` learns it, from the run's training images."""
-    if cfg.consensus.colour_prior is not None:
-        return cfg.consensus.colour_prior
-    from pixelvote.refine.colour import learn_colour_prior
+def run_priors(run: Path, ens: Ensemble, cfg, colour: bool, tone: bool):  # type: ignore[no-untyped-def]
+    """The run's colour prior and the findings' tone (None where not asked for), or, for a run calibrated
+    before pixelvote learned them, learned as `train` learns them from the run's training images."""
+    from pixelvote.data.dataset import Sample
+    from pixelvote.train.cache import cache_samples
+    from pixelvote.train.calibrate import training_priors
 
-    train = [Path(p) for p in json.loads((run / "split.json").read_text())["train"]]
-
-    def batches():  # type: ignore[no-untyped-def]
-        for i in range(0, len(train), batch_size):
-            chunk = train[i:i + batch_size]
-            imgs = torch.stack([fit_image(to_tensor(read_image(p)), ens.image_size, ens.resize)
-                                for p in chunk])
-            labels = torch.tensor([ens.classes.index(p.parent.name) for p in chunk])
-            a = analyze(ens, imgs, mc_samples=1, seeds=list(range(i, i + len(chunk))), given=labels)
-            yield imgs, labels, a.maps.mean(0)
-
-    return learn_colour_prior(batches(), ens.background_index)
+    prior = cfg.consensus.colour_prior if colour else None
+    found = cfg.consensus.tone if tone else None
+    if (colour and prior is None) or (tone and found is None):
+        paths = [Path(p) for p in json.loads((run / "split.json").read_text())["train"]]
+        train = cache_samples([Sample(p, p.parent.name) for p in paths], ens.classes, cfg.image_size,
+                              desc="training images", with_masks=False, resize=ens.resize)
+        learned, learned_tone, _ = training_priors(ens, train, 8, colour=colour and prior is None,
+                                                   tone=tone and found is None)
+        prior, found = prior or learned, found or learned_tone
+    return prior, found
 
 
 def centred_box_iou(run: Path, ens: Ensemble) -> float:
@@ -208,6 +207,9 @@ def main() -> None:
     ap.add_argument("--colour-weights", default="0.75", help="the colour prior's weights scored with the "
                     "mean fusion, alone and under each CRF setting (rows mean*colour:W; pixelvote train "
                     "--colour-weights; empty: none)")
+    ap.add_argument("--tone-weights", default="0.5", help="the tone map's weights scored with every mean "
+                    "fusion (rows mean*tone:W, mean*colour:W*tone:W; pixelvote train --tone-weights; empty: "
+                    "none)")
     ap.add_argument("--stage-two", action="store_true",
                     help="also train and score the segmenter (slow on CPU)")
     ap.add_argument("--seg-epochs", type=int, default=30)
@@ -231,9 +233,12 @@ def main() -> None:
                                map_size=cfg.image_size)
                    if crf.available() else [])
         colour = [float(w) for w in args.colour_weights.split(",") if w]
-        prior = run_colour_prior(run, ens, cfg) if colour else None
+        toned = [float(w) for w in args.tone_weights.split(",") if w]
+        prior, tone = run_priors(run, ens, cfg, bool(colour), bool(toned))
         fusions = (["intersection", "mean", "vote"] + refined
                    + (colour_fusions(colour, refined) if prior is not None else []))
+        if tone is not None:
+            fusions += tone_fusions(toned, fusions)
         if args.labels:  # which members fuse for labelled images: every one (default) or the agreeing ones
             fusions += [f"{f}@agreeing" for f in fusions if f.startswith("mean")]
         # the segmenter's CRF as annotate --segmenter runs it: with the run's CRF settings
@@ -242,7 +247,7 @@ def main() -> None:
                          segmenter_crf_threshold=seg_cfg.crf_threshold if seg_cfg else 0.5,
                          segmenter_crf=seg_cfg.crf_settings(cfg.consensus.crf) if seg_cfg else None,
                          given_labels=args.labels,
-                         base=ConsensusConfig(crf=cfg.consensus.crf, colour_prior=prior))
+                         base=ConsensusConfig(crf=cfg.consensus.crf, colour_prior=prior, tone=tone))
         # diagnosed by the run's rule (its decision threshold, or the colour evidence), as each member votes
         single = Ensemble(ens.members[:1], ens.classes, ens.background, ens.image_size, device=ens.device,
                           resize=ens.resize, decision_threshold=ens.decision_threshold,

@@ -49,6 +49,7 @@ from pixelvote.evaluate.selection import (  # noqa: E402
     collect,
     colour_fusions,
     crf_fusions,
+    tone_fusions,
 )
 from pixelvote.models.checkpoint import load_run  # noqa: E402
 from pixelvote.refine import crf  # noqa: E402
@@ -78,17 +79,19 @@ def batches(items: list[tuple[Path, int, Path, bool]], size: int, resize: str, b
                     [zlib.crc32(p.name.encode()) for p, _, _, _ in chunk])
 
 
-def learned_prior(run: Path, ens, cfg, bins: int):  # type: ignore[no-untyped-def]
-    """The colour prior at ``bins`` bins per channel, learned from the run's training images as `train`
-    learns it."""
+def learned_priors(run: Path, ens, cfg, bins: int, colour: bool = True,  # type: ignore[no-untyped-def]
+                   tone: bool = False):
+    """The colour prior at ``bins`` bins per channel and the findings' tone (see
+    :func:`pixelvote.train.calibrate.training_priors`), learned from the run's training images as `train`
+    learns them."""
     from pixelvote.data.dataset import Sample
     from pixelvote.train.cache import cache_samples
-    from pixelvote.train.calibrate import colour_prior
+    from pixelvote.train.calibrate import training_priors
 
     paths = [Path(p) for p in json.loads((run / "split.json").read_text())["train"]]
     train = cache_samples([Sample(p, p.parent.name) for p in paths], ens.classes, cfg.image_size,
                           desc="training images", with_masks=False, resize=ens.resize)
-    return colour_prior(ens, train, 16, bins)
+    return training_priors(ens, train, 16, bins, colour=colour, tone=tone)
 
 
 def choose(tables: dict[tuple[str, str], VariantTable], rows: torch.Tensor) -> tuple[tuple[str, str], int]:
@@ -107,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--colour-weights", default="0.75")
     ap.add_argument("--colour-bins", default="",
                     help="also score the colour fusions with priors of these bins per channel (e.g. 8,16)")
+    ap.add_argument("--tone-weights", default="",
+                    help="also score every mean fusion with the tone map at these weights (e.g. 0.3,0.5); "
+                         "the run's tone, or learned as train learns it")
     ap.add_argument("--labels", action="store_true", help="masks as annotate --labels makes them")
     ap.add_argument("--agreeing", action="store_true", help="with --labels, fuse the agreeing members only")
     ap.add_argument("--refined-max", type=float, default=None,
@@ -152,6 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     prior = cfg.consensus.colour_prior
     fusions = (["intersection", "mean"] + refined
                + (colour_fusions(colour, refined) if prior is not None and colour else []))
+    toned = [float(w) for w in args.tone_weights.split(",") if w]
+    tone = cfg.consensus.tone
+    if toned and tone is None:
+        tone = learned_priors(args.run, ens, cfg, 8, colour=False, tone=True)[1]
+    if toned and tone is not None:
+        fusions += tone_fusions(toned, fusions)
     if args.labels and args.agreeing:
         fusions = [f"{f}@agreeing" for f in fusions if f.startswith("mean")]
     print(f"{len(items)} images with masks in {len(set(groups))} groups; {len(recipes)} recipes x "
@@ -167,15 +179,15 @@ def main(argv: list[str] | None = None) -> None:
         with crf.reuse(steps=[int(n) for n in args.crf_iterations.split(",")]):
             tables = collect(ens, batches(items, cfg.image_size, ens.resize), recipes, fusions=fusions,
                              given_labels=args.labels,
-                             base=ConsensusConfig(crf=cfg.consensus.crf, colour_prior=prior))
+                             base=ConsensusConfig(crf=cfg.consensus.crf, colour_prior=prior, tone=tone))
             coloured = [f for f in fusions if "colour" in f]
             for bins in [int(b) for b in args.colour_bins.split(",") if b]:
                 if not coloured or (prior is not None and bins == prior.bins):
                     continue
-                other = learned_prior(args.run, ens, cfg, bins)
+                other = learned_priors(args.run, ens, cfg, bins)[0]
                 more = collect(ens, batches(items, cfg.image_size, ens.resize), recipes, fusions=coloured,
                                given_labels=args.labels,
-                               base=ConsensusConfig(crf=cfg.consensus.crf, colour_prior=other))
+                               base=ConsensusConfig(crf=cfg.consensus.crf, colour_prior=other, tone=tone))
                 tables.update({(f"{r}/b{bins}", f): t for (r, f), t in more.items()})
         if args.tables:
             torch.save({"images": [str(p) for p, _, _, _ in items],

@@ -108,7 +108,7 @@ def test_colour_priors_of_other_bin_counts_are_scored_beside_the_runs(grouped_ru
     shutil.copytree(run, copy)
     bench = _bench()
     ens, cfg = load_run(copy)
-    own = bench.learned_prior(copy, ens, cfg, 4)
+    own = bench.learned_priors(copy, ens, cfg, 4)[0]
     assert own is not None and own.bins == 4 and own.images == len(json.loads(
         (copy / "split.json").read_text())["train"])
     saved = read_run_config(copy)
@@ -122,3 +122,22 @@ def test_colour_priors_of_other_bin_counts_are_scored_beside_the_runs(grouped_ru
     assert set(ious) == {"plain|intersection", "plain|mean", "plain|mean*colour:1", "plain/b8|mean*colour:1"}
     assert ious["plain/b8|mean*colour:1"].shape == ious["plain|mean*colour:1"].shape
     assert not torch.equal(ious["plain/b8|mean*colour:1"], ious["plain|mean*colour:1"])
+
+
+def test_tone_fusions_are_scored_with_the_tone_learned_as_train_learns_it(grouped_run, tmp_path) -> None:
+    from pixelvote.models.checkpoint import load_run, read_run_config
+
+    run, _ = grouped_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    bench = _bench()
+    assert read_run_config(copy).consensus.tone is None  # as a run calibrated before tones were learned
+    ens, cfg = load_run(copy)
+    prior, tone, mean = bench.learned_priors(copy, ens, cfg, 8, colour=False, tone=True)
+    assert prior is None and tone == ("dark" if mean > 0 else "bright")
+    tables = tmp_path / "tables.pt"
+    bench.main(["--run", str(copy), "--recipes", "plain", "--crf-weights", "", "--colour-weights", "",
+                "--tone-weights", "0.3,0.6", "--tables", str(tables)])
+    ious = torch.load(tables)["ious"]
+    assert set(ious) == {"plain|intersection", "plain|mean", "plain|mean*tone:0.3", "plain|mean*tone:0.6"}
+    assert not torch.equal(ious["plain|mean*tone:0.3"], ious["plain|mean"])

@@ -56,7 +56,8 @@ def test_train_tries_the_crf_weights_given_and_says_what_it_chose(tmp_path):
     r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), "--preset", "tiny",
                             "--epochs", "1", "--image-size", "48", "--no-pretrained", "--mc-samples", "2",
                             "--val-fraction", "0.4", "--crf-weights", "4,25", "--crf-iterations", "7,2",
-                            "--crf-cutoffs", "0.4", "--colour-weights", "0.5,1", "--quiet",
+                            "--crf-cutoffs", "0.4", "--colour-weights", "0.5,1", "--tone-weights", "0.4",
+                            "--quiet",
                             # every recipe's CRF grid scored, up to 2.5 plain analyses (7 iterations cost
                             # more than 2 beside the tiny models)
                             "--crf-recipes", "7", "--max-map-cost", "2.5"])
@@ -64,13 +65,18 @@ def test_train_tries_the_crf_weights_given_and_says_what_it_chose(tmp_path):
     sel = json.loads((run / "calibration.json").read_text())["selection"]
     assert f"with {sel['recipe']} maps and {sel['fusion']} fusion" in r.output  # what was chosen, said
     fusions = {k.partition("+")[2] for k in sel["candidates"] if k.startswith("plain+")}
-    crf_rows = {f for f in fusions if "crf" in f and "colour" not in f}
+    crf_rows = {f for f in fusions if "crf" in f and "colour" not in f and "tone" not in f}
     tried = {f"{f}+crf:{w}:{n}:0.4" for f in ("intersection", "mean") for w in (4, 25) for n in (2, 7)}
     assert crf_rows == (tried if crf.available() else set())
     # the colour prior at each weight given, alone and under each CRF setting of the mean fusion
-    colour_rows = {f for f in fusions if "colour" in f}
+    colour_rows = {f for f in fusions if "colour" in f and "tone" not in f}
     crfs = [f"+crf:{w}:{n}:0.4" for w in (4, 25) for n in (2, 7)] if crf.available() else []
     assert colour_rows == {f"mean*colour:{c}{s}" for c in ("0.5", "1") for s in ["", *crfs]}
+    # the tone map at the weight given, with every mean fusion (with and without the colour prior)
+    tone_rows = {f for f in fusions if "tone" in f}
+    assert tone_rows == {f"mean{c}*tone:0.4{s}" for c in ("", "*colour:0.5", "*colour:1")
+                         for s in ["", *crfs]}
+    assert read_run_config(run).consensus.tone in ("dark", "bright")
     assert read_run_config(run).consensus.colour_prior is not None
     chosen = read_run_config(run).consensus  # the one cutoff given, where the CRF was chosen
     assert chosen.crf.cutoff == (0.4 if chosen.refine == "crf" else 0.5)
@@ -80,11 +86,12 @@ def test_train_tries_the_crf_weights_given_and_says_what_it_chose(tmp_path):
     off = tmp_path / "off"
     r = runner.invoke(app, ["train", "--data", str(data), "--out", str(off), "--preset", "tiny", "--epochs",
                             "1", "--image-size", "48", "--no-pretrained", "--mc-samples", "2",
-                            "--val-fraction", "0.4", "--no-crf", "--no-colour", "--quiet"])
+                            "--val-fraction", "0.4", "--no-crf", "--no-colour", "--no-tone", "--quiet"])
     assert r.exit_code == 0, r.output
     assert read_run_config(off).consensus.colour_prior is None  # not learned
-    assert not any("colour" in k for k in json.loads((off / "calibration.json").read_text())["selection"]
-                   ["candidates"])
+    assert read_run_config(off).consensus.tone is None
+    assert not any("colour" in k or "tone" in k
+                   for k in json.loads((off / "calibration.json").read_text())["selection"]["candidates"])
     assert "evidence" not in json.loads((off / "calibration.json").read_text())["decision"]
     no_ev = tmp_path / "no-evidence"
     r = runner.invoke(app, ["train", "--data", str(data), "--out", str(no_ev), "--preset", "tiny", "--epochs",
@@ -176,6 +183,11 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "--colour-weights 0.5,2: the colour prior's weights must be numbers above 0" in p.stderr
     assert not (tmp_path / "colour").exists()
+    p = subprocess.run([sys.executable, "-m", "pixelvote.cli", "train", "--data", str(tmp_path), "--out",
+                        str(tmp_path / "tone"), "--tone-weights=0.5,1"], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "--tone-weights 0.5,1: the tone map's weights must be numbers between 0 and 1" in p.stderr
+    assert not (tmp_path / "tone").exists()
 
 
 def test_annotate_without_a_working_opencv_says_how_to_install_it(trained, tmp_path, monkeypatch):
