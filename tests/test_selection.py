@@ -554,7 +554,7 @@ def test_training_chooses_the_crf_size_and_saves_it(tmp_path) -> None:
         TrainConfig(data=data, out=tmp_path / "x", crf_sizes=[8])
 
 
-def test_the_crf_grid_is_scored_only_on_the_recipes_that_do_best_without_it(tmp_path) -> None:
+def test_the_crf_grid_is_scored_only_on_the_recipes_and_fusions_that_do_best_without_it(tmp_path) -> None:
     from pixelvote.refine import crf
     from pixelvote.train.config import TrainConfig
     from pixelvote.train.loop import train
@@ -566,9 +566,12 @@ def test_the_crf_grid_is_scored_only_on_the_recipes_that_do_best_without_it(tmp_
                             pretrained=False, mc_samples=2, map_candidates=["plain", "contrast", "guided"],
                             min_masks_to_choose=1, val_fraction=0.4, crf_weights=[10], crf_iterations=[3],
                             crf_cutoffs=[0.5], crf_sizes=[48], colour_weights=[], max_map_cost=3.0,
-                            max_pseudo_label_cost=3.0, crf_recipes=1))
+                            max_pseudo_label_cost=3.0, crf_recipes=1, crf_bases=1))
     sel = json.loads((run / "calibration.json").read_text())["selection"]
     cands, labelled = sel["candidates"], sel["labelled_candidates"]
+
+    def score(v) -> float:
+        return v if isinstance(v, float) else max(v["mean_iou_by_threshold"].values(), default=-1.0)
 
     def without_crf(table: dict, recipe: str) -> float:
         return max((v if isinstance(v, float) else max(v["mean_iou_by_threshold"].values()))
@@ -580,8 +583,16 @@ def test_the_crf_grid_is_scored_only_on_the_recipes_that_do_best_without_it(tmp_
         assert without_crf(table, tried) >= max(without_crf(table, r) for r in recipes) - 1e-4
         with_crf = {k.split("+", 1)[0] for k in table if "+crf" in k}
         assert with_crf == {tried}
-        assert f"{tried}+mean+crf:10:3:0.5" in table
+        # and there on one fusion, the best without it of those it refines (the tone prior's is one)
+        refinable = ("intersection", "mean", "mean*tone:0.5")
+        (kept,) = sel["crf_tried_with"][mode][tried]
+        assert score(table[f"{tried}+{kept}"]) >= max(score(table[f"{tried}+{b}"]) for b in refinable) - 1e-4
+        assert {k.split("+")[1].partition("@")[0] for k in table if k.startswith(f"{tried}+") and "+crf" in k} \
+            == {kept}
+        assert f"{tried}+{kept}+crf:10:3:0.5" in table
     # every recipe is still scored without the CRF, in both ways
     assert all(f"{r}+mean" in cands and f"{r}+mean@agreeing" in labelled for r in recipes)
     with pytest.raises(Exception, match="crf_recipes"):
         TrainConfig(data=data, out=tmp_path / "x", crf_recipes=0)
+    with pytest.raises(Exception, match="crf_bases"):
+        TrainConfig(data=data, out=tmp_path / "x", crf_bases=0)

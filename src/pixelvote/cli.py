@@ -123,6 +123,9 @@ def train(
     crf_recipes: int = typer.Option(2, min=1, help="try the dense CRF's grid on this many map recipes per "
                                     "choice: those whose masks without it score best on validation (the "
                                     "grid is most of calibration's time)"),
+    crf_bases: int = typer.Option(2, min=1, help="on each of those recipes, try the CRF's grid on "
+                                  "this many fusions (with or without the colour and tone priors): those "
+                                  "whose masks without it score best on validation"),
     colour: bool = typer.Option(True, "--colour/--no-colour", help="learn a colour prior (P(finding | "
                                 "colour)) from the training images' labels and try it with the mean fusion "
                                 "on validation masks"),
@@ -176,7 +179,7 @@ def train(
                       crf_iterations=list(_crf_iterations(crf_iterations)),
                       crf_cutoffs=_numbers(crf_cutoffs, "--crf-cutoffs"),
                       crf_sizes=_whole(_numbers(crf_sizes, "--crf-sizes"), "--crf-sizes"),
-                      crf_recipes=crf_recipes,
+                      crf_recipes=crf_recipes, crf_bases=crf_bases,
                       colour_weights=_numbers(colour_weights, "--colour-weights") if colour else [],
                       tone_weights=_numbers(tone_weights, "--tone-weights") if tone else [],
                       colour_evidence=colour_evidence)

@@ -189,17 +189,37 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
         fits = [r for r in names if any(cost(recipes[r], f) <= limit for f in refined)]
         return sorted(fits, key=without, reverse=True)[:cfg.crf_recipes]
 
-    # the CRF's grid is most of the time: it is scored on the recipes that do best without it, per choice
+    def base(fusion: str) -> str:
+        """The fusion with its priors but without its refinement or members: ``mean*tone:0.5``."""
+        return fusion.partition("@")[0].partition("+")[0]
+
+    def top_bases(table: dict, recipe: str) -> list[str]:
+        """The ``cfg.crf_bases`` fusions the CRF refines whose masks score best without it on ``recipe``."""
+        scores: dict[str, float] = {}
+        for (r, f), t in table.items():
+            if r == recipe and "+" not in f and len(t.ious):
+                b = base(f)
+                scores[b] = max(scores.get(b, -1.0), float(t.ious.mean(0).nan_to_num(-1.0).max()))
+        refinable = {base(f) for f in refined}
+        return sorted((b for b in scores if b in refinable), key=scores.__getitem__,
+                      reverse=True)[:cfg.crf_bases]
+
+    # the CRF's grid is most of the time: it is scored on the recipes that do best without it, per choice,
+    # and there on the fusions (priors) that do best without it
     crf_gated = top(tables, list(recipes), cfg.max_map_cost)
     crf_labelled = {*top(labelled, for_labels, cfg.max_pseudo_label_cost),
                     *top(labelled, for_labels, cfg.max_map_cost)}
+    crf_bases: dict[str, dict[str, list[str]]] = {"gated": {}, "labelled": {}}
     for name in recipes:
         modes = {}
         if name in crf_gated:
-            modes[False] = [f for f in refined if cost(recipes[name], f) <= cfg.max_map_cost]
+            crf_bases["gated"][name] = kept = top_bases(tables, name)
+            modes[False] = [f for f in refined
+                            if base(f) in kept and cost(recipes[name], f) <= cfg.max_map_cost]
         if name in crf_labelled:
-            modes[True] = with_agreeing([f for f in refined
-                                         if cost(recipes[name], f) <= cfg.max_pseudo_label_cost])
+            crf_bases["labelled"][name] = kept = top_bases(labelled, name)
+            modes[True] = with_agreeing([f for f in refined if base(f) in kept
+                                         and cost(recipes[name], f) <= cfg.max_pseudo_label_cost])
         modes = {m: fs for m, fs in modes.items() if fs}
         if modes:
             score(name, modes, "CRF settings")
@@ -238,6 +258,7 @@ def choose_recipe(run_dir: Path, val: CachedSet, cfg: TrainConfig, decision_thre
                                        if len(tab.ious) else None for (r, f), tab in labelled.items()},
                "not_tried_over_cost": skipped,
                "crf_tried_on": {"gated": crf_gated, "labelled": [r for r in recipes if r in crf_labelled]},
+               "crf_tried_with": crf_bases,
                "cost_basis": {"forward_ms": round(basis.forward_ms, 2), "image_size": basis.image_size,
                               "members": basis.members,
                               "source": basis.source}}
