@@ -587,8 +587,8 @@ def test_the_crf_grid_is_scored_only_on_the_recipes_and_fusions_that_do_best_wit
         refinable = ("intersection", "mean", "mean*tone:0.5")
         (kept,) = sel["crf_tried_with"][mode][tried]
         assert score(table[f"{tried}+{kept}"]) >= max(score(table[f"{tried}+{b}"]) for b in refinable) - 1e-4
-        assert {k.split("+")[1].partition("@")[0] for k in table if k.startswith(f"{tried}+") and "+crf" in k} \
-            == {kept}
+        refined = [k for k in table if k.startswith(f"{tried}+") and "+crf" in k]
+        assert {k.split("+")[1].partition("@")[0] for k in refined} == {kept}
         assert f"{tried}+{kept}+crf:10:3:0.5" in table
     # every recipe is still scored without the CRF, in both ways
     assert all(f"{r}+mean" in cands and f"{r}+mean@agreeing" in labelled for r in recipes)

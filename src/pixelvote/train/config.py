@@ -93,9 +93,9 @@ class TrainConfig(BaseModel):
                              "within the cost limit")
     crf_bases: int = Field(
         2, ge=1, description="on each of those recipes, the dense CRF's grid is tried on this many fusions "
-                             "(the intersection, the mean, the mean with the colour or tone prior): those whose "
-                             "masks without it score best on the validation masks (on fire and BUSI the best "
-                             "refined mask always refined one of the best two: README)")
+                             "(the intersection, the mean, the mean with the colour or tone prior): those "
+                             "whose masks without it score best on the validation masks (on fire and BUSI "
+                             "the best refined mask always refined one of the best two: README)")
     colour_weights: list[float] = Field(
         default_factory=lambda: [0.75],
         description="weights of the colour prior (P(finding | colour), learned from the training images' "
