@@ -58,9 +58,9 @@ def test_train_tries_the_crf_weights_given_and_says_what_it_chose(tmp_path):
                             "--val-fraction", "0.4", "--crf-weights", "4,25", "--crf-iterations", "7,2",
                             "--crf-cutoffs", "0.4", "--colour-weights", "0.5,1", "--tone-weights", "0.4",
                             "--quiet",
-                            # every recipe's CRF grid scored, up to 2.5 plain analyses (7 iterations cost
-                            # more than 2 beside the tiny models)
-                            "--crf-recipes", "7", "--max-map-cost", "2.5"])
+                            # every recipe's CRF grid scored on all seven fusions, up to 2.5 plain
+                            # analyses (7 iterations cost more than 2 beside the tiny models)
+                            "--crf-recipes", "7", "--crf-bases", "8", "--max-map-cost", "2.5"])
     assert r.exit_code == 0, r.output
     sel = json.loads((run / "calibration.json").read_text())["selection"]
     assert f"with {sel['recipe']} maps and {sel['fusion']} fusion" in r.output  # what was chosen, said

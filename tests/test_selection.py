@@ -202,7 +202,8 @@ def test_training_chooses_within_the_cost_limit_and_saves_the_choice(tmp_path, m
     data = write_blob_dataset(tmp_path / "data", per_class=8)
     run = train(TrainConfig(data=data, out=tmp_path / "run", preset="tiny", epochs=1, image_size=48,
                             pretrained=False, mc_samples=2, map_candidates=["plain", "flip", "tta"],
-                            max_map_cost=max_cost, min_masks_to_choose=1, val_fraction=0.4))
+                            max_map_cost=max_cost, min_masks_to_choose=1, val_fraction=0.4,
+                            crf_bases=20))  # the CRF's grid on every fusion: the cost limit alone prunes it
     sel = json.loads((run / "calibration.json").read_text())["selection"]
     cands = sel["candidates"]
     # TTA (6 passes) fits neither limit (annotation, and pseudo-labels at 2.5), so it is not tried
