@@ -2,7 +2,7 @@
 
     python bench/video_folds.py --run runs/fire-robust \
         --folds 'Video02,Video03,Video04;Video05,Video06,Video07,Video08' \
-        [--out DIR] [--per-group 10] [--labels]
+        [--out DIR] [--per-group 10] [--labels] [--set tone_weights=[] ...]
 
 `train --train-exclude` keeps a source out of training; `train` (--calibrate-excluded, the default) then
 chooses the masks on the validation split's masks and on those of the kept-out images, a few per group. This
@@ -21,10 +21,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from pixelvote.data.dataset import load_dataset  # noqa: E402
+from pixelvote.errors import ConfigError  # noqa: E402
 from pixelvote.evaluate.run import evaluate_run  # noqa: E402
 from pixelvote.models.checkpoint import read_run_config, save_run_config  # noqa: E402
 from pixelvote.train.cache import cache_samples  # noqa: E402
@@ -41,13 +44,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-group", type=int, default=None, help="train --calibration-per-group (default: "
                     "the run's own setting, else the default)")
     ap.add_argument("--labels", action="store_true", help="score masks as annotate --labels makes them")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help="override one of the run's train settings for calibration, e.g. tone_weights=[] "
+                    "(no tone prior) or crf_bases=8 (the CRF on every fusion); repeatable")
     args = ap.parse_args(argv)
 
     cfg = TrainConfig.model_validate_json((args.run / "train_config.json").read_text())
     update: dict = {"calibrate_excluded": True}
     if args.per_group is not None:
         update["calibration_per_group"] = args.per_group
-    cfg = cfg.model_copy(update=update)
+    for item in args.set:
+        field, eq, value = item.partition("=")
+        if not eq or field not in TrainConfig.model_fields:
+            sys.exit(f"--set {item}: expected FIELD=JSON with a TrainConfig field, e.g. tone_weights=[]")
+        try:
+            update[field] = json.loads(value)
+        except json.JSONDecodeError as e:
+            sys.exit(f"--set {item}: {value!r} is not JSON ({e}); e.g. crf_bases=8 or tone_weights=[0.3]")
+    try:
+        cfg = TrainConfig.model_validate({**cfg.model_dump(), **update})  # validated, unlike model_copy
+    except (ValidationError, ConfigError) as e:
+        sys.exit(f"--set: {e}")
     if not cfg.group_pattern:
         sys.exit(f"{args.run}: trained without --group-pattern: there are no groups to fold over")
     split = json.loads((args.run / "split.json").read_text())

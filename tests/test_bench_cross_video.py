@@ -96,8 +96,22 @@ def test_video_folds_calibrate_on_some_kept_out_groups_and_score_the_others(grou
     fold_run = tmp_path / f"{run.name}-fold1"
     calibration = json.loads((fold_run / "calibration.json").read_text())
     assert calibration["masks_from"]["kept_out_of_training"] == len(kept) - len(others)
+    assert "selection" not in calibration  # the run's own settings: no map recipe to choose
     with pytest.raises(SystemExit, match="unknown group"):
         _bench("video_folds").main(["--run", str(run), "--folds", "nope", "--out", str(tmp_path)])
+    # settings overridden for calibration: a recipe to choose, with and without the tone prior
+    for name, extra in (("tone", []), ("no-tone", ["--set", "tone_weights=[]"])):
+        _bench("video_folds").main(["--run", str(run), "--folds", groups[0], "--out", str(tmp_path / name),
+                                    "--set", 'map_candidates=["plain"]',
+                                    "--set", 'refine_candidates=["none"]', *extra])
+        calibration = json.loads((tmp_path / name / f"{run.name}-fold1" / "calibration.json").read_text())
+        assert set(calibration["selection"]["candidates"]) >= {"plain+mean", "plain+intersection"}
+        tried = any("tone" in k for k in calibration["selection"]["candidates"])
+        assert tried is ("tone" in calibration) is (name == "tone")
+    for bad in ("tone_weights", "no_such_field=1", "tone_weights=[0.5", "crf_recipes=0",
+                "crf_weights=[]"):
+        with pytest.raises(SystemExit, match="--set"):
+            _bench("video_folds").main(["--run", str(run), "--folds", groups[0], "--set", bad])
 
 
 def test_colour_priors_of_other_bin_counts_are_scored_beside_the_runs(grouped_run, tmp_path) -> None:
