@@ -222,7 +222,8 @@ def main() -> None:
                          augment=args.augment, resize=args.resize)
         ens, cfg = load_run(run)
         cal = json.loads((run / "calibration.json").read_text())
-        recipes = {k: RECIPES[k] for k in args.recipes.split(",")}
+        # the plain maps always: the single-member and paper rows are made from them
+        recipes = {k: RECIPES[k] for k in ["plain", *args.recipes.split(",")]}
         seg = (stage_two(run, args.runs_dir, args.seg_epochs, args.image_size, args.seg_method)
                if args.stage_two else None)
         weights = [float(w) for w in args.crf_weights.split(",")]
