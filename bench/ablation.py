@@ -134,21 +134,34 @@ def centred_box_iou(run: Path, ens: Ensemble) -> float:
     return sum(vals) / max(len(vals), 1)
 
 
-def stage_two(run: Path, runs: Path, epochs: int, size: int, method: str = "best"):  # type: ignore[no-untyped-def]
+def stage_two(run: Path, runs: Path, epochs: int, size: int, method: str = "best",  # type: ignore[no-untyped-def]
+              encoder: str = "efficientnet_lite0", seg_dir: Path | None = None):
     """Annotate the training split (with its labels, and the images --train-exclude kept out of training)
-    with the run's ``method`` recipe (annotate --labels --method), then train the segmenter on those masks."""
+    with the run's ``method`` recipe (annotate --labels --method), then train the segmenter (on an
+    ``encoder`` backbone) on those masks. With ``seg_dir`` holding a trained segmenter, that one instead."""
     from pixelvote.engine.annotate import annotate
     from pixelvote.segment.train import SegConfig, calibrate_segmenter, load_segmenter, train_segmenter
 
-    seg_dir = runs / f"{run.name}-segmenter-labelled{'' if method == 'run' else '-' + method}"
+    if seg_dir is not None:
+        if not (seg_dir / "segmenter.json").exists():
+            raise SystemExit(f"{seg_dir}: not a segmenter (no segmenter.json); pass a `pixelvote segment "
+                             "train --out` folder")
+        if not (seg_dir / "calibration.json").exists():
+            calibrate_segmenter(seg_dir, run)
+        return load_segmenter(seg_dir)
+    default_encoder = SegConfig.model_fields["encoder"].default
+    seg_dir = runs / (f"{run.name}-segmenter-labelled{'' if method == 'run' else '-' + method}"
+                      f"{'' if encoder == default_encoder else '-' + encoder}")
     if not (seg_dir / "segmenter.json").exists():
         split = json.loads((run / "split.json").read_text())
         csv = runs / f"{run.name}-train-labelled.csv"
         train = split["train"] + split.get("excluded_from_training", [])
         csv.write_text("path,label\n" + "".join(f'"{p}",{Path(p).parent.name}\n' for p in train))
         annot = runs / f"{run.name}-train-annotations-labelled{'' if method == 'run' else '-' + method}"
+        # shared by the segmenters of every encoder (annotate resumes: done images are kept)
         annotate(run, csv, annot, batch_size=8, mc_samples=8, method=method, labels=True)
-        train_segmenter(annot, seg_dir, run=run, cfg=SegConfig(epochs=epochs, image_size=size))
+        train_segmenter(annot, seg_dir, run=run,
+                        cfg=SegConfig(epochs=epochs, image_size=size, encoder=encoder))
     elif not (seg_dir / "calibration.json").exists():  # trained before segment train chose its thresholds
         calibrate_segmenter(seg_dir, run)
     return load_segmenter(seg_dir)
@@ -213,6 +226,10 @@ def main() -> None:
     ap.add_argument("--stage-two", action="store_true",
                     help="also train and score the segmenter (slow on CPU)")
     ap.add_argument("--seg-epochs", type=int, default=30)
+    ap.add_argument("--seg-encoder", default="efficientnet_lite0", help="the segmenter's encoder (segment "
+                    "train --encoder; another than Lite0 trains into RUNS_DIR/<set>-segmenter-...-<encoder>)")
+    ap.add_argument("--segmenter", type=Path, default=None, help="score this trained segmenter (a segment "
+                    "train --out folder, e.g. a second round's) instead of training one; implies --stage-two")
     ap.add_argument("--seg-method", default="best", help="the recipe of the segmenter's pseudo-masks "
                     "(annotate --method: best, run or paper)")
     args = ap.parse_args()
@@ -224,8 +241,9 @@ def main() -> None:
         cal = json.loads((run / "calibration.json").read_text())
         # the plain maps always: the single-member and paper rows are made from them
         recipes = {k: RECIPES[k] for k in ["plain", *args.recipes.split(",")]}
-        seg = (stage_two(run, args.runs_dir, args.seg_epochs, args.image_size, args.seg_method)
-               if args.stage_two else None)
+        seg = (stage_two(run, args.runs_dir, args.seg_epochs, args.image_size, args.seg_method,
+                         args.seg_encoder, args.segmenter)
+               if args.stage_two or args.segmenter else None)
         weights = [float(w) for w in args.crf_weights.split(",")]
         counts = [int(n) for n in args.crf_iterations.split(",")]
         cutoffs = [float(c) for c in args.crf_cutoffs.split(",")]
