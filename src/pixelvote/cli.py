@@ -455,6 +455,30 @@ def segment_calibrate(
     _echo_segmenter_thresholds(segmenter)
 
 
+@segment_app.command("combine")
+def segment_combine(
+    segmenters: list[Path] = typer.Argument(..., help="two or more `segment train --out` folders"),
+    out: Path = typer.Option(..., "--out", help="folder for the combined segmenter"),
+    run: Optional[Path] = typer.Option(None, "--run", help="the ensemble run whose validation masks choose "
+                                       "the combination's thresholds (else they stay 0.5)"),
+    crf_iterations: str = typer.Option("2,3,5", help=CRF_ITERATIONS_HELP),
+) -> None:
+    """Combine segmenters trained apart (other --seed or --encoder) into one that averages their
+    probabilities: steadier masks than any one of them (use it with `annotate --segmenter OUT`)."""
+    _setup_logging(True)
+    from pixelvote.segment.combine import combine_segmenters
+
+    iterations = _crf_iterations(crf_iterations)
+    if run is not None:
+        from pixelvote.models.checkpoint import read_run_config
+
+        read_run_config(run)  # a clear error for a folder that is not a run, before any work
+    path = combine_segmenters(segmenters, out, run=run, crf_iterations=iterations)
+    _echo_segmenter_thresholds(path)
+    typer.echo(f"{len(segmenters)} segmenters combined into {path}; use it with `pixelvote annotate "
+               f"--segmenter {path}`")
+
+
 def _echo_segmenter_thresholds(segrun: Path) -> None:
     summary = json.loads((segrun / "calibration.json").read_text())
     if summary.get("threshold") is None:

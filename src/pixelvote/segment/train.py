@@ -19,7 +19,7 @@ from pixelvote.models.checkpoint import load_module_state, save_weights
 from pixelvote.models.ensemble import default_device
 from pixelvote.refine.crf import CRFConfig
 from pixelvote.segment.data import SegDataset, select_examples
-from pixelvote.segment.model import Segmenter
+from pixelvote.segment.model import Segmenter, SegmenterEnsemble
 
 log = logging.getLogger(__name__)
 SEG_FORMAT = 1
@@ -41,6 +41,16 @@ def decoder_settings(name: str) -> dict[str, int]:
         raise ConfigError(f"unknown segmenter decoder: {did_you_mean(name, list(DECODERS))}")
     pyramid, segmentation = DECODERS[name]
     return {"pyramid_channels": pyramid, "segmentation_channels": segmentation}
+
+
+class SegMember(BaseModel):
+    """One segmenter of a combination (`segment combine`): its network, and the folder it came from."""
+    model_config = ConfigDict(extra="forbid")
+    encoder: str
+    pyramid_channels: int
+    segmentation_channels: int
+    flip_tta: bool = False
+    source: str = ""
 
 
 class SegConfig(BaseModel):
@@ -90,6 +100,8 @@ class SegConfig(BaseModel):
     background: str = ""
     classes: list[str] = Field(default_factory=list)
     examples: int = 0
+    members: list[SegMember] = Field(default_factory=list, description="the segmenters whose mean "
+                                     "probability this one is (`segment combine`); empty: one segmenter")
 
     def crf_settings(self, run_crf: CRFConfig) -> CRFConfig:
         """The run's dense-CRF settings (``consensus.crf``) with this segmenter's iterations."""
@@ -160,7 +172,8 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
     return out
 
 
-def calibrate_segmenter(segrun: str | Path, run: str | Path | None, *, model: Segmenter | None = None,
+def calibrate_segmenter(segrun: str | Path, run: str | Path | None, *,
+                        model: Segmenter | SegmenterEnsemble | None = None,
                         device: str | None = None, crf_iterations: tuple[int, ...] | None = None) -> dict:
     """Choose the segmenter's ``threshold``, and its dense CRF's ``crf_threshold``, ``crf_iterations``
     (among ``crf_iterations``, default :data:`~pixelvote.segment.calibrate.CRF_ITERATIONS`, and the run's
@@ -277,8 +290,8 @@ def _fit(ds: SegDataset, cfg: SegConfig, dev: torch.device, pretrained: bool, hi
     return model
 
 
-def load_segmenter(segrun: str | Path,
-                   device: str | torch.device | None = None) -> tuple[Segmenter, SegConfig]:
+def read_seg_config(segrun: str | Path) -> SegConfig:
+    """A segmenter folder's segmenter.json; a clear error for a folder that is not one."""
     segrun = Path(segrun)
     path = segrun / "segmenter.json"
     if not path.exists():
@@ -294,21 +307,41 @@ def load_segmenter(segrun: str | Path,
                               fix="re-train the segmenter") from None
     if cfg.format_version > SEG_FORMAT:
         raise CheckpointError("segmenter written by a newer pixelvote", path=path, fix="upgrade pixelvote")
-    model = Segmenter(cfg.encoder, pretrained=False, pyramid_channels=cfg.pyramid_channels,
-                      segmentation_channels=cfg.segmentation_channels, flip_tta=cfg.flip_tta)
-    load_module_state(model, segrun / "segmenter.safetensors", f"the {cfg.encoder} segmenter")
+    return cfg
+
+
+def build_segmenter(cfg: SegConfig) -> Segmenter | SegmenterEnsemble:
+    """The untrained network ``cfg`` describes: one segmenter, or the combination of its ``members``."""
+    if not cfg.members:
+        return Segmenter(cfg.encoder, pretrained=False, pyramid_channels=cfg.pyramid_channels,
+                         segmentation_channels=cfg.segmentation_channels, flip_tta=cfg.flip_tta)
+    return SegmenterEnsemble([Segmenter(m.encoder, pretrained=False, pyramid_channels=m.pyramid_channels,
+                                        segmentation_channels=m.segmentation_channels, flip_tta=m.flip_tta)
+                              for m in cfg.members])
+
+
+def load_segmenter(segrun: str | Path, device: str | torch.device | None = None,
+                   ) -> tuple[Segmenter | SegmenterEnsemble, SegConfig]:
+    segrun = Path(segrun)
+    cfg = read_seg_config(segrun)
+    model = build_segmenter(cfg)
+    what = (f"the combination of {len(cfg.members)} segmenters" if cfg.members
+            else f"the {cfg.encoder} segmenter")
+    load_module_state(model, segrun / "segmenter.safetensors", what)
     from pixelvote.models.fold import fold_batchnorm
 
     model.eval()
     # inference only
-    model.net, _ = fold_batchnorm(model.net, torch.rand(1, 3, cfg.image_size, cfg.image_size))
+    example = torch.rand(1, 3, cfg.image_size, cfg.image_size)
+    for seg in (model.members if isinstance(model, SegmenterEnsemble) else [model]):
+        seg.net, _ = fold_batchnorm(seg.net, example)
     model.input_size = cfg.image_size
     dev = torch.device(device) if device else default_device()
     return model.to(dev).to(memory_format=torch.channels_last).eval(), cfg
 
 
 @torch.no_grad()
-def predict(model: Segmenter, images: torch.Tensor) -> torch.Tensor:
+def predict(model: Segmenter | SegmenterEnsemble, images: torch.Tensor) -> torch.Tensor:
     """Foreground probability ``(B, S, S)`` for uint8 images ``(B, 3, S, S)`` (flip-averaged if the
     segmenter was trained with ``flip_tta``). Images of another size than the segmenter was trained at (an
     ensemble's input, say) are resized to it, and the probability back to theirs."""
