@@ -84,3 +84,38 @@ def test_segment_combine_command(trained, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "cannot be averaged" in err and str(other) in err
     assert "Traceback" not in err
+
+
+def test_segment_train_members_trains_each_seed_and_combines_them(tmp_path, monkeypatch):
+    import pixelvote.segment.train as seg_train
+    from pixelvote.segment.combine import train_combined
+
+    out = _out(tmp_path)
+    cfg = SegConfig(epochs=1, image_size=64, batch_size=4, crf=False, seed=5)
+    combined = train_combined(out, tmp_path / "segs", 2, cfg=cfg, pretrained=False, device="cpu")
+    seeds = [json.loads((combined / f"member-{i}" / "segmenter.json").read_text())["seed"] for i in (0, 1)]
+    assert seeds == [5, 6]
+    model, scfg = load_segmenter(combined, device="cpu")
+    assert isinstance(model, SegmenterEnsemble) and len(scfg.members) == 2
+    # interrupted after the first member: only the second is trained again
+    trained_again = []
+    real = seg_train.train_segmenter
+    monkeypatch.setattr(seg_train, "train_segmenter",
+                        lambda a, folder, **kw: trained_again.append(folder.name) or real(a, folder, **kw))
+    (combined / "member-1" / "segmenter.json").unlink()
+    train_combined(out, tmp_path / "segs", 2, cfg=cfg, pretrained=False, device="cpu")
+    assert trained_again == ["member-1"]
+    with pytest.raises(ConfigError, match="at least two members"):
+        train_combined(out, tmp_path / "one", 1, cfg=cfg, pretrained=False, device="cpu")
+
+
+def test_segment_train_members_through_the_cli(tmp_path):
+    out = _out(tmp_path)
+    args = ["segment", "train", "--annotations", str(out), "--out", str(tmp_path / "segs"), "--epochs", "1",
+            "--image-size", "64", "--batch-size", "4", "--no-pretrained", "--no-crf", "--members", "2"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "segmenter saved to" in res.output
+    assert len(load_segmenter(tmp_path / "segs", device="cpu")[1].members) == 2
+    res = CliRunner().invoke(app, [*args, "--no-calibrate"])
+    assert res.exit_code == 2 and "--no-calibrate" in res.output

@@ -416,6 +416,9 @@ def segment_train(
     calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="choose the segmenter's mask and "
                                    "CRF thresholds on the run's validation masks (else 0.5)"),
     crf_iterations: str = typer.Option("2,3,5", help=CRF_ITERATIONS_HELP),
+    members: int = typer.Option(1, "--members", min=1, help="train this many segmenters (seeds SEED, SEED+1, "
+                                "...; each in OUT/member-<i>) and combine them into OUT (see `segment "
+                                "combine`): steadier masks, at that many times the cost"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Train a segmenter on unflagged consensus masks (+ reviewed masks, weighted higher)."""
@@ -428,8 +431,17 @@ def segment_train(
     cfg = SegConfig(encoder=encoder, epochs=epochs, image_size=image_size, batch_size=batch_size, seed=seed,
                     mode=mode, augment=augment, crf=crf, encoder_init=encoder_init,
                     **decoder_settings(decoder))
-    path = train_segmenter(annotations, out, run=run, cfg=cfg, pretrained=pretrained, device=device,
-                           calibrate=calibrate, crf_iterations=iterations)
+    if members > 1:
+        from pixelvote.segment.combine import train_combined
+
+        if not calibrate:
+            raise typer.BadParameter("--members chooses the combination's thresholds on the run's validation "
+                                     "masks; drop --no-calibrate", param_hint="--members")
+        path = train_combined(annotations, out, members, run=run, cfg=cfg, pretrained=pretrained,
+                              device=device, crf_iterations=iterations)
+    else:
+        path = train_segmenter(annotations, out, run=run, cfg=cfg, pretrained=pretrained, device=device,
+                               calibrate=calibrate, crf_iterations=iterations)
     if calibrate:
         _echo_segmenter_thresholds(path)
     typer.echo(f"segmenter saved to {path}; use it with `pixelvote annotate --segmenter {path}`")

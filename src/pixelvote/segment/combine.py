@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -72,3 +73,31 @@ def combine_segmenters(folders: list[str | Path], out: str | Path, *, run: str |
     log.info("combined %d segmenters into %s", len(members), out)
     calibrate_segmenter(out, run, model=combined.eval(), crf_iterations=crf_iterations)
     return out
+
+
+def train_combined(annotations: str | Path, out: str | Path, members: int, *, run: str | Path | None = None,
+                   cfg: SegConfig | None = None, pretrained: bool = True, device: str | None = None,
+                   crf_iterations: tuple[int, ...] | None = None) -> Path:
+    """``members`` segmenters on the annotation folder's masks, seeds ``cfg.seed``, ``cfg.seed + 1``, ...,
+    each in ``out/member-<i>``, combined into ``out`` (:func:`combine_segmenters`). A member already trained
+    there (an earlier, interrupted call) is kept, not trained again."""
+    from pixelvote.segment.train import _annotating_run, train_segmenter
+
+    cfg = cfg or SegConfig()
+    out = Path(out)
+    if members < 2:
+        raise ConfigError("a combination needs at least two members", fix="pass --members 2 or more")
+    if run is None:
+        meta_path = Path(annotations) / "annotate.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        run = _annotating_run(meta.get("run"), Path(annotations))
+    folders = []
+    for i in range(members):
+        folder = out / f"member-{i}"
+        if (folder / "segmenter.json").exists() and (folder / "segmenter.safetensors").exists():
+            log.info("member %d is already trained in %s: kept", i, folder)
+        else:
+            train_segmenter(annotations, folder, run=run, cfg=cfg.model_copy(update={"seed": cfg.seed + i}),
+                            pretrained=pretrained, device=device, calibrate=False)
+        folders.append(folder)
+    return combine_segmenters(folders, out, run=run, crf_iterations=crf_iterations)
