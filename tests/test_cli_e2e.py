@@ -292,6 +292,23 @@ def test_improve_loop_with_simulated_review(trained, tmp_path):
         assert (truth == pred).all()
 
 
+def test_improve_can_combine_several_segmenters_per_round(trained, tmp_path):
+    _, data, run = trained
+    work = tmp_path / "work"
+    r = runner.invoke(app, ["improve", "--run", str(run), "--images", str(data / "images"),
+                            "--out", str(work), "--truth", str(data), "--review-fraction", "0.5",
+                            "--seg-epochs", "1", "--seg-members", "2", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    seg = work / "round0" / "segmenter"
+    seg_cfg = json.loads((seg / "segmenter.json").read_text())
+    assert [m["source"] for m in seg_cfg["members"]] == [str((seg / f"member-{i}").resolve()) for i in (0, 1)]
+    seeds = [json.loads((seg / f"member-{i}" / "segmenter.json").read_text())["seed"] for i in (0, 1)]
+    assert seeds == [0, 1]
+    log = json.loads((work / "improve_log.json").read_text())
+    assert log[1]["masks_from"] == "segmenter"
+    assert log[1]["segmenter_thresholds"]["threshold_source"].startswith("validation masks of ")
+
+
 def test_annotate_contrast_flag_changes_the_maps_not_the_diagnosis(trained, tmp_path):
     _, data, run = trained
     imgs = data / "images" / "lesion"

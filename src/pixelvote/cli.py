@@ -521,6 +521,8 @@ def improve(
                                "from (see `annotate --method`)"),
     labels: bool = typer.Option(False, "--labels/--no-labels", help="the images are labelled: annotate with "
                                 "their labels (see `annotate --labels`)"),
+    seg_members: int = typer.Option(1, "--seg-members", min=1, help="segmenters trained (other seeds) and "
+                                    "combined each round (see `segment train --members`)"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """The loop a team runs: annotate -> review -> retrain the segmenter -> re-annotate (log IoU per round)."""  # noqa: E501 - one line: typer shows it as the command's summary
@@ -529,7 +531,7 @@ def improve(
 
     for entry in run_improve(run, images, work, rounds=rounds, truth=truth, review_fraction=review_fraction,
                              seg_epochs=seg_epochs, device=device, seg_decoder=seg_decoder, method=method,
-                             labels=labels):
+                             labels=labels, seg_members=seg_members):
         typer.echo(json.dumps(entry))
 
 

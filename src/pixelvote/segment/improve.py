@@ -68,7 +68,8 @@ def score(annotations: Path, truth: Path, background: str) -> dict[str, Any]:
 def improve(run: str | Path, images: str | Path, work: str | Path, *, rounds: int = 1,
             truth: str | Path | None = None, review_fraction: float = 0.2, seg_epochs: int = 30,
             image_size: int | None = None, device: str | None = None,
-            seg_decoder: str = "light", method: str = "best", labels: bool = False) -> list[dict[str, Any]]:
+            seg_decoder: str = "light", method: str = "best", labels: bool = False,
+            seg_members: int = 1) -> list[dict[str, Any]]:
     from pixelvote.engine.annotate import annotate
     from pixelvote.models.checkpoint import read_run_config
     from pixelvote.segment.train import SegConfig, decoder_settings, segmenter_size, train_segmenter
@@ -110,8 +111,13 @@ def improve(run: str | Path, images: str | Path, work: str | Path, *, rounds: in
         entry["reviewed"] = len(prev_reviewed)
         segmenter = work / f"round{rnd}" / "segmenter"
         if not (segmenter / "segmenter.json").exists():
-            train_segmenter(out, segmenter, run=run,
-                            cfg=SegConfig(epochs=seg_epochs, image_size=size, **decoder), device=device)
+            seg_cfg = SegConfig(epochs=seg_epochs, image_size=size, **decoder)
+            if seg_members > 1:  # seg_members segmenters, combined (segment train --members)
+                from pixelvote.segment.combine import train_combined
+
+                train_combined(out, segmenter, seg_members, run=run, cfg=seg_cfg, device=device)
+            else:
+                train_segmenter(out, segmenter, run=run, cfg=seg_cfg, device=device)
         write_json_atomic(work / "improve_log.json", history)
     return history
 
