@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -81,16 +80,13 @@ def train_combined(annotations: str | Path, out: str | Path, members: int, *, ru
     """``members`` segmenters on the annotation folder's masks, seeds ``cfg.seed``, ``cfg.seed + 1``, ...,
     each in ``out/member-<i>``, combined into ``out`` (:func:`combine_segmenters`). A member already trained
     there (an earlier, interrupted call) is kept, not trained again."""
-    from pixelvote.segment.train import _annotating_run, train_segmenter
+    from pixelvote.segment.train import annotating_run, train_segmenter
 
     cfg = cfg or SegConfig()
     out = Path(out)
     if members < 2:
         raise ConfigError("a combination needs at least two members", fix="pass --members 2 or more")
-    if run is None:
-        meta_path = Path(annotations) / "annotate.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        run = _annotating_run(meta.get("run"), Path(annotations))
+    run = run if run is not None else annotating_run(annotations)
     folders = []
     for i in range(members):
         folder = out / f"member-{i}"

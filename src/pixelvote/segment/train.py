@@ -157,7 +157,7 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
                      crf.INSTALL_HINT)
     elif cfg.crf and not crf.available():
         raise ConfigError("--crf needs pydensecrf2, which is not installed", fix=crf.INSTALL_HINT)
-    run = run if run is not None else _annotating_run(meta.get("run"), annotations)
+    run = run if run is not None else annotating_run(annotations)
     init = _initial_encoder(cfg, run, pretrained)
     dev = torch.device(device) if device else default_device()
     ds = SegDataset(examples, cfg.image_size, augment=cfg.augment, resize=cfg.resize)
@@ -229,8 +229,10 @@ def calibrate_segmenter(segrun: str | Path, run: str | Path | None, *,
     return summary
 
 
-def _annotating_run(annotated_by: str | None, annotations: Path) -> Path | None:
-    """The run that annotated the folder, when it is still there."""
+def annotating_run(annotations: str | Path) -> Path | None:
+    """The run that annotated the folder (its annotate.json), when it is still there."""
+    meta_path = Path(annotations) / "annotate.json"
+    annotated_by = json.loads(meta_path.read_text()).get("run") if meta_path.exists() else None
     if not annotated_by:
         return None
     if (Path(annotated_by) / "run.json").exists():
