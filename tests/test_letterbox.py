@@ -97,7 +97,7 @@ def test_the_segmenter_learns_on_the_runs_letterboxed_inputs(letterboxed, tmp_pa
     _, data, run = letterboxed
     annotate(run, data / "images", tmp_path / "ann", mc_samples=2, num_workers=0, progress=False, labels=True)
     seg = train_segmenter(tmp_path / "ann", tmp_path / "seg",
-                          cfg=SegConfig(epochs=1, image_size=32, mode="all"), pretrained=False)
+                          cfg=SegConfig(epochs=1, image_size=64, mode="all"), pretrained=False)
     assert json.loads((seg / "segmenter.json").read_text())["resize"] == "letterbox"
     examples = [e for e in select_examples(tmp_path / "ann", background="normal", mode="all")
                 if e.mask is not None]

@@ -112,13 +112,13 @@ def test_segmenters_saved_before_the_light_decoder_still_load(tmp_path):
     seg = tmp_path / "seg"
     seg.mkdir()
     save_weights(seg / "segmenter.safetensors", old)
-    cfg = SegConfig(image_size=32).model_dump(mode="json")
+    cfg = SegConfig(image_size=64).model_dump(mode="json")
     for key in ("pyramid_channels", "segmentation_channels", "flip_tta"):
         cfg.pop(key)
     (seg / "segmenter.json").write_text(json.dumps(cfg))
     model, loaded = load_segmenter(seg, device="cpu")
     assert (loaded.pyramid_channels, loaded.segmentation_channels, loaded.flip_tta) == (256, 128, True)
-    x = (torch.rand(2, 3, 32, 32) * 255).to(torch.uint8)
+    x = (torch.rand(2, 3, 64, 64) * 255).to(torch.uint8)
     with torch.no_grad():
         ref = torch.sigmoid(old.eval()(x.float() / 255))
         ref = 0.5 * (ref + torch.sigmoid(old(x.float().flip(-1) / 255)).flip(-1))
@@ -494,6 +494,12 @@ def test_segmenter_sizes_that_the_fpn_cannot_take_are_a_clear_error(tmp_path):
 
     with pytest.raises(ValidationError, match="multiple of 32"):
         SegConfig(image_size=48)
+    with pytest.raises(ValidationError, match="greater than or equal to 64"):
+        SegConfig(image_size=32)  # its coarsest level would be one pixel: one image alone failed there
+    from pixelvote.segment.model import Segmenter
+
+    one = (torch.rand(1, 3, 64, 64) * 255).to(torch.uint8)  # the smallest size takes a batch of one image
+    assert predict(Segmenter("efficientnet_lite0", pretrained=False).eval(), one).shape == (1, 64, 64)
     out = _out(tmp_path)
     p = subprocess.run([sys.executable, "-m", "pixelvote.cli", "segment", "train", "--annotations", str(out),
                         "--out", str(tmp_path / "seg"), "--image-size", "100"],
@@ -505,7 +511,7 @@ def test_segmenter_sizes_that_the_fpn_cannot_take_are_a_clear_error(tmp_path):
 def test_improve_trains_its_segmenter_at_the_size_nearest_the_runs_that_the_fpn_takes():
     from pixelvote.segment.train import segmenter_size
 
-    assert [segmenter_size(s) for s in (224, 48, 300, 20, 512)] == [224, 64, 288, 32, 512]
+    assert [segmenter_size(s) for s in (224, 48, 300, 20, 512)] == [224, 64, 288, 64, 512]
     assert all(SegConfig(image_size=segmenter_size(s)).image_size % 32 == 0 for s in range(16, 700, 7))
 
 

@@ -399,7 +399,7 @@ def segment_train(
     all_images: bool = typer.Option(False, "--all", help="also use flagged, unreviewed images"),
     encoder: str = typer.Option("efficientnet_lite0"),
     epochs: int = typer.Option(30, min=1),
-    image_size: int = typer.Option(224, min=32, help="a multiple of 32 (the FPN needs it)"),
+    image_size: int = typer.Option(224, min=64, help="a multiple of 32, at least 64 (the FPN needs it)"),
     batch_size: int = typer.Option(8, min=1),
     seed: int = typer.Option(0),
     decoder: str = typer.Option("light", "--decoder", help="light (64/32-channel FPN, fast) or full (smp's "

@@ -30,7 +30,7 @@ DECODERS = {"light": (64, 32), "full": (256, 128)}  # FPN (pyramid, segmentation
 
 def segmenter_size(image_size: int) -> int:
     """The segmenter input size nearest to ``image_size`` that its FPN takes (a multiple of 32)."""
-    return max(32, round(image_size / 32) * 32)
+    return max(64, round(image_size / 32) * 32)
 
 
 def decoder_settings(name: str) -> dict[str, int]:
@@ -57,8 +57,9 @@ class SegConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format_version: int = SEG_FORMAT
     encoder: str = "efficientnet_lite0"
-    image_size: int = Field(224, ge=32, multiple_of=32, description="a multiple of 32 (the FPN's encoder "
-                            "halves the image five times)")
+    image_size: int = Field(224, ge=64, multiple_of=32, description="a multiple of 32 (the FPN's encoder "
+                            "halves the image five times), at least 64 (at 32 its coarsest level is one "
+                            "pixel, which its group norms cannot normalise: one image alone fails)")
     epochs: int = Field(30, ge=1,
                         description="BUSI validation lesions: 0.271 mean IoU after 30, 0.255 after 12")
     batch_size: int = Field(8, ge=1)
