@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -34,6 +35,16 @@ def tiny_member():
 def tiny_ensemble(tiny_member) -> Ensemble:
     return Ensemble([tiny_member("tiny_cnn_a"), tiny_member("tiny_cnn_b")], ["lesion", "normal"], "normal",
                     64)
+
+
+def load_bench(name: str):  # type: ignore[no-untyped-def]
+    """``bench/<name>.py`` as a module (``bench`` is a folder of scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_blob_dataset(root: Path, per_class: int = 10, size: tuple[int, int] = (48, 64)) -> Path:

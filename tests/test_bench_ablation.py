@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,16 +9,13 @@ import pytest
 
 import pixelvote.engine.annotate as annotate_module
 import pixelvote.segment.train as seg_train
+from tests.conftest import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ablation():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("ablation", ROOT / "bench" / "ablation.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("ablation")
 
 
 @pytest.fixture()

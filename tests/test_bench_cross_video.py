@@ -3,7 +3,6 @@ each group alone, scored on every group calibration never saw."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,17 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_blob_dataset
+from tests.conftest import load_bench, write_blob_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench(name: str = "cross_video"):  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench(name)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -14,6 +13,7 @@ import torch
 
 from pixelvote.models.ensemble import Ensemble
 from pixelvote.models.member import build_member
+from tests.conftest import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEED = ROOT / "bench" / "speed.py"
@@ -21,11 +21,7 @@ RATIOS = {"core_over_floor", "naive_over_core", "end_to_end_over_floor"}
 
 
 def _speed_module():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_speed", SPEED)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("speed")
 
 
 def _positive_finite(v: object) -> bool:

@@ -3,7 +3,6 @@ masks of some groups, scored on the held-out groups' masked images."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,16 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import load_bench
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():  # type: ignore[no-untyped-def]
-    path = ROOT / "bench" / "supervised_ceiling.py"
-    spec = importlib.util.spec_from_file_location("supervised_ceiling", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("supervised_ceiling")
 
 
 def _write(root: Path) -> Path:
