@@ -12,8 +12,6 @@ from PIL import Image
 
 from tests.conftest import load_bench
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _bench():  # type: ignore[no-untyped-def]
     return load_bench("supervised_ceiling")
