@@ -9,9 +9,9 @@ A yardstick for weak supervision, not a way to annotate: for each fold (a ';'-se
 groups) pixelvote's segmenter (`segment train`'s network and loss, encoder from ImageNet) is trained on the
 ground-truth masks of every masked image of the other groups, with every background-class image as an
 all-background negative, then scored on the masked images of the fold's groups, at their own size, at several
-thresholds and after the run's default dense CRF. Beside it a colour histogram (``--colour-bins`` per channel)
-counted on the same training masks, its threshold chosen on them. Images of a finding without a mask are
-not used (they have no target). The last line is one JSON object with the figures.
+thresholds and after pixelvote's default dense CRF. Beside it a colour histogram (``--colour-bins`` per
+channel) counted on the same training masks, its threshold chosen on them. Images of a finding without a
+mask are not used (they have no target). The last line is one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -122,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-pretrained", dest="pretrained", action="store_false")
     ap.add_argument("--colour-bins", type=int, default=16)
     args = ap.parse_args(argv)
+    try:
+        SegConfig(image_size=args.image_size, epochs=args.epochs)
+    except ValidationError as exc:
+        sys.exit(f"--image-size / --epochs: {exc.errors()[0]['msg']}")
     try:
         ds = load_dataset(args.data, group_pattern=args.group_pattern)
         background = resolve_background(ds.classes, args.background)

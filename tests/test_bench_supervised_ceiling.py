@@ -60,6 +60,12 @@ def test_a_fold_naming_an_unknown_group_is_a_clear_error(tmp_path) -> None:
         _bench().main(["--data", str(data), "--folds", "Video09", *ARGS])
 
 
+def test_a_size_the_segmenter_cannot_take_is_a_clear_error(tmp_path) -> None:
+    data = _write(tmp_path / "data")
+    with pytest.raises(SystemExit, match="--image-size.*multiple of 32"):
+        _bench().main(["--data", str(data), "--folds", "Video01", *ARGS, "--image-size", "100"])
+
+
 def test_a_fold_holding_out_every_mask_is_a_clear_error(tmp_path) -> None:
     data = _write(tmp_path / "data")
     with pytest.raises(SystemExit, match="left to train on"):
