@@ -34,6 +34,8 @@ from pixelvote.data.dataset import Sample, load_dataset, resolve_background  # n
 from pixelvote.data.imageio import read_image, read_mask  # noqa: E402
 from pixelvote.data.transforms import fit_image, to_tensor  # noqa: E402
 from pixelvote.errors import PixelvoteError  # noqa: E402
+from pixelvote.evaluate.metrics import mask_iou  # noqa: E402
+from pixelvote.refine.colour import colour_bins  # noqa: E402
 from pixelvote.segment.data import SegDataset, SegExample  # noqa: E402
 from pixelvote.segment.train import SegConfig, _fit, predict  # noqa: E402
 
@@ -41,17 +43,19 @@ THRESHOLDS = (0.3, 0.5, 0.7)
 
 
 def iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    union = int((pred | truth).sum())
-    return float((pred & truth).sum()) / union if union else 1.0
+    return float(mask_iou(pred, truth))
 
 
 def colour_index(image: np.ndarray, bins: int) -> np.ndarray:
-    q = image.astype(np.int64) * bins // 256
-    return (q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]
+    """An ``(H, W, 3)`` image's colour bins as the run's colour prior numbers them."""
+    return colour_bins(to_tensor(image)[None], bins)[0].numpy()
 
 
 class ColourHistogram:
-    """P(mask | colour) counted on training images and their true masks; threshold chosen on them."""
+    """P(mask | colour) counted on training images and their true masks; threshold chosen on them. Unlike
+    the run's prior (:func:`pixelvote.refine.colour.learn_colour_prior`, which has only the ensemble's maps
+    and so counts no pixel of a finding image as background), every pixel here is labelled, so the
+    histogram counts them all."""
 
     def __init__(self, bins: int) -> None:
         self.bins = bins
@@ -127,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         SegConfig(image_size=args.image_size, epochs=args.epochs)
     except ValidationError as exc:
         sys.exit(f"--image-size / --epochs: {exc.errors()[0]['msg']}")
+    if args.colour_bins not in (2, 4, 8, 16, 32, 64):
+        sys.exit(f"--colour-bins {args.colour_bins}: a power of two from 2 to 64 (bins must divide 256)")
     try:
         ds = load_dataset(args.data, group_pattern=args.group_pattern)
         background = resolve_background(ds.classes, args.background)

@@ -70,3 +70,9 @@ def test_a_fold_holding_out_every_mask_is_a_clear_error(tmp_path) -> None:
     data = _write(tmp_path / "data")
     with pytest.raises(SystemExit, match="left to train on"):
         _bench().main(["--data", str(data), "--folds", "Video01,Video02", *ARGS])
+
+
+def test_colour_bins_that_do_not_divide_256_are_a_clear_error(tmp_path) -> None:
+    data = _write(tmp_path / "data")
+    with pytest.raises(SystemExit, match="--colour-bins 12"):
+        _bench().main(["--data", str(data), "--folds", "Video01", *ARGS, "--colour-bins", "12"])
