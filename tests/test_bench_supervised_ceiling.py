@@ -54,25 +54,13 @@ def test_each_fold_is_scored_on_its_held_out_groups_only(tmp_path, capsys) -> No
     assert all(0.0 <= v <= 1.0 for v in out["mean_iou"].values())
 
 
-def test_a_fold_naming_an_unknown_group_is_a_clear_error(tmp_path) -> None:
+@pytest.mark.parametrize(("folds", "extra", "message"), [
+    ("Video09", [], "Video09"),  # a group the data does not have
+    ("Video01", ["--image-size", "100"], "--image-size.*multiple of 32"),  # a size the segmenter cannot take
+    ("Video01,Video02", [], "left to train on"),  # every masked group held out
+    ("Video01", ["--colour-bins", "12"], "--colour-bins 12"),  # bins that do not divide 256
+])
+def test_bad_arguments_are_a_clear_error(tmp_path, folds, extra, message) -> None:
     data = _write(tmp_path / "data")
-    with pytest.raises(SystemExit, match="Video09"):
-        _bench().main(["--data", str(data), "--folds", "Video09", *ARGS])
-
-
-def test_a_size_the_segmenter_cannot_take_is_a_clear_error(tmp_path) -> None:
-    data = _write(tmp_path / "data")
-    with pytest.raises(SystemExit, match="--image-size.*multiple of 32"):
-        _bench().main(["--data", str(data), "--folds", "Video01", *ARGS, "--image-size", "100"])
-
-
-def test_a_fold_holding_out_every_mask_is_a_clear_error(tmp_path) -> None:
-    data = _write(tmp_path / "data")
-    with pytest.raises(SystemExit, match="left to train on"):
-        _bench().main(["--data", str(data), "--folds", "Video01,Video02", *ARGS])
-
-
-def test_colour_bins_that_do_not_divide_256_are_a_clear_error(tmp_path) -> None:
-    data = _write(tmp_path / "data")
-    with pytest.raises(SystemExit, match="--colour-bins 12"):
-        _bench().main(["--data", str(data), "--folds", "Video01", *ARGS, "--colour-bins", "12"])
+    with pytest.raises(SystemExit, match=message):
+        _bench().main(["--data", str(data), "--folds", folds, *ARGS, *extra])
