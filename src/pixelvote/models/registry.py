@@ -34,7 +34,7 @@ class BackboneSpec:
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 # offline-os16 rather than offline: on BUSI (two seeds, two splits) its consensus masks scored 3 to 3.5 IoU
-# points higher and its accuracy was higher too (README, "Results on real data")
+# points higher and its accuracy was higher too (docs/results.md)
 DEFAULT_PRESET = "offline-os16"
 
 PRESETS: dict[str, tuple[str, ...]] = {

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-BINS = 8  # per channel: 512 colours; 8, 16 and 32 gave the same masks on fire (README)
+BINS = 8  # per channel: 512 colours; 8, 16 and 32 gave the same masks on fire (docs/results.md)
 
 
 class ColourPrior(BaseModel):

@@ -20,7 +20,7 @@ from pixelvote.refine.crf import CRFConfig
 # the segmenter's dense CRF: mean-field iterations tried by default (each is a CRF pass per threshold; none
 # costs more than the consensus CRF's default 5) and cutoffs on the refined probability (free: one pass
 # serves all). BUSI's masks were best after 2 iterations, fire's after 10-20, and both with a cutoff
-# below 0.5 (README, "Results on real data")
+# below 0.5 (docs/results.md)
 CRF_ITERATIONS = (2, 3, 5)
 CRF_CUTOFFS = (0.1, 0.3, 0.5)
 

@@ -56,7 +56,7 @@ class Segmenter(nn.Module):
 class SegmenterEnsemble(nn.Module):
     """Several segmenters as one: ``x (B,3,H,W)`` -> the logit of their mean foreground probability. Trained
     apart (other seeds or encoders), their mistakes differ; their mean is steadier than any one of them
-    (BUSI: 0.369-0.385 alone, 0.391-0.407 together; README, "Results on real data")."""
+    (BUSI: 0.369-0.385 alone, 0.391-0.407 together; docs/results.md)."""
 
     def __init__(self, members: list[Segmenter]) -> None:
         super().__init__()

@@ -68,19 +68,19 @@ class TrainConfig(BaseModel):
         default_factory=lambda: [10.0, 30.0],
         description="bilateral (colour) weights of the dense CRF tried on validation masks: the chosen one "
                     "is saved in the run's consensus (crf.bilateral_compat); fire's masks want a higher one "
-                    "than BUSI's (README)")
+                    "than BUSI's (docs/results.md)")
     crf_iterations: list[int] = Field(
         default_factory=lambda: [3, 5, 10, 15],
         description="mean-field iterations of the dense CRF tried on validation masks (one pass serves them "
                     "all): the chosen count is saved in the run's consensus (crf.iterations); fire's masks "
-                    "were best after 15, BUSI's after 3 (README); each iteration is priced against the "
-                    "members' own forward pass (pixelvote.evaluate.selection.CRF_MS)")
+                    "were best after 15, BUSI's after 3 (docs/results.md); each iteration is priced against "
+                    "the members' own forward pass (pixelvote.evaluate.selection.CRF_MS)")
     crf_cutoffs: list[float] = Field(
         default_factory=lambda: [0.3, 0.5],
         description="cutoffs on the dense CRF's object probability tried on validation masks (the mask is "
                     "where it exceeds the cutoff; the same CRF passes serve them all): the chosen one is "
                     "saved in the run's consensus (crf.cutoff); fire's and BUSI's masks were best at 0.3 "
-                    "(README)")
+                    "(docs/results.md)")
     crf_sizes: list[int] = Field(
         default_factory=lambda: [128, 160],
         description="sizes (the longer side, px) the dense CRF runs at, tried on validation masks: the "
@@ -95,7 +95,7 @@ class TrainConfig(BaseModel):
         2, ge=1, description="on each of those recipes, the dense CRF's grid is tried on this many fusions "
                              "(the intersection, the mean, the mean with the colour or tone prior): those "
                              "whose masks without it score best on the validation masks (on fire and BUSI "
-                             "the best refined mask always refined one of the best two: README)")
+                             "the best refined mask always refined one of the best two: docs/results.md)")
     colour_weights: list[float] = Field(
         default_factory=lambda: [0.75],
         description="weights of the colour prior (P(finding | colour), learned from the training images' "
