@@ -28,6 +28,11 @@ def _csv(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+# an example of each list option, for the fix of a value that does not parse
+LIST_EXAMPLES = {"--crf-weights": "10,30", "--crf-cutoffs": "0.3,0.5", "--crf-sizes": "128,160",
+                 "--crf-iterations": "3,5,10", "--colour-weights": "0.5,0.75", "--tone-weights": "0.3,0.5"}
+
+
 def _numbers(value: str, option: str) -> list[float]:
     from pixelvote.errors import ConfigError
 
@@ -35,7 +40,17 @@ def _numbers(value: str, option: str) -> list[float]:
         return [float(v) for v in _csv(value) or []]
     except ValueError:
         raise ConfigError(f"{option} {value}: not a comma-separated list of numbers",
-                          fix=f"e.g. {option} 10,30") from None
+                          fix=f"e.g. {option} {LIST_EXAMPLES.get(option, '1,2')}") from None
+
+
+def _class_map(value: Optional[str]) -> Optional[dict[str, str]]:
+    from pixelvote.errors import ConfigError
+
+    pairs = [p.split(":") for p in _csv(value) or []]
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise ConfigError(f"--class-map {value}: not a list of 'data class:run class' pairs",
+                          fix="e.g. --class-map benign:lesion,malignant:lesion")
+    return {a.strip(): b.strip() for a, b in pairs} or None
 
 
 CRF_ITERATIONS_HELP = ("the segmenter's dense-CRF mean-field iterations to try (with the run's own); more "
@@ -165,7 +180,9 @@ def train(
 
             raise CheckpointError("nothing to resume: no train_config.json", path=out,
                                   fix="start a new run with --data (without --resume)")
-        data = Path(json.loads(saved.read_text(encoding="utf-8"))["data"])
+        from pixelvote.train.loop import saved_config
+
+        data = Path(saved_config(saved).data)
     cfg = TrainConfig(data=data, out=out, preset=preset, models=_csv(models), epochs=epochs,
                       image_size=image_size, batch_size=batch_size, lr=lr, dropout=dropout, seed=seed,
                       background=background, group_pattern=group_pattern, train_exclude=train_exclude,
@@ -213,9 +230,10 @@ def annotate(
                                "column; --engine ray also takes a folder URI (s3://bucket/prefix, ...)"),
     out: Path = typer.Option(..., "--out", help="output folder (re-running skips finished images)"),
     batch_size: int = typer.Option(8, min=1),
-    mc_samples: Optional[int] = typer.Option(None, help="T (default: the run's)"),
-    workers: Optional[int] = typer.Option(None, help="decoding worker processes (default: up to 4 feeding a "
-                                                     "GPU; on a CPU the cores torch leaves free)"),
+    mc_samples: Optional[int] = typer.Option(None, min=1, help="T (default: the run's)"),
+    workers: Optional[int] = typer.Option(None, min=0, help="decoding worker processes (default: up to 4 "
+                                                            "feeding a GPU; on a CPU the cores torch leaves "
+                                                            "free)"),
     policy: Optional[str] = typer.Option(None, help="unanimous | majority | k-of-n"),
     k: Optional[int] = typer.Option(None, help="k for k-of-n"),
     fusion: Optional[str] = typer.Option(None, help="intersection | mean | vote"),
@@ -289,7 +307,7 @@ def annotate(
 @app.command()
 def demo(
     where: Path = typer.Option(Path("pixelvote-demo"), help="working folder"),
-    epochs: int = typer.Option(4),
+    epochs: int = typer.Option(4, min=1),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
     preset: str = typer.Option("offline-os16"),
 ) -> None:
@@ -312,7 +330,7 @@ def evaluate(
     out: Path = typer.Option(..., "--out", help="report folder: metrics.json and report.html"),
     split: Optional[str] = typer.Option(None, help="val | test | excluded (the images --train-exclude kept "
                                               "out of training) | all (default: val on the run's own data)"),
-    mc_samples: Optional[int] = typer.Option(None),
+    mc_samples: Optional[int] = typer.Option(None, min=1, help="T (default: the run's)"),
     batch_size: int = typer.Option(8, min=1),
     method: str = typer.Option("run", help="run (the calibrated recipe), best (the best within the "
                                "pseudo-label cost limit) or paper (the paper's fixed rule)"),
@@ -322,6 +340,8 @@ def evaluate(
                                              "masks (and, with the crf extra, their CRF refinement)"),
     labels: bool = typer.Option(False, "--labels/--no-labels", help="score masks as `annotate --labels` "
                                 "makes them: decided by each image's true class, not gated by the diagnosis"),
+    class_map: Optional[str] = typer.Option(None, "--class-map", help="data classes the run calls otherwise: "
+                                            "'benign:lesion,malignant:lesion' (data class:run class)"),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Evaluate a run: classification, pixel IoU/Dice (vs the centred-box prior), uncertainty; HTML report."""
@@ -330,7 +350,7 @@ def evaluate(
 
     m = evaluate_run(run, data, out, split=split, mc_samples=mc_samples, batch_size=batch_size, device=device,
                      method=method, max_gallery=max_gallery, dataset=dataset, segmenter=segmenter,
-                     labels=labels)
+                     labels=labels, class_map=_class_map(class_map))
     ens = (m.get("classification") or {}).get("ensemble") or {}
     pix = (m.get("pixel") or {}).get("consensus") or {}
     line = f"{m.get('n_images')} images"
@@ -605,6 +625,11 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # a path the checks before the work could not foresee: disk full, permissions
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}. Fix: check that the path is the kind expected (a "
+                   "folder or a file), that you may write there and that the disk has space", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -34,19 +34,21 @@ def score_annotations(out: Path, truth_root: Path, background: str) -> dict[str,
 def run_demo(where: str | Path = "pixelvote-demo", *, epochs: int = 4, per_class: int = 48,
              preset: str = "offline-os16", pretrained: bool = True, image_size: int = 160,
              seed: int = 0) -> dict[str, Any]:
+    from pixelvote.data.imageio import check_out_dir
     from pixelvote.data.synthetic import make_dataset
     from pixelvote.engine.annotate import annotate
     from pixelvote.train.config import TrainConfig
     from pixelvote.train.loop import train
 
-    where = Path(where)
+    where = check_out_dir(where, "--where")
+    # settings checked before anything is written
+    cfg = TrainConfig(data=where / "train-data", out=where / "run", preset=preset, epochs=epochs,
+                      image_size=image_size, batch_size=16, seed=seed, pretrained=pretrained, mc_samples=20,
+                      patience=epochs)
     for sub in ("train-data", "new-images", "run", "annotations"):
         shutil.rmtree(where / sub, ignore_errors=True)
     make_dataset(where / "train-data", per_class=per_class, seed=seed)
     make_dataset(where / "new-images", per_class=max(8, per_class // 3), seed=seed + 1)
-    cfg = TrainConfig(data=where / "train-data", out=where / "run", preset=preset, epochs=epochs,
-                      image_size=image_size, batch_size=16, seed=seed, pretrained=pretrained, mc_samples=20,
-                      patience=epochs)
     train(cfg)
     annotate(where / "run", where / "new-images" / "images", where / "annotations", batch_size=16)
     scores = score_annotations(where / "annotations", where / "new-images", "normal")

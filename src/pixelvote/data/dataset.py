@@ -220,9 +220,11 @@ def _finish(ds: Dataset) -> Dataset:
         raise DataError("no images found", path=ds.root,
                         fix="put images in images/<class>/ (PNG, JPEG, BMP or TIFF) or list them in a CSV")
     if len(ds.classes) < 2:
+        fix = ("add a folder of images with the finding beside it (e.g. images/lesion/)"
+               if ds.classes and ds.classes[0].lower() in BACKGROUND_NAMES else
+               "add a background class folder (e.g. images/normal/) with negatives")
         raise DataError(f"only one class found ({ds.classes}); a classifier needs at least two",
-                        path=ds.root,
-                        fix="add a background class folder (e.g. images/normal/) with negatives")
+                        path=ds.root, fix=fix)
     return ds
 
 

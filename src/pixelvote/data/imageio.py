@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pixelvote.errors import DataError
+from pixelvote.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Refuse images larger than this many pixels before decoding them (a decompression bomb or a typo).
@@ -207,6 +207,22 @@ def write_png_atomic(path: str | Path, array: np.ndarray, *, durable: bool = Tru
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=1)
     write_bytes_atomic(path, buf.getvalue(), durable=durable)
+
+
+def check_out_dir(path: str | Path, option: str = "--out") -> Path:
+    """An output folder must be a folder or not exist yet, with no file on the way to it: checked before
+    any work is done, so that none is lost when the results are written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} is a file, not a folder", path=path,
+                          fix=f"pass a folder (new or existing) as {option}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{option} lies inside {parent}, which is a file, not a folder", path=path,
+                                  fix=f"pass a folder (new or existing) as {option}")
+            break
+    return path
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from pixelvote.consensus import ConsensusConfig, apply_consensus
 from pixelvote.data.imageio import (
     append_jsonl,
+    check_out_dir,
     read_image,
     read_jsonl,
     repair_jsonl_tail,
@@ -205,6 +206,14 @@ def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig
             raise DataError(f"this folder holds annotations of classes {meta.get('classes')}, "
                             f"but the run has {ens.classes}", path=out,
                             fix="use another --out folder for this run")
+        if (out / "annotations.jsonl").is_file() and (out / "annotations.jsonl").stat().st_size:
+            changed = _recipe_changes(meta, ens, consensus, maps)
+            if changed:
+                raise DataError(f"this folder was annotated with another run or recipe "
+                                f"({'; '.join(changed)}): going on would mix two kinds of masks in it",
+                                path=out,
+                                fix="pass another --out for this run or these options, or re-run with the "
+                                    "ones the folder's annotate.json records")
     write_json_atomic(meta_path, {
         "format_version": MANIFEST_VERSION, "classes": ens.classes, "background": ens.background,
         "run": str(Path(run).resolve()), "consensus": consensus.model_dump(mode="json"),
@@ -216,6 +225,24 @@ def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig
     manifest = out / "annotations.jsonl"
     repair_jsonl_tail(manifest)
     return {str(rec.get("key")): str(rec.get("image")) for rec in read_jsonl(manifest)}
+
+
+def _recipe_changes(meta: dict, ens: Ensemble, consensus: ConsensusConfig, maps: MapConfig) -> list[str]:
+    """What differs between the recipe an output folder was annotated with and this one: the members, input
+    size, diagnosis rule, consensus and map settings (settings the older folder does not record are not
+    compared)."""
+    now = {"members": [m.name for m in ens.members], "image_size": ens.image_size, "resize": ens.resize,
+           "decision_threshold": ens.decision_threshold}
+    def show(v: object) -> str:
+        text = json.dumps(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    changes = [f"{k} {show(meta[k])} -> {show(v)}" for k, v in now.items() if k in meta and meta[k] != v]
+    for part, cfg in (("consensus", consensus), ("maps", maps)):
+        before, after = meta.get(part) or {}, cfg.model_dump(mode="json")
+        changes += [f"{k} {show(before[k])} -> {show(after[k])}" for k in sorted(before.keys() & after.keys())
+                    if before[k] != after[k]]
+    return changes
 
 
 def check_labels(items: list[Item], classes: list[str], images: str | Path) -> None:
@@ -283,7 +310,7 @@ def annotate(run: str | Path, images: str | Path, out: str | Path, *, batch_size
     With ``labels`` the images' own labels (class folders, or a CSV's ``label`` column) decide whether an
     image gets a mask and of which class; every member's map is fused, and ``label_disagrees`` flags images
     whose diagnosis differs from their label (see :func:`pixelvote.consensus.apply_consensus`)."""
-    out = Path(out)
+    out = check_out_dir(out)
     opencv()  # writes the files: a broken install is said before any model loads
     ens, cfg = load_run(run, device=device, fold=True)
     ccfg, mcfg, T = resolve_recipe(cfg, method, consensus, maps, mc_samples, labels)

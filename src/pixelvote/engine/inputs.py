@@ -24,6 +24,45 @@ class Item:
         return zlib.crc32(self.key.encode("utf-8"))
 
 
+
+def _csv_labels(root: Path, labels: bool) -> dict[Path, str]:
+    """The images a CSV manifest lists (absolute paths), each with its ``label`` column ("" without)."""
+    try:
+        with open(root, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = [f.strip().lower() for f in reader.fieldnames or []]
+            if "path" not in fields:
+                raise DataError("CSV manifest has no 'path' column", path=root,
+                                fix="add a header line with 'path'")
+            if labels and "label" not in fields:
+                raise DataError("CSV manifest has no 'label' column, so its images have no labels", path=root,
+                                fix="add a 'label' column with each image's class, or drop --labels")
+            given: dict[Path, str] = {}
+            for i, row in enumerate(reader, start=2):
+                # a line with more fields than the header gives them under the key None
+                row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
+                if not row.get("path"):
+                    raise DataError(f"line {i} has an empty path", path=root,
+                                    fix="fill in the image's path or delete the line")
+                p = Path(row["path"])
+                # normalised, so that '../x.png' cannot make a key (an output path) with '..' in it
+                p = Path(os.path.abspath(p if p.is_absolute() else root.parent / p))
+                if labels and not row.get("label"):
+                    raise DataError(f"line {i} ({row['path']}) has no label", path=root,
+                                    fix="fill in its label, or annotate without --labels")
+                given.setdefault(p, row.get("label", ""))  # an image listed twice is annotated once
+    except UnicodeDecodeError:
+        raise DataError("CSV manifest is not UTF-8 text", path=root, fix="save it as UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise DataError(f"CSV manifest cannot be read ({exc})", path=root,
+                        fix="check its quoting: a field with a comma or a quote must be in double quotes"
+                        ) from None
+    if not given:
+        raise DataError("CSV manifest lists no images", path=root,
+                        fix="add one line per image under its header ('path' column)")
+    return given
+
+
 def list_inputs(images: str | Path, *, labels: bool = False) -> list[Item]:
     """The images under a folder (searched recursively) or in a CSV manifest's ``path`` column. With
     ``labels`` each item also gets its image-level label: the class folder it sits in (``DIR/<class>/...``
@@ -36,26 +75,8 @@ def list_inputs(images: str | Path, *, labels: bool = False) -> list[Item]:
         if root.suffix.lower() != ".csv":
             raise DataError("expected a folder or a .csv manifest", path=root,
                             fix="pass the folder that holds the images")
-        with open(root, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            fields = [f.strip().lower() for f in reader.fieldnames or []]
-            if "path" not in fields:
-                raise DataError("CSV manifest has no 'path' column", path=root,
-                                fix="add a header line with 'path'")
-            if labels and "label" not in fields:
-                raise DataError("CSV manifest has no 'label' column, so its images have no labels", path=root,
-                                fix="add a 'label' column with each image's class, or drop --labels")
-            given: dict[Path, str] = {}
-            for i, row in enumerate(reader, start=2):
-                row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
-                p = Path(row["path"])
-                # normalised, so that '../x.png' cannot make a key (an output path) with '..' in it
-                p = Path(os.path.abspath(p if p.is_absolute() else root.parent / p))
-                if labels and not row.get("label"):
-                    raise DataError(f"line {i} ({row['path']}) has no label", path=root,
-                                    fix="fill in its label, or annotate without --labels")
-                given.setdefault(p, row.get("label", ""))  # an image listed twice is annotated once
-            paths = list(given)
+        given = _csv_labels(root, labels)
+        paths = list(given)
         base = Path(os.path.abspath(root.parent))
     else:
         paths = _walk_images(root)

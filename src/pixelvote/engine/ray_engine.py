@@ -31,6 +31,7 @@ from pixelvote.consensus import ConsensusConfig
 from pixelvote.data.imageio import (
     IMAGE_EXTENSIONS,
     append_jsonl,
+    check_out_dir,
     read_image,
     write_bytes_atomic,
 )
@@ -94,7 +95,7 @@ def annotate_ray(run: str | Path, images: str | Path, out: str | Path, *, batch_
     if num_cpus_per_worker <= 0 or (num_gpus_per_worker is not None and num_gpus_per_worker < 0):
         raise ConfigError(f"expected num_cpus_per_worker > 0 and num_gpus_per_worker >= 0 but got "
                           f"{num_cpus_per_worker} and {num_gpus_per_worker}")
-    out, run = Path(out), Path(run)
+    out, run = check_out_dir(out), Path(run)
     opencv()
     ens, cfg = load_run(run, device="cpu")  # validates the run here, before any worker starts
     ccfg, mcfg, T = resolve_recipe(cfg, method, consensus, maps, mc_samples)

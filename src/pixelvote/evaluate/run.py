@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pixelvote.consensus import ConsensusConfig, ConsensusResult, apply_consensus
-from pixelvote.data.imageio import image_size
+from pixelvote.data.imageio import check_out_dir, image_size
 from pixelvote.data.tbx11k import TBMapping
 from pixelvote.data.transforms import crop_content
 from pixelvote.errors import DataError
@@ -413,7 +413,7 @@ def evaluate_run(run: str | Path, data: str | Path, out: str | Path, *, split: s
     from pixelvote.engine.annotate import method_recipe
 
     t0 = time.time()
-    run, data, out = Path(run), Path(data), Path(out)
+    run, data, out = Path(run), Path(data), check_out_dir(out)
     ens, run_cfg = load_run(run, device=device, fold=True)
     base_c, base_m = method_recipe(run_cfg, method, labels)
     cfg = ConsensusConfig.model_validate({**base_c.model_dump(), **(consensus or {})})

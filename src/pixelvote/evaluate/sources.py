@@ -87,7 +87,8 @@ def _class_index(label: str, classes: list[str], background: str, class_map: dic
         return classes.index(background)
     raise DataError(f"the data has class {label!r}, which the run does not know: "
                     f"{did_you_mean(label, classes)}",
-                    fix="rename the class folder, or pass class_map={'<data class>': '<run class>'}")
+                    fix="rename the class folder, or pass --class-map '<data class>:<run class>' "
+                        "(class_map= in Python)")
 
 
 def _with_keys(items: list[EvalItem]) -> list[EvalItem]:
@@ -174,7 +175,8 @@ def _tbx_set(root: Path, classes: list[str], background: str, mapping: tbx11k.TB
                 label = _class_index(s.folder, classes, background, class_map)
             except DataError:
                 raise ConfigError(f"TBX11K folder {s.folder!r} matches none of the run's classes {classes}",
-                                  fix="use a binary run, or pass class_map={folder: class}") from None
+                                  fix="use a binary run, or pass --class-map '<folder>:<run class>' "
+                                      "(class_map= in Python)") from None
         boxes: tuple[Box, ...] = ()
         if s.tb and s.annotation is None:
             truth = "none"  # a TB image without boxes: classification only
@@ -228,7 +230,7 @@ def select_split(items: list[EvalItem], split: str | None, run_dir: Path, run_da
         wanted = [str(p) for p in lists[SPLIT_LISTS.get(split, split)]]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         raise DataError(f"the run has no readable {split!r} list", path=path,
-                        fix="pass split='all' to evaluate every image of the data") from None
+                        fix="pass --split all to evaluate every image of the data") from None
     seen = set(map(str, lists.get("calibration_masks", []))) if split == "excluded" else set()
     if seen and wanted:  # kept out of training, but their masks chose the run's recipe: not held out
         wanted = [p for p in wanted if p not in seen]
@@ -237,8 +239,8 @@ def select_split(items: list[EvalItem], split: str | None, run_dir: Path, run_da
                             fix="retrain with --calibration-per-group N (fewer per group) or "
                                 "--no-calibrate-excluded to keep some held out")
     if not wanted:
-        fix = ("train with --train-exclude to keep a source out of training, or pass split='val'"
-               if split == "excluded" else "pass split='all' (or 'val')")
+        fix = ("train with --train-exclude to keep a source out of training, or pass --split val"
+               if split == "excluded" else "pass --split all (or --split val)")
         raise DataError(f"the run's {split!r} list is empty", path=path, fix=fix)
     train_root = Path(str(run_data_root)) if run_data_root else data
     base = str(train_root.parent if train_root.suffix.lower() == ".csv" else train_root)
@@ -247,7 +249,7 @@ def select_split(items: list[EvalItem], split: str | None, run_dir: Path, run_da
     chosen = [i for i in items if i.rel in rel or str(i.path.resolve()) in absolute]
     if not chosen:
         raise DataError(f"none of the run's {len(wanted)} {split!r} images are in this data", path=data,
-                        fix="pass the run's training data, or split='all'")
+                        fix="pass the run's training data, or --split all")
     unseen = ("the models were not trained on and calibration did not see (kept out by --train-exclude"
               + (f"; the {len(seen)} whose masks calibration scored are left out" if seen else "") + ")"
               if split == "excluded" else "the models were not trained on")

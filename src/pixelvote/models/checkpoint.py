@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import platform
 from pathlib import Path
 from typing import Any, Literal
@@ -199,10 +200,15 @@ def load_run(run_dir: str | Path, *, device: torch.device | str | None = None,
              cam_layer: str | None = None, fold: bool = False) -> tuple[Ensemble, RunConfig]:
     """Load a trained ensemble (eval mode) and its configuration. ``fold``: fold batch norms into the
     convolutions before them (faster inference, same outputs up to float rounding; not for training)."""
-    from pixelvote.models.ensemble import default_device
+    from pixelvote.models.ensemble import resolve_device
 
+    dev = resolve_device(device)
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
+    if (run_dir / "checkpoint" / "state.json").exists() and not (run_dir / "calibration.json").exists():
+        logging.getLogger(__name__).warning(
+            "%s: this run's training or calibration did not finish, so its masks and flags use uncalibrated "
+            "defaults; finish it with `pixelvote train --out %s --resume`", run_dir, run_dir)
     members = []
     for i, mc in enumerate(cfg.members):
         member = build_member(mc.name, len(cfg.classes), dropout=mc.dropout, pretrained=False,
@@ -214,7 +220,7 @@ def load_run(run_dir: str | Path, *, device: torch.device | str | None = None,
     ens = Ensemble(members, cfg.classes, cfg.background, cfg.image_size, resize=cfg.resize,
                    decision_threshold=cfg.decision_threshold, evidence_rule=cfg.decision_evidence,
                    colour_prior=cfg.consensus.colour_prior)
-    ens = ens.to(device or default_device()).eval()
+    ens = ens.to(dev).eval()
     if fold:
         ens.fold_batchnorm()
     return ens, cfg

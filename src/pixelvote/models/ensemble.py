@@ -80,3 +80,31 @@ class Ensemble:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """``device`` (``--device``) checked against what this machine has; None or "": CUDA when present."""
+    from pixelvote.errors import ConfigError
+
+    if device is None or device == "":
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {device}: not a device name",
+                          fix="--device cpu, --device cuda or --device cuda:N, or leave it out (CUDA when "
+                              "present)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {device}: this machine has no usable CUDA GPU",
+                              fix="--device cpu, or leave --device out (CUDA is used when present)")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA GPU(s), numbered from 0",
+                              fix=f"--device cuda:0 … cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {device}: Apple's MPS is not available here", fix="--device cpu")
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {device}: pixelvote runs on cpu, cuda or mps", fix="--device cpu")
+    return dev

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pixelvote.data.imageio import write_bytes_atomic
+from pixelvote.data.imageio import check_out_dir, write_bytes_atomic
 from pixelvote.errors import ConfigError, DataError
 from pixelvote.export.outputs import META_FILE, RECORDS_FILE, open_output, write_json, write_text
 from pixelvote.review.store import DB_FILE, Decision, ReviewStore
@@ -126,7 +126,7 @@ def apply_reviews(out_dir: str | Path, to: str | Path, *, only_reviewed: bool = 
     it unchanged (``pixelvote export --from TO``). ``only_reviewed`` keeps only reviewed images.
     Returns ``to``. Raises :class:`ConfigError` when ``to`` is ``out_dir`` or already holds records.
     """
-    src, dst = Path(out_dir), Path(to)
+    src, dst = Path(out_dir), check_out_dir(to, "--apply-to")
     if dst.resolve() == src.resolve():
         raise ConfigError("the reviewed folder must differ from the output folder", path=dst,
                           fix="pass a new folder.")

@@ -50,7 +50,7 @@ class TrainConfig(BaseModel):
                              "and masks chosen on more groups hold better on new ones "
                              "(bench/cross_video.py)")
     background: str | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     mc_variance_weight: float = Field(0.0, ge=0.0,
                                       description="the paper's lambda: loss += lambda * MC variance")
     mc_train_samples: int = Field(4, ge=2)

@@ -21,7 +21,7 @@ from pixelvote.data.dataset import (
     resolve_background,
     split,
 )
-from pixelvote.data.imageio import write_bytes_atomic, write_json_atomic
+from pixelvote.data.imageio import check_out_dir, write_bytes_atomic, write_json_atomic
 from pixelvote.errors import CheckpointError, DataError
 from pixelvote.models.checkpoint import (
     MemberConfig,
@@ -31,7 +31,7 @@ from pixelvote.models.checkpoint import (
     save_run_config,
     save_weights,
 )
-from pixelvote.models.ensemble import default_device
+from pixelvote.models.ensemble import resolve_device
 from pixelvote.models.member import Member, build_member
 from pixelvote.train.cache import CachedSet, cache_samples
 from pixelvote.train.config import TrainConfig
@@ -233,6 +233,29 @@ def _class_weights(labels: torch.Tensor, k: int) -> torch.Tensor:
     return counts.sum() / (k * counts)
 
 
+def saved_config(path: Path) -> TrainConfig:
+    """The settings a run was started with (``RUN/train_config.json``), for ``--resume``."""
+    from pydantic import ValidationError
+
+    try:
+        return TrainConfig.model_validate_json(path.read_text(encoding="utf-8"))
+    except (ValidationError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"the run's saved settings are corrupt ({str(exc).splitlines()[0]})", path=path,
+                              fix="start a new run with another --out (or delete this run folder first)"
+                              ) from None
+
+
+def _saved_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        state = exc
+    if not isinstance(state, dict) or not isinstance(state.get("members"), dict):
+        raise CheckpointError("the training checkpoint's commit record is corrupt", path=path,
+                              fix="start a new run with another --out (or delete this run folder first)")
+    return state
+
+
 def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     """Train the ensemble described by ``cfg`` into ``cfg.out``; returns the run folder."""
     run_dir = Path(cfg.out)
@@ -242,20 +265,21 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         if not saved.exists():
             raise CheckpointError("nothing to resume: no train_config.json", path=run_dir,
                                   fix="start a new run without --resume")
-        cfg = TrainConfig.model_validate_json(saved.read_text(encoding="utf-8"))
+        cfg = saved_config(saved)
     elif state_path.exists() or (run_dir / "run.json").exists():
         raise CheckpointError("a run already exists here", path=run_dir,
                               fix="pass --resume to continue it, or choose another --out")
+    device = resolve_device(cfg.device)
+    check_out_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "train_config.json", cfg.model_dump(mode="json"))
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = torch.device(cfg.device) if cfg.device else default_device()
     names = cfg.model_names()
     seed_everything(cfg.seed)
     data = prepare_data(cfg, run_dir)
     classes = data.dataset.classes
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"members": {}}
+    state = _saved_state(state_path) if state_path.exists() else {"members": {}}
     if resume and (run_dir / "run.json").exists():
         from pixelvote.models.checkpoint import read_run_config
 

@@ -38,7 +38,8 @@ def load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
         scalars = json.loads(meta.get("scalars", "{}"))
     except Exception as exc:
         raise CheckpointError(f"optimiser state is missing or corrupt ({exc})", path=path,
-                              fix="start the run again without --resume") from None
+                              fix="start a new run with another --out (or delete this run folder "
+                                  "first)") from None
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         pid, name = key.split(".", 1)
