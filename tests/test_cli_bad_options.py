@@ -89,7 +89,8 @@ def test_device_names_are_checked():
 
 def test_bad_device_through_the_commands(monkeypatch, capsys, trained, tmp_path):
     _, data, run = trained
-    code, text = main(monkeypatch, capsys, *annotate_args(run, data / "images", tmp_path / "o", "--device", "tpu"))
+    args = annotate_args(run, data / "images", tmp_path / "o", "--device", "tpu")
+    code, text = main(monkeypatch, capsys, *args)
     assert code == 2 and "--device tpu: not a device name" in text
     assert not (tmp_path / "o" / "annotations.jsonl").exists()
     code, text = main(monkeypatch, capsys, "train", "--data", str(data), "--out", str(tmp_path / "r"),
@@ -159,7 +160,8 @@ def test_resume_with_corrupt_saved_settings_or_commit_record(monkeypatch, capsys
     shutil.copy(run / "train_config.json", copy / "train_config.json")
     (copy / "checkpoint" / "state.json").write_text("[1, 2")
     code, text = main(monkeypatch, capsys, "train", "--out", str(copy), "--resume")
-    assert code == 2 and f"{copy / 'checkpoint' / 'state.json'}: the training checkpoint's commit record" in text
+    state = copy / "checkpoint" / "state.json"
+    assert code == 2 and f"{state}: the training checkpoint's commit record is corrupt" in text
 
 
 def test_one_background_class_asks_for_findings(monkeypatch, capsys, trained, tmp_path):
@@ -183,7 +185,8 @@ def test_evaluate_class_map_and_split_fix_are_cli_options(monkeypatch, capsys, t
     assert code == 2 and "--class-map '<data class>:<run class>'" in text
     code, text = main(monkeypatch, capsys, *base, "--out", str(tmp_path / "e2"), "--class-map", "tumour")
     assert code == 2 and "not a list of 'data class:run class' pairs" in text
-    code, text = main(monkeypatch, capsys, *base, "--out", str(tmp_path / "e3"), "--class-map", "tumour:lesion")
+    code, text = main(monkeypatch, capsys, *base, "--out", str(tmp_path / "e3"),
+                      "--class-map", "tumour:lesion")
     assert code == 0, text
     metrics = json.loads((tmp_path / "e3" / "metrics.json").read_text())
     assert metrics["n_images"] == 12  # every image of the renamed data, scored against the run's classes
