@@ -223,3 +223,8 @@ def test_an_unfinished_run_is_used_with_a_warning(monkeypatch, capsys, caplog, t
     caplog.clear()
     assert main(monkeypatch, capsys, *annotate_args(run, data / "images", tmp_path / "o2"))[0] == 0
     assert not [r for r in caplog.records if "did not finish" in r.getMessage()]
+
+
+def test_only_reviewed_without_apply_to_does_not_start_the_desk(monkeypatch, capsys, tmp_path):
+    code, text = main(monkeypatch, capsys, "review", str(tmp_path), "--only-reviewed")
+    assert code == 2 and "no --apply-to was given" in text and "Fix: add --apply-to NEW_FOLDER" in text

@@ -572,6 +572,11 @@ def review(
 ) -> None:
     """Review flagged images in a local web app; every decision goes to OUT/review.sqlite."""
     _setup_logging(verbose)
+    if only_reviewed and apply_to is None:
+        from pixelvote.errors import ConfigError
+
+        raise ConfigError("--only-reviewed selects what --apply-to writes, and no --apply-to was given",
+                          fix="add --apply-to NEW_FOLDER, or drop --only-reviewed to start the review desk")
     if apply_to is not None:
         from pixelvote.review.apply import apply_reviews
 
