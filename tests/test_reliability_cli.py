@@ -299,7 +299,7 @@ def test_export_skips_a_broken_mask_and_exits_3(annotated, tmp_path, monkeypatch
     )
     assert code == 3, text
     assert len(json.loads((tmp_path / "c.json").read_text())["images"]) == len(recs) - 2
-    skipped = [s["image"] for s in lines(tmp_path / "skipped.jsonl")] + [
+    skipped = [s["image"] for s in lines(tmp_path / "c_skipped.jsonl")] + [
         s["image"] for s in lines(copy / "skipped.jsonl")
     ]
     assert any(recs[0]["mask"] in s for s in skipped) and any(recs[1]["mask"] in s for s in skipped)

@@ -23,6 +23,8 @@ FORMATS: dict[str, str] = {
     "png": "folder of class-index PNG masks (masks/<key>.png) and classes.json",
     "nifti": "folder of 2D NIfTI class-index volumes (<key>.nii.gz); needs nibabel",
 }
+FOLDER_FORMATS = ("monailabel", "png", "nifti")  # the others write one file (plus sidecars beside it)
+_FILE_SUFFIX = {"coco": ".json", "coco-results": ".json", "labelstudio": ".json", "cvat": ".xml"}
 IMPORT_FORMATS: dict[str, str] = {
     "coco": "COCO instances JSON (polygons, RLE or compressed RLE)",
     "labelstudio": "Label Studio JSON export (tasks with submitted annotations)",
@@ -80,8 +82,10 @@ def export_annotations(out_dir: str | Path, fmt: str, to: str | Path, *, skip_ba
     categories as this COCO file does), ``image_url_prefix`` and ``model_version`` (``labelstudio``).
     Raises :class:`~pixelvote.errors.ConfigError` for an unknown format or option and
     :class:`~pixelvote.errors.DataError` for a missing or corrupt output folder. With ``skip_bad`` a record
-    whose mask is missing, unreadable or of the wrong size is left out and listed in ``skipped.jsonl``
-    (see :func:`skipped_report_path`) instead of stopping the export.
+    whose mask is missing, unreadable or of the wrong size is left out and listed in the skip report
+    (see :func:`skipped_report_path`) instead of stopping the export. A ``to`` that is ``out_dir`` itself
+    or one of its own files or folders (``annotations.jsonl``, ``masks/``, ...) is refused, so an export
+    never overwrites its source.
     """
     if fmt not in FORMATS:
         raise ConfigError(
@@ -96,6 +100,7 @@ def export_annotations(out_dir: str | Path, fmt: str, to: str | Path, *, skip_ba
     from pixelvote.review.apply import reviewed_records
 
     folder = open_output(out_dir)
+    check_target(folder.root, to, fmt)
     folder.records = reviewed_records(folder.root, folder.records, folder.classes.names)
     skipped: list[dict[str, str]] = []
     if skip_bad:
@@ -112,9 +117,81 @@ def export_annotations(out_dir: str | Path, fmt: str, to: str | Path, *, skip_ba
 
 
 def skipped_report_path(to: str | Path, fmt: str) -> Path:
-    """Where an export lists the records it left out: beside a file target, inside a folder target."""
+    """Where an export lists the records it left out.
+
+    Inside a folder target: ``<to>/skipped.jsonl``. Beside a file target: ``<stem>_skipped.jsonl``
+    (like the ``<stem>_config.xml`` and ``<stem>_labels.json`` sidecars), never a plain
+    ``skipped.jsonl``, which would overwrite or delete the list ``pixelvote annotate`` keeps in its
+    output folder.
+    """
     to = Path(to)
-    return to / "skipped.jsonl" if fmt in ("monailabel", "png", "nifti") else to.parent / "skipped.jsonl"
+    return to / "skipped.jsonl" if fmt in FOLDER_FORMATS else to.parent / f"{to.stem}_skipped.jsonl"
+
+
+# What ``pixelvote annotate`` and the review desk keep in an output folder (docs/formats.md).
+SOURCE_ENTRIES = (
+    "annotate.json",
+    "annotations.jsonl",
+    "skipped.jsonl",
+    "masks",
+    "overlays",
+    "uncertainty",
+    "review.sqlite",
+    "review.sqlite-wal",
+    "review.sqlite-shm",
+    ".annotate.lock",
+)
+
+
+def check_target(source: str | Path, to: str | Path, fmt: str) -> None:
+    """Refuse an export target that would overwrite the source folder or cannot be written.
+
+    Raises :class:`~pixelvote.errors.ConfigError` when ``to`` is the source folder, one of its own
+    files or folders (:data:`SOURCE_ENTRIES`) or anything inside those; when ``to`` is an existing
+    folder but ``fmt`` writes a file, or an existing file but ``fmt`` writes a folder; or when a
+    folder above ``to`` is a file. A new file or folder inside the source folder is fine.
+    """
+    source, to = Path(source), Path(to)
+    src_abs, to_abs = source.resolve(), to.resolve()
+    if to_abs == src_abs:
+        raise ConfigError(
+            "--to is the --from folder itself; exporting there would overwrite the annotation output",
+            path=to,
+            fix=f"pass a new path with --to, e.g. {_example(source, fmt)}.",
+        )
+    for name in SOURCE_ENTRIES:
+        entry = src_abs / name
+        if to_abs == entry or entry in to_abs.parents:
+            where = "is" if to_abs == entry else "is inside"
+            raise ConfigError(
+                f"--to {where} the --from folder's own {name}; exporting there would overwrite it",
+                path=to,
+                fix=f"pass a new path with --to, e.g. {_example(source, fmt)}.",
+            )
+    for parent in to.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(
+                f"cannot write --to there: {parent} is a file, not a folder",
+                path=to,
+                fix="pass a --to path whose folders are folders (or do not exist yet).",
+            )
+    if fmt in FOLDER_FORMATS and to.exists() and not to.is_dir():
+        raise ConfigError(
+            f"is a file, but --format {fmt} writes a folder",
+            path=to,
+            fix="pass a new or existing folder with --to.",
+        )
+    if fmt not in FOLDER_FORMATS and to.is_dir():
+        raise ConfigError(
+            f"is a folder, but --format {fmt} writes a file",
+            path=to,
+            fix=f"pass a file path with --to, e.g. {to / (fmt + _FILE_SUFFIX.get(fmt, '.json'))}.",
+        )
+
+
+def _example(source: Path, fmt: str) -> Path:
+    """A --to suggestion: a new file (or folder) beside the source's own files."""
+    return source / (f"{fmt}-export" if fmt in FOLDER_FORMATS else fmt + _FILE_SUFFIX.get(fmt, ".json"))
 
 
 def _usable_records(folder: Any) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
@@ -149,4 +226,5 @@ def import_annotations(fmt: str, src: str | Path, to: str | Path, **options: Any
     return IMPORTERS[fmt](src, to, **options)
 
 
-__all__ = ["FORMATS", "IMPORT_FORMATS", "export_annotations", "import_annotations"]
+__all__ = ["FORMATS", "IMPORT_FORMATS", "check_target", "export_annotations", "import_annotations",
+           "skipped_report_path"]

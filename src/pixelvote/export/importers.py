@@ -35,8 +35,16 @@ DEFAULT_BACKGROUND = "background"
 
 
 def _load_json(path: Path, what: str, fix: str) -> Any:
+    if path.is_dir():
+        raise DataError(
+            f"is a folder, but --from expects a {what} file",
+            path=path,
+            fix=f"pass the {what} JSON file itself with --from, not the folder holding it.",
+        )
+    if not path.exists():
+        raise DataError(f"{what} file is missing (no such file)", path=path, fix=fix)
     if not path.is_file():
-        raise DataError(f"{what} file is missing", path=path, fix=fix)
+        raise DataError(f"is not a regular file, but --from expects a {what} file", path=path, fix=fix)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -60,6 +68,15 @@ def _write_output(
     src: Path,
 ) -> Path:
     """Write masks, records and metadata of imported items into the new output folder ``to``."""
+    for folder in (to, *to.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(
+                "is a file, but --to must be the new annotation output folder"
+                if folder == to
+                else f"cannot create the --to folder: {folder} is a file",
+                path=to,
+                fix="pass a new, empty folder with --to.",
+            )
     records_file = to / RECORDS_FILE
     if records_file.is_file() and records_file.stat().st_size > 0:
         raise ConfigError(
@@ -157,45 +174,161 @@ def _coco_mask(seg: Any, h: int, w: int, where: str, src: Path) -> np.ndarray:
         raise DataError(f"{where}: bad segmentation ({exc})", path=src) from exc
 
 
+def _json_kind(value: Any) -> str:
+    """How JSON names the type of ``value`` (for messages)."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "null"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_id(value: Any) -> bool:
+    """COCO ids are integers; some tools write strings, which work as well."""
+    return _is_int(value) or (isinstance(value, str) and bool(value))
+
+
+def _coco_lists(coco: Any, src: Path, fix: str) -> tuple[list[Any], list[Any], list[Any]]:
+    """The ``images``, ``categories`` and ``annotations`` lists of a COCO instances file."""
+    expected = "expected a JSON object with 'images', 'annotations' and 'categories' lists"
+    if not isinstance(coco, dict):
+        raise DataError(
+            f"not a COCO instances file: {expected} but got {_json_kind(coco)}", path=src, fix=fix
+        )
+    lists = []
+    for name in ("images", "categories", "annotations"):
+        if name not in coco and name != "annotations":  # no annotations: every image is background
+            raise DataError(f"not a COCO instances file (missing {name!r}): {expected}", path=src, fix=fix)
+        value = coco.get(name, [])
+        if not isinstance(value, list):
+            raise DataError(
+                f"not a COCO instances file: {name!r} is {_json_kind(value)}; {expected}", path=src, fix=fix
+            )
+        for i, entry in enumerate(value):
+            if not isinstance(entry, dict):
+                raise DataError(
+                    f"{name}[{i}] is {_json_kind(entry)}, expected an object", path=src, fix=fix
+                )
+        lists.append(value)
+    return lists[0], lists[1], lists[2]
+
+
+def _coco_categories(categories: list[dict[str, Any]], src: Path, fix: str) -> dict[Any, str]:
+    names = {}
+    for i, c in enumerate(categories):
+        if not _is_id(c.get("id")) or not isinstance(c.get("name"), str) or not c["name"]:
+            raise DataError(
+                f"categories[{i}] needs an integer 'id' and a 'name' but is {json.dumps(c)[:200]}",
+                path=src,
+                fix=fix,
+            )
+        names[c["id"]] = c["name"]
+    return names
+
+
+def _coco_image_size(im: dict[str, Any], where: str, src: Path) -> tuple[int, int]:
+    """An image entry's (height, width): positive integers within pixelvote's pixel limit."""
+    from pixelvote.data import imageio
+
+    fix = "give every image entry its size in pixels as positive integers 'width' and 'height'."
+    size = []
+    for name in ("height", "width"):
+        value = im.get(name)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not _is_int(value) or value <= 0:
+            got = "no " + repr(name) if name not in im else f"{name!r} {json.dumps(im[name])}"
+            raise DataError(f"{where}: expected a positive integer {name!r} but got {got}", path=src, fix=fix)
+        size.append(value)
+    h, w = size
+    if w * h > imageio.MAX_PIXELS:
+        raise DataError(
+            f"{where}: {w}x{h} pixels is over pixelvote's limit of {imageio.MAX_PIXELS} pixels",
+            path=src,
+            fix="check the image's width and height, or raise pixelvote.data.imageio.MAX_PIXELS "
+            "if it is genuine.",
+        )
+    return h, w
+
+
 def import_coco(src: str | Path, to: str | Path, *, background: str | None = None) -> Path:
-    """Import a COCO instances file (polygons, RLE or compressed RLE) into the output folder ``to``."""
+    """Import a COCO instances file (polygons, RLE or compressed RLE) into the output folder ``to``.
+
+    Raises :class:`DataError` naming the entry for a malformed file: an image without a usable id,
+    size or file name, an annotation whose ``image_id`` or ``category_id`` names no image or
+    category, or a segmentation that cannot be decoded at its image's size.
+    """
     src, to = Path(src), Path(to)
-    fix = "pass a COCO instances JSON (images, categories, annotations)."
+    fix = "pass a COCO instances JSON (images, categories, annotations) with --from."
     coco = _load_json(src, "COCO", fix)
-    try:
-        images, categories = list(coco["images"]), list(coco["categories"])
-        annotations = list(coco.get("annotations", []))
-        cat_names = {c["id"]: str(c["name"]) for c in categories}
-    except (KeyError, TypeError) as exc:
-        raise DataError(f"not a COCO instances file (missing {exc})", path=src, fix=fix) from exc
+    images, categories, annotations = _coco_lists(coco, src, fix)
+    cat_names = _coco_categories(categories, src, fix)
     info = coco.get("info", {}).get("pixelvote", {}) if isinstance(coco.get("info"), dict) else {}
-    background = background or info.get("background") or DEFAULT_BACKGROUND
-    classes = [str(c) for c in info.get("classes", [])] or [cat_names[i] for i in sorted(cat_names)]
+    info = info if isinstance(info, dict) else {}
+    background = background or str(info.get("background") or "") or DEFAULT_BACKGROUND
+    info_classes = info.get("classes") if isinstance(info.get("classes"), list) else []
+    by_id = sorted(cat_names, key=lambda i: (isinstance(i, str), i))
+    classes = [str(c) for c in info_classes] or [cat_names[i] for i in by_id]
     if background not in classes:
         classes.append(background)
     unknown = sorted(set(cat_names.values()) - set(classes))
     if unknown:
         raise DataError(f"categories {unknown} are not among the classes {classes}", path=src, fix=fix)
 
+    sizes, ids = [], set()
+    for i, im in enumerate(images):
+        where = f"image {json.dumps(im.get('id'))} (images[{i}])"
+        if not _is_id(im.get("id")):
+            raise DataError(f"{where}: expected an integer 'id'", path=src, fix=fix)
+        if im["id"] in ids:
+            raise DataError(f"{where}: two images share the id {im['id']}", path=src, fix=fix)
+        ids.add(im["id"])
+        sizes.append(_coco_image_size(im, where, src))
     keys = [im.get("pixelvote_key") for im in images]
     if not all(keys):
-        keys = keys_from_names([str(im["file_name"]) for im in images])
+        for i, im in enumerate(images):
+            if not isinstance(im.get("file_name"), str) or not im["file_name"]:
+                raise DataError(
+                    f"image {json.dumps(im['id'])} (images[{i}]): expected a 'file_name'", path=src, fix=fix
+                )
+        keys = keys_from_names([im["file_name"] for im in images])
     _check_unique(keys, src)
-    by_image: dict[int, list[dict[str, Any]]] = {}
-    for ann in annotations:
-        by_image.setdefault(ann["image_id"], []).append(ann)
+    by_image: dict[Any, list[tuple[str, dict[str, Any]]]] = {}
+    for j, ann in enumerate(annotations):
+        where = f"annotation {json.dumps(ann['id'])}" if "id" in ann else f"annotations[{j}]"
+        for name in ("image_id", "category_id", "segmentation"):
+            if name not in ann:
+                raise DataError(f"{where}: no {name!r}", path=src, fix=fix)
+        if not _is_id(ann["image_id"]) or ann["image_id"] not in ids:
+            raise DataError(
+                f"{where}: image_id {json.dumps(ann['image_id'])} is not the id of any image in 'images'",
+                path=src,
+                fix="give each annotation the id of an image listed in 'images', or remove the annotation.",
+            )
+        if not _is_id(ann["category_id"]) or ann["category_id"] not in cat_names:
+            raise DataError(
+                f"{where}: unknown category_id {json.dumps(ann['category_id'])}",
+                path=src,
+                fix="give each annotation the id of a category listed in 'categories'.",
+            )
+        by_image.setdefault(ann["image_id"], []).append((where, ann))
 
     items = []
-    for im, key in zip(images, keys, strict=True):
-        h, w = int(im["height"]), int(im["width"])
+    for im, key, (h, w) in zip(images, keys, sizes, strict=True):
         mask = np.zeros((h, w), bool)
         areas: dict[str, int] = {}
-        for ann in by_image.get(im["id"], []):
-            if ann["category_id"] not in cat_names:
-                raise DataError(
-                    f"annotation {ann.get('id')}: unknown category_id {ann['category_id']}", path=src
-                )
-            m = _coco_mask(ann["segmentation"], h, w, f"annotation {ann.get('id')}", src)
+        for where, ann in by_image.get(im["id"], []):
+            m = _coco_mask(ann["segmentation"], h, w, where, src)
             name = cat_names[ann["category_id"]]
             areas[name] = areas.get(name, 0) + int(m.sum())
             mask |= m

@@ -100,6 +100,14 @@ def open_output(out_dir: str | Path) -> OutputFolder:
     complete record exists.
     """
     root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        inside = root.name in (META_FILE, RECORDS_FILE, "skipped.jsonl")
+        raise DataError(
+            "is a file, not an annotation output folder",
+            path=root,
+            fix="pass the folder given to `pixelvote annotate --out`"
+            + (f" (the folder holding this file: {root.parent})." if inside else "."),
+        )
     if not root.is_dir():
         raise DataError(
             "not an annotation output folder (it does not exist)",
@@ -275,7 +283,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     (nibabel's ``.nii.gz``) still work. Parent folders are created.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise DataError(
+            "is a folder, so no file can be written under that name",
+            path=path,
+            fix="move that folder away, or write somewhere else.",
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise DataError(
+            "cannot create its folder: a file stands where a folder is needed",
+            path=path,
+            fix="move that file away, or write somewhere else.",
+        ) from exc
     fd, name = tempfile.mkstemp(prefix=".tmp-", suffix="-" + path.name, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
