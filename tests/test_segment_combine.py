@@ -97,14 +97,20 @@ def test_segment_train_members_trains_each_seed_and_combines_them(tmp_path, monk
     assert seeds == [5, 6]
     model, scfg = load_segmenter(combined, device="cpu")
     assert isinstance(model, SegmenterEnsemble) and len(scfg.members) == 2
-    # interrupted after the first member: only the second is trained again
+    # the combination is there: not trained or combined again over it
     trained_again = []
     real = seg_train.train_segmenter
     monkeypatch.setattr(seg_train, "train_segmenter",
                         lambda a, folder, **kw: trained_again.append(folder.name) or real(a, folder, **kw))
+    with pytest.raises(CheckpointError, match="a segmenter already exists here") as err:
+        train_combined(out, tmp_path / "segs", 2, cfg=cfg, pretrained=False, device="cpu")
+    assert "choose another --out" in str(err.value) and trained_again == []
+    # interrupted after the first member (nothing combined yet): only the second is trained again
     (combined / "member-1" / "segmenter.json").unlink()
+    (combined / "segmenter.json").unlink()
     train_combined(out, tmp_path / "segs", 2, cfg=cfg, pretrained=False, device="cpu")
     assert trained_again == ["member-1"]
+    assert len(load_segmenter(combined, device="cpu")[1].members) == 2
     with pytest.raises(ConfigError, match="at least two members"):
         train_combined(out, tmp_path / "one", 1, cfg=cfg, pretrained=False, device="cpu")
 

@@ -443,7 +443,7 @@ def segment_train(
 ) -> None:
     """Train a segmenter on unflagged consensus masks (+ reviewed masks, weighted higher)."""
     _setup_logging(True)
-    from pixelvote.segment.train import SegConfig, decoder_settings, train_segmenter
+    from pixelvote.segment.train import SegConfig, decoder_settings, skipped_inputs, train_segmenter
 
     iterations = _crf_iterations(crf_iterations)
 
@@ -465,6 +465,11 @@ def segment_train(
     if calibrate:
         _echo_segmenter_thresholds(path)
     typer.echo(f"segmenter saved to {path}; use it with `pixelvote annotate --segmenter {path}`")
+    skipped = skipped_inputs(path)
+    if skipped:
+        typer.echo(f"{len(skipped)} input(s) were skipped; they are listed in {path / 'skipped.jsonl'}",
+                   err=True)
+        raise typer.Exit(3)
 
 
 @segment_app.command("calibrate")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pixelvote.segment.train import (
     build_segmenter,
     calibrate_segmenter,
     read_seg_config,
+    refuse_existing_segmenter,
 )
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ def combine_segmenters(folders: list[str | Path], out: str | Path, *, run: str |
     if out.resolve() in {f.resolve() for f in folders}:
         raise ConfigError(f"--out {out} is one of the segmenters being combined; it would be overwritten",
                           fix="write the combination to a new folder")
+    refuse_existing_segmenter(out)
     cfgs = [read_seg_config(f) for f in folders]
     first = cfgs[0]
     for folder, cfg in zip(folders, cfgs, strict=True):
@@ -79,13 +82,16 @@ def train_combined(annotations: str | Path, out: str | Path, members: int, *, ru
                    crf_iterations: tuple[int, ...] | None = None) -> Path:
     """``members`` segmenters on the annotation folder's masks, seeds ``cfg.seed``, ``cfg.seed + 1``, ...,
     each in ``out/member-<i>``, combined into ``out`` (:func:`combine_segmenters`). A member already trained
-    there (an earlier, interrupted call) is kept, not trained again."""
-    from pixelvote.segment.train import annotating_run, train_segmenter
+    there (an earlier, interrupted call) is kept, not trained again; an ``out`` that already holds the
+    combination is an error. The records the members were trained without are listed in
+    ``out/skipped.jsonl``."""
+    from pixelvote.segment.train import annotating_run, skipped_inputs, train_segmenter, write_skipped
 
     cfg = cfg or SegConfig()
     out = Path(out)
     if members < 2:
         raise ConfigError("a combination needs at least two members", fix="pass --members 2 or more")
+    refuse_existing_segmenter(out)
     run = run if run is not None else annotating_run(annotations)
     folders = []
     for i in range(members):
@@ -96,4 +102,6 @@ def train_combined(annotations: str | Path, out: str | Path, members: int, *, ru
             train_segmenter(annotations, folder, run=run, cfg=cfg.model_copy(update={"seed": cfg.seed + i}),
                             pretrained=pretrained, device=device, calibrate=False)
         folders.append(folder)
+    skipped = {json.dumps(r, sort_keys=True): r for f in folders for r in skipped_inputs(f)}
+    write_skipped(out, list(skipped.values()))
     return combine_segmenters(folders, out, run=run, crf_iterations=crf_iterations)

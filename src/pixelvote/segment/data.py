@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pixelvote.data.imageio import read_image, read_jsonl, read_mask
+from pixelvote.data.imageio import image_size, read_image, read_jsonl, read_mask
 from pixelvote.data.transforms import content_box, fit_image, to_tensor
 from pixelvote.errors import DataError
 
@@ -33,15 +33,24 @@ class SegExample:
     reviewed: bool
 
 
+NO_IMAGE_FIX = ("`pixelvote import` takes each image's path from the 'pixelvote_image' field that "
+                "`pixelvote export` writes (a plain COCO or Label Studio file has none, and import has no "
+                "option for an images folder): add \"pixelvote_image\": \"<path to the image>\" to each "
+                "entry of the file's 'images' (COCO) or each task's 'data' (Label Studio), then import it "
+                "again into a new --to folder")
+
+
 def select_examples(out: str | Path, *, background: str, mode: str = "confident",
-                    reviewed_weight: float = 3.0) -> list[SegExample]:
+                    reviewed_weight: float = 3.0, skipped: list[dict] | None = None) -> list[SegExample]:
     """Pick training examples from ``out/annotations.jsonl``. ``mode``: ``confident`` (unflagged + reviewed),
-    ``reviewed`` (reviewed only), ``all`` (every record)."""
+    ``reviewed`` (reviewed only), ``all`` (every record). Records whose image or mask cannot be used (no
+    image path, a missing or unreadable file, a mask of another size than its image) are left out and
+    logged, and appended to ``skipped`` as ``{"image", "key", "reason"}``; none usable is an error."""
     out = Path(out)
     if not (out / "annotations.jsonl").exists():
         raise DataError("no annotations.jsonl here", path=out,
                         fix="pass the --out folder of `pixelvote annotate`")
-    examples = []
+    examples, problems = [], []
     from pixelvote.review.apply import reviewed_records  # review-desk decisions, when OUT has them
 
     for rec in reviewed_records(out, list(read_jsonl(out / "annotations.jsonl"))):
@@ -50,15 +59,60 @@ def select_examples(out: str | Path, *, background: str, mode: str = "confident"
             continue
         if mode == "confident" and rec.get("flagged") and not reviewed:
             continue
-        bg = rec["label"] == background
-        unc = out / rec["uncertainty"] if rec.get("uncertainty") and not reviewed else None
-        examples.append(SegExample(Path(rec["image"]), None if bg else out / rec["mask"],
-                                   unc if unc is not None and unc.exists() else None,
-                                   reviewed_weight if reviewed else 1.0, reviewed))
+        try:
+            examples.append(_example(out, rec, background, reviewed_weight if reviewed else 1.0, reviewed))
+        except DataError as exc:
+            log.warning("skipped: %s", exc)
+            problems.append({"image": rec.get("image"), "key": rec.get("key"), "reason": str(exc)})
+    if skipped is not None:
+        skipped.extend(problems)
+    if not examples and problems and all(p["image"] is None for p in problems):
+        raise DataError(f"none of the {len(problems)} record(s) has an image path (an import of a file that "
+                        "does not name its images?)", path=out / "annotations.jsonl", fix=NO_IMAGE_FIX)
+    if not examples and problems:
+        raise DataError(f"none of the {len(problems)} record(s) for mode {mode!r} can be used; the first: "
+                        f"{problems[0]['reason']}", path=out / "annotations.jsonl",
+                        fix="restore the images and masks the records name (or annotate again into a new "
+                            "--out folder)")
     if not examples:
         raise DataError(f"no usable records for mode {mode!r}", path=out / "annotations.jsonl",
                         fix="annotate more images, review some, or use --all")
     return examples
+
+
+def _example(out: Path, rec: dict, background: str, weight: float, reviewed: bool) -> SegExample:
+    """The training example of one record, its files checked (the image's header, the whole mask, at the
+    image's size); a :class:`DataError` naming the file, for one that cannot be used."""
+    if not rec.get("image"):
+        raise DataError(f"record {rec.get('key')!r}: no image path", path=out / "annotations.jsonl",
+                        fix=NO_IMAGE_FIX)
+    image = Path(rec["image"])
+    if not image.is_file():
+        raise DataError("image not found", path=image, fix="restore the image at this path; until then "
+                        "`segment train` leaves it out")
+    size = image_size(image)
+    mask = None
+    if rec.get("label") != background:
+        if not rec.get("mask"):
+            raise DataError(f"record {rec.get('key')!r}: no mask path", path=out / "annotations.jsonl",
+                            fix="annotate the image again into a new --out folder")
+        mask = out / rec["mask"]
+        fix = ("restore the mask (a PNG of its image's size) or annotate the image again into a new --out "
+               "folder; until then `segment train` leaves it out")
+        if not mask.is_file():
+            raise DataError(f"mask of {image} not found", path=mask, fix=fix)
+        try:
+            read_mask(mask, size)
+        except DataError as exc:
+            raise DataError(f"mask of {image}: {exc.problem}", path=mask, fix=fix) from None
+    unc = out / rec["uncertainty"] if rec.get("uncertainty") and not reviewed else None
+    if unc is not None and unc.exists():
+        try:
+            image_size(unc)
+        except DataError as exc:
+            log.warning("%s; its uncertainty is not used", exc)
+            unc = None
+    return SegExample(image, mask, unc if unc is not None and unc.exists() else None, weight, reviewed)
 
 
 def read_grey(path: Path) -> np.ndarray:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from pixelvote.data.imageio import read_jsonl, write_json_atomic
+from pixelvote.data.imageio import check_out_dir, read_jsonl, write_bytes_atomic, write_json_atomic
 from pixelvote.errors import CheckpointError, ConfigError, DataError
 from pixelvote.models.checkpoint import load_module_state, save_weights
 from pixelvote.models.ensemble import default_device
@@ -132,9 +132,12 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
                     calibrate: bool = True, crf_iterations: tuple[int, ...] | None = None) -> Path:
     """Fit the segmenter on the annotation folder's masks and save it to ``out``; with ``calibrate``, its
     thresholds are then chosen on the validation masks of the run (``run``, or the run that annotated the
-    folder), see :func:`calibrate_segmenter`."""
+    folder), see :func:`calibrate_segmenter`. Records whose image or mask cannot be used are left out and
+    listed in ``out/skipped.jsonl`` (see :func:`skipped_inputs`). An ``out`` that already holds a segmenter
+    is an error, not overwritten."""
     cfg = (cfg or SegConfig()).model_copy()
     annotations, out = Path(annotations), Path(out)
+    refuse_existing_segmenter(out)
     meta_path = annotations / "annotate.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     cfg.background = meta.get("background") or cfg.background
@@ -146,8 +149,9 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
         cfg.background, cfg.classes = cfg.background or rc.background, cfg.classes or rc.classes
         meta.setdefault("resize", rc.resize)
     cfg.resize = meta.get("resize", "squash")
+    skipped: list[dict] = []
     examples = select_examples(annotations, background=cfg.background, mode=cfg.mode,
-                               reviewed_weight=cfg.reviewed_weight)
+                               reviewed_weight=cfg.reviewed_weight, skipped=skipped)
     cfg.examples = len(examples)
     from pixelvote.refine import crf
 
@@ -163,6 +167,7 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
     dev = torch.device(device) if device else default_device()
     ds = SegDataset(examples, cfg.image_size, augment=cfg.augment, resize=cfg.resize)
     out.mkdir(parents=True, exist_ok=True)
+    write_skipped(out, skipped)
     history: list[dict] = []
     model = _fit(ds, cfg, dev, pretrained and init is None, history, init=init)
     save_weights(out / "segmenter.safetensors", model)
@@ -228,6 +233,29 @@ def calibrate_segmenter(segrun: str | Path, run: str | Path | None, *,
     write_json_atomic(segrun / "calibration.json", summary)
     write_json_atomic(segrun / "segmenter.json", cfg.model_dump(mode="json"))
     return summary
+
+
+def refuse_existing_segmenter(out: Path, option: str = "--out") -> None:
+    """``out`` must be a folder (new or existing) that holds no segmenter yet: one is never overwritten."""
+    check_out_dir(out, option)
+    if (out / "segmenter.json").exists():
+        raise CheckpointError("a segmenter already exists here", path=out,
+                              fix=f"choose another {option}, or delete this folder first")
+
+
+def write_skipped(out: Path, skipped: list[dict]) -> None:
+    """``out/skipped.jsonl``: the annotation records left out of training, one a line (none: no file)."""
+    path = out / "skipped.jsonl"
+    if skipped:
+        write_bytes_atomic(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped).encode())
+        log.warning("%d record(s) skipped; see %s", len(skipped), path)
+    else:
+        path.unlink(missing_ok=True)  # inputs fixed since an earlier, interrupted attempt
+
+
+def skipped_inputs(segrun: str | Path) -> list[dict]:
+    """The annotation records a segmenter was trained without (its ``skipped.jsonl``; [] when none)."""
+    return list(read_jsonl(Path(segrun) / "skipped.jsonl"))
 
 
 def annotating_run(annotations: str | Path) -> Path | None:
