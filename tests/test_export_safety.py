@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from test_export_fixtures import make_out, read_png
+from test_reliability_cli import main
 
-from pixelvote import cli
 from pixelvote.errors import ConfigError, DataError
 from pixelvote.export import export_annotations, import_annotations, skipped_report_path
 from pixelvote.export.outputs import open_output, write_text
@@ -22,16 +21,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 ANNOTATE_SKIPPED = '{"image": "/data/broken.png", "reason": "cannot be read"}\n'
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+def run_cli(monkeypatch, capsys, *args: object) -> tuple[int, str]:
     """`pixelvote ARGS` through cli.main, which turns errors into a message and an exit code."""
-    monkeypatch.setattr(sys, "argv", ["pixelvote", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    return main(monkeypatch, capsys, *map(str, args))
 
 
 def export_cli(monkeypatch, capsys, src: Path, fmt: str, to: Path) -> tuple[int, str]:
