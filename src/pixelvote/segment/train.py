@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from pixelvote.data.imageio import check_out_dir, read_jsonl, write_bytes_atomic, write_json_atomic
 from pixelvote.errors import CheckpointError, ConfigError, DataError
 from pixelvote.models.checkpoint import load_module_state, save_weights
-from pixelvote.models.ensemble import default_device
+from pixelvote.models.ensemble import resolve_device
 from pixelvote.refine.crf import CRFConfig
 from pixelvote.segment.data import SegDataset, select_examples
 from pixelvote.segment.model import Segmenter, SegmenterEnsemble
@@ -164,7 +164,7 @@ def train_segmenter(annotations: str | Path, out: str | Path, *, run: str | Path
         raise ConfigError("--crf needs pydensecrf2, which is not installed", fix=crf.INSTALL_HINT)
     run = run if run is not None else annotating_run(annotations)
     init = _initial_encoder(cfg, run, pretrained)
-    dev = torch.device(device) if device else default_device()
+    dev = resolve_device(device)
     ds = SegDataset(examples, cfg.image_size, augment=cfg.augment, resize=cfg.resize)
     out.mkdir(parents=True, exist_ok=True)
     write_skipped(out, skipped)
@@ -367,7 +367,7 @@ def load_segmenter(segrun: str | Path, device: str | torch.device | None = None,
     for seg in (model.members if isinstance(model, SegmenterEnsemble) else [model]):
         seg.net, _ = fold_batchnorm(seg.net, example)
     model.input_size = cfg.image_size
-    dev = torch.device(device) if device else default_device()
+    dev = resolve_device(device)
     return model.to(dev).to(memory_format=torch.channels_last).eval(), cfg
 
 
