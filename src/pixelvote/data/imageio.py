@@ -216,13 +216,20 @@ def check_out_dir(path: str | Path, option: str = "--out") -> Path:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option} is a file, not a folder", path=path,
                           fix=f"pass a folder (new or existing) as {option}")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"{option} lies inside {parent}, which is a file, not a folder", path=path,
-                                  fix=f"pass a folder (new or existing) as {option}")
-            break
+    blocker = file_above(path)
+    if blocker is not None:
+        raise ConfigError(f"{option} lies inside {blocker}, which is a file, not a folder", path=path,
+                          fix=f"pass a folder (new or existing) as {option}")
     return path
+
+
+def file_above(path: str | Path) -> Path | None:
+    """The nearest existing folder above ``path`` when it is a file (so nothing can be made there), else
+    None."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

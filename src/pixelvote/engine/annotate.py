@@ -197,6 +197,14 @@ def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig
     """Write annotate.json; the keys already in the manifest, each with its image."""
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "annotate.json"
+    now = {
+        "format_version": MANIFEST_VERSION, "classes": ens.classes, "background": ens.background,
+        "run": str(Path(run).resolve()), "consensus": consensus.model_dump(mode="json"),
+        "maps": maps.model_dump(mode="json"),
+        "image_size": ens.image_size, "resize": ens.resize, "decision_threshold": ens.decision_threshold,
+        "decision_evidence": None if ens.evidence_rule is None else ens.evidence_rule.model_dump(),
+        "members": [m.name for m in ens.members],
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     if meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -207,41 +215,40 @@ def _prepare_out(out: Path, run: Path, ens: Ensemble, consensus: ConsensusConfig
                             f"but the run has {ens.classes}", path=out,
                             fix="use another --out folder for this run")
         if (out / "annotations.jsonl").is_file() and (out / "annotations.jsonl").stat().st_size:
-            changed = _recipe_changes(meta, ens, consensus, maps)
+            changed = _recipe_changes(meta, now)
             if changed:
                 raise DataError(f"this folder was annotated with another run or recipe "
                                 f"({'; '.join(changed)}): going on would mix two kinds of masks in it",
                                 path=out,
                                 fix="pass another --out for this run or these options, or re-run with the "
                                     "ones the folder's annotate.json records")
-    write_json_atomic(meta_path, {
-        "format_version": MANIFEST_VERSION, "classes": ens.classes, "background": ens.background,
-        "run": str(Path(run).resolve()), "consensus": consensus.model_dump(mode="json"),
-        "maps": maps.model_dump(mode="json"),
-        "image_size": ens.image_size, "resize": ens.resize, "decision_threshold": ens.decision_threshold,
-        "decision_evidence": None if ens.evidence_rule is None else ens.evidence_rule.model_dump(),
-        "members": [m.name for m in ens.members],
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    write_json_atomic(meta_path, now)
     manifest = out / "annotations.jsonl"
     repair_jsonl_tail(manifest)
     return {str(rec.get("key")): str(rec.get("image")) for rec in read_jsonl(manifest)}
 
 
-def _recipe_changes(meta: dict, ens: Ensemble, consensus: ConsensusConfig, maps: MapConfig) -> list[str]:
-    """What differs between the recipe an output folder was annotated with and this one: the members, input
-    size, diagnosis rule, consensus and map settings (settings the older folder does not record are not
-    compared)."""
-    now = {"members": [m.name for m in ens.members], "image_size": ens.image_size, "resize": ens.resize,
-           "decision_threshold": ens.decision_threshold}
+# what makes the masks: annotate.json's other keys (run path, creation time) may change between runs
+RECIPE_KEYS = ("members", "image_size", "resize", "decision_threshold", "consensus", "maps")
+
+
+def _recipe_changes(before: dict, now: dict) -> list[str]:
+    """The recipe settings an output folder's annotate.json records that differ from ``now``'s (settings an
+    older folder does not record are not compared)."""
     def show(v: object) -> str:
         text = json.dumps(v)
         return text if len(text) <= 40 else text[:37] + "..."
 
-    changes = [f"{k} {show(meta[k])} -> {show(v)}" for k, v in now.items() if k in meta and meta[k] != v]
-    for part, cfg in (("consensus", consensus), ("maps", maps)):
-        before, after = meta.get(part) or {}, cfg.model_dump(mode="json")
-        changes += [f"{k} {show(before[k])} -> {show(after[k])}" for k in sorted(before.keys() & after.keys())
-                    if before[k] != after[k]]
+    changes = []
+    for key in RECIPE_KEYS:
+        old, new = before.get(key), now[key]
+        if key not in before or old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += [f"{k} {show(old[k])} -> {show(new[k])}" for k in sorted(old.keys() & new.keys())
+                        if old[k] != new[k]]
+        else:
+            changes.append(f"{key} {show(old)} -> {show(new)}")
     return changes
 
 

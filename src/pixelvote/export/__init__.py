@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pixelvote.data.imageio import file_above
 from pixelvote.errors import ConfigError, did_you_mean
 
 FORMATS: dict[str, str] = {
@@ -168,13 +169,13 @@ def check_target(source: str | Path, to: str | Path, fmt: str) -> None:
                 path=to,
                 fix=f"pass a new path with --to, e.g. {_example(source, fmt)}.",
             )
-    for parent in to.parents:
-        if parent.exists() and not parent.is_dir():
-            raise ConfigError(
-                f"cannot write --to there: {parent} is a file, not a folder",
-                path=to,
-                fix="pass a --to path whose folders are folders (or do not exist yet).",
-            )
+    blocker = file_above(to)
+    if blocker is not None:
+        raise ConfigError(
+            f"cannot write --to there: {blocker} is a file, not a folder",
+            path=to,
+            fix="pass a --to path whose folders are folders (or do not exist yet).",
+        )
     if fmt in FOLDER_FORMATS and to.exists() and not to.is_dir():
         raise ConfigError(
             f"is a file, but --format {fmt} writes a folder",

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 
+from pixelvote.data.imageio import file_above
 from pixelvote.errors import ConfigError, DataError
 from pixelvote.export.lsbrush import rle2mask
 from pixelvote.export.outputs import (
@@ -68,15 +69,15 @@ def _write_output(
     src: Path,
 ) -> Path:
     """Write masks, records and metadata of imported items into the new output folder ``to``."""
-    for folder in (to, *to.parents):
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(
-                "is a file, but --to must be the new annotation output folder"
-                if folder == to
-                else f"cannot create the --to folder: {folder} is a file",
-                path=to,
-                fix="pass a new, empty folder with --to.",
-            )
+    blocker = to if to.exists() and not to.is_dir() else file_above(to)
+    if blocker is not None:
+        raise ConfigError(
+            "is a file, but --to must be the new annotation output folder"
+            if blocker == to
+            else f"cannot create the --to folder: {blocker} is a file",
+            path=to,
+            fix="pass a new, empty folder with --to.",
+        )
     records_file = to / RECORDS_FILE
     if records_file.is_file() and records_file.stat().st_size > 0:
         raise ConfigError(

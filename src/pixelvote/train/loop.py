@@ -248,8 +248,8 @@ def saved_config(path: Path) -> TrainConfig:
 def _saved_state(path: Path) -> dict:
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        state = exc
+    except (ValueError, UnicodeDecodeError):  # not JSON
+        state = None
     if not isinstance(state, dict) or not isinstance(state.get("members"), dict):
         raise CheckpointError("the training checkpoint's commit record is corrupt", path=path,
                               fix="start a new run with another --out (or delete this run folder first)")
